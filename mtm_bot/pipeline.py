@@ -1,0 +1,139 @@
+"""The whole Music -> Text -> Music pipeline: caption, refine, generate. Models load once and stay resident."""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .audio import Audio, load_clip, loudness_normalize
+from .captioner import Captioner, Segment
+from .generator import Block, Generator, plan_blocks
+from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
+from .refiner import Refinement, Refiner
+from .runtime import resolve_device
+from .settings import Settings
+
+BLOCK_SECONDS = 10
+
+
+def format_time(seconds: float) -> str:
+    """`M:SS`, the contract's way of writing a time in captions (0:00, 0:10, 1:30)."""
+    whole = int(round(seconds))
+    return f"{whole // 60}:{whole % 60:02d}"
+
+
+def format_range(start: float, end: float) -> str:
+    return f"{format_time(start)}\u2013{format_time(end)}"
+
+
+@dataclass
+class ComposeResult:
+    segments: list[Segment]  # captions of the input clip
+    refinement: Refinement  # the LLM's schema-valid JSON, parsed
+    blocks: list[Block]  # one per output block, each with its MusicGen description
+    audio: Audio  # the generated track, 32 kHz mono, loudness-normalised, exact duration
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    def caption_lines(self) -> list[str]:
+        """One line per output block: `0:00–0:10 caption`."""
+        return [f"{format_range(b.start, b.end)} {self.refinement.segments[b.segment].caption}" for b in self.blocks]
+
+    def to_json(self) -> dict:
+        return {
+            "seed": self.seed,
+            "duration": self.audio.duration,
+            "sample_rate": self.audio.sample_rate,
+            "input_captions": [dataclasses.asdict(s) for s in self.segments],
+            "refined": self.refinement.to_json(),
+            "blocks": [
+                {"start": b.start, "end": b.end, "range": format_range(b.start, b.end), "segment": b.segment,
+                 "caption": self.refinement.segments[b.segment].caption, "description": b.description}
+                for b in self.blocks
+            ],
+            "timings": self.timings,
+        }
+
+
+class Pipeline:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self._captioner: Captioner | None = None
+        self._refiner: Refiner | None = None
+        self._generator: Generator | None = None
+
+    def load(self) -> "Pipeline":
+        """Load all three models now (at start-up), not on a user's first request."""
+        _ = self.captioner, self.refiner, self.generator
+        return self
+
+    @property
+    def captioner(self) -> Captioner:
+        if self._captioner is None:
+            self._captioner = Captioner.load(self.settings.profile, self.device)
+        return self._captioner
+
+    @property
+    def refiner(self) -> Refiner:
+        if self._refiner is None:
+            self._refiner = Refiner.load(self.settings.profile, self.settings.llm_id, self.device)
+        return self._refiner
+
+    @property
+    def generator(self) -> Generator:
+        if self._generator is None:
+            self._generator = Generator.load(self.settings.profile, self.settings.musicgen_id, self.device)
+        return self._generator
+
+    def read_clip(self, path: str | Path) -> Audio:
+        """Decode and validate an uploaded clip against the configured limits (typed errors)."""
+        s = self.settings
+        return load_clip(path, min_seconds=s.min_clip_seconds, max_seconds=s.max_clip_seconds,
+                         max_bytes=s.max_upload_bytes)
+
+    def output_duration(self, clip: Audio, requested: int | None) -> int:
+        """The requested length, else the clip's length rounded up to whole blocks; within the limits."""
+        from .errors import InputError
+
+        if requested is None:
+            blocks = -(-clip.duration // BLOCK_SECONDS)
+            return int(min(max(blocks, 1) * BLOCK_SECONDS, self.settings.max_output_seconds))
+        if not BLOCK_SECONDS <= requested <= self.settings.max_output_seconds:
+            raise InputError(
+                f"duration must be between {BLOCK_SECONDS} and {self.settings.max_output_seconds} seconds."
+            )
+        return int(requested)
+
+    def caption(self, clip: Audio, progress: ProgressCallback = ignore_progress,
+                cancel: CancelToken | None = None) -> list[Segment]:
+        progress(Progress("captioning"))
+        return self.captioner.caption(clip, cancel=cancel)
+
+    def compose(self, clip: Audio, instruction: str, duration: int | None = None, seed: int | None = None,
+                progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None) -> ComposeResult:
+        cancel = cancel or CancelToken()
+        seconds = self.output_duration(clip, duration)
+        if seed is None:
+            seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
+        timings: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        segments = self.caption(clip, progress, cancel)
+        timings["caption"] = time.perf_counter() - t0
+
+        cancel.check()
+        progress(Progress("refining"))
+        t0 = time.perf_counter()
+        refinement = self.refiner.refine(segments, instruction, cancel=cancel)
+        timings["refine"] = time.perf_counter() - t0
+
+        blocks = [dataclasses.replace(b, description=refinement.description(b.segment))
+                  for b in plan_blocks(seconds, [(s.start, s.end) for s in segments], BLOCK_SECONDS)]
+        t0 = time.perf_counter()
+        track = self.generator.generate(clip, blocks, seed=seed, progress=progress, cancel=cancel)
+        timings["generate"] = time.perf_counter() - t0
+        track = loudness_normalize(track)
+        return ComposeResult(segments, refinement, blocks, track, seed, timings)
