@@ -1,9 +1,209 @@
-"""MusicGen generation: plan output blocks, compute melody chroma, generate block by block, join seamlessly."""
+"""MusicGen generation: plan output blocks, compute melody chroma, generate block by block, join seamlessly.
+
+Block 1 is conditioned on the chroma of input segment 1 and description 1. Every later block is a
+continuation: its audio prompt is the last PROMPT_SECONDS of the previous block's *codes* (exactly what
+EnCodec would give for that audio, with no lossy decode/encode round trip), plus its own description
+and, by default, the chroma of its input segment. Each block's decoded prompt is trimmed except for a
+short overlap, where the two decodes of the same codes are crossfaded.
+"""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 
+from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
+
+if TYPE_CHECKING:
+    from .audio import Audio
+
+SAMPLE_RATE = 32000
+FRAME_RATE = 50  # EnCodec frames (MusicGen decode steps) per second
+SAMPLES_PER_FRAME = SAMPLE_RATE // FRAME_RATE
+MAX_FRAMES = 1500  # MusicGen's 30 s context, audio prompt included
+PROMPT_SECONDS = 3.0
+PROMPT_FRAMES = round(PROMPT_SECONDS * FRAME_RATE)
+CROSSFADE_SECONDS = 0.05
+
+# Chroma as MusicgenMelodyFeatureExtractor computes it (transformers 5.23).
+CHROMA_N_FFT = 16384
+CHROMA_HOP = 4096
+CHROMA_BINS = 12
+CHROMA_MAX_SAMPLES = 30 * SAMPLE_RATE
+CHROMA_LENGTH = 235  # config.chroma_length: the frames of 30 s the model attends to
+
 TINY_CODEBOOK_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Block:
+    index: int
+    start: float  # output seconds
+    end: float
+    segment: int  # input segment guiding this block (cycling when the output outlasts the clip)
+    melody_start: float  # that segment's range in the clip, seconds
+    melody_end: float
+    description: str = ""  # MusicGen text prompt
+
+
+def plan_blocks(duration: float, segments: list[tuple[float, float]], block_seconds: float = 10) -> list[Block]:
+    """ceil(duration / block_seconds) blocks, the last possibly shorter; block i follows segment i mod n."""
+    if duration <= 0 or block_seconds <= 0:
+        raise ValueError(f"duration and block_seconds must be positive, got {duration} and {block_seconds}")
+    if not segments:
+        raise ValueError("at least one input segment is needed to plan blocks")
+    count = math.ceil(duration / block_seconds - 1e-9)
+    blocks = []
+    for i in range(count):
+        segment = i % len(segments)
+        start, end = segments[segment]
+        blocks.append(Block(i, i * block_seconds, min((i + 1) * block_seconds, duration), segment, start, end))
+    return blocks
+
+
+@lru_cache(maxsize=None)
+def _chroma_filters() -> torch.Tensor:
+    from transformers.audio_utils import chroma_filter_bank
+
+    bank = chroma_filter_bank(num_frequency_bins=CHROMA_N_FFT, num_chroma=CHROMA_BINS, sampling_rate=SAMPLE_RATE, tuning=0)
+    return torch.from_numpy(bank).float()  # (12, n_fft // 2 + 1)
+
+
+def melody_chroma(samples: np.ndarray) -> torch.Tensor:
+    """One-hot chroma (CHROMA_LENGTH, 12) of 32 kHz mono audio, as MusicGen-melody was trained on.
+
+    The reference: at most 30 s, zero-padded to one FFT window if shorter, centred (reflect) STFT with
+    a periodic Hann window normalised by its L2 norm, power 2, chroma filter bank, max-normalised,
+    then only the strongest pitch class kept per frame; the model tiles short chroma to 235 frames.
+    """
+    wave = torch.as_tensor(np.asarray(samples, dtype=np.float32)[:CHROMA_MAX_SAMPLES])
+    if wave.numel() < CHROMA_N_FFT:
+        missing = CHROMA_N_FFT - wave.numel()
+        wave = torch.nn.functional.pad(wave, (missing // 2, missing - missing // 2))
+    window = torch.hann_window(CHROMA_N_FFT)
+    stft = torch.stft(wave, CHROMA_N_FFT, CHROMA_HOP, window=window, center=True, pad_mode="reflect",
+                      return_complex=True)
+    power = (stft / window.pow(2).sum().sqrt()).abs().pow(2)  # (freq, frames)
+    chroma = _chroma_filters() @ power  # (12, frames)
+    chroma = chroma / chroma.abs().amax(dim=0, keepdim=True).clamp_min(1e-6)
+    one_hot = torch.nn.functional.one_hot(chroma.argmax(dim=0), CHROMA_BINS).float()  # (frames, 12)
+    repeats = math.ceil(CHROMA_LENGTH / len(one_hot))
+    return one_hot.repeat(repeats, 1)[:CHROMA_LENGTH]
+
+
+def crossfade(head: np.ndarray, tail: np.ndarray, overlap: int) -> np.ndarray:
+    """Join `head` and `tail`, fading head's last `overlap` samples into tail's first `overlap`.
+
+    The gains are equal-power (fade_in² + fade_out² = 1) with a smooth raised-sine shape.
+    """
+    if overlap == 0:
+        return np.concatenate([head, tail])
+    phase = 0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap
+    mixed = head[-overlap:] * np.cos(phase) + tail[:overlap] * np.sin(phase)
+    return np.concatenate([head[:-overlap], mixed.astype(head.dtype), tail[overlap:]])
+
+
+class Generator:
+    """A resident MusicGen model (melody or text-only) that renders planned blocks into one track."""
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, model, tokenizer, device: torch.device, melody_on_continuations: bool = True) -> None:
+        from .musicgen_decode import MusicgenDecoder
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.uses_melody = model.config.model_type == "musicgen_melody"
+        self.melody_on_continuations = melody_on_continuations
+        self.decoder = MusicgenDecoder(model, max_frames=MAX_FRAMES)
+
+    @classmethod
+    def load(cls, profile: str, model_id: str, device: torch.device) -> "Generator":
+        if profile == "tiny":
+            model, tokenizer = build_tiny_musicgen("melody")
+            return cls(model.to(device), tokenizer, device)
+        return cls(*_load_pretrained(model_id, device), device)
+
+    def generate(self, clip: Audio, blocks: list[Block], seed: int, progress: ProgressCallback = ignore_progress,
+                 cancel: CancelToken | None = None) -> Audio:
+        """Render `blocks` in order; the result is 32 kHz mono and exactly as long as the blocks together."""
+        from .audio import Audio, resample
+        from .musicgen_decode import Sampling
+
+        cancel = cancel or CancelToken()
+        melody = resample(clip, SAMPLE_RATE).samples if self.uses_melody else None
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        overlap = round(CROSSFADE_SECONDS * SAMPLE_RATE)
+        track = np.zeros(0, dtype=np.float32)
+        codes = None  # all codes so far, (1, K, frames); frame f covers output samples [f, f + 1) * SAMPLES_PER_FRAME
+        for number, block in enumerate(blocks, start=1):
+            end_frame = math.ceil(round(block.end * SAMPLE_RATE) / SAMPLES_PER_FRAME)
+            done = 0 if codes is None else codes.shape[-1]
+            prompt = None if codes is None else codes[..., -PROMPT_FRAMES:]
+            new_frames = end_frame - done
+            prompt_frames = 0 if prompt is None else prompt.shape[-1]
+            if new_frames < 1 or prompt_frames + new_frames > MAX_FRAMES:
+                raise ValueError(f"block {block.index} ({block.start}-{block.end} s) does not fit MusicGen's context")
+
+            def on_step(step: int, total: int, number: int = number) -> None:
+                cancel.check()
+                progress(Progress("generating", block=number, blocks=len(blocks), step=step, steps=total))
+
+            text = self.tokenizer([block.description], return_tensors="pt", padding=True).to(self.device)
+            chroma = None
+            if melody is not None and (codes is None or self.melody_on_continuations):
+                segment = melody[round(block.melody_start * SAMPLE_RATE):round(block.melody_end * SAMPLE_RATE)]
+                chroma = melody_chroma(segment)[None].to(self.device, self.model.dtype)
+            block_codes = self.decoder.generate_codes(
+                input_ids=text.input_ids, attention_mask=text.attention_mask, input_features=chroma,
+                prompt_codes=prompt, new_frames=new_frames, sampling=Sampling(), generator=generator, on_step=on_step,
+            )
+            audio = self._decode(block_codes)
+            if codes is None:
+                track, codes = audio, block_codes
+            else:
+                # Keep the re-decoded prompt's last `overlap` samples to fade the two decodes of those codes together.
+                keep = audio[prompt_frames * SAMPLES_PER_FRAME - overlap:]
+                track = crossfade(track, keep, overlap)
+                codes = torch.cat([codes, block_codes[..., prompt_frames:]], dim=-1)
+        total = round(blocks[-1].end * SAMPLE_RATE) - round(blocks[0].start * SAMPLE_RATE)
+        return Audio(track[:total], SAMPLE_RATE)
+
+    @torch.inference_mode()
+    def _decode(self, codes: torch.Tensor) -> np.ndarray:
+        """EnCodec-decode (1, K, frames) codes to frames * SAMPLES_PER_FRAME float32 samples."""
+        audio = self.model.audio_encoder.decode(codes[None], audio_scales=[None]).audio_values
+        samples = audio[0, 0].float().cpu().numpy()
+        if len(samples) < codes.shape[-1] * SAMPLES_PER_FRAME:
+            raise RuntimeError(f"EnCodec returned {len(samples)} samples for {codes.shape[-1]} frames")
+        return samples[: codes.shape[-1] * SAMPLES_PER_FRAME]
+
+
+def _load_pretrained(model_id: str, device: torch.device):
+    """The hub checkpoint: MusicGen-melody, or a text-only MusicGen (then no chroma), half precision on CUDA."""
+    from transformers import (
+        AutoConfig,
+        AutoTokenizer,
+        MusicgenForConditionalGeneration,
+        MusicgenMelodyForConditionalGeneration,
+    )
+
+    from .runtime import from_hub, model_dtype
+    from .settings import SettingsError
+
+    config = from_hub(model_id, lambda: AutoConfig.from_pretrained(model_id))
+    classes = {"musicgen_melody": MusicgenMelodyForConditionalGeneration, "musicgen": MusicgenForConditionalGeneration}
+    if config.model_type not in classes:
+        raise SettingsError(f"MTM_MUSICGEN_ID={model_id} is a {config.model_type!r} model, not a MusicGen checkpoint.")
+    model = from_hub(model_id, lambda: classes[config.model_type].from_pretrained(model_id, dtype=model_dtype(device)))
+    tokenizer = from_hub(model_id, lambda: AutoTokenizer.from_pretrained(model_id))
+    return model.to(device).eval(), tokenizer
 
 
 def build_tiny_musicgen(kind: str = "melody"):
@@ -12,6 +212,7 @@ def build_tiny_musicgen(kind: str = "melody"):
     Same architectures and audio framing as the real checkpoints (32 kHz, EnCodec at 50 frames/s with
     4 codebooks, one-step delay pattern), small enough to run a 30 s block on a CPU in seconds.
     """
+    from tokenizers import Tokenizer, processors
     from transformers import (
         EncodecConfig,
         MusicgenConfig,
@@ -28,17 +229,17 @@ def build_tiny_musicgen(kind: str = "melody"):
 
     if kind not in ("melody", "small"):
         raise ValueError(f"kind must be 'melody' or 'small', not {kind!r}")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_bpe(512, ("<pad>", "</s>", "<unk>")),
-        pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-    )
+    # A copy of the shared BPE that, like T5's tokenizer, ends every text with </s> (so "" is one token).
+    bpe = Tokenizer.from_str(byte_level_bpe(512, ("<pad>", "</s>", "<unk>")).to_str())
+    bpe.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", bpe.token_to_id("</s>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     text_config = T5Config(
         vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
     )
     # frame_rate = 32000 / prod(upsampling_ratios) = 50; num_quantizers = 1000 * bandwidth // (50 * log2(64)) = 4.
     audio_config = EncodecConfig(
-        sampling_rate=32000, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[1.25], codebook_size=TINY_CODEBOOK_SIZE,
+        sampling_rate=SAMPLE_RATE, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[1.25], codebook_size=TINY_CODEBOOK_SIZE,
         hidden_size=16, num_filters=4, num_lstm_layers=1, num_residual_layers=1, normalize=False,
     )
     decoder_kwargs = dict(
@@ -65,5 +266,5 @@ def build_tiny_musicgen(kind: str = "melody"):
     # The same generation defaults as the hub checkpoints (sampling, top-k 250, CFG 3, 30 s context).
     gen = model.generation_config
     gen.decoder_start_token_id = gen.pad_token_id = gen.bos_token_id = TINY_CODEBOOK_SIZE
-    gen.do_sample, gen.top_k, gen.guidance_scale, gen.max_length = True, 250, 3.0, 1500
+    gen.do_sample, gen.top_k, gen.guidance_scale, gen.max_length = True, 250, 3.0, MAX_FRAMES
     return model.eval(), tokenizer
