@@ -1,0 +1,478 @@
+"""Durable jobs and the fair GPU queue.
+
+A `Job` is one /compose or /caption request. `JobStore` keeps every job in SQLite
+(`storage_dir/jobs.sqlite3`) and its files beside it, named by job id, never by the user's filename:
+`storage_dir/inputs/<id>.<ext>` (the uploaded clip) and `storage_dir/outputs/<id>.wav` (the track).
+`JobQueue` is the in-memory order in which the single worker (mtm_bot.worker) takes jobs:
+round-robin across users, FIFO within a user, with the limits from Settings.
+
+How the bot uses it (see mtm_bot.worker for the Worker and the JobListener it calls back):
+
+    store = await JobStore.open(settings)
+    queue = JobQueue(settings)
+    worker = Worker(settings, pipeline, store, queue, listener)
+    await worker.start()                       # recovery first, then serving
+
+    queue.check(user_id)                       # QueueFull / TooManyJobs before downloading anything
+    job = Job.new(JobKind.COMPOSE, user_id=..., guild_id=..., channel_id=..., instruction=...,
+                  duration=pipeline.output_duration(clip, requested),  # resolved seconds: better ETAs
+                  attachment_size_limit=..., application_id=..., interaction_token=...)
+    job.input_path = await store.save_input(job.id, data, attachment.filename)
+    clip = await asyncio.to_thread(pipeline.read_clip, job.input_path)   # on InputError:
+                                               #   await store.delete_files(job.id)
+    position = await worker.submit(job)        # 1 = next to run; QueueFull / TooManyJobs
+    queue.eta(job.id)                          # seconds until it starts, None before any measurement
+    queue.snapshot()                           # /queue: running job + queued jobs in run order
+    queue.unfinished_of(user_id)               # the caller's queued/running jobs, newest last
+    await worker.cancel(job_id_or_None, user_id, guild_id=..., is_manager=...)   # /cancel
+    await store.recent_of(user_id)             # the caller's latest jobs, finished ones included
+
+A finished job carries `result_json` with a "lines" list: one `M:SS–M:SS caption` line per output
+block (compose) or per input segment (caption), ready to post; compose jobs also carry
+`result_path` (16-bit WAV) and the full ComposeResult.to_json() fields.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+import aiosqlite
+
+from .errors import InputError
+from .settings import Settings
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+UNFINISHED = (JobState.QUEUED, JobState.RUNNING)
+TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobKind(StrEnum):
+    COMPOSE = "compose"
+    CAPTION = "caption"
+
+
+class QueueFull(InputError):
+    pass
+
+
+class TooManyJobs(InputError):
+    pass
+
+
+class JobNotFound(InputError):
+    pass
+
+
+class NotCancellable(InputError):
+    """The job exists but has already finished, or belongs to someone else."""
+
+
+@dataclass
+class Job:
+    id: str  # 8 hex characters; what /cancel takes
+    kind: JobKind
+    user_id: int
+    guild_id: int | None
+    channel_id: int
+    instruction: str  # "" for caption jobs
+    duration: int | None  # output seconds; None = the clip's length rounded up to whole blocks
+    attachment_size_limit: int  # the interaction's upload limit, kept for delivery after a restart
+    application_id: int
+    interaction_token: str
+    created_at: float  # Unix time
+    input_path: Path | None = None
+    state: JobState = JobState.QUEUED
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None  # the user-facing message of a failed job
+    seed: int | None = None  # chosen and stored before the first run, so a resumed job sounds the same
+    resumed: bool = False  # ran again after a restart
+    delivered: bool = False  # the listener has posted the outcome
+    result_path: Path | None = None
+    result_json: dict | None = None
+
+    @classmethod
+    def new(cls, kind: JobKind | str, *, user_id: int, guild_id: int | None, channel_id: int,
+            instruction: str = "", duration: int | None = None, attachment_size_limit: int,
+            application_id: int, interaction_token: str) -> "Job":
+        return cls(secrets.token_hex(4), JobKind(kind), user_id, guild_id, channel_id, instruction, duration,
+                   attachment_size_limit, application_id, interaction_token, created_at=time.time())
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    user_id INTEGER NOT NULL,
+    guild_id INTEGER,
+    channel_id INTEGER NOT NULL,
+    instruction TEXT NOT NULL,
+    duration INTEGER,
+    attachment_size_limit INTEGER NOT NULL,
+    application_id INTEGER NOT NULL,
+    interaction_token TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    input_path TEXT,
+    state TEXT NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    seed INTEGER,
+    resumed INTEGER NOT NULL,
+    delivered INTEGER NOT NULL,
+    result_path TEXT,
+    result_json TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_at);
+"""
+
+_COLUMNS = [f.name for f in fields(Job)]
+
+
+def _to_row(job: Job) -> tuple:
+    row = []
+    for name in _COLUMNS:
+        value = getattr(job, name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, dict):
+            value = json.dumps(value)
+        elif isinstance(value, StrEnum):
+            value = value.value
+        row.append(value)
+    return tuple(row)
+
+
+def _from_row(row: aiosqlite.Row) -> Job:
+    values = dict(zip(_COLUMNS, row))
+    values["kind"] = JobKind(values["kind"])
+    values["state"] = JobState(values["state"])
+    values["resumed"] = bool(values["resumed"])
+    values["delivered"] = bool(values["delivered"])
+    for name in ("input_path", "result_path"):
+        values[name] = Path(values[name]) if values[name] is not None else None
+    if values["result_json"] is not None:
+        values["result_json"] = json.loads(values["result_json"])
+    return Job(**values)
+
+
+_AUDIO_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
+
+
+class JobStore:
+    """Jobs in SQLite (committed on every write, so a crash loses nothing) and their files on disk."""
+
+    def __init__(self, storage_dir: Path, db: aiosqlite.Connection) -> None:
+        self.storage_dir = storage_dir
+        self.inputs_dir = storage_dir / "inputs"
+        self.outputs_dir = storage_dir / "outputs"
+        self._db = db
+
+    @classmethod
+    async def open(cls, settings: Settings) -> "JobStore":
+        storage_dir = Path(settings.storage_dir)
+        for folder in (storage_dir, storage_dir / "inputs", storage_dir / "outputs"):
+            folder.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(settings.database_path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.executescript(_SCHEMA)
+        await db.commit()
+        return cls(storage_dir, db)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def add(self, job: Job) -> None:
+        marks = ", ".join("?" * len(_COLUMNS))
+        await self._db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({marks})", _to_row(job))
+        await self._db.commit()
+
+    async def update(self, job: Job) -> None:
+        assignments = ", ".join(f"{name} = ?" for name in _COLUMNS)
+        await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*_to_row(job), job.id))
+        await self._db.commit()
+
+    async def get(self, job_id: str) -> Job | None:
+        jobs = await self._select("WHERE id = ?", (job_id,))
+        return jobs[0] if jobs else None
+
+    async def unfinished(self) -> list[Job]:
+        """Queued and running jobs, oldest first: what must run again after a restart."""
+        return await self._select("WHERE state IN (?, ?) ORDER BY created_at", UNFINISHED)
+
+    async def undelivered(self) -> list[Job]:
+        """Finished jobs whose outcome the listener has not yet posted."""
+        return await self._select("WHERE state IN (?, ?, ?) AND delivered = 0 ORDER BY finished_at", TERMINAL)
+
+    async def mark_delivered(self, job_id: str) -> None:
+        await self._db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
+        await self._db.commit()
+
+    async def recent_of(self, user_id: int, limit: int = 5) -> list[Job]:
+        """The user's latest jobs, newest first."""
+        return await self._select("WHERE user_id = ? ORDER BY created_at DESC LIMIT ?", (user_id, limit))
+
+    async def recent_done(self, limit: int = 20) -> list[Job]:
+        """The latest successful jobs, newest first (the ETA estimate starts from their timings)."""
+        return await self._select("WHERE state = ? ORDER BY finished_at DESC LIMIT ?", (JobState.DONE, limit))
+
+    async def expired(self, before: float) -> list[Job]:
+        """Finished jobs that finished before `before` (Unix time)."""
+        return await self._select("WHERE state IN (?, ?, ?) AND finished_at < ?", (*TERMINAL, before))
+
+    async def _select(self, where: str, params: tuple) -> list[Job]:
+        async with self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs {where}", params) as cursor:
+            return [_from_row(row) for row in await cursor.fetchall()]
+
+    # Files -----------------------------------------------------------------------------------
+
+    async def save_input(self, job_id: str, data: bytes, filename: str) -> Path:
+        """Store an upload as inputs/<id><ext>; only a short alphanumeric extension of the user's name is kept."""
+        suffix = Path(filename).suffix.lower()
+        path = self.inputs_dir / (job_id + (suffix if _AUDIO_SUFFIX.fullmatch(suffix) else ""))
+        partial = path.with_name(path.name + ".part")  # a crash mid-write never leaves a half clip under the real name
+        async with aiofiles.open(partial, "wb") as out:
+            await out.write(data)
+        await aiofiles.os.replace(partial, path)
+        return path
+
+    def output_path(self, job_id: str) -> Path:
+        return self.outputs_dir / f"{job_id}.wav"
+
+    async def delete_files(self, job_id: str) -> None:
+        for path in self._files_of(job_id):
+            await aiofiles.os.remove(path)
+
+    async def cleanup(self, before: float) -> int:
+        """Delete files and rows of jobs finished before `before`, and orphan files older than that.
+
+        Files of queued or running jobs are always kept. Returns the number of files deleted.
+        """
+        deleted = 0
+        for folder in (self.inputs_dir, self.outputs_dir):
+            for path in folder.iterdir():
+                job = await self.get(path.name.split(".")[0])
+                if job is None:
+                    old = path.stat().st_mtime < before  # orphan: a refused upload or a crash before add()
+                else:
+                    old = job.finished and job.finished_at is not None and job.finished_at < before
+                if old:
+                    path.unlink(missing_ok=True)
+                    deleted += 1
+        await self._db.execute("DELETE FROM jobs WHERE state IN (?, ?, ?) AND finished_at < ?", (*TERMINAL, before))
+        await self._db.commit()
+        return deleted
+
+    def _files_of(self, job_id: str) -> list[Path]:
+        return [p for folder in (self.inputs_dir, self.outputs_dir) for p in folder.glob(f"{job_id}.*")]
+
+
+class DurationEstimate:
+    """Exponential moving averages of how long jobs take, for queue ETAs.
+
+    Compose jobs are measured in wall seconds per output second; caption jobs per job.
+    """
+
+    WEIGHT = 0.3  # of the newest measurement
+
+    def __init__(self, default_output_seconds: int) -> None:
+        self.default_output_seconds = default_output_seconds
+        self.seconds_per_output_second: float | None = None
+        self.seconds_per_caption: float | None = None
+
+    def record(self, job: Job, wall_seconds: float) -> None:
+        if job.kind is JobKind.COMPOSE:
+            output_seconds = (job.result_json or {}).get("duration") or job.duration or self.default_output_seconds
+            self.seconds_per_output_second = self._mix(self.seconds_per_output_second, wall_seconds / output_seconds)
+        else:
+            self.seconds_per_caption = self._mix(self.seconds_per_caption, wall_seconds)
+
+    def seconds(self, job: Job) -> float | None:
+        """Expected run time; None until a job of this kind has been measured."""
+        if job.kind is JobKind.CAPTION:
+            return self.seconds_per_caption
+        if self.seconds_per_output_second is None:
+            return None
+        return self.seconds_per_output_second * (job.duration or self.default_output_seconds)
+
+    def _mix(self, average: float | None, value: float) -> float:
+        return value if average is None else (1 - self.WEIGHT) * average + self.WEIGHT * value
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    job: Job
+    position: int  # 1 = next to run
+    starts_in: float | None  # seconds, None when there is no estimate yet
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    running: Job | None
+    running_left: float | None  # estimated seconds until the running job finishes
+    queued: list[QueueEntry] = field(default_factory=list)
+
+
+class JobQueue:
+    """Which job runs next: round-robin across users, FIFO within a user.
+
+    The next job belongs to the waiting user who was served least recently (never served first; ties go
+    to the older job), so a user with three jobs does not starve the others. In-memory only: the store is
+    the durable copy, and the worker refills the queue from it after a restart.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_length = settings.max_queue_length
+        self.max_per_user = settings.max_jobs_per_user
+        # Unknown output length = the longest clip rounded up to whole blocks: ETAs err on the long side.
+        default_output = min(settings.max_output_seconds, 10 * math.ceil(settings.max_clip_seconds / 10))
+        self.estimate = DurationEstimate(default_output)
+        self.running: Job | None = None
+        self._waiting: dict[int, deque[Job]] = {}  # user id -> that user's jobs, oldest first
+        self._last_served: dict[int, int] = {}  # user id -> serve counter when their last job started
+        self._served = 0
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return sum(len(jobs) for jobs in self._waiting.values())
+
+    def check(self, user_id: int) -> None:
+        """Raise QueueFull / TooManyJobs if a new job of this user would be refused."""
+        mine = len(self.unfinished_of(user_id))
+        if mine >= self.max_per_user:
+            raise TooManyJobs(
+                f"You already have {mine} unfinished job{'s' * (mine != 1)}; the limit is {self.max_per_user} "
+                f"per user. Wait until one finishes, or stop one with /cancel, then try again."
+            )
+        if len(self) >= self.max_length:
+            wait = self._running_left()  # a slot frees up when the running job ends and the next one starts
+            when = f"in about {math.ceil(max(wait, 60) / 60)} minutes" if wait is not None else "in a few minutes"
+            raise QueueFull(f"The queue is full ({len(self)} jobs waiting; the limit is {self.max_length}). "
+                            f"Please try again {when}.")
+
+    def submit(self, job: Job) -> int:
+        """Enqueue within the limits; returns the 1-based position (1 = next to run)."""
+        self.check(job.user_id)
+        return self.restore(job)
+
+    def restore(self, job: Job) -> int:
+        """Enqueue without limits: jobs accepted before a restart are never refused afterwards."""
+        self._waiting.setdefault(job.user_id, deque()).append(job)
+        self._changed.set()
+        return self.position(job.id)
+
+    async def next(self) -> Job:
+        """Wait for a job, mark it running and return it."""
+        while not self._waiting:
+            self._changed.clear()
+            await self._changed.wait()
+        job = self._run_order()[0]
+        self._pop(job)
+        self._served += 1
+        if not self._waiting:  # nobody else waits: older history cannot matter any more
+            self._last_served.clear()
+        self._last_served[job.user_id] = self._served
+        self.running = job
+        return job
+
+    def finish(self, job: Job, wall_seconds: float | None = None) -> None:
+        """The running job ended; a successful job's duration (`wall_seconds`) feeds the ETA."""
+        if self.running is not None and self.running.id == job.id:
+            self.running = None
+        if wall_seconds is not None:
+            self.estimate.record(job, wall_seconds)
+
+    def remove(self, job_id: str) -> Job | None:
+        """Take a queued job out (cancel); positions of the jobs behind it shift up."""
+        job = self.get(job_id)
+        if job is None or job is self.running:
+            return None
+        self._pop(job)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """A queued or running job by id (case-insensitive)."""
+        job_id = job_id.strip().lower()
+        if self.running is not None and self.running.id == job_id:
+            return self.running
+        return next((j for jobs in self._waiting.values() for j in jobs if j.id == job_id), None)
+
+    def unfinished_of(self, user_id: int) -> list[Job]:
+        """The user's running and queued jobs, oldest first."""
+        mine = list(self._waiting.get(user_id, ()))
+        if self.running is not None and self.running.user_id == user_id:
+            mine.insert(0, self.running)
+        return mine
+
+    def position(self, job_id: str) -> int | None:
+        """1-based place among the queued jobs (1 = next to run); None if not queued."""
+        return next((i for i, j in enumerate(self._run_order(), 1) if j.id == job_id), None)
+
+    def eta(self, job_id: str) -> float | None:
+        """Seconds until the job starts (0 if running); None if unknown."""
+        if self.running is not None and self.running.id == job_id:
+            return 0.0
+        return next((e.starts_in for e in self.snapshot().queued if e.job.id == job_id), None)
+
+    def snapshot(self) -> QueueSnapshot:
+        """The running job and the queued jobs in the order they will run, with start estimates."""
+        left = self._running_left()
+        clock = left if self.running is not None else 0.0
+        entries = []
+        for position, job in enumerate(self._run_order(), 1):
+            entries.append(QueueEntry(job, position, clock))
+            needed = self.estimate.seconds(job)
+            clock = None if clock is None or needed is None else clock + needed
+        return QueueSnapshot(self.running, left, entries)
+
+    def _run_order(self) -> list[Job]:
+        """Simulate the round-robin to list the queued jobs in the order they will start."""
+        waiting = {user: list(jobs) for user, jobs in self._waiting.items()}
+        last_served = dict(self._last_served)
+        order: list[Job] = []
+        while waiting:
+            user = min(waiting, key=lambda u: (last_served.get(u, -1), waiting[u][0].created_at))
+            order.append(waiting[user].pop(0))
+            last_served[user] = self._served + len(order)
+            if not waiting[user]:
+                del waiting[user]
+        return order
+
+    def _pop(self, job: Job) -> None:
+        jobs = self._waiting[job.user_id]
+        jobs.remove(job)
+        if not jobs:
+            del self._waiting[job.user_id]
+
+    def _running_left(self) -> float | None:
+        if self.running is None:
+            return None
+        needed = self.estimate.seconds(self.running)
+        if needed is None:
+            return None
+        return max(0.0, needed - (time.time() - (self.running.started_at or time.time())))
