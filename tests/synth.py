@@ -133,6 +133,7 @@ def bad_files(tmpdir: str | Path) -> dict[str, tuple[Path, type[Exception]]]:
     add("broken FLAC header", d / "broken.flac", NotAudio)
     add("truncated WAV", _truncate(write_music(d / "cut.wav", 3.0, rate=16000, subtype="PCM_16"), 0.5), TruncatedAudio)
     add("truncated FLAC", _truncate(write_music(d / "cut.flac", 3.0, rate=16000), 0.5), TruncatedAudio)
+    add("truncated MP3", _truncate(write_music(d / "cut.mp3", 3.0, rate=16000), 0.5), TruncatedAudio)
     add("WAV header claiming 10 h", wav_claiming(d / "ten_hours.wav", 10 * 3600), ClipTooLong)
     add("0.5 s clip", write_music(d / "short.wav", 0.5, rate=16000), ClipTooShort)
     add("75 s clip", write_music(d / "long.wav", 75.0, rate=8000, subtype="PCM_U8"), ClipTooLong)
