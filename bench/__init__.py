@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): timed comparisons on the machine they run on."""

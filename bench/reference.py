@@ -1,0 +1,56 @@
+"""The reference path: MusicGen codes from transformers' own `generate`, for the decode tests and benchmarks.
+
+`generate` returns audio, not codes: it ends by decoding the codes with EnCodec. `reference_codes`
+swaps `audio_encoder.decode` for a recorder during the call, so it returns the exact codes that
+`generate` produced and the benchmark does not time EnCodec (the fast path does not decode either).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import torch
+
+
+@contextmanager
+def _recording_codes(model):
+    recorded: list[torch.Tensor] = []
+
+    def record(audio_codes, audio_scales=None, **_):
+        recorded.append(audio_codes)
+        return SimpleNamespace(audio_values=torch.zeros(audio_codes.shape[1], 1, 1))
+
+    model.audio_encoder.decode = record  # instance attribute shadows the class method
+    try:
+        yield recorded
+    finally:
+        del model.audio_encoder.decode
+
+
+@torch.no_grad()
+def reference_codes(model, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    input_features: torch.Tensor | None = None, prompt_codes: torch.Tensor | None = None,
+                    new_frames: int, guidance_scale: float = 3.0, greedy: bool = True, top_k: int = 250,
+                    generator_seed: int | None = None) -> torch.LongTensor:
+    """Codes (B, K, P + new_frames) from `model.generate`, prompt included, delay pattern undone.
+
+    The audio prompt goes in as `decoder_input_ids` (B * K, P): `generate` prepends the start token
+    and lays the prompt out in the delay pattern itself, forcing the prompt's delayed tail.
+    """
+    num_codebooks = model.decoder.num_codebooks
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, guidance_scale=guidance_scale,
+                  do_sample=not greedy,
+                  # the last codebook runs K - 1 steps behind the first
+                  max_new_tokens=new_frames + num_codebooks - 1)
+    if not greedy:
+        kwargs["top_k"] = top_k
+    if input_features is not None:
+        kwargs["input_features"] = input_features
+    if prompt_codes is not None:
+        kwargs["decoder_input_ids"] = prompt_codes.reshape(-1, prompt_codes.shape[-1])
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    with _recording_codes(model) as recorded:
+        model.generate(**kwargs)
+    (codes,) = recorded  # (1, B, K, frames)
+    return codes[0]
