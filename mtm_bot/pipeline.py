@@ -6,6 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .audio import Audio, load_clip, loudness_normalize
 from .captioner import Captioner, Segment
@@ -28,6 +29,11 @@ def format_range(start: float, end: float) -> str:
     return f"{format_time(start)}\u2013{format_time(end)}"
 
 
+def caption_lines(blocks: list[Block], refinement: Refinement) -> list[str]:
+    """One line per output block: `0:00–0:10 caption`."""
+    return [f"{format_range(b.start, b.end)} {refinement.segments[b.segment].caption}" for b in blocks]
+
+
 @dataclass
 class ComposeResult:
     segments: list[Segment]  # captions of the input clip
@@ -39,7 +45,7 @@ class ComposeResult:
 
     def caption_lines(self) -> list[str]:
         """One line per output block: `0:00–0:10 caption`."""
-        return [f"{format_range(b.start, b.end)} {self.refinement.segments[b.segment].caption}" for b in self.blocks]
+        return caption_lines(self.blocks, self.refinement)
 
     def to_json(self) -> dict:
         return {
@@ -113,7 +119,9 @@ class Pipeline:
         return self.captioner.caption(clip, cancel=cancel)
 
     def compose(self, clip: Audio, instruction: str, duration: int | None = None, seed: int | None = None,
-                progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None) -> ComposeResult:
+                progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None,
+                on_captions: Callable[[list[str]], None] | None = None) -> ComposeResult:
+        """`on_captions` gets the refined caption lines as soon as they exist, before generation starts."""
         cancel = cancel or CancelToken()
         seconds = self.output_duration(clip, duration)
         if seed is None:
@@ -132,6 +140,8 @@ class Pipeline:
 
         blocks = [dataclasses.replace(b, description=refinement.description(b.segment))
                   for b in plan_blocks(seconds, [(s.start, s.end) for s in segments], BLOCK_SECONDS)]
+        if on_captions is not None:
+            on_captions(caption_lines(blocks, refinement))
         t0 = time.perf_counter()
         track = self.generator.generate(clip, blocks, seed=seed, progress=progress, cancel=cancel)
         timings["generate"] = time.perf_counter() - t0
