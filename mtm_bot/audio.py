@@ -118,7 +118,7 @@ def load_clip(path: str | Path, *, min_seconds: float = 1.0, max_seconds: float 
     path = Path(path)
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
-        raise FileTooLarge(f"The file is {size / MIB:.1f} MB; the upload limit is {max_bytes / MIB:g} MB.")
+        raise FileTooLarge(f"The file is {_megabytes(size)}; the upload limit is {_megabytes(max_bytes)}.")
     info = probe(path)
     if info.frames == 0:
         raise EmptyAudio("The file contains no audio (0 samples).")
@@ -136,6 +136,10 @@ def load_clip(path: str | Path, *, min_seconds: float = 1.0, max_seconds: float 
     if peak < 10 ** (SILENCE_DBFS / 20):
         raise EmptyAudio(f"The clip is silent (every sample is below {SILENCE_DBFS:g} dBFS).")
     return Audio(samples, info.sample_rate)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / MIB:.2f}".rstrip("0").rstrip(".") + " MB"
 
 
 def _decode_mono(path: Path, info: AudioInfo) -> np.ndarray:
@@ -199,6 +203,8 @@ MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 # Standard CBR bitrates: MPEG-1 (32-48 kHz) and MPEG-2/2.5 (below 32 kHz; MPEG-2.5 stops at 64).
 MP3_KBPS_MPEG1 = (320, 256, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 32)
 MP3_KBPS_MPEG2 = (160, 144, 128, 112, 96, 80, 64, 56, 48, 40, 32, 24, 16, 8)
+# Frame header + side information + Xing/LAME tag of a mono MP3, rounded up (measured: 144 is too small).
+MP3_MIN_FRAME_BYTES = 180
 # MP3 overhead beyond bitrate x duration: Xing/LAME tag frame plus encoder delay and padding frames.
 MP3_OVERHEAD_SECONDS = 0.15
 # Lossless FLAC of music rarely gets below this fraction of 16-bit PCM; below it we do not try.
@@ -226,11 +232,17 @@ def mp3_rate(rate: int) -> int:
     return next((r for r in MP3_RATES if r >= rate), MP3_RATES[-1])
 
 
-def mp3_bitrates(rate: int) -> tuple[int, ...]:
-    """CBR bitrates (kbps, best first) that MP3 offers at this (MP3) sample rate."""
+def _mp3_table(rate: int) -> tuple[int, ...]:
     if rate >= 32000:
         return MP3_KBPS_MPEG1
     return MP3_KBPS_MPEG2 if rate >= 16000 else tuple(b for b in MP3_KBPS_MPEG2 if b <= 64)
+
+
+def mp3_bitrates(rate: int) -> tuple[int, ...]:
+    """CBR bitrates (kbps, best first) for MP3 at this (MP3) sample rate, keeping only those whose frames
+    can carry the LAME tag: without it a decoder adds ~50 ms of encoder delay and padding."""
+    samples_per_frame = 1152 if rate >= 32000 else 576
+    return tuple(b for b in _mp3_table(rate) if samples_per_frame / 8 * b * 1000 / rate >= MP3_MIN_FRAME_BYTES)
 
 
 def encode(audio: Audio, fmt: str, *, bitrate_kbps: int | None = None, quality: float = 1.0) -> bytes:
@@ -256,8 +268,8 @@ def encode(audio: Audio, fmt: str, *, bitrate_kbps: int | None = None, quality: 
 def _mp3_compression_level(rate: int, bitrate_kbps: int | None) -> float:
     # libsndfile maps level c to int(max - c * (max - min)) kbps; LAME then takes the nearest standard rate.
     # The 0.25 keeps the float product from truncating one below the wanted rate.
-    rates = mp3_bitrates(rate)
-    best, worst = rates[0], rates[-1]
+    table = _mp3_table(rate)
+    best, worst = table[0], table[-1]
     kbps = best if bitrate_kbps is None else bitrate_kbps
     return min(max((best - kbps - 0.25) / (best - worst), 0.0), 1.0)
 
@@ -290,7 +302,7 @@ def encode_to_fit(audio: Audio, max_bytes: int) -> Encoded:
         if len(mp3.data) <= max_bytes:
             return mp3
     raise OutputTooLarge(
-        f"The {audio.duration:.0f} s track does not fit the {max_bytes / MIB:.2f} MB upload limit, "
+        f"The {audio.duration:.0f} s track does not fit the {_megabytes(max_bytes)} upload limit, "
         f"not even as {bitrates[-1]} kbps MP3.")
 
 
