@@ -1,0 +1,40 @@
+"""/compose: a clip and an instruction in, a new track out (queued; the result is posted publicly)."""
+from __future__ import annotations
+
+import dataclasses
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from mtm_bot.jobs import JobKind
+from mtm_bot.pipeline import BLOCK_SECONDS
+
+from .submit import accept, submission_cooldown
+
+INSTRUCTION_MAX_CHARS = 500
+
+
+class Compose(commands.Cog):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.bot = bot
+        # Register duration's upper bound from the settings so Discord itself enforces it. The
+        # command object is this cog's own copy; its parameter is replaced, not mutated.
+        params = self.compose._params
+        params["duration"] = dataclasses.replace(params["duration"], max_value=bot.settings.max_output_seconds)
+
+    @app_commands.command(name="compose", description="Turn a clip and your taste into a new track")
+    @app_commands.describe(
+        audio="A music clip (WAV, FLAC, OGG, MP3)",
+        instruction="Your taste, e.g. 'a cosy jazz carol with sleigh bells'",
+        duration="Length of the new track in seconds (default: the clip's length rounded up to 10 s)",
+    )
+    @app_commands.checks.dynamic_cooldown(submission_cooldown)
+    async def compose(self, interaction: discord.Interaction, audio: discord.Attachment,
+                      instruction: app_commands.Range[str, 1, INSTRUCTION_MAX_CHARS],
+                      duration: app_commands.Range[int, BLOCK_SECONDS, None] | None = None) -> None:
+        await accept(interaction, audio, JobKind.COMPOSE, instruction=instruction.strip(), duration=duration)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Compose(bot))

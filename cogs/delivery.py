@@ -1,0 +1,209 @@
+"""Showing a job's life in Discord: live status edits, then exactly one public result.
+
+`Delivery` is the worker's JobListener (mtm_bot.worker); every call arrives on the event loop.
+- While a job runs, the public reply that accepted it is edited to show the stage (captioning ->
+  refining -> block i/n) and, as soon as they exist, the refined captions. Edits are coalesced to
+  at most one per MIN_EDIT_SECONDS per job; the latest state always lands.
+- The result is one new public message that pings only the requester: the instruction, one
+  caption line per output block, and the track encoded to fit the job's stored upload limit.
+- It goes out as an interaction follow-up while the token lives (15 min), else, or when Discord
+  says the token is gone (401/404), to the job's channel. Jobs resumed after a restart have no
+  interaction: they deliver to their channel with a note.
+- A delivery method raises only when nothing was posted, so the worker's retry never doubles a result.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+
+import discord
+import soundfile as sf
+
+from mtm_bot.audio import Audio, Encoded, encode_to_fit
+from mtm_bot.errors import OutputTooLarge
+from mtm_bot.jobs import Job, JobKind
+from mtm_bot.progress import Progress
+
+from .render import quote, with_captions
+
+log = logging.getLogger(__name__)
+
+MIN_EDIT_SECONDS = 2.0
+TOKEN_LIFETIME_SECONDS = 15 * 60
+TOKEN_MARGIN_SECONDS = 60  # a long upload must not cross the expiry mid-request
+RESUMED_NOTE = "(This job was interrupted by a bot restart and ran again from the start.)"
+
+
+@dataclass
+class LiveStatus:
+    """The public reply that accepted a job, and what it should currently show."""
+
+    interaction: discord.Interaction
+    job: Job
+    stage: str = ""
+    captions: list[str] = field(default_factory=list)
+    last_edit: float = 0.0
+    dirty: bool = False
+    flusher: asyncio.Task | None = None
+    dead: bool = False  # the token expired: no more edits
+
+
+def stage_text(progress: Progress) -> str:
+    if progress.stage == "captioning":
+        return "captioning the clip…"
+    if progress.stage == "refining":
+        return "refining the captions with your instruction…"
+    if progress.stage == "generating" and progress.blocks:
+        percent = f" ({100 * progress.step // progress.steps}%)" if progress.steps else ""
+        return f"generating block {progress.block}/{progress.blocks}{percent}…"
+    return f"{progress.stage}…"
+
+
+def status_message(job: Job, stage: str, captions: list[str]) -> tuple[str, list[discord.Embed]]:
+    what = "Compose" if job.kind is JobKind.COMPOSE else "Caption"
+    header = [f"🎼 {what} job `{job.id}`: {stage}"]
+    if job.instruction:
+        header.append(f"Instruction: {quote(job.instruction)}" + (f" · {job.duration} s" if job.duration else ""))
+    if captions:
+        header.append("Refined captions:")
+    return with_captions("\n".join(header), captions, title="Refined captions")
+
+
+def result_message(job: Job) -> tuple[str, list[discord.Embed]]:
+    lines = (job.result_json or {}).get("lines", [])
+    if job.kind is JobKind.COMPOSE:
+        header = [f"<@{job.user_id}> your track is ready (job `{job.id}`).", f"Instruction: {quote(job.instruction)}"]
+    else:
+        header = [f"<@{job.user_id}> the captions of your clip (job `{job.id}`):"]
+    if job.resumed:
+        header.append(RESUMED_NOTE)
+    return with_captions("\n".join(header), lines, title="Captions" if job.kind is JobKind.CAPTION else "Refined captions")
+
+
+def encode_result(job: Job) -> Encoded:
+    """The finished WAV, re-encoded to the job's upload limit (runs in a thread: it can take seconds)."""
+    samples, rate = sf.read(str(job.result_path), dtype="float32", always_2d=False)
+    return encode_to_fit(Audio(samples, rate), job.attachment_size_limit)
+
+
+class Delivery:
+    def __init__(self, bot: discord.Client) -> None:
+        self.bot = bot
+        self.live: dict[str, LiveStatus] = {}
+
+    # ----------------------------------------------------------------------------- bookkeeping
+    def track(self, job: Job, interaction: discord.Interaction) -> None:
+        self.live[job.id] = LiveStatus(interaction, job)
+
+    def forget(self, job_id: str) -> None:
+        live = self.live.pop(job_id, None)
+        if live is not None and live.flusher is not None:
+            live.flusher.cancel()
+
+    def stage_of(self, job_id: str) -> str:
+        live = self.live.get(job_id)
+        return live.stage if live is not None else ""
+
+    # ----------------------------------------------------------------------------- JobListener
+    async def job_started(self, job: Job) -> None:
+        self._show(job, "started…")
+
+    async def job_progress(self, job: Job, progress: Progress) -> None:
+        self._show(job, stage_text(progress))
+
+    async def job_captions(self, job: Job, lines: list[str]) -> None:
+        live = self.live.get(job.id)
+        if live is not None:
+            live.captions = list(lines)
+            self._show(job, live.stage or "refined…")
+
+    async def job_finished(self, job: Job) -> None:
+        content, embeds = result_message(job)
+        encoded: Encoded | None = None
+        if job.kind is JobKind.COMPOSE:
+            try:
+                encoded = await asyncio.to_thread(encode_result, job)
+            except OutputTooLarge as err:
+                content += f"\n⚠️ {err} The track is not attached; try a shorter duration."
+        await self._finish_status(job, "done ✅ (see the result below)")
+        await self._send_result(job, content, embeds, encoded)
+
+    async def job_failed(self, job: Job, message: str) -> None:
+        shown = await self._finish_status(job, f"failed ❌ {message}")
+        if not shown:
+            note = f" {RESUMED_NOTE}" if job.resumed else ""
+            await self._channel(job).send(f"<@{job.user_id}> job `{job.id}` failed: {message}{note}",
+                                          allowed_mentions=discord.AllowedMentions.none())
+
+    async def job_cancelled(self, job: Job) -> None:
+        await self._finish_status(job, "cancelled 🛑")
+
+    # ----------------------------------------------------------------------------- internals
+    def _show(self, job: Job, stage: str) -> None:
+        live = self.live.get(job.id)
+        if live is None or live.dead:
+            return
+        live.stage, live.dirty = stage, True
+        if live.flusher is None:
+            live.flusher = asyncio.create_task(self._flush(live), name=f"status-{job.id}")
+
+    async def _flush(self, live: LiveStatus) -> None:
+        try:
+            while live.dirty and not live.dead:
+                wait = live.last_edit + MIN_EDIT_SECONDS - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                live.dirty = False
+                await self._edit(live)
+        finally:
+            live.flusher = None
+
+    async def _edit(self, live: LiveStatus) -> bool:
+        content, embeds = status_message(live.job, live.stage, live.captions)
+        live.last_edit = time.monotonic()
+        try:
+            await live.interaction.edit_original_response(content=content, embeds=embeds)
+            return True
+        except discord.HTTPException as err:
+            # 401/404: the token expired (or the message was deleted); stop editing it.
+            live.dead = err.status in (401, 404)
+            log.warning("could not update the status of job %s (%s)", live.job.id, err.status)
+            return False
+
+    async def _finish_status(self, job: Job, stage: str) -> bool:
+        """Final edit of the status reply; True if it is visible to the user."""
+        live = self.live.pop(job.id, None)
+        if live is None or live.dead or not self._token_alive(job):
+            return False
+        if live.flusher is not None:
+            live.flusher.cancel()
+            await asyncio.gather(live.flusher, return_exceptions=True)
+        live.stage = stage
+        return await self._edit(live)
+
+    def _token_alive(self, job: Job) -> bool:
+        return not job.resumed and time.time() - job.created_at < TOKEN_LIFETIME_SECONDS - TOKEN_MARGIN_SECONDS
+
+    def _channel(self, job: Job) -> discord.PartialMessageable:
+        return self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+
+    async def _send_result(self, job: Job, content: str, embeds: list[discord.Embed], encoded: Encoded | None) -> None:
+        def file() -> list[discord.File]:  # a fresh File per attempt: discord.py closes what it sent
+            if encoded is None:
+                return []
+            return [discord.File(io.BytesIO(encoded.data), filename=f"mtm-{job.id}{encoded.extension}")]
+
+        ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
+        if self._token_alive(job):
+            webhook = discord.Webhook.partial(job.application_id, job.interaction_token, client=self.bot)
+            try:
+                await webhook.send(content, embeds=embeds, files=file(), allowed_mentions=ping, wait=True)
+                return
+            except discord.HTTPException as err:
+                if err.status not in (401, 404):
+                    raise
+                log.info("interaction token of job %s is gone (%s); posting to the channel", job.id, err.status)
+        await self._channel(job).send(content, embeds=embeds, files=file(), allowed_mentions=ping)

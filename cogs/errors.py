@@ -1,0 +1,44 @@
+"""Turning errors into replies: specific and ephemeral for what a user caused, never a traceback."""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import discord
+from discord import app_commands
+
+from mtm_bot.errors import InputError
+
+log = logging.getLogger(__name__)
+
+THINKING = "thinking"  # Interaction.extras key: a public "thinking" message is showing
+
+
+async def reply_error(interaction: discord.Interaction, text: str) -> None:
+    """An ephemeral answer, whatever state the interaction is in."""
+    if not interaction.response.is_done():
+        await interaction.response.send_message(text, ephemeral=True)
+        return
+    if interaction.extras.pop(THINKING, False):
+        # The first follow-up after a public defer would replace "thinking" and be public too:
+        # remove the thinking message so the error can be a fresh, ephemeral message.
+        await interaction.delete_original_response()
+    await interaction.followup.send(text, ephemeral=True)
+
+
+async def on_app_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+    if isinstance(error, app_commands.CommandOnCooldown):
+        retry_at = discord.utils.format_dt(discord.utils.utcnow() + timedelta(seconds=error.retry_after), "R")
+        text = (f"You are sending requests faster than {error.cooldown.rate} per minute. "
+                f"Please try again in {error.retry_after:.0f} s ({retry_at}).")
+    elif isinstance(error, app_commands.CommandInvokeError) and isinstance(error.original, InputError):
+        text = str(error.original)
+    else:
+        original = getattr(error, "original", error)
+        command = interaction.command.qualified_name if interaction.command else "?"
+        log.error("/%s failed for user %s", command, interaction.user.id, exc_info=original)
+        text = "Something went wrong on my side while handling that command; it has been logged. Please try again."
+    try:
+        await reply_error(interaction, text)
+    except discord.HTTPException:
+        log.warning("could not send the error reply for interaction %s", interaction.id, exc_info=True)

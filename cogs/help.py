@@ -1,0 +1,37 @@
+"""/help: what the bot does and how to use it (ephemeral)."""
+from __future__ import annotations
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+
+def help_text(max_output_seconds: int, max_clip_seconds: float, max_upload_mb: float) -> str:
+    return (
+        "**MTM Bot: Music → Text → Music**\n"
+        "`/compose audio instruction [duration]`: I caption your clip in 10 s segments, rewrite the "
+        "captions with your instruction, and generate a new track from them, following the clip's melody.\n"
+        f"• `audio`: a clip of 1–{max_clip_seconds:g} s (WAV, FLAC, OGG, MP3, …), at most {max_upload_mb:g} MB\n"
+        "• `instruction`: your taste, e.g. *a cosy jazz carol with sleigh bells*\n"
+        f"• `duration`: 10–{max_output_seconds} s (default: the clip's length rounded up to 10 s)\n"
+        "`/caption audio`: only the captions of your clip.\n"
+        "`/queue`: what is running and where your jobs are.\n"
+        "`/cancel [job]`: stop your newest job, or the one with that id.\n"
+        "Jobs run one at a time; you are pinged when your track is ready. "
+        "The models (LP-MusicCaps, MusicGen) are licensed for non-commercial use only."
+    )
+
+
+class Help(commands.Cog):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="help", description="How to use MTM Bot")
+    async def help(self, interaction: discord.Interaction) -> None:
+        s = self.bot.settings
+        await interaction.response.send_message(
+            help_text(s.max_output_seconds, s.max_clip_seconds, s.max_upload_mb), ephemeral=True)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Help(bot))

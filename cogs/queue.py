@@ -1,0 +1,57 @@
+"""/queue and /cancel: what is running and waiting, and stopping a job (ephemeral replies)."""
+from __future__ import annotations
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from mtm_bot.jobs import Job
+
+from .render import minutes, shorten
+
+QUEUE_LINES_SHOWN = 10
+
+
+def describe(job: Job) -> str:
+    what = f"`{job.id}` {job.kind.value} by <@{job.user_id}>"
+    return what + (f" · {shorten(job.instruction, 60)!r}" if job.instruction else "")
+
+
+class Queue(commands.Cog):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="queue", description="Show the running job, the queue and your jobs")
+    async def queue(self, interaction: discord.Interaction) -> None:
+        snapshot = self.bot.queue.snapshot()
+        lines = []
+        if snapshot.running is None:
+            lines.append("**Running:** nothing, the next job starts at once.")
+        else:
+            stage = self.bot.delivery.stage_of(snapshot.running.id)
+            left = f" · about {minutes(snapshot.running_left)} left" if snapshot.running_left is not None else ""
+            lines.append(f"**Running:** {describe(snapshot.running)}" + (f" · {stage}" if stage else "") + left)
+        lines.append(f"**Queued:** {len(snapshot.queued)}")
+        for entry in snapshot.queued[:QUEUE_LINES_SHOWN]:
+            eta = f" · starts in about {minutes(entry.starts_in)}" if entry.starts_in is not None else ""
+            lines.append(f"{entry.position}. {describe(entry.job)}{eta}")
+        if len(snapshot.queued) > QUEUE_LINES_SHOWN:
+            lines.append(f"… and {len(snapshot.queued) - QUEUE_LINES_SHOWN} more")
+        mine = await self.bot.store.recent_of(interaction.user.id)
+        lines.append("**Your jobs:** " + ("none yet" if not mine else ""))
+        for job in mine:
+            lines.append(f"`{job.id}` {job.kind.value} · {job.state.value}"
+                         + (f" · {shorten(job.instruction, 60)!r}" if job.instruction else ""))
+        await interaction.response.send_message(shorten("\n".join(lines), 2000), ephemeral=True)
+
+    @app_commands.command(name="cancel", description="Stop a job (default: your newest unfinished job)")
+    @app_commands.describe(job="The job id shown when the job was accepted")
+    async def cancel(self, interaction: discord.Interaction, job: str | None = None) -> None:
+        cancelled = await self.bot.worker.cancel(
+            job, interaction.user.id, guild_id=interaction.guild_id,
+            is_manager=interaction.permissions.manage_guild)
+        await interaction.response.send_message(f"Job `{cancelled.id}` is cancelled.", ephemeral=True)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Queue(bot))

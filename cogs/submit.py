@@ -1,0 +1,101 @@
+"""Accepting an upload as a job, shared by /compose and /caption.
+
+Order matters for the user: everything that can be refused from metadata alone (size, type, queue
+limits) is refused *before* the defer, as an ephemeral reply. Then the reply is deferred publicly
+("MTM Bot is thinking…"), the file is downloaded and decoded off the event loop, and the job is
+queued. A decode error after the defer removes the public "thinking" message and answers
+ephemerally, because the first follow-up after a defer would inherit its public visibility.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import PurePosixPath
+
+import discord
+from discord import app_commands
+
+from mtm_bot.errors import FileTooLarge, InputError, NotAudio
+from mtm_bot.jobs import Job, JobKind
+
+from .errors import THINKING
+from .render import minutes, quote
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".m4a"}
+MIB = 1024 * 1024
+
+
+class DownloadFailed(InputError):
+    pass
+
+
+def submission_cooldown(interaction: discord.Interaction) -> app_commands.Cooldown:
+    """Per-user submission rate for /compose and /caption (settings.submissions_per_minute)."""
+    return app_commands.Cooldown(interaction.client.settings.submissions_per_minute, 60.0)
+
+
+def check_attachment(audio: discord.Attachment, max_bytes: int) -> None:
+    """Refuse from metadata alone, before a byte is downloaded."""
+    if audio.size > max_bytes:
+        raise FileTooLarge(f"`{audio.filename}` is {audio.size / MIB:.1f} MB; the limit is {max_bytes / MIB:g} MB. "
+                           "Please upload a shorter or compressed clip (MP3 or OGG).")
+    content_type = (audio.content_type or "").split(";")[0].strip().lower()
+    extension = PurePosixPath(audio.filename).suffix.lower()
+    if not (content_type.startswith("audio/") or (not content_type and extension in AUDIO_EXTENSIONS)
+            or (content_type in ("application/octet-stream", "video/ogg") and extension in AUDIO_EXTENSIONS)):
+        kind = content_type or f"a {extension or 'extension-less'} file"
+        raise NotAudio(f"`{audio.filename}` is {kind}, not audio. Please attach a WAV, FLAC, OGG or MP3 clip.")
+
+
+async def defer_publicly(interaction: discord.Interaction) -> None:
+    await interaction.response.defer(thinking=True)
+    interaction.extras[THINKING] = True
+
+
+async def accept(interaction: discord.Interaction, audio: discord.Attachment, kind: JobKind,
+                 instruction: str = "", duration: int | None = None) -> None:
+    """Validate, defer, download, decode, queue, and show the job id, queue position and ETA."""
+    bot = interaction.client
+    settings = bot.settings
+    check_attachment(audio, settings.max_upload_bytes)
+    bot.queue.check(interaction.user.id)
+    await defer_publicly(interaction)
+
+    job = Job.new(kind, user_id=interaction.user.id, guild_id=interaction.guild_id,
+                  channel_id=interaction.channel_id, instruction=instruction, duration=duration,
+                  attachment_size_limit=interaction.filesize_limit, application_id=interaction.application_id,
+                  interaction_token=interaction.token)
+    try:
+        try:
+            data = await audio.read()
+        except discord.HTTPException as err:
+            raise DownloadFailed(f"I could not download `{audio.filename}` from Discord ({err.status}). "
+                                 "Please try again.") from None
+        job.input_path = await bot.store.save_input(job.id, data, audio.filename)
+        clip = await asyncio.to_thread(bot.pipeline.read_clip, job.input_path)
+        if kind is JobKind.COMPOSE:
+            job.duration = bot.pipeline.output_duration(clip, duration)
+        bot.delivery.track(job, interaction)  # before submit: the worker may start it at once
+        position = await bot.worker.submit(job)
+    except InputError:
+        bot.delivery.forget(job.id)
+        await bot.store.delete_files(job.id)
+        raise
+    await interaction.edit_original_response(content=accepted_text(job, position, bot.queue.eta(job.id)))
+    interaction.extras.pop(THINKING, None)
+
+
+def accepted_text(job: Job, position: int | None, eta: float | None) -> str:
+    what = "Compose" if job.kind is JobKind.COMPOSE else "Caption"
+    if not position or (position == 1 and eta is not None and eta < 5):
+        where = "starting now"
+    else:
+        where = f"position {position} in the queue"
+        where += f", starts in about {minutes(eta)}" if eta is not None else " (no time estimate yet)"
+    lines = [f"🎼 {what} job `{job.id}` accepted: {where}."]
+    if job.instruction:
+        lines.append(f"Instruction: {quote(job.instruction)}" + (f" · {job.duration} s" if job.duration else ""))
+    lines.append(f"You will be pinged here when it is ready. `/cancel job:{job.id}` stops it.")
+    return "\n".join(lines)

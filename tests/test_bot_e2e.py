@@ -1,0 +1,234 @@
+"""End to end: the real bot (discord.py client, cogs, worker, tiny pipeline) against the loopback emulator.
+
+One bot and one loaded tiny pipeline serve the whole module; tests run in file order and each waits
+until its jobs are finished, so the queue is empty for the next one.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+
+import pytest
+import pytest_asyncio
+import soundfile as sf
+
+from discord_emulator import DiscordEmulator, FakeUser, Interaction, Message
+from mtm_bot.audio import load_clip
+from synth import bad_files, music
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+JOB_SECONDS = 600  # generous: the tiny models share two CPU cores with everything else
+LINE = re.compile(r"^\d+:\d\d–\d+:\d\d \S", re.M)
+
+
+def wav_bytes(seconds: float, seed: int = 0, rate: int = 16000) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, music(seconds, rate, seed=seed), rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def world(tmp_path_factory):
+    import bot as bot_module
+    from mtm_bot.settings import Settings
+
+    emulator = await DiscordEmulator().start()
+    env = {**emulator.env(), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu",
+           "MTM_STORAGE_DIR": str(tmp_path_factory.mktemp("storage")), "MTM_SUBMISSIONS_PER_MINUTE": "100",
+           "MTM_SEED": "1"}
+    settings = Settings.from_env(env, env_file=None)
+    bot_module.point_discord_at(settings)
+    bot = bot_module.MTMBot(settings)
+    runner = asyncio.create_task(bot.start(settings.discord_token))
+    await emulator.wait_for(lambda: runner.done() or (emulator.connected and emulator.commands), 300, "bot start")
+    if runner.done():
+        runner.result()  # raises the start-up error
+    yield emulator, bot
+    await bot.close()
+    await asyncio.wait_for(runner, 30)
+    await emulator.stop()
+
+
+def results_for(emulator: DiscordEmulator, user: FakeUser) -> list[Message]:
+    """Public messages that address `user` with a finished job."""
+    return [m for m in emulator.messages if m.via in ("followup", "channel") and not m.ephemeral
+            and m.content.startswith(user.mention) and "job `" in m.content]
+
+
+async def accepted(emulator: DiscordEmulator, interaction: Interaction) -> str:
+    """Wait for the public reply that accepts a job; return the job id it shows."""
+    def acceptance() -> str | None:
+        states = interaction.response.history if interaction.response else []
+        return next((h["content"] for h in states if "accepted" in h["content"]), None)
+
+    text = await emulator.wait_for(acceptance, 120, f"/{interaction.command} accepted")
+    assert interaction.ack_seconds < 3.0, interaction.ack_seconds
+    assert interaction.deferred and not interaction.response.ephemeral
+    return re.search(r"job `([0-9a-f]{8})`", text).group(1)
+
+
+async def ephemeral_error(emulator: DiscordEmulator, interaction: Interaction) -> str:
+    """Wait for the error reply; it must be the only thing the interaction left, and ephemeral."""
+    await emulator.wait_for(lambda: any(m.ephemeral and m.content and not m.thinking
+                                        for m in interaction.visible_messages()), 60, "an ephemeral error")
+    visible = interaction.visible_messages()
+    assert all(m.ephemeral for m in visible), [m.content for m in visible]
+    assert interaction.ack_seconds is not None and interaction.ack_seconds < 3.0
+    return visible[-1].content
+
+
+async def test_commands_are_registered_with_their_bounds(world):
+    emulator, bot = world
+    commands = {c["name"]: c for c in emulator.commands[str(emulator.guild_id)]}
+    assert set(commands) == {"compose", "caption", "queue", "cancel", "help"}
+    options = {o["name"]: o for o in commands["compose"]["options"]}
+    assert options["duration"]["min_value"] == 10
+    assert options["duration"]["max_value"] == bot.settings.max_output_seconds
+    assert not options["duration"].get("required") and options["audio"]["required"]
+    assert options["audio"]["type"] == 11 and options["instruction"]["required"]
+
+
+async def test_help_is_ephemeral(world):
+    emulator, _ = world
+    interaction = await emulator.slash(emulator.user("reader"), "help")
+    await emulator.wait_for(lambda: interaction.response, 10, "/help reply")
+    assert interaction.response.ephemeral and "/compose" in interaction.response.content
+    assert interaction.response.allowed_mentions == {"parse": []}
+
+
+async def test_two_users_compose_at_once_and_nobody_else_is_pinged(world):
+    emulator, _ = world
+    alice, bob = emulator.user("alice"), emulator.user("bob")
+    instruction = "a cosy jazz carol @everyone <@123456789> <@&42> with sleigh bells"
+    small_limit = 120_000  # a 10 s WAV is 640 kB: bob's track must come compressed
+    first, second = await asyncio.gather(
+        emulator.slash(alice, "compose", {"instruction": instruction, "duration": 10},
+                       attachment=(wav_bytes(3.0), "carol.wav", "audio/x-wav")),
+        emulator.slash(bob, "compose", {"instruction": "dark techno", "duration": 10},
+                       attachment=(wav_bytes(12.0, seed=2), "loop.wav", "audio/wav"),
+                       attachment_size_limit=small_limit),
+    )
+    alice_job, bob_job = await accepted(emulator, first), await accepted(emulator, second)
+    assert alice_job != bob_job
+
+    await emulator.wait_for(lambda: results_for(emulator, alice) and results_for(emulator, bob), JOB_SECONDS,
+                            "both results")
+    for user, job_id, limit in ((alice, alice_job, emulator.attachment_size_limit), (bob, bob_job, small_limit)):
+        (result,) = results_for(emulator, user)
+        assert result.via == "followup" and not result.ephemeral
+        assert f"`{job_id}`" in result.content
+        assert result.allowed_mentions == {"parse": [], "users": [str(user.id)]}
+        lines = LINE.findall(result.text())
+        assert len(lines) == 1 and result.text().count("0:00–0:10 ") == 1
+        (track,) = result.files
+        assert len(track.data) <= limit
+        audio, rate = sf.read(io.BytesIO(track.data))
+        assert abs(len(audio) / rate - 10.0) < 0.05
+    assert results_for(emulator, alice)[0].files[0].filename.endswith(".wav")
+    assert not results_for(emulator, bob)[0].files[0].filename.endswith(".wav")
+    assert "@everyone" in results_for(emulator, alice)[0].content  # shown, but it pings nobody
+
+    # The accepting replies were edited live (stage, then captions) and end as "done".
+    history = [h["content"] for h in first.response.history]
+    assert any("generating block 1/1" in h for h in history), history
+    assert any("Refined captions" in h and LINE.search(h) for h in history), history
+    assert "done" in history[-1]
+    # Every message except the two results pings nobody.
+    for message in emulator.messages:
+        if message not in results_for(emulator, alice) + results_for(emulator, bob):
+            assert message.allowed_mentions in (None, {"parse": []}), (message.content, message.allowed_mentions)
+
+
+async def test_caption_only(world):
+    emulator, _ = world
+    carol = emulator.user("carol")
+    interaction = await emulator.slash(carol, "caption", attachment=(wav_bytes(3.0, seed=3), "hum.flac", None))
+    job_id = await accepted(emulator, interaction)
+    (result,) = await emulator.wait_for(lambda: results_for(emulator, carol), JOB_SECONDS, "captions")
+    assert f"`{job_id}`" in result.content and not result.files
+    assert LINE.findall(result.text()) and "0:00–0:03 " in result.text()
+    assert result.allowed_mentions == {"parse": [], "users": [str(carol.id)]}
+
+
+async def test_bad_inputs_get_specific_ephemeral_errors_and_the_bot_keeps_serving(world, tmp_path):
+    emulator, _ = world
+    dave = emulator.user("dave")
+    for name, (path, error) in bad_files(tmp_path).items():
+        with pytest.raises(error) as expected:
+            load_clip(path)
+        interaction = await emulator.slash(dave, "compose", {"instruction": "lofi"},
+                                           attachment=(path.read_bytes(), path.name, "audio/wav"))
+        text = await ephemeral_error(emulator, interaction)
+        assert str(expected.value) in text, (name, text)
+
+    # Refused from metadata alone: nothing is downloaded.
+    downloads = len(emulator.cdn_downloads)
+    too_big = await emulator.slash(dave, "compose", {"instruction": "lofi"},
+                                   attachment=(b"RIFF", "huge.wav", "audio/wav"), declared_size=200 * 1024 * 1024)
+    assert "limit is 25 MB" in await ephemeral_error(emulator, too_big)
+    picture = await emulator.slash(dave, "caption", attachment=(b"\x89PNG", "cat.png", "image/png"))
+    assert "not audio" in await ephemeral_error(emulator, picture)
+    assert len(emulator.cdn_downloads) == downloads
+
+    # And the next good request is served.
+    interaction = await emulator.slash(dave, "caption", attachment=(wav_bytes(2.0), "ok.wav", "audio/wav"))
+    await accepted(emulator, interaction)
+    await emulator.wait_for(lambda: results_for(emulator, dave), JOB_SECONDS, "dave's captions")
+
+
+async def test_submission_rate_limit_says_when_to_retry(world):
+    emulator, bot = world
+    import dataclasses
+
+    erin = emulator.user("erin")
+    strict = dataclasses.replace(bot.settings, submissions_per_minute=1)
+    bot.settings, relaxed = strict, bot.settings
+    try:
+        first = await emulator.slash(erin, "caption", attachment=(b"not audio", "a.txt", "text/plain"))
+        await ephemeral_error(emulator, first)  # refused, but it counted as a submission
+        second = await emulator.slash(erin, "caption", attachment=(wav_bytes(2.0), "b.wav", "audio/wav"))
+        text = await ephemeral_error(emulator, second)
+    finally:
+        bot.settings = relaxed
+    assert "1 per minute" in text and re.search(r"try again in \d+ s", text), text
+
+
+async def test_cancel_queued_and_running_jobs_then_deliver_via_channel_when_the_token_expired(world):
+    emulator, _ = world
+    frank, grace, heidi = emulator.user("frank"), emulator.user("grace"), emulator.user("heidi")
+    stranger, manager = emulator.user("stranger"), emulator.user("mod", manage_guild=True)
+
+    running = await emulator.slash(frank, "compose", {"instruction": "epic orchestral", "duration": 20},
+                                   attachment=(wav_bytes(3.0), "a.wav", "audio/wav"))
+    running_id = await accepted(emulator, running)
+    queued = await emulator.slash(grace, "caption", attachment=(wav_bytes(2.0), "b.wav", "audio/wav"))
+    queued_id = await accepted(emulator, queued)
+    later = await emulator.slash(heidi, "caption", attachment=(wav_bytes(2.0, seed=5), "c.wav", "audio/wav"))
+    await accepted(emulator, later)
+
+    queue = await emulator.slash(grace, "queue")
+    await emulator.wait_for(lambda: queue.response, 10, "/queue")
+    assert queue.response.ephemeral and running_id in queue.response.content and queued_id in queue.response.content
+
+    cancel_own = await emulator.slash(grace, "cancel")  # default: her newest unfinished job
+    await emulator.wait_for(lambda: cancel_own.response, 10, "/cancel reply")
+    assert cancel_own.response.ephemeral and queued_id in cancel_own.response.content
+    await emulator.wait_for(lambda: "cancelled" in queued.response.content, 30, "queued job shown cancelled")
+
+    await emulator.wait_for(lambda: "generating" in running.response.content, JOB_SECONDS, "generation started")
+    refused = await emulator.slash(stranger, "cancel", {"job": running_id})
+    await emulator.wait_for(lambda: refused.response, 10, "refusal")
+    assert refused.response.ephemeral and "someone else's" in refused.response.content
+
+    emulator.expire_tokens(status=401)  # from now on follow-ups fail like a token older than 15 min
+    by_manager = await emulator.slash(manager, "cancel", {"job": running_id})
+    await emulator.wait_for(lambda: by_manager.response, 10, "manager's /cancel")
+    assert by_manager.response.ephemeral and running_id in by_manager.response.content
+
+    (result,) = await emulator.wait_for(lambda: results_for(emulator, heidi), JOB_SECONDS, "heidi's captions")
+    assert result.via == "channel" and result.allowed_mentions == {"parse": [], "users": [str(heidi.id)]}
+    await asyncio.sleep(1.0)
+    assert not results_for(emulator, frank) and not results_for(emulator, grace)
+    emulator.tokens_expired = False
