@@ -264,9 +264,17 @@ class JobStore:
     def output_path(self, job_id: str) -> Path:
         return self.outputs_dir / f"{job_id}.wav"
 
+    async def delete(self, job_id: str) -> None:
+        """Forget a job: its row and its files (a refused submission)."""
+        await self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        await self._db.commit()
+        await self.delete_files(job_id)
+
     async def delete_files(self, job_id: str) -> None:
-        for path in self._files_of(job_id):
-            await aiofiles.os.remove(path)
+        """Delete a job's stored clip and track, e.g. an upload refused before the job was submitted."""
+        for folder in (self.inputs_dir, self.outputs_dir):
+            for path in folder.glob(f"{job_id}*"):
+                await aiofiles.os.remove(path)
 
     async def cleanup(self, before: float) -> int:
         """Delete files and rows of jobs finished before `before`, and orphan files older than that.
@@ -287,9 +295,6 @@ class JobStore:
         await self._db.execute("DELETE FROM jobs WHERE state IN (?, ?, ?) AND finished_at < ?", (*TERMINAL, before))
         await self._db.commit()
         return deleted
-
-    def _files_of(self, job_id: str) -> list[Path]:
-        return [p for folder in (self.inputs_dir, self.outputs_dir) for p in folder.glob(f"{job_id}.*")]
 
 
 class DurationEstimate:

@@ -1,0 +1,317 @@
+"""The GPU worker: one job at a time from the JobQueue, the pipeline in its own thread.
+
+    worker = Worker(settings, pipeline, store, queue, listener)
+    await worker.start()        # recovery first: queued/running jobs run again from their start
+                                # (job.resumed=True), finished-but-undelivered jobs are delivered
+                                # without recomputing; then serving, and hourly cleanup of files
+                                # older than settings.retention_hours
+    position = await worker.submit(job)      # see mtm_bot.jobs for the whole flow
+    job = await worker.cancel(job_id, user_id, guild_id=..., is_manager=...)
+    await worker.stop()         # a running job is interrupted and resumes on the next start
+
+The listener (the bot's delivery cog) implements JobListener; every call runs on the event loop, never
+in the model thread. Progress is forwarded as it comes (about once per decode step): throttle in the
+listener. A job's outcome is delivered once: `delivered` is set only after job_finished / job_failed /
+job_cancelled returned without raising; a delivery that raises is retried a few times and again at
+the next start. Failures reach the user as a one-sentence message (job.error), never a traceback.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
+
+import torch
+
+from .audio import write as write_audio
+from .errors import Cancelled, InputError, MTMError
+from .jobs import Job, JobKind, JobNotFound, JobQueue, JobState, JobStore, NotCancellable
+from .progress import CancelToken, Progress
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+OOM_MESSAGE = ("The GPU ran out of memory on this job. Try a shorter duration or a shorter clip, "
+               "or try again when the server is less busy.")
+UNEXPECTED_MESSAGE = ("Something went wrong while working on job {id}; the error was logged for the "
+                      "server's admins. Please try again later.")
+
+
+class ClipMissing(InputError):
+    pass
+
+
+class JobListener(Protocol):
+    async def job_started(self, job: Job) -> None: ...
+
+    async def job_progress(self, job: Job, progress: Progress) -> None: ...
+
+    async def job_captions(self, job: Job, lines: list[str]) -> None:
+        """The refined captions (`M:SS–M:SS caption`, one per output block), before generation starts."""
+
+    async def job_finished(self, job: Job) -> None:
+        """job.result_json["lines"] holds the caption lines; compose jobs have job.result_path (WAV)."""
+
+    async def job_failed(self, job: Job, message: str) -> None: ...
+
+    async def job_cancelled(self, job: Job) -> None: ...
+
+
+@dataclass
+class _Running:
+    job: Job
+    token: CancelToken
+    cancelled_by_user: bool = False
+
+
+class Worker:
+    DELIVERY_ATTEMPTS = 3
+    DELIVERY_RETRY_SECONDS = 5.0  # times the attempt number
+    CLEANUP_INTERVAL_SECONDS = 3600.0
+    STOP_GRACE_SECONDS = 10.0  # deliveries in flight may finish before stop() cuts them off
+
+    def __init__(self, settings: Settings, pipeline: "Pipeline", store: JobStore, queue: JobQueue,
+                 listener: JobListener) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.store = store
+        self.queue = queue
+        self.listener = listener
+        # One dedicated thread: model state (CUDA context, torch thread settings) stays on one thread,
+        # and the default executor stays free for file and network helpers.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtm-gpu")
+        self._running: _Running | None = None
+        self._stopping = False
+        self._serve_task: asyncio.Task | None = None
+        self._cleanup_task: asyncio.Task | None = None
+        self._deliveries: set[asyncio.Task] = set()
+        self._notifications: dict[str, set[asyncio.Task]] = {}  # job id -> listener calls in flight
+
+    # Life cycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._recover()
+        self._serve_task = asyncio.create_task(self._serve(), name="mtm-worker")
+        self._cleanup_task = asyncio.create_task(self._clean_periodically(), name="mtm-cleanup")
+
+    async def stop(self) -> None:
+        """Stop serving. A running job is interrupted and left unfinished in the store: it resumes on the next start."""
+        self._stopping = True
+        if self._running is not None:
+            self._running.token.cancel()
+        elif self._serve_task is not None:
+            self._serve_task.cancel()  # waiting for a job: nothing to interrupt
+        if self._cleanup_task is not None:
+            self._cleanup_task.cancel()
+        await asyncio.gather(*(t for t in (self._serve_task, self._cleanup_task) if t), return_exceptions=True)
+        if self._deliveries:
+            await asyncio.wait(self._deliveries, timeout=self.STOP_GRACE_SECONDS)
+        for task in [*self._deliveries, *(t for tasks in self._notifications.values() for t in tasks)]:
+            task.cancel()  # an undelivered job is delivered at the next start
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        self._executor.shutdown(wait=False)
+
+    async def _recover(self) -> None:
+        for job in reversed(await self.store.recent_done()):  # oldest first, so the newest weigh most
+            if job.started_at is not None and job.finished_at is not None:
+                self.queue.estimate.record(job, job.finished_at - job.started_at)
+        for job in await self.store.unfinished():
+            job.state, job.started_at, job.resumed = JobState.QUEUED, None, True
+            await self.store.update(job)
+            self.queue.restore(job)
+            log.info("Resuming job %s after a restart", job.id)
+        for job in await self.store.undelivered():
+            self._deliver_soon(job)
+
+    # Requests from the bot ------------------------------------------------------------------------
+
+    async def submit(self, job: Job) -> int:
+        """Persist and enqueue a job whose clip is already saved (store.save_input).
+
+        Returns its 1-based queue position (1 = next to run). When the limits refuse it (QueueFull,
+        TooManyJobs) nothing of the job is kept, its stored clip included.
+        """
+        try:
+            self.queue.check(job.user_id)
+            await self.store.add(job)
+            return self.queue.submit(job)  # checks again: another submission may have come in meanwhile
+        except InputError:
+            await self.store.delete(job.id)
+            raise
+
+    async def cancel(self, job_id: str | None, user_id: int, *, guild_id: int | None = None,
+                     is_manager: bool = False) -> Job:
+        """/cancel: `job_id` None means the user's newest unfinished job.
+
+        Only the requester, or a manager of the server the job came from, may cancel. A queued job is
+        removed at once (returned with state CANCELLED); a running job is returned still RUNNING and
+        stops at its next decode step. Either way listener.job_cancelled follows.
+        Raises JobNotFound / NotCancellable (InputErrors) with a message for the user.
+        """
+        if job_id is None:
+            mine = self.queue.unfinished_of(user_id)
+            if not mine:
+                raise JobNotFound("You have no queued or running job to cancel.")
+            job = max(mine, key=lambda j: j.created_at)
+        else:
+            job = self.queue.get(job_id)
+            if job is None:
+                stored = await self.store.get(job_id.strip().lower())
+                if stored is None:
+                    raise JobNotFound(f"There is no job with id {job_id.strip()[:16]!r}; /queue lists your jobs.")
+                outcome = {JobState.DONE: "finished", JobState.FAILED: "failed",
+                           JobState.CANCELLED: "been cancelled"}[stored.state]
+                raise NotCancellable(f"Job {stored.id} has already {outcome}; there is nothing to cancel.")
+        if job.user_id != user_id and not (is_manager and guild_id is not None and guild_id == job.guild_id):
+            raise NotCancellable(f"Job {job.id} is someone else's; only its requester or a server manager can cancel it.")
+
+        running = self._running
+        if running is not None and running.job is job:
+            running.cancelled_by_user = True
+            running.token.cancel()
+            return job
+        self.queue.remove(job.id)
+        job.state, job.finished_at = JobState.CANCELLED, time.time()
+        await self.store.update(job)
+        self._deliver_soon(job)
+        return job
+
+    # Serving ------------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        while not self._stopping:
+            job = await self.queue.next()
+            self._running = _Running(job, CancelToken())  # no await since next(): cancel() sees it at once
+            try:
+                await self._run(self._running)
+            except Exception:  # e.g. the database went away: log it, keep serving the next job
+                log.exception("The worker failed around job %s", job.id)
+                self.queue.finish(job)
+            finally:
+                self._running = None
+
+    async def _run(self, running: _Running) -> None:
+        job = running.job
+        job.state, job.started_at, job.error = JobState.RUNNING, time.time(), None
+        if job.kind is JobKind.COMPOSE and job.seed is None:
+            job.seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
+        await self.store.update(job)  # the seed is on disk before any model work: a resumed job sounds the same
+        self._notify(job, self.listener.job_started, job)
+        loop = asyncio.get_running_loop()
+        try:
+            job.result_json = await loop.run_in_executor(self._executor, self._compute, job, running.token, loop)
+        except Cancelled:
+            if self._stopping and not running.cancelled_by_user:
+                self.queue.finish(job)
+                log.info("Job %s interrupted by shutdown; it resumes on the next start", job.id)
+                return  # still RUNNING in the store
+            job.state = JobState.CANCELLED
+        except torch.OutOfMemoryError:
+            log.exception("Job %s ran out of GPU memory", job.id)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the next job the memory this one held
+            job.state, job.error = JobState.FAILED, OOM_MESSAGE
+        except InputError as err:
+            log.warning("Job %s refused: %s", job.id, err)
+            job.state, job.error = JobState.FAILED, str(err)
+        except MTMError as err:  # ModelUnavailable, OutputTooLarge: their messages are written for users
+            log.exception("Job %s failed", job.id)
+            job.state, job.error = JobState.FAILED, str(err)
+        except Exception:
+            log.exception("Job %s failed", job.id)
+            job.state, job.error = JobState.FAILED, UNEXPECTED_MESSAGE.format(id=job.id)
+        else:
+            job.state = JobState.DONE
+            if job.kind is JobKind.COMPOSE:
+                job.result_path = self.store.output_path(job.id)
+        job.finished_at = time.time()
+        self.queue.finish(job, job.finished_at - job.started_at if job.state is JobState.DONE else None)
+        await self.store.update(job)
+        self._deliver_soon(job)
+
+    def _compute(self, job: Job, cancel: CancelToken, loop: asyncio.AbstractEventLoop) -> dict:
+        """Runs in the model thread; returns the job's result_json."""
+
+        def forward(method: Callable[..., Awaitable[None]], *args) -> None:
+            loop.call_soon_threadsafe(self._notify, job, method, job, *args)
+
+        if job.input_path is None or not job.input_path.exists():
+            raise ClipMissing("The clip of this job is no longer stored; please submit it again.")
+        clip = self.pipeline.read_clip(job.input_path)
+
+        def report(progress: Progress) -> None:
+            forward(self.listener.job_progress, progress)
+
+        if job.kind is JobKind.CAPTION:
+            from .pipeline import format_range  # the pipeline module pulls in every model stage
+
+            segments = self.pipeline.caption(clip, report, cancel)
+            result_json = {"input_captions": [dataclasses.asdict(s) for s in segments],
+                           "lines": [f"{format_range(s.start, s.end)} {s.caption}" for s in segments]}
+        else:
+            result = self.pipeline.compose(clip, job.instruction, job.duration, seed=job.seed, progress=report,
+                                           cancel=cancel, on_captions=lambda lines: forward(self.listener.job_captions, lines))
+            write_audio(result.audio, self.store.output_path(job.id))
+            result_json = {**result.to_json(), "lines": result.caption_lines()}
+        # The store keeps JSON text: a result that cannot be stored fails here, as this job's error.
+        return json.loads(json.dumps(result_json))
+
+    # Talking to the listener ----------------------------------------------------------------------
+
+    def _notify(self, job: Job, method: Callable[..., Awaitable[None]], *args) -> None:
+        """Call a listener method in its own task; its errors are logged, the job goes on."""
+        task = asyncio.create_task(method(*args))
+        pending = self._notifications.setdefault(job.id, set())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        task.add_done_callback(_log_failure)
+
+    def _deliver_soon(self, job: Job) -> None:
+        task = asyncio.create_task(self._deliver(job), name=f"deliver-{job.id}")
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, job: Job) -> None:
+        # Progress edits still in flight land before the result, never after it.
+        await asyncio.gather(*self._notifications.pop(job.id, ()), return_exceptions=True)
+        for attempt in range(1, self.DELIVERY_ATTEMPTS + 1):
+            try:
+                if job.state is JobState.DONE:
+                    await self.listener.job_finished(job)
+                elif job.state is JobState.FAILED:
+                    await self.listener.job_failed(job, job.error or UNEXPECTED_MESSAGE.format(id=job.id))
+                else:
+                    await self.listener.job_cancelled(job)
+            except Exception:
+                log.exception("Delivering job %s failed (attempt %d of %d)", job.id, attempt, self.DELIVERY_ATTEMPTS)
+                if attempt < self.DELIVERY_ATTEMPTS:
+                    await asyncio.sleep(self.DELIVERY_RETRY_SECONDS * attempt)
+                continue
+            job.delivered = True
+            await self.store.mark_delivered(job.id)
+            return
+        log.error("Job %s stays undelivered; delivery is tried again at the next start", job.id)
+
+    async def _clean_periodically(self) -> None:
+        while True:
+            try:
+                deleted = await self.store.cleanup(time.time() - self.settings.retention_hours * 3600)
+                if deleted:
+                    log.info("Deleted %d files older than %g hours", deleted, self.settings.retention_hours)
+            except Exception:
+                log.exception("Cleaning up old job files failed")
+            await asyncio.sleep(self.CLEANUP_INTERVAL_SECONDS)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("A job listener call failed", exc_info=task.exception())

@@ -1,0 +1,362 @@
+"""The worker: order, limits, cancel, crash recovery, failures that stay one job's problem, a free event loop."""
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from mtm_bot.audio import Audio, load_clip
+from mtm_bot.jobs import Job, JobKind, JobNotFound, JobQueue, JobState, JobStore, NotCancellable, TooManyJobs
+from mtm_bot.progress import Progress
+from mtm_bot.settings import Settings
+from mtm_bot.worker import OOM_MESSAGE, Worker
+from tests.synth import write_music
+
+RATE = 32000
+
+
+@dataclass
+class FakeResult:
+    audio: Audio
+    seed: int
+
+    def caption_lines(self) -> list[str]:
+        return ["0:00\u20130:10 a cosy jazz carol"]
+
+    def to_json(self) -> dict:
+        return {"seed": self.seed, "duration": self.audio.duration}
+
+
+class FakePipeline:
+    """Test double of Pipeline: a few "decode steps", each checking the cancel token and reporting progress.
+
+    `step` runs inside each step (in the worker thread): block on an event, burn CPU, or raise.
+    """
+
+    def __init__(self, steps: int = 3, step=None) -> None:
+        self.steps = steps
+        self.step = step or (lambda job_instruction, i: None)
+        self.ran: list[tuple[str, int | None]] = []  # (instruction, seed) per compose call
+        self.threads: set[str] = set()
+
+    def read_clip(self, path) -> Audio:
+        return load_clip(path)
+
+    def compose(self, clip, instruction, duration=None, seed=None, progress=None, cancel=None, on_captions=None):
+        self.threads.add(threading.current_thread().name)
+        self.ran.append((instruction, seed))
+        on_captions(["0:00\u20130:10 a cosy jazz carol"])
+        for i in range(self.steps):
+            cancel.check()
+            progress(Progress("generating", 1, 1, i + 1, self.steps))
+            self.step(instruction, i)
+        samples = np.random.default_rng(seed).uniform(-0.5, 0.5, (duration or 10) * RATE)
+        return FakeResult(Audio(samples, RATE), seed)
+
+
+class Recorder:
+    """The bot's side of JobListener, recording every call; deliveries can be made to fail."""
+
+    def __init__(self, failing_deliveries: int = 0) -> None:
+        self.events: list[tuple] = []
+        self.failing_deliveries = failing_deliveries
+
+    def of(self, kind: str) -> list[tuple]:
+        return [e for e in self.events if e[0] == kind]
+
+    async def job_started(self, job):
+        self.events.append(("started", job.id))
+
+    async def job_progress(self, job, progress):
+        self.events.append(("progress", job.id, progress.step))
+
+    async def job_captions(self, job, lines):
+        self.events.append(("captions", job.id, lines))
+
+    async def job_finished(self, job):
+        self._maybe_fail()
+        self.events.append(("finished", job.id, job.resumed))
+
+    async def job_failed(self, job, message):
+        self._maybe_fail()
+        self.events.append(("failed", job.id, message))
+
+    async def job_cancelled(self, job):
+        self._maybe_fail()
+        self.events.append(("cancelled", job.id))
+
+    def _maybe_fail(self):
+        if self.failing_deliveries:
+            self.failing_deliveries -= 1
+            raise ConnectionError("Discord is down")
+
+
+async def eventually(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+class Harness:
+    def __init__(self, tmp_path, pipeline=None, listener=None, **settings):
+        self.settings = Settings(storage_dir=tmp_path, **{"max_jobs_per_user": 5, **settings})
+        self.pipeline = pipeline or FakePipeline()
+        self.listener = listener or Recorder()
+        self.clip = tmp_path / "clip.wav"
+        if not self.clip.exists():
+            write_music(self.clip, 2.0)
+
+    async def __aenter__(self):
+        self.store = await JobStore.open(self.settings)
+        self.queue = JobQueue(self.settings)
+        self.worker = Worker(self.settings, self.pipeline, self.store, self.queue, self.listener)
+        self.worker.DELIVERY_RETRY_SECONDS = 0.01
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.worker.stop()
+        await self.store.close()
+
+    async def job(self, user_id: int, instruction: str = "jazz", kind=JobKind.COMPOSE, guild_id=1) -> Job:
+        job = Job.new(kind, user_id=user_id, guild_id=guild_id, channel_id=2, instruction=instruction, duration=10,
+                      attachment_size_limit=10 << 20, application_id=3, interaction_token="tok")
+        job.input_path = await self.store.save_input(job.id, self.clip.read_bytes(), "my song.wav")
+        return job
+
+    async def submit(self, user_id: int, instruction: str = "jazz", **kw) -> Job:
+        job = await self.job(user_id, instruction, **kw)
+        await self.worker.submit(job)
+        return job
+
+    def outcomes(self) -> list[tuple]:
+        return [e for e in self.listener.events if e[0] in ("finished", "failed", "cancelled")]
+
+
+async def test_compose_job_runs_in_a_worker_thread_and_delivers_a_wav(tmp_path):
+    async with Harness(tmp_path) as h:
+        await h.worker.start()
+        job = await h.submit(1)
+        await eventually(lambda: h.outcomes())
+        await eventually(lambda: job.delivered)
+
+        assert h.listener.events[0] == ("started", job.id)
+        assert [e[2] for e in h.listener.of("progress")] == [1, 2, 3]
+        assert h.listener.of("captions") == [("captions", job.id, ["0:00\u20130:10 a cosy jazz carol"])]
+        assert h.outcomes() == [("finished", job.id, False)]
+        assert h.pipeline.threads and all(name.startswith("mtm-gpu") for name in h.pipeline.threads)
+        stored = await h.store.get(job.id)
+        assert stored.state is JobState.DONE and stored.delivered and stored.seed is not None
+        assert stored.result_path == h.store.outputs_dir / f"{job.id}.wav"
+        info = sf.info(stored.result_path)
+        assert (info.subtype, info.samplerate, info.duration) == ("PCM_16", RATE, 10.0)
+        assert stored.result_json["lines"] == ["0:00\u20130:10 a cosy jazz carol"]
+
+
+async def test_user_after_a_busy_user_runs_second(tmp_path):
+    release = threading.Event()  # A's first job runs until everything is submitted
+
+    async with Harness(tmp_path, FakePipeline(step=lambda instruction, i: release.wait(10))) as h:
+        await h.worker.start()
+        for i in range(3):
+            await h.submit(1, f"A{i}")
+        await h.submit(2, "B0")
+        release.set()
+        await eventually(lambda: len(h.outcomes()) == 4)
+        assert [instruction for instruction, _ in h.pipeline.ran] == ["A0", "B0", "A1", "A2"]
+
+
+async def test_refused_submission_keeps_nothing(tmp_path):
+    async with Harness(tmp_path, max_jobs_per_user=1) as h:  # not started: the first job stays queued
+        await h.submit(1)
+        refused = await h.job(1)
+        with pytest.raises(TooManyJobs, match="limit is 1"):
+            await h.worker.submit(refused)
+        assert await h.store.get(refused.id) is None
+        assert not refused.input_path.exists()
+
+
+async def test_cancel_queued_job_shifts_positions(tmp_path):
+    async with Harness(tmp_path) as h:
+        first, second, third = await h.submit(1), await h.submit(2), await h.submit(3)
+        cancelled = await h.worker.cancel(second.id.upper(), user_id=2)
+        assert cancelled.state is JobState.CANCELLED
+        assert h.queue.position(third.id) == 2
+        assert (await h.store.get(second.id)).state is JobState.CANCELLED
+        await eventually(lambda: h.outcomes() == [("cancelled", second.id)])
+        with pytest.raises(NotCancellable, match="already been cancelled"):
+            await h.worker.cancel(second.id, user_id=2)
+
+
+async def test_cancel_running_job_stops_at_next_step_and_the_next_job_runs(tmp_path):
+    release = threading.Event()
+    step_reached = threading.Event()
+
+    def step(instruction, i):
+        if instruction == "slow":
+            step_reached.set()
+            release.wait(10)
+
+    async with Harness(tmp_path, FakePipeline(steps=50, step=step)) as h:
+        await h.worker.start()
+        slow = await h.submit(1, "slow")
+        after = await h.submit(2, "fast")
+        await asyncio.to_thread(step_reached.wait, 10)
+        assert (await h.worker.cancel(None, user_id=1)).state is JobState.RUNNING  # newest unfinished job
+        release.set()
+        await eventually(lambda: len(h.outcomes()) == 2)
+        assert h.outcomes() == [("cancelled", slow.id), ("finished", after.id, False)]
+        progress_steps = [e[2] for e in h.listener.of("progress") if e[1] == slow.id]
+        assert progress_steps == [1]  # stopped at the step after the cancel, not at the end of 50
+        assert (await h.store.get(slow.id)).state is JobState.CANCELLED
+
+
+async def test_only_requester_or_a_manager_of_that_server_may_cancel(tmp_path):
+    async with Harness(tmp_path) as h:
+        job = await h.submit(1, guild_id=10)
+        with pytest.raises(NotCancellable, match="only its requester or a server manager"):
+            await h.worker.cancel(job.id, user_id=2)
+        with pytest.raises(NotCancellable):
+            await h.worker.cancel(job.id, user_id=2, guild_id=99, is_manager=True)  # manager elsewhere
+        with pytest.raises(JobNotFound, match="no job with id"):
+            await h.worker.cancel("ffffffff", user_id=1)
+        with pytest.raises(JobNotFound, match="no queued or running job"):
+            await h.worker.cancel(None, user_id=2)
+        assert (await h.worker.cancel(job.id, user_id=2, guild_id=10, is_manager=True)).state is JobState.CANCELLED
+
+
+async def test_restart_resumes_running_and_queued_jobs_each_delivered_once(tmp_path):
+    async with Harness(tmp_path) as h:  # the state a crash leaves behind
+        running, queued = await h.job(1, "was running"), await h.job(2, "was queued")
+        running.state, running.started_at, running.seed = JobState.RUNNING, time.time(), 1234
+        for job in (running, queued):
+            await h.store.add(job)
+
+    async with Harness(tmp_path) as h:
+        await h.worker.start()
+        await eventually(lambda: len(h.outcomes()) == 2)
+        await eventually(lambda: not h.worker._deliveries)
+        assert sorted(h.outcomes()) == sorted([("finished", running.id, True), ("finished", queued.id, True)])
+        assert ("was running", 1234) in h.pipeline.ran  # the seed chosen before the crash: same result
+        assert all(job.delivered for job in [await h.store.get(running.id), await h.store.get(queued.id)])
+
+    async with Harness(tmp_path) as h:  # a further restart delivers nothing twice
+        await h.worker.start()
+        await asyncio.sleep(0.2)
+        assert h.listener.events == [] and h.pipeline.ran == []
+
+
+async def test_finished_but_undelivered_job_is_delivered_without_recomputing(tmp_path):
+    async with Harness(tmp_path, listener=Recorder(failing_deliveries=3)) as h:
+        await h.worker.start()
+        job = await h.submit(1)
+        await eventually(lambda: not h.worker._deliveries and h.pipeline.ran)
+        assert h.outcomes() == [] and not (await h.store.get(job.id)).delivered  # all three attempts failed
+
+    async with Harness(tmp_path) as h:
+        await h.worker.start()
+        await eventually(lambda: h.outcomes())
+        assert h.outcomes() == [("finished", job.id, False)] and h.pipeline.ran == []
+        await eventually(lambda: not h.worker._deliveries)
+        assert (await h.store.get(job.id)).delivered
+
+
+async def test_delivery_is_retried_and_happens_once(tmp_path):
+    async with Harness(tmp_path, listener=Recorder(failing_deliveries=1)) as h:
+        await h.worker.start()
+        job = await h.submit(1)
+        await eventually(lambda: job.delivered)
+        assert h.outcomes() == [("finished", job.id, False)]
+
+
+async def test_out_of_memory_fails_one_job_and_the_worker_keeps_serving(tmp_path):
+    def step(instruction, i):
+        if instruction == "huge":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    async with Harness(tmp_path, FakePipeline(step=step)) as h:
+        await h.worker.start()
+        huge = await h.submit(1, "huge")
+        fine = await h.submit(2, "fine")
+        await eventually(lambda: len(h.outcomes()) == 2)
+        assert h.outcomes() == [("failed", huge.id, OOM_MESSAGE), ("finished", fine.id, False)]
+        assert (await h.store.get(huge.id)).state is JobState.FAILED
+
+
+async def test_unexpected_model_error_gives_a_message_without_traceback(tmp_path):
+    def step(instruction, i):
+        raise RuntimeError("shape mismatch in layer 7")
+
+    async with Harness(tmp_path, FakePipeline(step=step)) as h:
+        await h.worker.start()
+        job = await h.submit(1)
+        await eventually(lambda: h.outcomes())
+        (_, _, message), = h.outcomes()
+        assert job.id in message and "shape mismatch" not in message and "Traceback" not in message
+
+
+async def test_event_loop_stays_responsive_while_a_job_computes(tmp_path):
+    def busy(instruction, i):  # pure-Python CPU work in the model thread
+        deadline = time.perf_counter() + 0.4
+        while time.perf_counter() < deadline:
+            sum(range(1000))
+
+    async with Harness(tmp_path, FakePipeline(steps=3, step=busy)) as h:
+        await h.worker.start()
+        await h.submit(1)
+        gaps, last = [], time.perf_counter()
+        while not h.outcomes():
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        assert sum(gaps) > 1.0  # the job really took a while
+        assert max(gaps) < 0.25
+
+
+async def test_stop_interrupts_a_running_job_which_resumes_on_next_start(tmp_path):
+    started = threading.Event()
+
+    def step(instruction, i):
+        started.set()
+        time.sleep(0.05)
+
+    async with Harness(tmp_path, FakePipeline(steps=100, step=step)) as h:
+        await h.worker.start()
+        job = await h.submit(1)
+        await asyncio.to_thread(started.wait, 10)
+    assert h.outcomes() == []
+
+    async with Harness(tmp_path) as h:
+        assert (await h.store.get(job.id)).state is JobState.RUNNING
+        await h.worker.start()
+        await eventually(lambda: h.outcomes())
+        assert h.outcomes() == [("finished", job.id, True)]
+
+
+async def test_start_cleans_up_files_past_retention(tmp_path):
+    async with Harness(tmp_path, retention_hours=1.0) as h:
+        old, recent = await h.job(1), await h.job(2)
+        old.state, old.finished_at, old.delivered = JobState.DONE, time.time() - 2 * 3600, True
+        recent.state, recent.finished_at, recent.delivered = JobState.DONE, time.time() - 60, True
+        for job in (old, recent):
+            await h.store.add(job)
+        await h.worker.start()
+        await eventually(lambda: not old.input_path.exists())
+        assert recent.input_path.exists()
+
+
+async def test_caption_job_with_the_real_tiny_pipeline(tmp_path):
+    pipeline_module = pytest.importorskip("mtm_bot.pipeline")
+    pipeline = pipeline_module.Pipeline(Settings(profile="tiny", device="cpu"))
+    async with Harness(tmp_path, pipeline) as h:
+        await h.worker.start()
+        job = await h.submit(1, kind=JobKind.CAPTION)
+        await eventually(lambda: h.outcomes(), timeout=120)
+        assert h.outcomes() == [("finished", job.id, False)]
+        lines = (await h.store.get(job.id)).result_json["lines"]
+        assert len(lines) == 1 and lines[0].startswith("0:00\u20130:02 ")
