@@ -90,7 +90,10 @@ def write_music(path: str | Path, seconds: float, rate: int = 32000, channels: i
                 subtype: str | None = None, seed: int = 0) -> Path:
     """Write `music()` to `path`; the container comes from the suffix, `subtype` as in soundfile."""
     path = Path(path)
-    sf.write(path, music(seconds, rate, channels, seed), rate, subtype=subtype)
+    data = music(seconds, rate, channels, seed)
+    with sf.SoundFile(path, "w", rate, channels, subtype) as f:
+        for start in range(0, len(data), 1 << 15):  # one big write crashes libvorbis past ~90 s
+            f.write(data[start:start + (1 << 15)])
     return path
 
 

@@ -197,6 +197,14 @@ def test_encode_round_trip_keeps_length(track, fmt):
         assert np.corrcoef(samples, track.samples)[0, 1] > 0.99
 
 
+def test_long_ogg_encodes_without_crashing_libvorbis():
+    # Written in one call, 100 s of Vorbis overflows libvorbis' stack and kills the process.
+    t = np.arange(100 * 32000) / 32000
+    clip = Audio(0.3 * np.sin(2 * np.pi * 440 * t), 32000)
+    samples, rate = _decode(encode(clip, "ogg", quality=0.1))
+    assert len(samples) == len(clip.samples)
+
+
 def test_mp3_bitrate_and_ogg_quality_set_the_size(track):
     for kbps in (64, 128, 192):
         size = len(encode(track, "mp3", bitrate_kbps=kbps))
