@@ -36,7 +36,7 @@ SILENCE_DBFS = -80.0
 # only estimate their length) before we call the file truncated.
 LENGTH_TOLERANCE_SECONDS = 0.1
 LENGTH_TOLERANCE_FRACTION = 0.02
-READ_BLOCK_FRAMES = 1 << 16
+READ_BLOCK_SAMPLES = 1 << 20  # per block over all channels, so a 100-channel file cannot blow up memory
 WRITE_BLOCK_FRAMES = 1 << 15
 
 
@@ -149,7 +149,8 @@ def _decode_mono(path: Path, info: AudioInfo) -> np.ndarray:
     try:
         with sf.SoundFile(str(path)) as f:
             # SoundFile.blocks() ignores short reads (a cut MP3 yields uninitialised frames); read() does not.
-            while len(block := f.read(READ_BLOCK_FRAMES, dtype="float32", always_2d=True)):
+            frames = max(1, READ_BLOCK_SAMPLES // info.channels)
+            while len(block := f.read(frames, dtype="float32", always_2d=True)):
                 if not np.isfinite(block).all():
                     raise NotAudio("The file contains invalid samples (NaN or infinity); please export it again.")
                 blocks.append(block.mean(axis=1, dtype=np.float32))
@@ -297,7 +298,7 @@ def encode_to_fit(audio: Audio, max_bytes: int) -> Encoded:
         flac = _encoded(audio, "flac")
         if len(flac.data) <= max_bytes:
             return flac
-    if max_bytes * 8 / 1000 / audio.duration >= OGG_TOP_QUALITY_MIN_KBPS:
+    if max_bytes * 8 >= OGG_TOP_QUALITY_MIN_KBPS * 1000 * audio.duration:
         ogg = _encoded(audio, "ogg", quality=1.0)
         if len(ogg.data) <= max_bytes:
             return ogg

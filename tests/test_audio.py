@@ -47,10 +47,11 @@ def test_lossless_files_read_back_exactly_as_mono(tmp_path, suffix, subtype, rat
     assert (info.channels, info.sample_rate, info.frames, info.subtype) == (channels, rate, int(1.5 * rate), subtype)
 
 
-@pytest.mark.parametrize("suffix,rate,channels", [(".ogg", 44100, 2), (".ogg", 32000, 1), (".mp3", 44100, 2),
-                                                  (".mp3", 16000, 1)])
-def test_lossy_files_read_back_with_exact_length_and_close_waveform(tmp_path, suffix, rate, channels):
-    path = write_music(tmp_path / f"clip{suffix}", 2.0, rate=rate, channels=channels)
+@pytest.mark.parametrize("suffix,subtype,rate,channels", [
+    (".ogg", "VORBIS", 44100, 2), (".ogg", "VORBIS", 32000, 1), (".ogg", "OPUS", 48000, 1),  # Discord voice messages
+    (".mp3", "MPEG_LAYER_III", 44100, 2), (".mp3", "MPEG_LAYER_III", 16000, 1)])
+def test_lossy_files_read_back_with_exact_length_and_close_waveform(tmp_path, suffix, subtype, rate, channels):
+    path = write_music(tmp_path / f"clip{suffix}", 2.0, rate=rate, channels=channels, subtype=subtype)
     clip = load_clip(path)
     source = music(2.0, rate, channels)
     expected = source if channels == 1 else source.mean(axis=1)
