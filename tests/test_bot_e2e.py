@@ -57,6 +57,14 @@ def results_for(emulator: DiscordEmulator, user: FakeUser) -> list[Message]:
             and m.content.startswith(user.mention) and "job `" in m.content]
 
 
+def pings(message: Message) -> tuple[set[str], set[str]]:
+    """What a message may ping: (kinds parsed from its text, explicitly allowed user ids)."""
+    allowed = message.allowed_mentions
+    assert allowed is not None, f"no allowed_mentions sent with {message.content!r}"
+    assert not allowed.get("roles") and not allowed.get("replied_user")
+    return set(allowed.get("parse", [])), {str(u) for u in allowed.get("users", [])}
+
+
 async def accepted(emulator: DiscordEmulator, interaction: Interaction) -> str:
     """Wait for the public reply that accepts a job; return the job id it shows."""
     def acceptance() -> str | None:
@@ -95,7 +103,7 @@ async def test_help_is_ephemeral(world):
     interaction = await emulator.slash(emulator.user("reader"), "help")
     await emulator.wait_for(lambda: interaction.response, 10, "/help reply")
     assert interaction.response.ephemeral and "/compose" in interaction.response.content
-    assert interaction.response.allowed_mentions == {"parse": []}
+    assert pings(interaction.response) == (set(), set())
 
 
 async def test_two_users_compose_at_once_and_nobody_else_is_pinged(world):
@@ -119,7 +127,7 @@ async def test_two_users_compose_at_once_and_nobody_else_is_pinged(world):
         (result,) = results_for(emulator, user)
         assert result.via == "followup" and not result.ephemeral
         assert f"`{job_id}`" in result.content
-        assert result.allowed_mentions == {"parse": [], "users": [str(user.id)]}
+        assert pings(result) == (set(), {str(user.id)})
         lines = LINE.findall(result.text())
         assert len(lines) == 1 and result.text().count("0:00–0:10 ") == 1
         (track,) = result.files
@@ -138,7 +146,7 @@ async def test_two_users_compose_at_once_and_nobody_else_is_pinged(world):
     # Every message except the two results pings nobody.
     for message in emulator.messages:
         if message not in results_for(emulator, alice) + results_for(emulator, bob):
-            assert message.allowed_mentions in (None, {"parse": []}), (message.content, message.allowed_mentions)
+            assert pings(message) == (set(), set()), (message.content, message.allowed_mentions)
 
 
 async def test_caption_only(world):
@@ -149,7 +157,7 @@ async def test_caption_only(world):
     (result,) = await emulator.wait_for(lambda: results_for(emulator, carol), JOB_SECONDS, "captions")
     assert f"`{job_id}`" in result.content and not result.files
     assert LINE.findall(result.text()) and "0:00–0:03 " in result.text()
-    assert result.allowed_mentions == {"parse": [], "users": [str(carol.id)]}
+    assert pings(result) == (set(), {str(carol.id)})
 
 
 async def test_bad_inputs_get_specific_ephemeral_errors_and_the_bot_keeps_serving(world, tmp_path):
@@ -228,7 +236,7 @@ async def test_cancel_queued_and_running_jobs_then_deliver_via_channel_when_the_
     assert by_manager.response.ephemeral and running_id in by_manager.response.content
 
     (result,) = await emulator.wait_for(lambda: results_for(emulator, heidi), JOB_SECONDS, "heidi's captions")
-    assert result.via == "channel" and result.allowed_mentions == {"parse": [], "users": [str(heidi.id)]}
+    assert result.via == "channel" and pings(result) == (set(), {str(heidi.id)})
     await asyncio.sleep(1.0)
     assert not results_for(emulator, frank) and not results_for(emulator, grace)
     emulator.tokens_expired = False
