@@ -79,7 +79,8 @@ def probe(path: str | Path) -> AudioInfo:
         raise NotAudio("This file is not audio I can read; please upload WAV, FLAC, OGG or MP3.") from None
     frames = info.frames
     if info.format in ("WAV", "WAVEX"):
-        frames = _wav_claimed_frames(path) or frames
+        claimed = _wav_claimed_frames(path)
+        frames = frames if claimed is None else claimed
     return AudioInfo(duration=frames / info.samplerate, sample_rate=info.samplerate, channels=info.channels,
                      frames=frames, format=info.format, subtype=info.subtype)
 
@@ -107,8 +108,8 @@ def _wav_claimed_frames(path: Path) -> int | None:
                 f.seek(size + (size & 1), io.SEEK_CUR)
             else:
                 f.seek(size + (size & 1), io.SEEK_CUR)
-    # 0 and 0xFFFFFFFF mark a streamed WAV whose writer never knew its length.
-    if not block_align or data_bytes in (None, 0, 0xFFFFFFFF):
+    # 0xFFFFFFFF marks a streamed WAV whose writer never knew its length.
+    if not block_align or data_bytes in (None, 0xFFFFFFFF):
         return None
     return data_bytes // block_align
 

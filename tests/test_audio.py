@@ -126,6 +126,14 @@ def test_a_wav_cut_after_its_header_is_truncated_not_short(tmp_path):
         load_clip(path)
 
 
+def test_a_streamed_wav_without_a_length_reads_fully(tmp_path):
+    path = wav_claiming(tmp_path / "streamed.wav", 1.5, actual_seconds=1.5)
+    data = bytearray(path.read_bytes())
+    data[4:8] = data[40:44] = b"\xff\xff\xff\xff"  # what a writer to a pipe leaves in the header
+    path.write_bytes(data)
+    assert load_clip(path).duration == pytest.approx(1.5)
+
+
 # ------------------------------------------------------------------------------ resampling, loudness
 
 def _peak_hz(samples: np.ndarray, rate: int) -> float:
