@@ -277,3 +277,26 @@ def test_encode_to_fit_refuses_an_impossible_budget(track):
         encode_to_fit(track, 10_000)
     message = str(caught.value)
     assert "8 s track" in message and "0.01 MB" in message and re.search(r"\b40 kbps MP3", message)
+
+
+# ------------------------------------------------------------------------- the shared test signal
+
+def test_synth_music_is_deterministic_and_plays_its_chord_progression():
+    import synth
+
+    rate = 16000
+    clip = music(8.0, rate)
+    assert clip.shape == (8 * rate,) and clip.dtype == np.float32
+    assert np.abs(clip).max() == pytest.approx(0.5)
+    np.testing.assert_array_equal(clip, music(8.0, rate))
+    assert not np.array_equal(clip, music(8.0, rate, seed=1))
+    assert music(1.0, rate, channels=2).shape == (rate, 2)
+    bar = int(synth.BAR_SECONDS * rate)
+    for i, chord in enumerate(synth.PROGRESSION):
+        segment = clip[i * bar:(i + 1) * bar]
+        power = np.abs(np.fft.rfft(segment * np.hanning(bar))) ** 2
+        hz = np.fft.rfftfreq(bar, 1 / rate)
+        band = (hz > 60) & (hz < 2000)
+        pitch_class = np.round(12 * np.log2(hz[band] / 440) + 69).astype(int) % 12
+        strongest = np.argsort(np.bincount(pitch_class, weights=power[band], minlength=12))[-3:]
+        assert set(strongest) == {note % 12 for note in chord}, i
