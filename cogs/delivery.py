@@ -27,7 +27,7 @@ from mtm_bot.errors import OutputTooLarge
 from mtm_bot.jobs import Job, JobKind
 from mtm_bot.progress import Progress
 
-from .render import quote, with_captions
+from .render import minutes, quote, with_captions
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class LiveStatus:
     dirty: bool = False
     flusher: asyncio.Task | None = None
     dead: bool = False  # the token expired: no more edits
+    finished: bool = False
 
 
 def stage_text(progress: Progress) -> str:
@@ -62,11 +63,20 @@ def stage_text(progress: Progress) -> str:
     return f"{progress.stage}…"
 
 
-def status_message(job: Job, stage: str, captions: list[str]) -> tuple[str, list[discord.Embed]]:
+def queue_stage(position: int | None, eta: float | None) -> str:
+    if not position or (position == 1 and eta is not None and eta < 5):
+        return "accepted, starting now"
+    when = f", starts in about {minutes(eta)}" if eta is not None else " (no time estimate yet)"
+    return f"accepted, position {position} in the queue{when}"
+
+
+def status_message(job: Job, stage: str, captions: list[str], finished: bool) -> tuple[str, list[discord.Embed]]:
     what = "Compose" if job.kind is JobKind.COMPOSE else "Caption"
     header = [f"🎼 {what} job `{job.id}`: {stage}"]
     if job.instruction:
         header.append(f"Instruction: {quote(job.instruction)}" + (f" · {job.duration} s" if job.duration else ""))
+    if not finished:
+        header.append(f"You will be pinged here when it is ready; `/cancel job:{job.id}` stops it.")
     if captions:
         header.append("Refined captions:")
     return with_captions("\n".join(header), captions, title="Refined captions")
@@ -98,6 +108,12 @@ class Delivery:
     def track(self, job: Job, interaction: discord.Interaction) -> None:
         self.live[job.id] = LiveStatus(interaction, job)
 
+    def accepted(self, job: Job, position: int | None, eta: float | None) -> None:
+        """Show the job id, queue position and ETA, unless the worker has already started the job."""
+        live = self.live.get(job.id)
+        if live is not None and not live.stage:
+            self._show(job, queue_stage(position, eta))
+
     def forget(self, job_id: str) -> None:
         live = self.live.pop(job_id, None)
         if live is not None and live.flusher is not None:
@@ -109,7 +125,7 @@ class Delivery:
 
     # ----------------------------------------------------------------------------- JobListener
     async def job_started(self, job: Job) -> None:
-        self._show(job, "started…")
+        self._show(job, "started")
 
     async def job_progress(self, job: Job, progress: Progress) -> None:
         self._show(job, stage_text(progress))
@@ -118,7 +134,7 @@ class Delivery:
         live = self.live.get(job.id)
         if live is not None:
             live.captions = list(lines)
-            self._show(job, live.stage or "refined…")
+            self._show(job, live.stage or "started")
 
     async def job_finished(self, job: Job) -> None:
         content, embeds = result_message(job)
@@ -162,7 +178,7 @@ class Delivery:
             live.flusher = None
 
     async def _edit(self, live: LiveStatus) -> bool:
-        content, embeds = status_message(live.job, live.stage, live.captions)
+        content, embeds = status_message(live.job, live.stage, live.captions, live.finished)
         live.last_edit = time.monotonic()
         try:
             await live.interaction.edit_original_response(content=content, embeds=embeds)
@@ -181,7 +197,8 @@ class Delivery:
         if live.flusher is not None:
             live.flusher.cancel()
             await asyncio.gather(live.flusher, return_exceptions=True)
-        live.stage = stage
+        await asyncio.sleep(max(0.0, live.last_edit + MIN_EDIT_SECONDS - time.monotonic()))
+        live.stage, live.finished = stage, True
         return await self._edit(live)
 
     def _token_alive(self, job: Job) -> bool:

@@ -19,7 +19,6 @@ from mtm_bot.errors import FileTooLarge, InputError, NotAudio
 from mtm_bot.jobs import Job, JobKind
 
 from .errors import THINKING
-from .render import minutes, quote
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ async def defer_publicly(interaction: discord.Interaction) -> None:
 
 async def accept(interaction: discord.Interaction, audio: discord.Attachment, kind: JobKind,
                  instruction: str = "", duration: int | None = None) -> None:
-    """Validate, defer, download, decode, queue, and show the job id, queue position and ETA."""
+    """Validate, defer, download, decode, queue; the reply then shows the job id, queue position and ETA."""
     bot = interaction.client
     settings = bot.settings
     check_attachment(audio, settings.max_upload_bytes)
@@ -83,19 +82,5 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment, ki
         bot.delivery.forget(job.id)
         await bot.store.delete_files(job.id)
         raise
-    await interaction.edit_original_response(content=accepted_text(job, position, bot.queue.eta(job.id)))
-    interaction.extras.pop(THINKING, None)
-
-
-def accepted_text(job: Job, position: int | None, eta: float | None) -> str:
-    what = "Compose" if job.kind is JobKind.COMPOSE else "Caption"
-    if not position or (position == 1 and eta is not None and eta < 5):
-        where = "starting now"
-    else:
-        where = f"position {position} in the queue"
-        where += f", starts in about {minutes(eta)}" if eta is not None else " (no time estimate yet)"
-    lines = [f"🎼 {what} job `{job.id}` accepted: {where}."]
-    if job.instruction:
-        lines.append(f"Instruction: {quote(job.instruction)}" + (f" · {job.duration} s" if job.duration else ""))
-    lines.append(f"You will be pinged here when it is ready. `/cancel job:{job.id}` stops it.")
-    return "\n".join(lines)
+    interaction.extras.pop(THINKING, None)  # accepted: from here on the public reply shows the job
+    bot.delivery.accepted(job, position, bot.queue.eta(job.id))

@@ -119,7 +119,8 @@ class Message:
             kept = {str(a.get("id")) for a in body.get("attachments", []) if "filename" not in a}
             self.files = [f for i, f in enumerate(self.files) if str(i) in kept] + files
         self.history.append({"content": self.content, "embeds": self.embeds, "flags": self.flags,
-                             "allowed_mentions": self.allowed_mentions, "files": [f.filename for f in self.files]})
+                             "allowed_mentions": self.allowed_mentions, "files": [f.filename for f in self.files],
+                             "at": time.monotonic()})
 
     def payload(self, author: dict, base_url: str) -> dict:
         return {

@@ -69,7 +69,7 @@ async def accepted(emulator: DiscordEmulator, interaction: Interaction) -> str:
     """Wait for the public reply that accepts a job; return the job id it shows."""
     def acceptance() -> str | None:
         states = interaction.response.history if interaction.response else []
-        return next((h["content"] for h in states if "accepted" in h["content"]), None)
+        return next((h["content"] for h in states if "job `" in h["content"]), None)
 
     text = await emulator.wait_for(acceptance, 120, f"/{interaction.command} accepted")
     assert interaction.ack_seconds < 3.0, interaction.ack_seconds
@@ -143,6 +143,8 @@ async def test_two_users_compose_at_once_and_nobody_else_is_pinged(world):
     assert any("generating block 1/1" in h for h in history), history
     assert any("Refined captions" in h and LINE.search(h) for h in history), history
     assert "done" in history[-1]
+    edits = [h["at"] for h in first.response.history[1:]]  # [0] is the deferred "thinking" reply
+    assert all(b - a >= 1.9 for a, b in zip(edits, edits[1:])), "status edits must be throttled to one per 2 s"
     # Every message except the two results pings nobody.
     for message in emulator.messages:
         if message not in results_for(emulator, alice) + results_for(emulator, bob):
@@ -213,6 +215,7 @@ async def test_cancel_queued_and_running_jobs_then_deliver_via_channel_when_the_
     running_id = await accepted(emulator, running)
     queued = await emulator.slash(grace, "caption", attachment=(wav_bytes(2.0), "b.wav", "audio/wav"))
     queued_id = await accepted(emulator, queued)
+    assert "position 1 in the queue" in queued.response.content
     later = await emulator.slash(heidi, "caption", attachment=(wav_bytes(2.0, seed=5), "c.wav", "audio/wav"))
     await accepted(emulator, later)
 
