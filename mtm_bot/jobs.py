@@ -24,7 +24,9 @@ How the bot uses it (see mtm_bot.worker for the Worker and the JobListener it ca
     queue.eta(job.id)                          # seconds until it starts, None before any measurement
     queue.snapshot()                           # /queue: running job + queued jobs in run order
     queue.unfinished_of(user_id)               # the caller's queued/running jobs, newest last
-    await worker.cancel(job_id_or_None, user_id, guild_id=..., is_manager=...)   # /cancel
+    await worker.cancel(job_id_or_None, user_id, guild_id=..., is_manager=...)   # /cancel: the job comes
+                                               #   back CANCELLED if it was queued, still RUNNING if it was
+                                               #   running (it stops at its next decode step)
     await store.recent_of(user_id)             # the caller's latest jobs, finished ones included
 
 A finished job carries `result_json` with a "lines" list: one `M:SS–M:SS caption` line per output
@@ -376,7 +378,8 @@ class JobQueue:
             )
         if len(self) >= self.max_length:
             wait = self._running_left()  # a slot frees up when the running job ends and the next one starts
-            when = f"in about {math.ceil(max(wait, 60) / 60)} minutes" if wait is not None else "in a few minutes"
+            minutes = math.ceil(max(wait, 60) / 60) if wait is not None else None
+            when = f"in about {minutes} minute{'s' * (minutes != 1)}" if minutes else "in a few minutes"
             raise QueueFull(f"The queue is full ({len(self)} jobs waiting; the limit is {self.max_length}). "
                             f"Please try again {when}.")
 

@@ -287,7 +287,7 @@ async def test_out_of_memory_fails_one_job_and_the_worker_keeps_serving(tmp_path
         assert (await h.store.get(huge.id)).state is JobState.FAILED
 
 
-async def test_unexpected_model_error_gives_a_message_without_traceback(tmp_path):
+async def test_unexpected_model_error_gives_a_message_and_logs_the_traceback(tmp_path, caplog):
     def step(instruction, i):
         raise RuntimeError("shape mismatch in layer 7")
 
@@ -297,6 +297,18 @@ async def test_unexpected_model_error_gives_a_message_without_traceback(tmp_path
         await eventually(lambda: h.outcomes())
         (_, _, message), = h.outcomes()
         assert job.id in message and "shape mismatch" not in message and "Traceback" not in message
+        logged = [r for r in caplog.records if r.exc_info and "shape mismatch" in str(r.exc_info[1])]
+        assert logged and job.id in logged[0].getMessage()
+
+
+async def test_resumed_job_whose_clip_is_gone_fails_with_a_clear_message(tmp_path):
+    async with Harness(tmp_path) as h:
+        job = await h.job(1)
+        await h.store.add(job)
+        job.input_path.unlink()
+        await h.worker.start()
+        await eventually(lambda: h.outcomes())
+        assert h.outcomes() == [("failed", job.id, "The clip of this job is no longer stored; please submit it again.")]
 
 
 async def test_event_loop_stays_responsive_while_a_job_computes(tmp_path):
@@ -315,7 +327,7 @@ async def test_event_loop_stays_responsive_while_a_job_computes(tmp_path):
             gaps.append(now - last)
             last = now
         assert sum(gaps) > 1.0  # the job really took a while
-        assert max(gaps) < 0.25
+        assert max(gaps) < 0.3  # a loop blocked by the job would show a gap of the whole job (> 1 s)
 
 
 async def test_stop_interrupts_a_running_job_which_resumes_on_next_start(tmp_path):
