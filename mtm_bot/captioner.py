@@ -61,11 +61,11 @@ class Segment:
 # Front end
 
 
-def mel_filters() -> Tensor:
+def mel_filters(dtype: torch.dtype = torch.float32) -> Tensor:
     """(513, 128) triangular filters, 0-8000 Hz on the HTK mel scale, no area normalisation."""
     filters = mel_filter_bank(num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=N_MELS, min_frequency=0.0,
                               max_frequency=F_MAX, sampling_rate=SAMPLE_RATE, norm=None, mel_scale="htk")
-    return torch.from_numpy(filters).float()
+    return torch.from_numpy(filters).to(dtype)
 
 
 def log_mel_spectrogram(waves: Tensor, window: Tensor, filters: Tensor) -> Tensor:
