@@ -8,7 +8,9 @@ and serves the slash commands until stopped. Exit code 2 for a configuration the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 
 import discord
@@ -98,6 +100,9 @@ class MTMBot(commands.Bot):
 async def serve(settings: Settings) -> None:
     point_discord_at(settings)
     async with MTMBot(settings) as bot:
+        # SIGTERM (docker stop, systemd) closes cleanly like Ctrl-C: a running job resumes on the next start.
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows event loops
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(bot.close()))
         await bot.start(settings.discord_token)
 
 
