@@ -11,6 +11,15 @@ GREEDY = Sampling(greedy=True)
 CAPTION = "a warm jazz carol with sleigh bells, upright bass and brushed drums"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls run fastest on one thread, and do not stall on a busy CI core's spin-waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["melody", "small"])
 def tiny(request):
     model, tokenizer = build_tiny_musicgen(request.param)
