@@ -68,6 +68,16 @@ def test_front_end_matches_the_reference_definition():
     np.testing.assert_allclose(got32[audible], expected[audible], atol=1e-3, rtol=0)
 
 
+def test_positional_table_is_the_reference_sinusoids():
+    # modules.py `sinusoids(n_ctx, text_dim)`: timescales 10000^(-i / (channels/2 - 1)), sin then cos.
+    channels = 768
+    inv = np.exp(-np.log(10_000.0) / (channels // 2 - 1) * np.arange(channels // 2))
+    angle = np.arange(32)[:, None] * inv[None, :]
+    expected = np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
+    np.testing.assert_allclose(C.sinusoids(32, channels).numpy(), expected, atol=1e-5)
+    assert C.N_CTX == 32
+
+
 def test_real_part_power_is_not_magnitude_power():
     # Guard the deliberate quirk: |X|^2 would give a different (larger) spectrum.
     x = torch.from_numpy(music(10.0, rate=16000, seed=3))[None]
