@@ -1,8 +1,10 @@
 """The worker: order, limits, cancel, crash recovery, failures that stay one job's problem, a free event loop."""
 import asyncio
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,3 +374,60 @@ async def test_caption_job_with_the_real_tiny_pipeline(tmp_path):
         assert h.outcomes() == [("finished", job.id, False)]
         lines = (await h.store.get(job.id)).result_json["lines"]
         assert len(lines) == 1 and lines[0].startswith("0:00\u20130:02 ")
+
+
+async def test_kill_9_during_a_job_loses_nothing_and_delivers_once(tmp_path):
+    """A real crash: the worker process is SIGKILLed mid-job; a new process resumes and delivers each job once."""
+    async with Harness(tmp_path) as h:
+        jobs = [await h.job(1, "first"), await h.job(2, "second")]
+        for job in jobs:
+            await h.store.add(job)
+    log = tmp_path / "events.log"
+
+    def serve(mode: str):
+        return asyncio.create_subprocess_exec(sys.executable, "-m", "tests.test_worker", str(tmp_path), str(log), mode,
+                                              cwd=Path(__file__).parent.parent)
+
+    crashing = await serve("slow")
+    await eventually(lambda: log.exists() and "ran" in log.read_text(), timeout=60)
+    crashing.kill()
+    await crashing.wait()
+    restarted = await serve("fast")
+    assert await asyncio.wait_for(restarted.wait(), 60) == 0
+
+    events = [line.split() for line in log.read_text().splitlines()]
+    first_seed = next(seed for kind, job_id, seed in events if kind == "ran")
+    assert [e for e in events if e[0] == "finished"] == [["finished", jobs[0].id, "resumed"],
+                                                         ["finished", jobs[1].id, "resumed"]]
+    assert ["ran", jobs[0].id, first_seed] in events[1:]  # rerun from its start with the seed stored before the crash
+
+
+class _LoggingListener(Recorder):
+    def __init__(self, log: Path) -> None:
+        super().__init__()
+        self.log = log
+
+    async def job_finished(self, job):
+        with self.log.open("a") as out:
+            out.write(f"finished {job.id} {'resumed' if job.resumed else 'fresh'}\n")
+
+
+async def _serve_until_delivered(storage: Path, log: Path, mode: str) -> None:
+    """The crash test's worker process: `slow` runs until killed, `fast` exits once every job is delivered."""
+    def step(instruction, i):
+        time.sleep(0.2 if mode == "slow" else 0)
+
+    class LoggingPipeline(FakePipeline):
+        def compose(self, clip, instruction, duration=None, seed=None, **kw):
+            with log.open("a") as out:
+                out.write(f"ran {h.queue.running.id} {seed}\n")
+            return super().compose(clip, instruction, duration, seed, **kw)
+
+    async with Harness(storage, LoggingPipeline(steps=100, step=step), _LoggingListener(log)) as h:
+        await h.worker.start()
+        while await h.store.unfinished() or await h.store.undelivered():
+            await asyncio.sleep(0.05)
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_until_delivered(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]))
