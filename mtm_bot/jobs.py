@@ -402,7 +402,7 @@ class JobQueue:
         job = self._run_order()[0]
         self._pop(job)
         self._served += 1
-        if not self._waiting:  # nobody else waits: older history cannot matter any more
+        if not self._waiting:  # nobody waits: forget older history, it only grew with every user ever served
             self._last_served.clear()
         self._last_served[job.user_id] = self._served
         self.running = job

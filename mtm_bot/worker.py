@@ -10,10 +10,12 @@
     await worker.stop()         # a running job is interrupted and resumes on the next start
 
 The listener (the bot's delivery cog) implements JobListener; every call runs on the event loop, never
-in the model thread. Progress is forwarded as it comes (about once per decode step): throttle in the
-listener. A job's outcome is delivered once: `delivered` is set only after job_finished / job_failed /
-job_cancelled returned without raising; a delivery that raises is retried a few times and again at
-the next start. Failures reach the user as a one-sentence message (job.error), never a traceback.
+in the model thread: keep heavy work (encoding a track) off the loop with asyncio.to_thread. Progress
+is forwarded as it comes (about once per decode step): throttle in the listener. A job's outcome is
+delivered once: `delivered` is set only after job_finished / job_failed / job_cancelled returned
+without raising; a delivery that raises is retried a few times and again at the next start. (A crash
+in the moment between the listener returning and that one SQLite commit would deliver it again.)
+Failures reach the user as a one-sentence message (job.error), never a traceback.
 """
 from __future__ import annotations
 
