@@ -171,12 +171,11 @@ def generation_config(config: BartConfig) -> GenerationConfig:
 def split_segments(samples: np.ndarray, duration: float) -> tuple[Tensor, list[tuple[float, float]]]:
     """16 kHz mono samples -> (n, 160 000) zero-padded segments and their (start, end) in seconds.
 
-    A trailing piece shorter than MIN_SEGMENT_SECONDS is dropped; the last kept segment ends at the
-    clip's true end.
+    The count comes from the clip's true `duration` (resampling may round a sample off): a trailing
+    piece shorter than MIN_SEGMENT_SECONDS is dropped, and the last kept segment ends at the clip's end.
     """
-    min_samples = int(MIN_SEGMENT_SECONDS * SAMPLE_RATE)
-    n = -(-len(samples) // SEGMENT_SAMPLES)
-    if n and len(samples) - (n - 1) * SEGMENT_SAMPLES < min_samples:
+    n = math.ceil(duration / SEGMENT_SECONDS)
+    if n and duration - (n - 1) * SEGMENT_SECONDS < MIN_SEGMENT_SECONDS:
         n -= 1
     if n == 0:
         raise ClipTooShort(f"The clip is {duration:.1f} s long; captioning needs at least "

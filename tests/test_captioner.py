@@ -202,6 +202,12 @@ def test_split_segments(seconds, bounds):
     assert not flat[kept:].any()  # zero padding
 
 
+def test_segment_count_follows_the_true_duration_not_resampling_rounding():
+    # 11 s whose resampled samples came out one short: still two segments, the second ending at 11 s.
+    waves, bounds = C.split_segments(music(11.0, rate=16000)[:-1], 11.0)
+    assert bounds == [(0.0, 10.0), (10.0, 11.0)] and waves.shape == (2, 160_000)
+
+
 def test_clip_under_one_second_is_refused_with_a_friendly_error(tiny):
     with pytest.raises(ClipTooShort, match=r"0\.5 s long.*at least 1 s"):
         tiny.caption(Audio(music(0.5, rate=44100), 44100))
