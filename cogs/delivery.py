@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import time
@@ -144,15 +145,34 @@ class Delivery:
                 encoded = await asyncio.to_thread(encode_result, job)
             except OutputTooLarge as err:
                 content += f"\n⚠️ {err} The track is not attached; try a shorter duration."
-        await self._finish_status(job, "done ✅ (see the result below)")
-        await self._send_result(job, content, embeds, encoded)
+        live = await self._finish_status(job, "done ✅ (see the result below)")
+
+        def files() -> list[discord.File]:  # a fresh File per attempt: discord.py closes what it sent
+            if encoded is None:
+                return []
+            return [discord.File(io.BytesIO(encoded.data), filename=f"mtm-{job.id}{encoded.extension}")]
+
+        ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
+        if live is not None:
+            try:
+                await live.interaction.followup.send(content, embeds=embeds, files=files(), allowed_mentions=ping)
+                return
+            except discord.HTTPException as err:
+                if err.status not in (401, 404):
+                    raise
+                log.info("the interaction token of job %s is gone (%s); posting to the channel", job.id, err.status)
+        await self._channel(job).send(content, embeds=embeds, files=files(), allowed_mentions=ping)
 
     async def job_failed(self, job: Job, message: str) -> None:
-        shown = await self._finish_status(job, f"failed ❌ {message}")
-        if not shown:
-            note = f" {RESUMED_NOTE}" if job.resumed else ""
-            await self._channel(job).send(f"<@{job.user_id}> job `{job.id}` failed: {message}{note}",
-                                          allowed_mentions=discord.AllowedMentions.none())
+        """The public status says that the job failed; the reason goes to the requester privately
+        (ephemeral), or, without a live interaction, to the channel."""
+        live = await self._finish_status(job, "failed ❌ (I sent you the reason)")
+        if live is not None:
+            with contextlib.suppress(discord.HTTPException):
+                await live.interaction.followup.send(f"Job `{job.id}` failed: {message}", ephemeral=True)
+                return
+        note = f" {RESUMED_NOTE}" if job.resumed else ""
+        await self._channel(job).send(f"<@{job.user_id}> job `{job.id}` failed: {message}{note}")
 
     async def job_cancelled(self, job: Job) -> None:
         await self._finish_status(job, "cancelled 🛑")
@@ -177,50 +197,32 @@ class Delivery:
         finally:
             live.flusher = None
 
-    async def _edit(self, live: LiveStatus) -> bool:
+    async def _edit(self, live: LiveStatus) -> None:
         content, embeds = status_message(live.job, live.stage, live.captions, live.finished)
         live.last_edit = time.monotonic()
         try:
             await live.interaction.edit_original_response(content=content, embeds=embeds)
-            return True
         except discord.HTTPException as err:
             # 401/404: the token expired (or the message was deleted); stop editing it.
             live.dead = err.status in (401, 404)
             log.warning("could not update the status of job %s (%s)", live.job.id, err.status)
-            return False
 
-    async def _finish_status(self, job: Job, stage: str) -> bool:
-        """Final edit of the status reply; True if it is visible to the user."""
+    async def _finish_status(self, job: Job, stage: str) -> LiveStatus | None:
+        """Final edit of the status reply. Returns the job's live interaction while its token
+        still works (for the result follow-up), else None: then the channel is the way to the user."""
         live = self.live.pop(job.id, None)
         if live is None or live.dead or not self._token_alive(job):
-            return False
+            return None
         if live.flusher is not None:
             live.flusher.cancel()
             await asyncio.gather(live.flusher, return_exceptions=True)
         await asyncio.sleep(max(0.0, live.last_edit + MIN_EDIT_SECONDS - time.monotonic()))
         live.stage, live.finished = stage, True
-        return await self._edit(live)
+        await self._edit(live)
+        return None if live.dead else live
 
     def _token_alive(self, job: Job) -> bool:
-        return not job.resumed and time.time() - job.created_at < TOKEN_LIFETIME_SECONDS - TOKEN_MARGIN_SECONDS
+        return time.time() - job.created_at < TOKEN_LIFETIME_SECONDS - TOKEN_MARGIN_SECONDS
 
     def _channel(self, job: Job) -> discord.PartialMessageable:
         return self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
-
-    async def _send_result(self, job: Job, content: str, embeds: list[discord.Embed], encoded: Encoded | None) -> None:
-        def file() -> list[discord.File]:  # a fresh File per attempt: discord.py closes what it sent
-            if encoded is None:
-                return []
-            return [discord.File(io.BytesIO(encoded.data), filename=f"mtm-{job.id}{encoded.extension}")]
-
-        ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
-        if self._token_alive(job):
-            webhook = discord.Webhook.partial(job.application_id, job.interaction_token, client=self.bot)
-            try:
-                await webhook.send(content, embeds=embeds, files=file(), allowed_mentions=ping, wait=True)
-                return
-            except discord.HTTPException as err:
-                if err.status not in (401, 404):
-                    raise
-                log.info("interaction token of job %s is gone (%s); posting to the channel", job.id, err.status)
-        await self._channel(job).send(content, embeds=embeds, files=file(), allowed_mentions=ping)

@@ -5,7 +5,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from mtm_bot.jobs import Job
+from mtm_bot.jobs import Job, JobState
 
 from .render import minutes, shorten
 
@@ -50,7 +50,11 @@ class Queue(commands.Cog):
         cancelled = await self.bot.worker.cancel(
             job, interaction.user.id, guild_id=interaction.guild_id,
             is_manager=interaction.permissions.manage_guild)
-        await interaction.response.send_message(f"Job `{cancelled.id}` is cancelled.", ephemeral=True)
+        if cancelled.state is JobState.RUNNING:
+            text = f"Job `{cancelled.id}` is stopping at its next step."
+        else:
+            text = f"Job `{cancelled.id}` is cancelled."
+        await interaction.response.send_message(text, ephemeral=True)
 
 
 async def setup(bot: commands.Bot) -> None:

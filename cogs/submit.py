@@ -30,6 +30,10 @@ class DownloadFailed(InputError):
     pass
 
 
+class EmptyInstruction(InputError):
+    pass
+
+
 def submission_cooldown(interaction: discord.Interaction) -> app_commands.Cooldown:
     """Per-user submission rate for /compose and /caption (settings.submissions_per_minute)."""
     return app_commands.Cooldown(interaction.client.settings.submissions_per_minute, 60.0)
@@ -58,6 +62,8 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment, ki
     """Validate, defer, download, decode, queue; the reply then shows the job id, queue position and ETA."""
     bot = interaction.client
     settings = bot.settings
+    if kind is JobKind.COMPOSE and not instruction:
+        raise EmptyInstruction("The instruction is empty; describe the music you want, e.g. 'a cosy jazz carol'.")
     check_attachment(audio, settings.max_upload_bytes)
     bot.queue.check(interaction.user.id)
     await defer_publicly(interaction)
@@ -78,7 +84,7 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment, ki
             job.duration = bot.pipeline.output_duration(clip, duration)
         bot.delivery.track(job, interaction)  # before submit: the worker may start it at once
         position = await bot.worker.submit(job)
-    except InputError:
+    except Exception:  # refused or broken: keep nothing of the job
         bot.delivery.forget(job.id)
         await bot.store.delete_files(job.id)
         raise

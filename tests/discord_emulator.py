@@ -177,10 +177,10 @@ class DiscordEmulator:
         self.cdn_files: dict[str, tuple[bytes, str | None]] = {}
         self.cdn_downloads: list[str] = []
         self.requests: list[tuple[str, str]] = []  # (method, path) of every REST call
+        self.refused: list[str] = []  # messages refused for breaking Discord's size limits
         self.identifies = 0
         self.resumes = 0
-        self.tokens_expired = False
-        self.expired_status = 404
+        self.expired_tokens: dict[str, int] = {}  # token -> the status its webhook calls get
         self._sockets: list[web.WebSocketResponse] = []
         self._seq = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -235,10 +235,11 @@ class DiscordEmulator:
     def user(self, name: str, manage_guild: bool = False) -> FakeUser:
         return FakeUser(snowflake(), name, manage_guild)
 
-    def expire_tokens(self, status: int = 404) -> None:
-        """From now on every interaction webhook call fails like an expired token (401 or 404)."""
-        self.tokens_expired = True
-        self.expired_status = status
+    def expire_tokens(self, *interactions: Interaction, status: int = 404) -> None:
+        """From now on webhook calls with these interactions' tokens (all, if none given) fail like an
+        expired token: 401 Invalid Webhook Token or 404 Unknown Webhook."""
+        for interaction in interactions or self.interactions.values():
+            self.expired_tokens[interaction.token] = status
 
     @property
     def connected(self) -> bool:
@@ -435,6 +436,35 @@ class DiscordEmulator:
                 files.append(SentFile(part.filename, bytes(await part.read()), part.headers.get("Content-Type")))
         return body, files
 
+    @staticmethod
+    def _too_big(body: dict) -> str | None:
+        """What Discord's Invalid Form Body (50035) would name, or None: content over 2 000, embed
+        titles over 256, descriptions over 4 096, fields over 25 / names over 256 / values over 1 024,
+        over 6 000 characters of embed text, more than 10 embeds."""
+        if len(body.get("content") or "") > 2000:
+            return "content: Must be 2000 or fewer in length."
+        embeds = body.get("embeds") or []
+        if len(embeds) > 10:
+            return "embeds: Must be 10 or fewer in length."
+        total = 0
+        for embed in embeds:
+            fields = embed.get("fields", [])
+            texts = [embed.get("title", ""), embed.get("description", ""), embed.get("footer", {}).get("text", ""),
+                     *(f.get("name", "") for f in fields), *(f.get("value", "") for f in fields)]
+            total += sum(len(t) for t in texts)
+            if (len(embed.get("title", "")) > 256 or len(embed.get("description", "")) > 4096 or len(fields) > 25
+                    or any(len(f.get("name", "")) > 256 or len(f.get("value", "")) > 1024 for f in fields)):
+                return "embeds: an embed is over its size limits."
+        return "embeds: Embed size exceeds maximum size of 6000" if total > 6000 else None
+
+    def _refuse_if_too_big(self, body: dict) -> None:
+        reason = self._too_big(body)
+        if reason is not None:
+            self.refused.append(reason)
+            raise web.HTTPBadRequest(body=json.dumps({"message": "Invalid Form Body", "code": 50035,
+                                                      "errors": reason}).encode(),
+                                     headers={"Content-Type": "application/json"})
+
     def _new_message(self, via: str, body: dict, files: list[SentFile], interaction: Interaction | None) -> Message:
         message = Message(snowflake(), self.channel_id if interaction is None else interaction.channel_id, via,
                           flags=int(body.get("flags", 0)) & EPHEMERAL,
@@ -450,9 +480,9 @@ class DiscordEmulator:
         interaction = self._by_token(request.match_info["token"])
         if interaction is None or request.match_info["app"] != str(self.application_id):
             return None, _json({"message": "Unknown Webhook", "code": 10015}, 404)
-        if self.tokens_expired:
-            if self.expired_status == 401:
-                return None, _json({"message": "Invalid Webhook Token", "code": 50027}, 401)
+        if self.expired_tokens.get(interaction.token) == 401:
+            return None, _json({"message": "Invalid Webhook Token", "code": 50027}, 401)
+        if self.expired_tokens.get(interaction.token) == 404:
             return None, _json({"message": "Unknown Webhook", "code": 10015}, 404)
         return interaction, None
 
@@ -469,6 +499,7 @@ class DiscordEmulator:
             return _json({"message": "Unknown interaction", "code": 10062}, 404)
         body, files = await self._read_body(request)
         kind, data = body["type"], body.get("data") or {}
+        self._refuse_if_too_big(data)
         interaction.callback_type, interaction.callback_at = kind, now
         message = self._new_message("response", data, files, interaction)
         if kind == DEFERRED_CHANNEL_MESSAGE:
@@ -485,6 +516,7 @@ class DiscordEmulator:
         if refusal is not None:
             return refusal
         body, files = await self._read_body(request)
+        self._refuse_if_too_big(body)
         original = interaction.response
         if original is not None and original.thinking and not original.deleted:
             # Discord: the first follow-up after a defer replaces "thinking", keeping its visibility.
@@ -512,6 +544,7 @@ class DiscordEmulator:
             return web.Response(status=204)
         if request.method == "PATCH":
             body, files = await self._read_body(request)
+            self._refuse_if_too_big(body)
             message.flags &= ~LOADING
             message.apply(body, files)
         return _json(message.payload(self.bot_user.payload(bot=True), self.base_url))
@@ -522,6 +555,7 @@ class DiscordEmulator:
         if request.match_info["channel"] != str(self.channel_id):
             return _json({"message": "Unknown Channel", "code": 10003}, 404)
         body, files = await self._read_body(request)
+        self._refuse_if_too_big(body)
         message = self._new_message("channel", body, files, None)
         return _json(message.payload(self.bot_user.payload(bot=True), self.base_url))
 

@@ -205,9 +205,9 @@ async def test_submission_rate_limit_says_when_to_retry(world):
     assert "1 per minute" in text and re.search(r"try again in \d+ s", text), text
 
 
-async def test_cancel_queued_and_running_jobs_then_deliver_via_channel_when_the_token_expired(world):
-    emulator, _ = world
-    frank, grace, heidi = emulator.user("frank"), emulator.user("grace"), emulator.user("heidi")
+async def test_cancel_queued_and_running_jobs_failures_and_expired_tokens(world):
+    emulator, bot = world
+    frank, grace, heidi, ivan = (emulator.user(name) for name in ("frank", "grace", "heidi", "ivan"))
     stranger, manager = emulator.user("stranger"), emulator.user("mod", manage_guild=True)
 
     running = await emulator.slash(frank, "compose", {"instruction": "epic orchestral", "duration": 20},
@@ -216,8 +216,13 @@ async def test_cancel_queued_and_running_jobs_then_deliver_via_channel_when_the_
     queued = await emulator.slash(grace, "caption", attachment=(wav_bytes(2.0), "b.wav", "audio/wav"))
     queued_id = await accepted(emulator, queued)
     assert "position 1 in the queue" in queued.response.content
-    later = await emulator.slash(heidi, "caption", attachment=(wav_bytes(2.0, seed=5), "c.wav", "audio/wav"))
-    await accepted(emulator, later)
+    expiring = await emulator.slash(heidi, "caption", attachment=(wav_bytes(2.0, seed=5), "c.wav", "audio/wav"))
+    await accepted(emulator, expiring)
+    emulator.expire_tokens(expiring, status=401)  # as if heidi's job had waited more than 15 minutes
+    failing = await emulator.slash(ivan, "caption", attachment=(wav_bytes(2.0, seed=6), "d.wav", "audio/wav"))
+    failing_id = await accepted(emulator, failing)
+    for path in bot.store.inputs_dir.glob(f"{failing_id}.*"):
+        path.unlink()  # ivan's job will fail when it runs: its clip is gone
 
     queue = await emulator.slash(grace, "queue")
     await emulator.wait_for(lambda: queue.response, 10, "/queue")
@@ -232,14 +237,44 @@ async def test_cancel_queued_and_running_jobs_then_deliver_via_channel_when_the_
     refused = await emulator.slash(stranger, "cancel", {"job": running_id})
     await emulator.wait_for(lambda: refused.response, 10, "refusal")
     assert refused.response.ephemeral and "someone else's" in refused.response.content
-
-    emulator.expire_tokens(status=401)  # from now on follow-ups fail like a token older than 15 min
     by_manager = await emulator.slash(manager, "cancel", {"job": running_id})
     await emulator.wait_for(lambda: by_manager.response, 10, "manager's /cancel")
     assert by_manager.response.ephemeral and running_id in by_manager.response.content
+    await emulator.wait_for(lambda: "cancelled" in running.response.content, 60, "running job shown cancelled")
 
     (result,) = await emulator.wait_for(lambda: results_for(emulator, heidi), JOB_SECONDS, "heidi's captions")
     assert result.via == "channel" and pings(result) == (set(), {str(heidi.id)})
+
+    await emulator.wait_for(lambda: len(failing.visible_messages()) == 2, JOB_SECONDS, "ivan's failure")
+    status, reason = failing.visible_messages()
+    assert "failed" in status.content and not status.ephemeral
+    assert reason.ephemeral and "no longer stored" in reason.content
+
     await asyncio.sleep(1.0)
-    assert not results_for(emulator, frank) and not results_for(emulator, grace)
-    emulator.tokens_expired = False
+    assert not results_for(emulator, frank) and not results_for(emulator, grace) and not results_for(emulator, ivan)
+    assert not emulator.refused
+
+
+async def test_long_captions_fit_discords_limits_and_an_unfittable_track_is_explained(world, tmp_path):
+    """Delivery of a finished job with no live interaction (as after a restart): 18 long caption
+    lines and a track that fits no encoding within a tiny upload limit."""
+    emulator, bot = world
+    from mtm_bot.jobs import Job, JobKind, JobState
+
+    judy = emulator.user("judy")
+    job = Job.new(JobKind.COMPOSE, user_id=judy.id, guild_id=emulator.guild_id, channel_id=emulator.channel_id,
+                  instruction="x" * 500, duration=180, attachment_size_limit=4_000,
+                  application_id=emulator.application_id, interaction_token="never-issued")
+    job.state, job.resumed = JobState.DONE, True
+    job.result_path = tmp_path / "track.wav"
+    sf.write(job.result_path, music(180.0, 32000), 32000, subtype="PCM_16")
+    lines = [f"{i // 6}:{i % 6}0–{(i + 1) // 6}:{(i + 1) % 6}0 " + "a very detailed caption " * 15 for i in range(18)]
+    job.result_json = {"lines": lines}
+
+    await bot.delivery.job_finished(job)
+    (result,) = results_for(emulator, judy)
+    assert result.via == "channel" and not result.files and "does not fit" in result.content
+    assert "restart" in result.content
+    assert len(result.content) <= 2000 and result.embeds
+    assert "…" in result.text() and "0:00–0:10 a very detailed caption" in result.text()
+    assert not emulator.refused
