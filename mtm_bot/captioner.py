@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers import (BartConfig, BartForConditionalGeneration, GenerationConfig, PreTrainedTokenizerBase,
                           StoppingCriteria, StoppingCriteriaList)
 from transformers.audio_utils import mel_filter_bank
+from transformers.modeling_outputs import BaseModelOutput
 
 from .audio import Audio, resample
 from .errors import ClipTooShort
@@ -132,7 +133,7 @@ class LPMusicCaps(nn.Module):
         self.audio_encoder = AudioEncoder(config.d_model)
         self.bart = BartForConditionalGeneration(config)
 
-    def encode(self, waves: Tensor) -> Tensor:
+    def encode(self, waves: Tensor) -> BaseModelOutput:
         return self.bart.model.encoder(inputs_embeds=self.audio_encoder(waves), return_dict=True)
 
     def generate(self, waves: Tensor, generation: GenerationConfig, cancel: CancelToken | None = None) -> Tensor:
