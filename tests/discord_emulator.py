@@ -164,12 +164,13 @@ class Interaction:
 
 
 class DiscordEmulator:
-    def __init__(self, attachment_size_limit: int = 10 * 1024 * 1024) -> None:
+    def __init__(self, attachment_size_limit: int = 10 * 1024 * 1024, valid_token: str | None = None) -> None:
         self.application_id = snowflake()
         self.bot_user = FakeUser(self.application_id, "MTM Bot")
         self.guild_id = snowflake()
         self.channel_id = snowflake()
         self.attachment_size_limit = attachment_size_limit
+        self.valid_token = valid_token  # None: any token logs in
         self.token: str | None = None  # the token the bot authenticated with
         self.interactions: dict[int, Interaction] = {}
         self.messages: list[Message] = []
@@ -360,7 +361,8 @@ class DiscordEmulator:
 
     async def _get_me(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization", "")
-        if not auth.startswith("Bot ") or len(auth) <= 4:
+        if not auth.startswith("Bot ") or len(auth) <= 4 or (
+                self.valid_token is not None and auth != f"Bot {self.valid_token}"):
             return _json({"message": "401: Unauthorized", "code": 0}, 401)
         self.token = auth.removeprefix("Bot ")
         return _json(self.bot_user.payload(bot=True))

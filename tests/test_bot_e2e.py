@@ -106,6 +106,15 @@ async def test_help_is_ephemeral(world):
     assert pings(interaction.response) == (set(), set())
 
 
+async def test_gateway_reconnect_resumes_the_session(world):
+    emulator, _ = world
+    await emulator.reconnect()
+    await emulator.wait_for(lambda: emulator.resumes == 1 and emulator.connected, 30, "RESUME")
+    assert emulator.identifies == 1  # resumed, not a new session
+    interaction = await emulator.slash(emulator.user("after-resume"), "help")
+    await emulator.wait_for(lambda: interaction.response, 10, "/help after the resume")
+
+
 async def test_two_users_compose_at_once_and_nobody_else_is_pinged(world):
     emulator, _ = world
     alice, bob = emulator.user("alice"), emulator.user("bob")

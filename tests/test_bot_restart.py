@@ -28,6 +28,20 @@ def test_refuses_to_start_without_a_token(tmp_path):
     assert "Traceback" not in done.stderr + done.stdout
 
 
+async def test_refuses_a_wrong_token_with_a_clear_message(tmp_path):
+    emulator = await DiscordEmulator(valid_token="the-right-one").start()
+    try:
+        env = bot_env(**emulator.env("a-wrong-token"), MTM_STORAGE_DIR=str(tmp_path / "storage"))
+        process = await asyncio.create_subprocess_exec(*BOT, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+    finally:
+        await emulator.stop()
+    assert process.returncode == 2
+    assert "refused DISCORD_TOKEN" in err.decode() and "Traceback" not in (out + err).decode()
+    assert "a-wrong-token" not in (out + err).decode()
+
+
 async def start_bot(emulator: DiscordEmulator, storage: Path, log: Path) -> asyncio.subprocess.Process:
     env = bot_env(**emulator.env(TOKEN), MTM_PROFILE="tiny", MTM_DEVICE="cpu", MTM_STORAGE_DIR=str(storage),
                   MTM_SEED="1")

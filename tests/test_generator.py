@@ -1,0 +1,218 @@
+"""The MusicGen generator: block plan, chroma, seamless joins, and block-by-block generation (tiny model)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from mtm_bot.audio import Audio
+from mtm_bot.errors import Cancelled
+from mtm_bot.generator import (
+    CHROMA_LENGTH,
+    SAMPLE_RATE,
+    Block,
+    Generator,
+    crossfade,
+    melody_chroma,
+    plan_blocks,
+)
+from mtm_bot.progress import CancelToken
+from tests.synth import music
+
+SEGMENTS_2 = [(0.0, 10.0), (10.0, 15.0)]
+
+
+# --- block plan ---------------------------------------------------------------------------------
+
+def test_plan_cycles_segments_when_output_outlasts_clip():
+    blocks = plan_blocks(45, SEGMENTS_2)
+    assert [(b.start, b.end) for b in blocks] == [(0, 10), (10, 20), (20, 30), (30, 40), (40, 45)]
+    assert [b.segment for b in blocks] == [0, 1, 0, 1, 0]
+    assert [(b.melody_start, b.melody_end) for b in blocks[:2]] == SEGMENTS_2
+    assert [b.index for b in blocks] == list(range(5))
+
+
+def test_plan_exact_multiple_has_no_empty_block():
+    assert len(plan_blocks(30, [(0.0, 10.0)])) == 3
+    assert len(plan_blocks(30.5, [(0.0, 10.0)])) == 4
+
+
+# --- chroma ------------------------------------------------------------------------------------
+
+def _reference_chroma(wave: np.ndarray) -> np.ndarray:
+    """The feature extractor's definition written out directly in numpy (framewise rFFT)."""
+    from transformers.audio_utils import chroma_filter_bank
+
+    n_fft, hop = 16384, 4096
+    wave = wave[: 30 * SAMPLE_RATE].astype(np.float64)
+    padded = np.pad(wave, n_fft // 2, mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
+    frames = np.stack([padded[i:i + n_fft] for i in range(0, len(padded) - n_fft + 1, hop)])
+    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2 / np.sum(window**2)
+    chroma = power @ chroma_filter_bank(n_fft, 12, SAMPLE_RATE, tuning=0).T  # (frames, 12)
+    one_hot = np.eye(12)[chroma.argmax(axis=1)]
+    return np.tile(one_hot, (-(-CHROMA_LENGTH // len(one_hot)), 1))[:CHROMA_LENGTH]
+
+
+def test_chroma_matches_the_reference_definition():
+    wave = music(10.0, SAMPLE_RATE, seed=3)
+    ours = melody_chroma(wave).numpy()
+    assert ours.shape == (CHROMA_LENGTH, 12)
+    np.testing.assert_array_equal(ours, _reference_chroma(wave))
+    # 10 s is 79 STFT frames; the model sees them tiled to 30 s.
+    np.testing.assert_array_equal(ours[79:158], ours[:79])
+
+
+def test_chroma_of_a_tone_is_its_pitch_class():
+    t = np.arange(5 * SAMPLE_RATE) / SAMPLE_RATE
+    a440 = melody_chroma(0.5 * np.sin(2 * np.pi * 440 * t)).numpy()
+    c523 = melody_chroma(0.5 * np.sin(2 * np.pi * 523.25 * t)).numpy()
+    assert (a440.argmax(1) == 9).all()  # C C# D D# E F F# G G# A: A is 9
+    assert (c523.argmax(1) == 0).all()
+    assert (a440.sum(1) == 1).all()
+
+
+# --- joins -------------------------------------------------------------------------------------
+
+def test_crossfade_passes_identical_material_through_unchanged():
+    wave = music(1.0, SAMPLE_RATE)
+    joined = crossfade(wave[:20000], wave[20000 - 1600:], 1600)
+    np.testing.assert_allclose(joined, wave, atol=1e-6)
+
+
+def test_crossfade_of_two_levels_has_no_step():
+    overlap = 1600
+    joined = crossfade(np.full(8000, 0.5, np.float32), np.full(8000, -0.5, np.float32), overlap)
+    assert len(joined) == 8000 + 8000 - overlap
+    assert joined[0] == 0.5 and joined[-1] == -0.5
+    # A hard cut would jump by 1.0; the fade spreads it over 50 ms.
+    assert np.abs(np.diff(joined)).max() < 3 / overlap
+
+
+def test_crossfade_of_sines_has_no_click_and_gains_sum_to_one():
+    overlap = 1600
+    t = np.arange(16000) / SAMPLE_RATE
+    head = np.sin(2 * np.pi * 220 * t).astype(np.float32)
+    tail = np.sin(2 * np.pi * 330 * t + 1.0).astype(np.float32)  # unrelated phase
+    joined = crossfade(head, tail, overlap)
+    steepest_sine_step = 2 * np.pi * 330 / SAMPLE_RATE
+    hard_cut = np.concatenate([head[:-overlap], tail[overlap:]])
+    assert np.abs(np.diff(hard_cut)).max() > 5 * steepest_sine_step  # the click a plain join makes
+    assert np.abs(np.diff(joined)).max() < 1.2 * steepest_sine_step
+    gains_out = crossfade(np.ones(overlap), np.zeros(overlap), overlap)
+    gains_in = crossfade(np.zeros(overlap), np.ones(overlap), overlap)
+    np.testing.assert_allclose(gains_out + gains_in, 1.0, atol=1e-12)
+    assert np.all(np.diff(gains_in) > 0)
+
+
+# --- generation (tiny MusicGen-melody, random weights) --------------------------------------------
+
+@pytest.fixture(scope="module")
+def generator():
+    return Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return Audio(music(15.0, 44100, seed=1), 44100)
+
+
+class Recorder:
+    """Wraps the decoder to keep every block's prompt and codes."""
+
+    def __init__(self, decoder):
+        self.decoder, self.calls = decoder, []
+
+    def generate_codes(self, **kwargs):
+        codes = self.decoder.generate_codes(**kwargs)
+        self.calls.append((kwargs, codes))
+        return codes
+
+
+def _blocks(duration, block_seconds, segments=SEGMENTS_2, caption="warm jazz carol with sleigh bells"):
+    return [dataclasses.replace(b, description=f"{caption} {b.segment}")
+            for b in plan_blocks(duration, segments, block_seconds)]
+
+
+def test_same_seed_same_track_other_seed_other_track(generator, clip):
+    blocks = _blocks(1, 1)
+    first = generator.generate(clip, blocks, seed=7).samples
+    assert first.std() > 1e-3  # real audio, not silence
+    np.testing.assert_array_equal(generator.generate(clip, blocks, seed=7).samples, first)
+    assert not np.allclose(generator.generate(clip, blocks, seed=8).samples, first)
+
+
+def test_melody_changes_the_music(generator, clip):
+    blocks = _blocks(1, 1)
+    other = Audio(0.5 * np.sin(2 * np.pi * 440 * np.arange(15 * 44100) / 44100), 44100)
+    assert not torch.equal(melody_chroma(clip.samples), melody_chroma(other.samples))
+    ours = generator.generate(clip, blocks, seed=3).samples
+    assert not np.allclose(generator.generate(other, blocks, seed=3).samples, ours)
+
+
+def test_caption_changes_the_music(generator, clip):
+    jazz = generator.generate(clip, _blocks(1, 1, caption="cosy jazz carol"), seed=3).samples
+    metal = generator.generate(clip, _blocks(1, 1, caption="loud heavy metal"), seed=3).samples
+    assert not np.allclose(jazz, metal)
+
+
+def test_blocks_continue_the_previous_codes_and_join_without_a_seam(generator, clip, monkeypatch):
+    recorder = Recorder(generator.decoder)
+    monkeypatch.setattr(generator, "decoder", recorder)
+    track = generator.generate(clip, _blocks(6, 4), seed=1).samples
+    (first, codes), (second, codes_2) = recorder.calls
+    assert first["prompt_codes"] is None and first["input_features"] is not None
+    prompt = second["prompt_codes"]
+    assert prompt.shape[-1] == 150  # the last 3 s of block 1, as codes
+    assert torch.equal(prompt, codes[..., -150:])
+    assert second["input_features"] is not None  # the melody guides continuations too
+    # The joined track is what one EnCodec pass over all the codes gives: trimming and fades are exact.
+    all_codes = torch.cat([codes, codes_2[..., 150:]], dim=-1)
+    np.testing.assert_allclose(track, generator._decode(all_codes)[: len(track)], atol=1e-5)
+
+
+@pytest.mark.parametrize("duration, block_seconds", [(1, 1), (2, 1), (2.5, 1), (3, 1), (2.33, 1), (25, 10)])
+def test_output_length_is_exact(generator, clip, duration, block_seconds):
+    """10, 20, 25 and 30 s at a tenth of the scale, an unaligned length, and 25 s with real 10 s blocks."""
+    track = generator.generate(clip, _blocks(duration, block_seconds), seed=0)
+    assert track.sample_rate == SAMPLE_RATE
+    assert len(track.samples) == round(duration * SAMPLE_RATE)
+
+
+def test_progress_reports_block_and_step(generator, clip):
+    reports = []
+    generator.generate(clip, _blocks(2.5, 1), seed=0, progress=reports.append)
+    assert {r.stage for r in reports} == {"generating"}
+    assert [(r.block, r.blocks) for r in reports] == [(1, 3)] * 50 + [(2, 3)] * 50 + [(3, 3)] * 25
+    assert [r.step for r in reports] == list(range(1, 51)) * 2 + list(range(1, 26))
+    assert [r.steps for r in reports] == [50] * 100 + [25] * 25
+
+
+def test_cancel_stops_mid_generation(generator, clip):
+    cancel, reports = CancelToken(), []
+
+    def progress(report):
+        reports.append(report)
+        if report.block == 2 and report.step == 10:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        generator.generate(clip, _blocks(3, 1), seed=0, progress=progress, cancel=cancel)
+    assert (reports[-1].block, reports[-1].step) == (2, 10)  # stopped at the very next step
+
+
+def test_block_longer_than_the_context_is_refused(generator, clip):
+    with pytest.raises(ValueError, match="30 s context"):
+        generator.generate(clip, _blocks(31, 31), seed=0)
+
+
+def test_text_only_musicgen_generates_without_melody(clip):
+    from mtm_bot.generator import build_tiny_musicgen
+
+    model, tokenizer = build_tiny_musicgen("small")
+    small = Generator(model, tokenizer, torch.device("cpu"))
+    assert not small.uses_melody
+    track = small.generate(clip, _blocks(2, 1), seed=0)
+    assert len(track.samples) == 2 * SAMPLE_RATE and track.samples.std() > 1e-3
