@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import discord
 import yarl
@@ -24,6 +25,9 @@ from mtm_bot.jobs import JobQueue, JobStore
 from mtm_bot.settings import Settings
 from mtm_bot.worker import Worker
 
+if TYPE_CHECKING:
+    from mtm_bot.pipeline import Pipeline
+
 log = logging.getLogger("mtm_bot.bot")
 
 COGS = ("cogs.compose", "cogs.caption", "cogs.queue", "cogs.help")
@@ -31,7 +35,8 @@ COGS = ("cogs.compose", "cogs.caption", "cogs.queue", "cogs.help")
 NO_TOKEN = (
     "DISCORD_TOKEN is not set.\n"
     "Create an application at https://discord.com/developers/applications, open Bot -> Reset Token,\n"
-    "and put the token into a .env file next to bot.py (DISCORD_TOKEN=...) or into the environment.\n"
+    "and put it into the environment or into a .env file in the directory you start the bot from\n"
+    "(DISCORD_TOKEN=...).\n"
     "Invite the bot with the 'bot' and 'applications.commands' scopes."
 )
 
@@ -48,7 +53,7 @@ def point_discord_at(settings: Settings) -> None:
 
 
 class MTMBot(commands.Bot):
-    def __init__(self, settings: Settings, pipeline=None) -> None:
+    def __init__(self, settings: Settings) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,  # slash commands only; no message content needed
             intents=discord.Intents(guilds=True),
@@ -56,22 +61,21 @@ class MTMBot(commands.Bot):
             help_command=None,
         )
         self.settings = settings
-        self.pipeline = pipeline  # a loaded Pipeline may be handed in (tests share one); else loaded here
         self.queue = JobQueue(settings)
         self.delivery = Delivery(self)
-        self.store: JobStore
-        self.worker: Worker
+        self.pipeline: Pipeline | None = None  # these three are set up in setup_hook
+        self.store: JobStore | None = None
+        self.worker: Worker | None = None
         self.tree.on_error = on_app_command_error
 
     async def setup_hook(self) -> None:
         for name in COGS:
             await self.load_extension(name)
         self.store = await JobStore.open(self.settings)
-        if self.pipeline is None:
-            from mtm_bot.pipeline import Pipeline  # heavy: torch, transformers
+        from mtm_bot.pipeline import Pipeline  # transformers is slow to import: only once we have a token
 
-            log.info("loading the %s models (once; they stay resident)", self.settings.profile)
-            self.pipeline = await asyncio.to_thread(lambda: Pipeline(self.settings).load())
+        log.info("loading the %s models (once; they stay resident)", self.settings.profile)
+        self.pipeline = await asyncio.to_thread(lambda: Pipeline(self.settings).load())
         self.worker = Worker(self.settings, self.pipeline, self.store, self.queue, self.delivery)
         await self.worker.start()  # resumes jobs a restart interrupted; their results go to their channels
         await self.sync_commands()
@@ -87,10 +91,10 @@ class MTMBot(commands.Bot):
             log.info("synced %d global commands (Discord may take a while to show them)", len(synced))
 
     async def close(self) -> None:
-        if hasattr(self, "worker"):
+        if self.worker is not None:
             await self.worker.stop()  # a running job is left unfinished and resumes on the next start
         await super().close()
-        if hasattr(self, "store"):
+        if self.store is not None:
             await self.store.close()
 
     async def on_ready(self) -> None:

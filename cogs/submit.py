@@ -9,7 +9,6 @@ ephemerally, because the first follow-up after a defer would inherit its public 
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import PurePosixPath
 
 import discord
@@ -20,9 +19,7 @@ from mtm_bot.jobs import Job, JobKind
 
 from .errors import THINKING
 
-log = logging.getLogger(__name__)
-
-AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".m4a"}
+AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff"}  # libsndfile reads these
 MIB = 1024 * 1024
 
 
@@ -46,8 +43,9 @@ def check_attachment(audio: discord.Attachment, max_bytes: int) -> None:
                            "Please upload a shorter or compressed clip (MP3 or OGG).")
     content_type = (audio.content_type or "").split(";")[0].strip().lower()
     extension = PurePosixPath(audio.filename).suffix.lower()
-    if not (content_type.startswith("audio/") or (not content_type and extension in AUDIO_EXTENSIONS)
-            or (content_type in ("application/octet-stream", "video/ogg") and extension in AUDIO_EXTENSIONS)):
+    # Discord sometimes sends no type, a generic one, or video/ogg for audio; then the extension decides.
+    vague_type = content_type in ("", "application/octet-stream", "video/ogg")
+    if not (content_type.startswith("audio/") or (vague_type and extension in AUDIO_EXTENSIONS)):
         kind = content_type or f"a {extension or 'extension-less'} file"
         raise NotAudio(f"`{audio.filename}` is {kind}, not audio. Please attach a WAV, FLAC, OGG or MP3 clip.")
 
