@@ -225,6 +225,15 @@ async def test_cancel_queued_and_running_jobs_failures_and_expired_tokens(world)
     queued = await emulator.slash(grace, "caption", attachment=(wav_bytes(2.0), "b.wav", "audio/wav"))
     queued_id = await accepted(emulator, queued)
     assert "position 1 in the queue" in queued.response.content
+
+    second = await emulator.slash(frank, "caption", attachment=(wav_bytes(2.0), "e.wav", "audio/wav"))
+    await accepted(emulator, second)
+    downloads = len(emulator.cdn_downloads)
+    third = await emulator.slash(frank, "caption", attachment=(wav_bytes(2.0), "f.wav", "audio/wav"))
+    assert "the limit is 2 per user" in await ephemeral_error(emulator, third)
+    assert not third.deferred and len(emulator.cdn_downloads) == downloads  # refused before downloading
+    nothing = await emulator.slash(stranger, "cancel")
+    assert "no queued or running job" in await ephemeral_error(emulator, nothing)
     expiring = await emulator.slash(heidi, "caption", attachment=(wav_bytes(2.0, seed=5), "c.wav", "audio/wav"))
     await accepted(emulator, expiring)
     emulator.expire_tokens(expiring, status=401)  # as if heidi's job had waited more than 15 minutes
@@ -260,7 +269,9 @@ async def test_cancel_queued_and_running_jobs_failures_and_expired_tokens(world)
     assert reason.ephemeral and "no longer stored" in reason.content
 
     await asyncio.sleep(1.0)
-    assert not results_for(emulator, frank) and not results_for(emulator, grace) and not results_for(emulator, ivan)
+    await emulator.wait_for(lambda: results_for(emulator, frank), JOB_SECONDS, "frank's second job")
+    assert len(results_for(emulator, frank)) == 1 and "caption" in results_for(emulator, frank)[0].content
+    assert not results_for(emulator, grace) and not results_for(emulator, ivan)
     assert not emulator.refused
 
 
