@@ -109,6 +109,16 @@ def test_crossfade_of_sines_has_no_click_and_gains_sum_to_one():
 
 # --- generation (tiny MusicGen-melody, random weights) --------------------------------------------
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to gain from intra-op threads; on a busy machine two threads
+    spend most of each decode step synchronising (measured 20x slower), so this module uses one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def generator():
     return Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"))
