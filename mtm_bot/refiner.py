@@ -162,8 +162,10 @@ class Refinement:
     @classmethod
     def from_json(cls, data: dict, segments: Sequence["Segment"]) -> "Refinement":
         """Parse a schema-valid reply; the exact start/end seconds come from the input segments."""
-        if len(data["segments"]) != len(segments):
-            raise ValueError(f"expected {len(segments)} refined segments, got {len(data['segments'])}")
+        replied = [(item["start"], item["end"]) for item in data["segments"]]
+        expected = [(format_time(s.start), format_time(s.end)) for s in segments]
+        if replied != expected:
+            raise ValueError(f"refined segments {replied} do not match the input's time ranges {expected}")
         return cls(
             style=data["style"],
             mood=data["mood"],
@@ -186,8 +188,9 @@ def build_messages(segments: Sequence["Segment"], instruction: str) -> list[dict
                      for s in segments],
         "instruction": instruction,
     }
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": json.dumps(data, ensure_ascii=False)}]
+    # "<" escaped (as in HTML-safe JSON): text like "<|eot_id|>" must not tokenize as a special token.
+    user = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
 # --- The decode loop (plain PyTorch, gpt-fast style) ------------------------------------------------
@@ -228,7 +231,6 @@ class Refiner:
         self._bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
         self._cache = None
         self._cache_len = 0
-        self._reset_cache(PROMPT_TOKENS_RESERVE + max_output_tokens(EXPECTED_MAX_SEGMENTS))
         self._step = decode_one_token
         if compile_decode is None:
             compile_decode = device.type == "cuda"
@@ -323,21 +325,29 @@ class Refiner:
         return tokens
 
     def _reset_cache(self, needed: int):
-        """The static KV cache, emptied; regrown (rounded up to 1024 positions) only when too small."""
+        """The static KV cache, emptied, with room for `needed` positions.
+
+        Compiled (CUDA graphs): one fixed-size cache, so the captured graph stays valid; grown only when
+        a request needs more. Eager: sized to the request, as attention reads every cached position.
+        """
         from transformers import StaticCache
 
-        if self._cache is None or self._cache_len < needed:
-            if self._cache is not None:
-                log.warning("growing the refiner's KV cache to %d positions (recompiles on CUDA)", needed)
-            self._cache_len = 1024 * math.ceil(needed / 1024)
-            self._cache = StaticCache(config=self.model.config, max_cache_len=self._cache_len)
+        if self._step is decode_one_token:
+            size = 256 * math.ceil(needed / 256)
+        else:
+            size = max(self._cache_len, needed)
+            if self._cache is not None and size > self._cache_len:
+                log.warning("growing the refiner's KV cache to %d positions (recompiles)", size)
+        if self._cache is None or size != self._cache_len:
+            self._cache = StaticCache(config=self.model.config, max_cache_len=size)
+            self._cache_len = size
         else:
             self._cache.reset()
         return self._cache
 
     def _warm_up(self) -> None:
         """Compile and capture the decode step at load time, never on a user's request."""
-        cache = self._reset_cache(0)
+        cache = self._reset_cache(PROMPT_TOKENS_RESERVE + max_output_tokens(EXPECTED_MAX_SEGMENTS))
         with torch.inference_mode():
             token = torch.tensor([[self.stop_token_ids[0]]], device=self.device)
             prefill(self.model, token, cache)
