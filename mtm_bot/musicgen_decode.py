@@ -72,6 +72,7 @@ class MusicgenDecoder:
         self.dtype = decoder.lm_heads[0].weight.dtype
         if compile is None:
             compile = self.device.type == "cuda"
+        self.compiled = compile
         self.step = self.decode_one_token
         if compile:
             self.step = torch.compile(self.decode_one_token, mode="reduce-overhead", fullgraph=True)

@@ -1,0 +1,159 @@
+"""Benchmark: transformers' MusicGen `generate` vs the fast decode loop, timed in the same run.
+
+    python -m bench.bench_musicgen --arch small --seconds 10 --prompt-seconds 0 --device cuda
+
+Prints one JSON object. Full-size architectures (musicgen-small, musicgen-melody) are built from
+their published configs with random weights, so nothing is downloaded; the timing of a decoder
+does not depend on its weights. Both paths do the same work: CFG 3, top-k 250 sampling, the same
+number of decode steps; neither decodes audio with EnCodec. `rtf` is wall time / audio time
+(below 1 is faster than real time). Peak memory: torch.cuda.max_memory_allocated per path on
+CUDA; on the CPU the process's peak RSS so far (the fast path runs first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import time
+
+import torch
+
+from bench.reference import reference_codes
+from mtm_bot.musicgen_decode import MusicgenDecoder, Sampling
+
+FRAME_RATE = 50  # EnCodec 32 kHz frames per second
+CHROMA_RATE = 32000 / 4096  # musicgen-melody chroma frames per second (hop 4096)
+TEXT_TOKENS = 24  # a typical refined caption
+
+
+def build_random_musicgen(arch: str):
+    """musicgen-small / musicgen-melody with their hub configs written out, randomly initialised."""
+    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
+                              MusicgenMelodyConfig, MusicgenMelodyDecoderConfig,
+                              MusicgenMelodyForConditionalGeneration, T5Config)
+
+    t5_base = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
+                       feed_forward_proj="relu")
+    encodec_32khz = EncodecConfig(
+        sampling_rate=32000, audio_channels=1, codebook_size=2048, target_bandwidths=[2.2],
+        upsampling_ratios=[8, 5, 4, 4], hidden_size=128, num_filters=64, num_residual_layers=1, num_lstm_layers=2,
+        norm_type="weight_norm", normalize=False, use_causal_conv=False, codebook_dim=128, compress=2,
+    )
+    if arch == "small":
+        decoder = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096)
+    else:
+        decoder = dict(hidden_size=1536, num_hidden_layers=48, num_attention_heads=24, ffn_dim=6144)
+    decoder.update(vocab_size=2048, num_codebooks=4, max_position_embeddings=2048, pad_token_id=2048,
+                   bos_token_id=2048, activation_function="gelu", dropout=0.1)
+    if arch == "small":
+        model = MusicgenForConditionalGeneration(MusicgenConfig(
+            text_encoder=t5_base, audio_encoder=encodec_32khz, decoder=MusicgenDecoderConfig(**decoder)))
+    else:
+        model = MusicgenMelodyForConditionalGeneration(MusicgenMelodyConfig(
+            text_encoder=t5_base, audio_encoder=encodec_32khz, decoder=MusicgenMelodyDecoderConfig(**decoder),
+            num_chroma=12, chroma_length=235))
+    gen = model.generation_config
+    gen.decoder_start_token_id = gen.pad_token_id = gen.bos_token_id = 2048
+    gen.do_sample, gen.top_k, gen.guidance_scale, gen.max_length = True, 250, 3.0, 1500
+    return model.eval()
+
+
+def build(arch: str, device: torch.device, dtype: torch.dtype):
+    if arch == "tiny":
+        from mtm_bot.generator import build_tiny_musicgen
+
+        model, _ = build_tiny_musicgen("melody")
+    else:
+        model = build_random_musicgen(arch)
+    return model.to(device=device, dtype=dtype)
+
+
+def bench_inputs(model, batch: int, seconds: float, prompt_seconds: float, device: torch.device) -> dict:
+    rng = torch.Generator().manual_seed(0)
+    vocab = model.config.text_encoder.vocab_size
+    kw = dict(input_ids=torch.randint(3, vocab, (batch, TEXT_TOKENS), generator=rng).to(device),
+              attention_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.long, device=device))
+    if hasattr(model.config, "chroma_length"):  # melody: a chroma of the block's length
+        notes = torch.randint(0, 12, (batch, math.ceil(seconds * CHROMA_RATE)), generator=rng)
+        kw["input_features"] = torch.nn.functional.one_hot(notes, 12).to(device, model.dtype)
+    prompt_frames = round(prompt_seconds * FRAME_RATE)
+    if prompt_frames:
+        codebook_size = model.decoder.config.vocab_size
+        kw["prompt_codes"] = torch.randint(0, codebook_size, (batch, 4, prompt_frames), generator=rng).to(device)
+    return kw
+
+
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, peak memory MiB) of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    if device.type == "cuda":
+        return wall, torch.cuda.max_memory_allocated(device) / 2**20
+    return wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["tiny", "small", "melody"], default="tiny")
+    parser.add_argument("--seconds", type=float, default=10.0, help="new audio per block")
+    parser.add_argument("--prompt-seconds", type=float, default=0.0, help="audio prompt continued from")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--max-frames", type=int, default=1500, help="KV cache size of the fast path (the bot's)")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    start = time.perf_counter()
+    model = build(args.arch, device, dtype)
+    build_s = time.perf_counter() - start
+    new_frames = round(args.seconds * FRAME_RATE)
+    steps = new_frames + model.decoder.num_codebooks - 1
+    kw = bench_inputs(model, args.batch, args.seconds, args.prompt_seconds, device)
+    audio_seconds = args.batch * new_frames / FRAME_RATE
+
+    def report(wall: float, memory: float) -> dict:
+        return {"wall_s": round(wall, 3), "steps_per_s": round(steps / wall, 2), "rtf": round(wall / audio_seconds, 4),
+                "peak_memory_mib": round(memory, 1)}
+
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
+    decoder = MusicgenDecoder(model, max_frames=args.max_frames, compile=compile)
+    start = time.perf_counter()
+    decoder.warmup()
+    warmup_s = time.perf_counter() - start
+    generator = torch.Generator(device).manual_seed(0)
+    ours = report(*timed(lambda: decoder.generate_codes(**kw, new_frames=new_frames, sampling=Sampling(),
+                                                        generator=generator), device))
+    ours["warmup_s"] = round(warmup_s, 2)
+    result = {
+        "arch": args.arch, "device": str(device), "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else "cpu", "torch_threads": torch.get_num_threads(), "dtype": str(dtype),
+        "batch": args.batch, "seconds": args.seconds, "prompt_seconds": args.prompt_seconds, "steps": steps,
+        "build_s": round(build_s, 1), "compiled": decoder.compiled, "fast": ours,
+    }
+    if not args.skip_reference:
+        def run_reference(frames: int) -> None:
+            reference_codes(model, **kw, new_frames=frames, greedy=False, top_k=250, guidance_scale=3.0)
+
+        run_reference(2)  # warm, like the fast path: lazy initialisation is not decode speed
+        result["transformers"] = report(*timed(lambda: run_reference(new_frames), device))
+        result["speedup"] = round(result["transformers"]["wall_s"] / ours["wall_s"], 2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
