@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from .audio import Audio, resample
+from .musicgen_decode import MusicgenDecoder, Sampling
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
+from .runtime import from_hub, model_dtype
 
 SAMPLE_RATE = 32000
 FRAME_RATE = 50  # EnCodec frames (MusicGen decode steps) per second
@@ -112,8 +114,6 @@ class Generator:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model, tokenizer, device: torch.device, melody_on_continuations: bool = True) -> None:
-        from .musicgen_decode import MusicgenDecoder
-
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -123,10 +123,16 @@ class Generator:
 
     @classmethod
     def load(cls, profile: str, model_id: str, device: torch.device) -> "Generator":
+        """The model for `profile`, resident on `device` (half precision on CUDA), its decode step compiled."""
+        dtype = model_dtype(device)
         if profile == "tiny":
             model, tokenizer = build_tiny_musicgen("melody")
-            return cls(model.to(device), tokenizer, device)
-        return cls(*_load_pretrained(model_id, device), device)
+        else:
+            model, tokenizer = _load_pretrained(model_id, dtype)
+        generator = cls(model.to(device, dtype), tokenizer, device)
+        if device.type == "cuda":
+            generator.decoder.warmup()  # compile and capture now, not on a user's first request
+        return generator
 
     def generate(self, clip: Audio, blocks: list[Block], seed: int, progress: ProgressCallback = ignore_progress,
                  cancel: CancelToken | None = None) -> Audio:
@@ -159,8 +165,6 @@ class Generator:
     def _generate_block(self, block: Block, melody: np.ndarray | None, prompt: torch.Tensor | None,
                         seed_generator: torch.Generator, on_step) -> torch.Tensor:
         """Codes (1, K, prompt + new frames) for one block: its description, its segment's chroma, the prompt."""
-        from .musicgen_decode import Sampling
-
         new_frames = _frames_until(block.end) - _frames_until(block.start)
         prompt_frames = 0 if prompt is None else prompt.shape[-1]
         if prompt_frames + new_frames > MAX_FRAMES:
@@ -196,8 +200,8 @@ def _check_contiguous(blocks: list[Block]) -> None:
         raise ValueError("blocks must start at 0 s and follow each other without gaps")
 
 
-def _load_pretrained(model_id: str, device: torch.device):
-    """The hub checkpoint: MusicGen-melody, or a text-only MusicGen (then no chroma), half precision on CUDA."""
+def _load_pretrained(model_id: str, dtype: torch.dtype):
+    """The hub checkpoint: MusicGen-melody, or a text-only MusicGen (then no chroma)."""
     from transformers import (
         AutoConfig,
         AutoTokenizer,
@@ -205,16 +209,15 @@ def _load_pretrained(model_id: str, device: torch.device):
         MusicgenMelodyForConditionalGeneration,
     )
 
-    from .runtime import from_hub, model_dtype
     from .settings import SettingsError
 
     config = from_hub(model_id, lambda: AutoConfig.from_pretrained(model_id))
     classes = {"musicgen_melody": MusicgenMelodyForConditionalGeneration, "musicgen": MusicgenForConditionalGeneration}
     if config.model_type not in classes:
         raise SettingsError(f"MTM_MUSICGEN_ID={model_id} is a {config.model_type!r} model, not a MusicGen checkpoint.")
-    model = from_hub(model_id, lambda: classes[config.model_type].from_pretrained(model_id, dtype=model_dtype(device)))
+    model = from_hub(model_id, lambda: classes[config.model_type].from_pretrained(model_id, dtype=dtype))
     tokenizer = from_hub(model_id, lambda: AutoTokenizer.from_pretrained(model_id))
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def build_tiny_musicgen(kind: str = "melody"):

@@ -109,16 +109,6 @@ def test_crossfade_of_sines_has_no_click_and_gains_sum_to_one():
 
 # --- generation (tiny MusicGen-melody, random weights) --------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to gain from intra-op threads; on a busy machine two threads
-    spend most of each decode step synchronising (measured 20x slower), so this module uses one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def generator():
     return Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"))
@@ -181,6 +171,15 @@ def test_blocks_continue_the_previous_codes_and_join_without_a_seam(generator, c
     # The joined track is what one EnCodec pass over all the codes gives: trimming and fades are exact.
     all_codes = torch.cat([codes, codes_2[..., 150:]], dim=-1)
     np.testing.assert_allclose(track, generator._decode(all_codes)[: len(track)], atol=1e-5)
+
+
+def test_continuations_can_leave_the_melody_out(clip):
+    plain = Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"))
+    plain.melody_on_continuations = False
+    recorder = Recorder(plain.decoder)
+    plain.decoder = recorder
+    plain.generate(clip, _blocks(2, 1), seed=1)
+    assert [kwargs["input_features"] is not None for kwargs, _ in recorder.calls] == [True, False]
 
 
 @pytest.mark.parametrize("duration, block_seconds", [(1, 1), (2, 1), (2.5, 1), (3, 1), (2.33, 1), (25, 10)])
