@@ -225,3 +225,36 @@ def test_text_only_musicgen_generates_without_melody(clip):
     assert not small.uses_melody
     track = small.generate(clip, _blocks(2, 1), seed=0)
     assert len(track.samples) == 2 * SAMPLE_RATE and track.samples.std() > 1e-3
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def test_full_profile_loads_a_saved_checkpoint_and_its_tokenizer(tmp_path, clip):
+    from mtm_bot.generator import build_tiny_musicgen
+
+    model, tokenizer = build_tiny_musicgen("melody")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = Generator.load("full", str(tmp_path), torch.device("cpu"))
+    assert loaded.uses_melody
+    reference = Generator(model, tokenizer, torch.device("cpu"))
+    blocks = _blocks(1, 1)
+    np.testing.assert_array_equal(loaded.generate(clip, blocks, seed=5).samples,
+                                  reference.generate(clip, blocks, seed=5).samples)
+
+
+def test_missing_weights_are_reported_not_crashed():
+    from mtm_bot.errors import ModelUnavailable
+
+    with pytest.raises(ModelUnavailable, match="python -m mtm_bot download"):
+        Generator.load("full", "facebook/musicgen-melody-not-cached", torch.device("cpu"))
+
+
+def test_a_non_musicgen_checkpoint_is_refused(tmp_path):
+    from transformers import T5Config
+
+    from mtm_bot.settings import SettingsError
+
+    T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32).save_pretrained(tmp_path)
+    with pytest.raises(SettingsError, match="not a MusicGen checkpoint"):
+        Generator.load("full", str(tmp_path), torch.device("cpu"))
