@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 FREE = -1  # a delay-pattern slot the model samples; every other value is forced
-TEXT_BUCKET = 64  # text lengths are rounded up to this, so one captured graph serves every caption
+TEXT_BUCKET = 128  # text lengths are rounded up to this, so one captured graph serves every caption
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,8 @@ class MusicgenDecoder:
             raise ValueError(f"prompt + new frames must be 1..{self.max_frames}, got {prompt_frames} + {new_frames}")
         if input_features is not None and not self.prefix_conditioning:
             raise ValueError("input_features (chroma) need a musicgen-melody model")
+        if generator is not None and generator.device != self.device:
+            raise ValueError(f"the generator must live on {self.device} (the noise is drawn there, per step)")
         steps = new_frames + K - 1  # the last codebook finishes K - 1 steps after the first
         cfg = sampling.guidance_scale > 1
         cond = self.condition(input_ids.to(self.device), attention_mask.to(self.device),
@@ -132,13 +134,12 @@ class MusicgenDecoder:
         Both a melody-conditioned and a continued block use the same step graph: the buffers are
         sized by max_frames and the text bucket, not by the block.
         """
-        input_ids = torch.full((1, text_tokens), self.model.config.text_encoder.pad_token_id or 0,
-                               dtype=torch.long, device=self.device)
+        input_ids = torch.zeros((1, text_tokens), dtype=torch.long, device=self.device)
         features = None
         if self.prefix_conditioning:
             features = torch.zeros(1, frames, self.model.config.num_chroma, device=self.device)
         generator = torch.Generator(self.device).manual_seed(0)
-        for _ in range(3):  # compile, warm up, record the CUDA graph
+        for _ in range(3 if self.compiled else 1):  # compile, warm up, record the CUDA graph
             self.generate_codes(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 input_features=features, new_frames=frames, generator=generator)
         if self.device.type == "cuda":
@@ -155,9 +156,10 @@ class MusicgenDecoder:
         if hasattr(model, "enc_to_dec_proj"):
             text = model.enc_to_dec_proj(text)
         mask = attention_mask.bool()
-        if cfg:  # the null condition is all-zero text states
+        if cfg:  # the null condition is all-zero text states with an all-zero mask
             text = torch.cat([text, torch.zeros_like(text)])
-        text = text * torch.cat([mask, torch.zeros_like(mask)] if cfg else [mask])[..., None].to(text.dtype)
+        row_mask = torch.cat([mask, torch.zeros_like(mask)]) if cfg else mask
+        text = text * row_mask[..., None].to(text.dtype)  # padding states are zeroed, as in transformers
         if not self.prefix_conditioning:
             # Null rows have all-zero keys and values: attending to them contributes exactly zero,
             # so they may use every key (an all-masked row would be NaN in SDPA).
@@ -186,7 +188,8 @@ class MusicgenDecoder:
         prefix_capacity = self.chroma_length + text_capacity if self.prefix_conditioning else 0
         capacity = prefix_capacity + token_capacity
         if capacity > self.stack.embed_positions.weights.shape[0]:
-            raise ValueError(f"max_frames={self.max_frames} exceeds the model's position table")
+            raise ValueError(f"{text_tokens} text tokens + max_frames={self.max_frames} exceed the model's "
+                             f"{self.stack.embed_positions.weights.shape[0]} positions; truncate the description")
         rows = batch * (2 if cfg else 1)  # CFG: conditional rows, then null rows
         layers, shape = len(self.stack.layers), (rows, self.num_heads, capacity, self.head_dim)
         kw = dict(device=self.device, dtype=self.dtype)
