@@ -27,6 +27,9 @@ MAX_FRAMES = 1500  # MusicGen's 30 s context, audio prompt included
 PROMPT_SECONDS = 3.0
 PROMPT_FRAMES = round(PROMPT_SECONDS * FRAME_RATE)
 CROSSFADE_SECONDS = 0.05
+# Melody conditioning is a decoder prefix of chroma + text sharing the 2048 positions with the 1500
+# frames; 256 text tokens (~1000 characters of caption) always fit.
+MAX_TEXT_TOKENS = 256
 
 # Chroma as MusicgenMelodyFeatureExtractor computes it (transformers 5.23).
 CHROMA_N_FFT = 16384
@@ -173,7 +176,8 @@ class Generator:
         if melody is not None and (prompt is None or self.melody_on_continuations):
             segment = melody[round(block.melody_start * SAMPLE_RATE):round(block.melody_end * SAMPLE_RATE)]
             chroma = melody_chroma(segment)[None].to(self.device)
-        text = self.tokenizer([block.description], return_tensors="pt", padding=True).to(self.device)
+        text = self.tokenizer([block.description], return_tensors="pt", padding=True, truncation=True,
+                              max_length=MAX_TEXT_TOKENS).to(self.device)
         return self.decoder.generate_codes(
             input_ids=text.input_ids, attention_mask=text.attention_mask, input_features=chroma, prompt_codes=prompt,
             new_frames=new_frames, sampling=Sampling(), generator=seed_generator, on_step=on_step,

@@ -212,6 +212,12 @@ def test_cancel_stops_mid_generation(generator, clip):
     assert (reports[-1].block, reports[-1].step) == (2, 10)  # stopped at the very next step
 
 
+def test_a_very_long_description_still_generates(generator, clip):
+    blocks = _blocks(1, 1, caption="a festive orchestral carol with strings and bells " * 60)
+    assert len(generator.tokenizer(blocks[0].description).input_ids) > 1000
+    assert len(generator.generate(clip, blocks, seed=0).samples) == SAMPLE_RATE
+
+
 def test_block_longer_than_the_context_is_refused(generator, clip):
     with pytest.raises(ValueError, match="30 s context"):
         generator.generate(clip, _blocks(31, 31), seed=0)
