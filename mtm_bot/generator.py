@@ -4,7 +4,9 @@ Block 1 is conditioned on the chroma of input segment 1 and description 1. Every
 continuation: its audio prompt is the last PROMPT_SECONDS of the previous block's *codes* (exactly what
 EnCodec would give for that audio, with no lossy decode/encode round trip), plus its own description
 and, by default, the chroma of its input segment. Each block's decoded prompt is trimmed except for a
-short overlap, where the two decodes of the same codes are crossfaded (equal gain: they are coherent).
+short overlap, where the two decodes of the same codes are crossfaded (equal gain: they are coherent),
+placed before the earlier decode's right edge (EnCodec's decoder looks ahead). The joined track is
+what one EnCodec pass over all the codes would give.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ MAX_FRAMES = 1500  # MusicGen's 30 s context, audio prompt included
 PROMPT_SECONDS = 3.0
 PROMPT_FRAMES = round(PROMPT_SECONDS * FRAME_RATE)
 CROSSFADE_SECONDS = 0.05
+# EnCodec-32kHz's decoder is non-causal: the last ~80 ms of a decode lack their right context and differ
+# from a continuous decode. Seams fade this far before the end of the earlier block, where both decodes agree.
+EDGE_SECONDS = 0.1
 # Melody conditioning is a decoder prefix of chroma + text sharing the 2048 positions with the 1500
 # frames; 256 text tokens (~1000 characters of caption) always fit.
 MAX_TEXT_TOKENS = 256
@@ -157,11 +162,12 @@ class Generator:
             if codes is None:
                 track, codes = audio, block_codes
             else:
-                # Trim the re-decoded prompt but for its last `overlap` samples, where the two decodes of the
-                # same codes fade into each other.
-                prompt_samples = prompt.shape[-1] * SAMPLES_PER_FRAME
-                overlap = min(round(CROSSFADE_SECONDS * SAMPLE_RATE), prompt_samples)
-                track = crossfade(track, audio[prompt_samples - overlap:], overlap)
+                # The re-decoded prompt replaces the earlier block's edge and fades in just before it;
+                # the rest of the prompt is trimmed.
+                seam = prompt.shape[-1] * SAMPLES_PER_FRAME  # where the new frames start in `audio`
+                edge = min(round(EDGE_SECONDS * SAMPLE_RATE), seam // 2)
+                overlap = min(round(CROSSFADE_SECONDS * SAMPLE_RATE), seam - edge)
+                track = crossfade(track[: len(track) - edge], audio[seam - edge - overlap:], overlap)
                 codes = torch.cat([codes, block_codes[..., prompt.shape[-1]:]], dim=-1)
         return Audio(track[: round(blocks[-1].end * SAMPLE_RATE)], SAMPLE_RATE)
 
@@ -258,7 +264,8 @@ def build_tiny_musicgen(kind: str = "melody"):
     # frame_rate = 32000 / prod(upsampling_ratios) = 50; num_quantizers = 1000 * bandwidth // (50 * log2(64)) = 4.
     audio_config = EncodecConfig(
         sampling_rate=SAMPLE_RATE, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[1.25], codebook_size=TINY_CODEBOOK_SIZE,
-        hidden_size=16, num_filters=4, num_lstm_layers=1, num_residual_layers=1, normalize=False,
+        hidden_size=16, num_filters=4, num_lstm_layers=2, num_residual_layers=1, normalize=False,
+        use_causal_conv=False, use_conv_shortcut=False,  # as facebook/encodec_32khz
     )
     decoder_kwargs = dict(
         vocab_size=TINY_CODEBOOK_SIZE, pad_token_id=TINY_CODEBOOK_SIZE, bos_token_id=TINY_CODEBOOK_SIZE,
