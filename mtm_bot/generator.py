@@ -137,7 +137,9 @@ class Generator:
             model, tokenizer = build_tiny_musicgen("melody")
         else:
             model, tokenizer = _load_pretrained(model_id, dtype)
-        generator = cls(model.to(device, dtype), tokenizer, device)
+        model = model.to(device, dtype)
+        model.audio_encoder.float()  # EnCodec is small and makes the audible output: keep it in float32
+        generator = cls(model, tokenizer, device)
         if device.type == "cuda":
             generator.decoder.warmup()  # compile and capture now, not on a user's first request
         return generator
