@@ -196,24 +196,24 @@ def build_messages(segments: Sequence["Segment"], instruction: str) -> list[dict
 # --- The decode loop (plain PyTorch, gpt-fast style) ------------------------------------------------
 
 def prefill(model: torch.nn.Module, prompt: torch.Tensor, cache) -> torch.Tensor:
-    """Run the prompt [1, T] through the model, filling the cache; returns the next token's logits [V]."""
+    """Run the prompt [1, T] through the model, filling the cache; returns the next token's logits [1, V]."""
     positions = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0)
     out = model(input_ids=prompt, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1]
+    return out.logits[:, -1]
 
 
 def decode_one_token(model: torch.nn.Module, token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
-    """One step: token [1, 1] at position [1, 1] -> the next token's logits [V]."""
+    """One step: token [1, 1] at position [1, 1] -> the next token's logits [1, V]."""
     out = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True)
-    return out.logits[0, -1]
+    return out.logits[:, -1]
 
 
 def pick_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy at temperature 0, else seeded sampling from the (already masked) logits."""
+    """The next token [1, 1]: greedy at temperature 0, else seeded sampling from the (masked) logits [1, V]."""
     if temperature <= 0:
-        return logits.argmax()
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 class Refiner:
@@ -303,7 +303,7 @@ class Refiner:
         for _ in range(max_new_tokens):
             if cancel is not None:
                 cancel.check()
-            logits = logits.float()  # a private copy: the compiled step reuses its output buffer
+            logits = logits.to(torch.float32, copy=True)  # a private copy: CUDA graphs reuse their outputs
             if matcher is not None:
                 # The GPU is still busy with the step just launched: fill the mask meanwhile.
                 matcher.fill_next_token_bitmask(self._bitmask)
@@ -318,7 +318,7 @@ class Refiner:
             elif token_id in self.stop_token_ids:
                 return tokens
             tokens.append(token_id)
-            logits = self._step(self.model, token.view(1, 1), position, cache)
+            logits = self._step(self.model, token, position, cache)
             position += 1
         if matcher is not None:
             raise RuntimeError(f"the reply did not finish within {max_new_tokens} tokens, its schema bound")
@@ -327,22 +327,18 @@ class Refiner:
     def _reset_cache(self, needed: int):
         """The static KV cache, emptied, with room for `needed` positions.
 
-        Compiled (CUDA graphs): one fixed-size cache, so the captured graph stays valid; grown only when
-        a request needs more. Eager: sized to the request, as attention reads every cached position.
+        It keeps its size between requests (a CUDA graph captured on it stays valid) and only grows when
+        a request needs more room than any before.
         """
         from transformers import StaticCache
 
-        if self._step is decode_one_token:
-            size = 256 * math.ceil(needed / 256)
-        else:
-            size = max(self._cache_len, needed)
-            if self._cache is not None and size > self._cache_len:
-                log.warning("growing the refiner's KV cache to %d positions (recompiles)", size)
-        if self._cache is None or size != self._cache_len:
-            self._cache = StaticCache(config=self.model.config, max_cache_len=size)
-            self._cache_len = size
-        else:
+        if self._cache is not None and needed <= self._cache_len:
             self._cache.reset()
+            return self._cache
+        if self._cache is not None:
+            log.info("growing the refiner's KV cache to %d positions (the compiled step recompiles)", needed)
+        self._cache_len = 256 * math.ceil(needed / 256)
+        self._cache = StaticCache(config=self.model.config, max_cache_len=self._cache_len)
         return self._cache
 
     def _warm_up(self) -> None:

@@ -1,0 +1,161 @@
+"""Benchmark: the refiner's own decode loop vs transformers' `generate`, timed in the same run.
+
+    python -m bench.bench_refiner --profile tiny --device cpu
+    python -m bench.bench_refiner --profile full-size --device cuda --dtype bfloat16
+
+Prints one JSON object. `full-size` is the Llama-3.2-3B-Instruct architecture (its hub config written
+out) with random weights, so nothing is downloaded; decode speed does not depend on the weights. The
+tokenizer is the tiny offline one in both profiles (a 3B run's logits are 128256 wide all the same;
+the grammar masks every id the tokenizer lacks).
+
+Four runs on the same prompt (a real refine request, 3 segments), all greedy:
+- ours / grammar: the product path, decoding until the JSON is complete;
+- transformers / grammar: `generate` with xgrammar's HF logits processor (dynamic cache, eager);
+- ours / free and transformers / free: no grammar, exactly --tokens new tokens (stop tokens ignored;
+  by default as many as the grammar run's reply, so all four runs are directly comparable). Our loop
+  keeps one static KV cache for all four runs, sized by the grammar run's schema bound.
+tokens_per_s counts new tokens over the whole call, prefill included. The grammar overhead is our
+loop's ms per token with the mask vs without it. The whole loop is also checked against `generate`:
+with greedy decoding both must produce the same reply.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import xgrammar as xgr
+
+from mtm_bot.captioner import Segment
+from mtm_bot.refiner import Refiner, build_tiny_llm, build_tiny_tokenizer, format_time, max_output_tokens
+from mtm_bot.runtime import model_dtype, resolve_device
+
+SEGMENTS = [
+    Segment(0.0, 10.0, "a low quality recording of a piano melody over a steady beat"),
+    Segment(10.0, 20.0, "energetic drums and distorted electric guitars"),
+    Segment(20.0, 30.0, "a quiet outro with soft strings"),
+]
+INSTRUCTION = "make it a cosy jazz carol with sleigh bells"
+
+
+def build_random_llama_3b(tokenizer, dtype: torch.dtype, device: torch.device):
+    """Llama-3.2-3B-Instruct's architecture (hub config values), randomly initialised on the device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    return model
+
+
+def timed(fn) -> tuple[object, float]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def best_of(repeats: int, fn) -> tuple[list[int], float]:
+    fn()  # warm-up (allocations, kernels, the HF processor's first call)
+    runs = [timed(fn) for _ in range(repeats)]
+    return runs[0][0], min(seconds for _, seconds in runs)
+
+
+def report(tokens: list[int], seconds: float) -> dict:
+    return {"new_tokens": len(tokens), "seconds": round(seconds, 4),
+            "tokens_per_s": round(len(tokens) / seconds, 1), "ms_per_token": round(1000 * seconds / len(tokens), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=["tiny", "full-size"], default="tiny")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--tokens", type=int, default=0, help="new tokens of the free runs (default: the reply's)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (the best is reported)")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = model_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    tokenizer = build_tiny_tokenizer()
+    if args.profile == "tiny":
+        model = build_tiny_llm(tokenizer).to(device=device, dtype=dtype)
+    else:
+        model = build_random_llama_3b(tokenizer, dtype, device)
+    t0 = time.perf_counter()
+    refiner = Refiner(model, tokenizer, device, temperature=0.0)  # greedy: both paths pick the same tokens
+    load_seconds = time.perf_counter() - t0
+
+    prompt = refiner.encode(refiner.prompt(SEGMENTS, INSTRUCTION))
+    ranges = tuple((format_time(s.start), format_time(s.end)) for s in SEGMENTS)
+    grammar = refiner.grammar(ranges)
+    bound = max_output_tokens(len(SEGMENTS))
+    mask = torch.ones_like(prompt)
+
+    ours_grammar = best_of(args.repeats, lambda: refiner.generate(prompt, grammar, bound))
+
+    def hf_grammar() -> list[int]:
+        processor = xgr.contrib.hf.LogitsProcessor(grammar)  # single use, by its design
+        out = model.generate(prompt, attention_mask=mask, logits_processor=[processor], do_sample=False,
+                             max_new_tokens=bound, eos_token_id=refiner.stop_token_ids)
+        tokens = out[0, prompt.shape[1]:].tolist()
+        return tokens[:-1] if tokens and tokens[-1] in refiner.stop_token_ids else tokens
+
+    theirs_grammar = best_of(args.repeats, hf_grammar)
+    free_tokens = args.tokens or len(ours_grammar[0])
+
+    stop_token_ids, refiner.stop_token_ids = refiner.stop_token_ids, []  # free runs: exactly --tokens tokens
+    ours_free = best_of(args.repeats, lambda: refiner.generate(prompt, None, free_tokens))
+    refiner.stop_token_ids = stop_token_ids
+    theirs_free = best_of(args.repeats, lambda: model.generate(
+        prompt, attention_mask=mask, do_sample=False, min_new_tokens=free_tokens, max_new_tokens=free_tokens,
+        eos_token_id=stop_token_ids)[0, prompt.shape[1]:].tolist())
+
+    ours_g, ours_f = report(*ours_grammar), report(*ours_free)
+    overhead_ms = ours_g["ms_per_token"] - ours_f["ms_per_token"]
+    result = {
+        "profile": args.profile,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "compiled_decode": device.type == "cuda",
+        "refiner_init_seconds": round(load_seconds, 2),
+        "prompt_tokens": prompt.shape[1],
+        "reply_token_bound": bound,
+        "ours_grammar": ours_g,
+        "transformers_generate_xgrammar_hf_processor": report(*theirs_grammar),
+        "ours_free": ours_f,
+        "transformers_generate_free": report(*theirs_free),
+        "grammar_overhead_ms_per_token": round(overhead_ms, 3),
+        "grammar_overhead_pct": round(100 * overhead_ms / ours_f["ms_per_token"], 1),
+        "same_reply_as_transformers": ours_grammar[0] == theirs_grammar[0],
+        "reply_parses": _parses(refiner.tokenizer.decode(ours_grammar[0])),
+    }
+    print(json.dumps(result, indent=2))
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
