@@ -212,3 +212,26 @@ def test_missing_weights_name_the_repo(tmp_path, monkeypatch):
     with pytest.raises(ModelUnavailable) as err:
         Refiner.load("full", "meta-llama/Llama-3.2-3B-Instruct", torch.device("cpu"))
     assert "meta-llama/Llama-3.2-3B-Instruct" in str(err.value)
+
+
+def test_compiled_decode_step_is_warmed_up_at_load_and_decodes_the_same(refiner, monkeypatch):
+    """The CUDA path (torch.compile, reduce-overhead) traced here with dynamo's eager backend, on the CPU."""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_eagerly(fn, mode=None, fullgraph=False):
+        compiled.append(mode)
+        step = real_compile(fn, backend="eager", fullgraph=fullgraph)  # fullgraph: a graph break fails
+
+        def counted(*args):
+            compiled.append("step")
+            return step(*args)
+
+        return counted
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    fast = Refiner(refiner.model, refiner.tokenizer, torch.device("cpu"), compile_decode=True)
+    assert compiled[0] == "reduce-overhead" and compiled.count("step") >= 3  # warmed up before any request
+    warm_up_steps = compiled.count("step")
+    assert fast.refine(CLIP[:1], "make it jazz", seed=3) == refiner.refine(CLIP[:1], "make it jazz", seed=3)
+    assert compiled.count("step") > warm_up_steps
