@@ -26,7 +26,9 @@ SAMPLE_RATE = 32000
 FRAME_RATE = 50  # EnCodec frames (MusicGen decode steps) per second
 SAMPLES_PER_FRAME = SAMPLE_RATE // FRAME_RATE
 MAX_FRAMES = 1500  # MusicGen's 30 s context, audio prompt included
-PROMPT_SECONDS = 3.0
+# 3.2 s: whole EnCodec frames that are also whole chroma hops (20480 samples = 32 frames = 5 hops), so
+# a continuation's chroma frames start exactly where its new frames do.
+PROMPT_SECONDS = 3.2
 PROMPT_FRAMES = round(PROMPT_SECONDS * FRAME_RATE)
 CROSSFADE_SECONDS = 0.05
 # EnCodec-32kHz's decoder is non-causal: the last ~80 ms of a decode lack their right context and differ
@@ -159,7 +161,8 @@ class Generator:
                 progress(Progress("generating", block=number, blocks=len(blocks), step=step, steps=steps))
 
             prompt = None if codes is None else codes[..., -PROMPT_FRAMES:]
-            block_codes = self._generate_block(block, melody, prompt, seed_generator=generator, on_step=on_step)
+            prompt_audio = None if prompt is None else track[len(track) - prompt.shape[-1] * SAMPLES_PER_FRAME:]
+            block_codes = self._generate_block(block, melody, prompt, prompt_audio, generator, on_step)
             audio = self._decode(block_codes)
             if codes is None:
                 track, codes = audio, block_codes
@@ -174,8 +177,12 @@ class Generator:
         return Audio(track[: round(blocks[-1].end * SAMPLE_RATE)], SAMPLE_RATE)
 
     def _generate_block(self, block: Block, melody: np.ndarray | None, prompt: torch.Tensor | None,
-                        seed_generator: torch.Generator, on_step) -> torch.Tensor:
-        """Codes (1, K, prompt + new frames) for one block: its description, its segment's chroma, the prompt."""
+                        prompt_audio: np.ndarray | None, seed_generator: torch.Generator, on_step) -> torch.Tensor:
+        """Codes (1, K, prompt + new frames) for one block: its description, its segment's chroma, the prompt.
+
+        The model reads chroma frame by frame alongside the audio frames (as in training, where both come
+        from the same audio), so a continuation's chroma is that of the prompt audio, then its segment's.
+        """
         new_frames = _frames_until(block.end) - _frames_until(block.start)
         prompt_frames = 0 if prompt is None else prompt.shape[-1]
         if prompt_frames + new_frames > MAX_FRAMES:
@@ -183,6 +190,8 @@ class Generator:
         chroma = None
         if melody is not None and (prompt is None or self.melody_on_continuations):
             segment = melody[round(block.melody_start * SAMPLE_RATE):round(block.melody_end * SAMPLE_RATE)]
+            if prompt_audio is not None:
+                segment = np.concatenate([prompt_audio, segment])
             chroma = melody_chroma(segment)[None].to(self.device)
         text = self.tokenizer([block.description], return_tensors="pt", padding=True, truncation=True,
                               max_length=MAX_TEXT_TOKENS).to(self.device)

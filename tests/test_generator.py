@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtm_bot.audio import Audio
+from mtm_bot.audio import Audio, resample
 from mtm_bot.errors import Cancelled
 from mtm_bot.generator import (
     CHROMA_LENGTH,
@@ -165,12 +165,25 @@ def test_blocks_continue_the_previous_codes_and_join_without_a_seam(generator, c
     (first, codes), (second, codes_2) = recorder.calls
     assert first["prompt_codes"] is None and first["input_features"] is not None
     prompt = second["prompt_codes"]
-    assert prompt.shape[-1] == 150  # the last 3 s of block 1, as codes
-    assert torch.equal(prompt, codes[..., -150:])
-    assert second["input_features"] is not None  # the melody guides continuations too
+    assert prompt.shape[-1] == 160  # the last 3.2 s of block 1, as codes
+    assert torch.equal(prompt, codes[..., -160:])
     # The joined track is what one EnCodec pass over all the codes gives: trimming and fades are exact.
-    all_codes = torch.cat([codes, codes_2[..., 150:]], dim=-1)
+    all_codes = torch.cat([codes, codes_2[..., 160:]], dim=-1)
     np.testing.assert_allclose(track, generator._decode(all_codes)[: len(track)], atol=1e-5)
+
+
+def test_continuation_melody_lines_up_with_its_new_frames(generator, clip, monkeypatch):
+    """Block 2's chroma: the prompt audio's, then its own segment's from exactly where new frames start."""
+    recorder = Recorder(generator.decoder)
+    monkeypatch.setattr(generator, "decoder", recorder)
+    generator.generate(clip, _blocks(6, 4), seed=1)
+    (_, codes), (second, _) = recorder.calls
+    chroma = second["input_features"][0].cpu()
+    prompt_audio = generator._decode(codes)[-160 * 640:]
+    segment = resample(clip, SAMPLE_RATE).samples[10 * SAMPLE_RATE:15 * SAMPLE_RATE]  # block 2 follows segment 2
+    hops = 160 * 640 // 4096  # the prompt is 25 chroma hops; frames 2 hops from an edge see only one side
+    torch.testing.assert_close(chroma[2:hops - 2], melody_chroma(prompt_audio)[2:hops - 2])
+    torch.testing.assert_close(chroma[hops + 2:hops + 38], melody_chroma(segment)[2:38])
 
 
 def test_continuations_can_leave_the_melody_out(clip):
