@@ -3,7 +3,8 @@
 Block 1 is conditioned on the chroma of input segment 1 and description 1. Every later block is a
 continuation: its audio prompt is the last PROMPT_SECONDS of the previous block's *codes* (exactly what
 EnCodec would give for that audio, with no lossy decode/encode round trip), plus its own description
-and, by default, the chroma of its input segment. Each block's decoded prompt is trimmed except for a
+and, by default, the chroma of its input segment (after the prompt audio's own chroma, so the melody
+lines up with the new frames). Each block's decoded prompt is trimmed except for a
 short overlap, where the two decodes of the same codes are crossfaded (equal gain: they are coherent),
 placed before the earlier decode's right edge (EnCodec's decoder looks ahead). The joined track is
 what one EnCodec pass over all the codes would give.
