@@ -5,8 +5,9 @@
 Prints one JSON object. Full-size architectures (musicgen-small, musicgen-melody) are built from
 their published configs with random weights, so nothing is downloaded; the timing of a decoder
 does not depend on its weights. Both paths do the same work: CFG 3, top-k 250 sampling, the same
-number of decode steps; neither decodes audio with EnCodec. `rtf` is wall time / audio time
-(below 1 is faster than real time). Peak memory: torch.cuda.max_memory_allocated per path on
+number of decode steps; neither decodes audio with EnCodec. Each path is warmed up, then timed
+`--repeats` times, interleaved; wall times are medians. `rtf` is wall time / audio time (below 1
+is faster than real time). Peak memory: torch.cuda.max_memory_allocated per path on
 CUDA; on the CPU the process's peak RSS so far (the fast path runs first).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import math
 import resource
+import statistics
 import time
 
 import torch
@@ -110,6 +112,7 @@ def main() -> None:
     parser.add_argument("--max-frames", type=int, default=1500, help="KV cache size of the fast path (the bot's)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path; the median is reported")
     parser.add_argument("--skip-reference", action="store_true")
     args = parser.parse_args()
 
@@ -136,22 +139,31 @@ def main() -> None:
     decoder.warmup()
     warmup_s = time.perf_counter() - start
     generator = torch.Generator(device).manual_seed(0)
-    ours = report(*timed(lambda: decoder.generate_codes(**kw, new_frames=new_frames, sampling=Sampling(),
-                                                        generator=generator), device))
-    ours["warmup_s"] = round(warmup_s, 2)
+
+    def run_fast(frames: int) -> None:
+        decoder.generate_codes(**kw, new_frames=frames, sampling=Sampling(), generator=generator)
+
+    def run_reference(frames: int) -> None:
+        reference_codes(model, **kw, new_frames=frames, greedy=False, top_k=250, guidance_scale=3.0)
+
+    paths = {"fast": run_fast} if args.skip_reference else {"fast": run_fast, "transformers": run_reference}
+    for run in paths.values():
+        run(2)  # warm: lazy initialisation and first-touch memory are not decode speed
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    for _ in range(args.repeats):  # interleaved, so a noisy neighbour slows both paths alike
+        for name, run in paths.items():
+            runs[name].append(timed(lambda: run(new_frames), device))
     result = {
         "arch": args.arch, "device": str(device), "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda" else "cpu", "torch_threads": torch.get_num_threads(), "dtype": str(dtype),
         "batch": args.batch, "seconds": args.seconds, "prompt_seconds": args.prompt_seconds, "steps": steps,
-        "build_s": round(build_s, 1), "compiled": decoder.compiled, "fast": ours,
+        "repeats": args.repeats, "build_s": round(build_s, 1), "compiled": decoder.compiled,
     }
-    if not args.skip_reference:
-        def run_reference(frames: int) -> None:
-            reference_codes(model, **kw, new_frames=frames, greedy=False, top_k=250, guidance_scale=3.0)
-
-        run_reference(2)  # warm, like the fast path: lazy initialisation is not decode speed
-        result["transformers"] = report(*timed(lambda: run_reference(new_frames), device))
-        result["speedup"] = round(result["transformers"]["wall_s"] / ours["wall_s"], 2)
+    for name, measured in runs.items():
+        result[name] = report(statistics.median(w for w, _ in measured), max(m for _, m in measured))
+    result["fast"]["warmup_s"] = round(warmup_s, 2)
+    if "transformers" in result:
+        result["speedup"] = round(result["transformers"]["wall_s"] / result["fast"]["wall_s"], 2)
     print(json.dumps(result, indent=2))
 
 

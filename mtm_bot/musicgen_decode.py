@@ -100,7 +100,7 @@ class MusicgenDecoder:
             raise ValueError(f"prompt + new frames must be 1..{self.max_frames}, got {prompt_frames} + {new_frames}")
         if input_features is not None and not self.prefix_conditioning:
             raise ValueError("input_features (chroma) need a musicgen-melody model")
-        if generator is not None and generator.device != self.device:
+        if generator is not None and generator.device.type != self.device.type:
             raise ValueError(f"the generator must live on {self.device} (the noise is drawn there, per step)")
         steps = new_frames + K - 1  # the last codebook finishes K - 1 steps after the first
         cfg = sampling.guidance_scale > 1
