@@ -226,7 +226,7 @@ class Refiner:
         self.vocab_size = model.config.vocab_size  # logits' width; may exceed the tokenizer's (padding)
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         info = _grammar_tokenizer_info(tokenizer, self.vocab_size, self.stop_token_ids)
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)  # we keep what we compiled
         self._grammars: dict[tuple[tuple[str, str], ...], xgr.CompiledGrammar] = {}
         self._bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
         self._cache = None
@@ -261,7 +261,11 @@ class Refiner:
                                                   add_generation_prompt=True)
 
     def grammar(self, ranges: tuple[tuple[str, str], ...]) -> xgr.CompiledGrammar:
-        """The compiled JSON-schema grammar for these time ranges, cached (compiling is not free)."""
+        """The compiled grammar for these time ranges (compact JSON), compiled once and kept.
+
+        The ranges depend only on the clip's length in whole seconds, so this holds at most one grammar
+        per clip length the bot has seen (60 with the default limit).
+        """
         if ranges not in self._grammars:
             self._grammars[ranges] = self._compiler.compile_json_schema(
                 refinement_schema(ranges), any_whitespace=False, separators=(",", ":"), strict_mode=True)

@@ -235,3 +235,8 @@ def test_compiled_decode_step_is_warmed_up_at_load_and_decodes_the_same(refiner,
     warm_up_steps = compiled.count("step")
     assert fast.refine(CLIP[:1], "make it jazz", seed=3) == refiner.refine(CLIP[:1], "make it jazz", seed=3)
     assert compiled.count("step") > warm_up_steps
+
+
+def test_grammar_is_compiled_once_per_time_ranges(refiner):
+    assert refiner.grammar(ranges(CLIP)) is refiner.grammar(ranges(CLIP))
+    assert refiner.grammar(ranges(CLIP[:1])) is not refiner.grammar(ranges(CLIP))
