@@ -231,6 +231,12 @@ def test_a_very_long_description_still_generates(generator, clip):
     assert len(generator.generate(clip, blocks, seed=0).samples) == SAMPLE_RATE
 
 
+def test_blocks_with_a_gap_are_refused(generator, clip):
+    gapped = [Block(0, 0, 10, 0, 0.0, 10.0), Block(1, 12, 20, 0, 0.0, 10.0)]
+    with pytest.raises(ValueError, match="without gaps"):
+        generator.generate(clip, gapped, seed=0)
+
+
 def test_block_longer_than_the_context_is_refused(generator, clip):
     with pytest.raises(ValueError, match="30 s context"):
         generator.generate(clip, _blocks(31, 31), seed=0)
