@@ -254,14 +254,15 @@ def test_text_only_musicgen_generates_without_melody(clip):
 
 # --- loading -----------------------------------------------------------------------------------
 
-def test_full_profile_loads_a_saved_checkpoint_and_its_tokenizer(tmp_path, clip):
+@pytest.mark.parametrize("kind", ["melody", "small"])
+def test_full_profile_loads_a_saved_checkpoint_and_its_tokenizer(tmp_path, clip, kind):
     from mtm_bot.generator import build_tiny_musicgen
 
-    model, tokenizer = build_tiny_musicgen("melody")
+    model, tokenizer = build_tiny_musicgen(kind)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded = Generator.load("full", str(tmp_path), torch.device("cpu"))
-    assert loaded.uses_melody
+    assert loaded.uses_melody == (kind == "melody")
     reference = Generator(model, tokenizer, torch.device("cpu"))
     blocks = _blocks(1, 1)
     np.testing.assert_array_equal(loaded.generate(clip, blocks, seed=5).samples,
