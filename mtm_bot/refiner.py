@@ -181,6 +181,17 @@ class InstructionTooLong(InputError):
     pass
 
 
+def check_instruction(instruction: str) -> str:
+    """The instruction as the LLM gets it (trimmed), or InstructionTooLong; callers can check at submit time."""
+    instruction = instruction.strip()
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        raise InstructionTooLong(
+            f"The instruction is {len(instruction)} characters long; please keep it to "
+            f"{MAX_INSTRUCTION_CHARS} characters or fewer."
+        )
+    return instruction
+
+
 def build_messages(segments: Sequence["Segment"], instruction: str) -> list[dict[str, str]]:
     """The chat: task and format in the system message; captions and instruction as JSON data."""
     data = {
@@ -217,6 +228,8 @@ def pick_token(logits: torch.Tensor, temperature: float, generator: torch.Genera
 
 
 class Refiner:
+    """The LLM, its tokenizer and grammars, and one KV cache: serves one request at a time (the GPU queue)."""
+
     def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device,
                  temperature: float = DEFAULT_TEMPERATURE, compile_decode: bool | None = None) -> None:
         self.model = model.eval()
@@ -251,14 +264,8 @@ class Refiner:
 
     def prompt(self, segments: Sequence["Segment"], instruction: str) -> str:
         """The chat-templated prompt text, ending where the assistant's reply begins."""
-        instruction = instruction.strip()
-        if len(instruction) > MAX_INSTRUCTION_CHARS:
-            raise InstructionTooLong(
-                f"The instruction is {len(instruction)} characters long; please keep it under "
-                f"{MAX_INSTRUCTION_CHARS} characters."
-            )
-        return self.tokenizer.apply_chat_template(build_messages(segments, instruction), tokenize=False,
-                                                  add_generation_prompt=True)
+        messages = build_messages(segments, check_instruction(instruction))
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def grammar(self, ranges: tuple[tuple[str, str], ...]) -> xgr.CompiledGrammar:
         """The compiled grammar for these time ranges (compact JSON), compiled once and kept.
@@ -279,7 +286,7 @@ class Refiner:
         ranges = tuple((format_time(s.start), format_time(s.end)) for s in segments)
         prompt_ids = self.encode(self.prompt(segments, instruction))
         tokens = self.generate(prompt_ids, self.grammar(ranges), max_output_tokens(len(segments)), seed, cancel)
-        text = self.tokenizer.decode(tokens)
+        text = self.tokenizer.decode(tokens, clean_up_tokenization_spaces=False)  # exactly what was validated
         return Refinement.from_json(json.loads(text), segments)
 
     def encode(self, text: str) -> torch.Tensor:
