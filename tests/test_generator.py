@@ -137,7 +137,7 @@ def _blocks(duration, block_seconds, segments=SEGMENTS_2, caption="warm jazz car
 
 
 def test_same_seed_same_track_other_seed_other_track(generator, clip):
-    blocks = _blocks(1, 1)
+    blocks = _blocks(2, 1)  # a melody-conditioned block and a continuation
     first = generator.generate(clip, blocks, seed=7).samples
     assert first.std() > 1e-3  # real audio, not silence
     np.testing.assert_array_equal(generator.generate(clip, blocks, seed=7).samples, first)
