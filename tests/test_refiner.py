@@ -198,10 +198,22 @@ def test_own_decode_loop_matches_transformers_greedy_generate(refiner):
     assert len(ours) > 0
 
 
-def test_max_output_tokens_grows_with_segments_and_is_finite():
-    one, three = max_output_tokens(1), max_output_tokens(3)
-    assert 0 < one < three < 10_000
-    assert three - one == 2 * (max_output_tokens(2) - one)
+def test_the_longest_reply_the_grammar_allows_fits_the_token_bound(refiner):
+    import xgrammar as xgr
+
+    from mtm_bot.refiner import DYNAMICS_MAX_CHARS, INSTRUMENT_MAX_CHARS, MAX_INSTRUMENTS, MOOD_MAX_CHARS, \
+        STYLE_MAX_CHARS, TEMPO_MAX_BPM
+
+    wide = "🎄"  # 4 UTF-8 bytes: the most tokens a byte-level vocabulary can need per character
+    longest = {"style": wide * STYLE_MAX_CHARS, "mood": wide * MOOD_MAX_CHARS, "tempo_bpm": TEMPO_MAX_BPM,
+               "instruments": [wide * INSTRUMENT_MAX_CHARS] * MAX_INSTRUMENTS, "dynamics": wide * DYNAMICS_MAX_CHARS,
+               "segments": [{"start": a, "end": b, "caption": wide * CAPTION_MAX_CHARS} for a, b in ranges(CLIP)]}
+    text = json.dumps(longest, ensure_ascii=False, separators=(",", ":"))
+    matcher = xgr.GrammarMatcher(refiner.grammar(ranges(CLIP)))
+    assert matcher.accept_string(text) and matcher.is_completed()
+    assert not xgr.GrammarMatcher(refiner.grammar(ranges(CLIP))).accept_string(text.replace('🎄"', '🎄🎄"', 1))
+    byte_tokens = len(text.encode())  # one token per byte: the longest tokenisation
+    assert byte_tokens + 1 <= max_output_tokens(len(CLIP)) < 10_000  # +1: the stop token
 
 
 def test_missing_weights_name_the_repo(tmp_path, monkeypatch):
