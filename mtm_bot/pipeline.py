@@ -64,12 +64,14 @@ class ComposeResult:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, captioner: Captioner | None = None, refiner: Refiner | None = None,
+                 generator: Generator | None = None) -> None:
+        """Stages not given are loaded from `settings` on first use (or all at once by `load`)."""
         self.settings = settings
         self.device = resolve_device(settings.device)
-        self._captioner: Captioner | None = None
-        self._refiner: Refiner | None = None
-        self._generator: Generator | None = None
+        self._captioner = captioner
+        self._refiner = refiner
+        self._generator = generator
 
     def load(self) -> "Pipeline":
         """Load all three models now (at start-up), not on a user's first request."""
@@ -135,7 +137,7 @@ class Pipeline:
         cancel.check()
         progress(Progress("refining"))
         t0 = time.perf_counter()
-        refinement = self.refiner.refine(segments, instruction, cancel=cancel)
+        refinement = self.refiner.refine(segments, instruction, cancel=cancel, seed=seed)
         timings["refine"] = time.perf_counter() - t0
 
         blocks = [dataclasses.replace(b, description=refinement.description(b.segment))
