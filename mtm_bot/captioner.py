@@ -257,6 +257,13 @@ class Captioner:
         return [Segment(start, end, text.strip()) for (start, end), text in zip(bounds, captions)]
 
 
+def bart_base_config() -> BartConfig:
+    """facebook/bart-base's architecture (the checkpoint's decoder), for building the full-size model offline."""
+    return BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                      decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
+                      max_position_embeddings=1024)
+
+
 def tiny_config(vocab_size: int) -> BartConfig:
     # init_std 1.0 (BART's default is 0.02): at toy width small random weights wash the audio out and
     # every segment gets the same text; larger ones let the audio visibly steer the captions.

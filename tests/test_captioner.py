@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import BartConfig
 
 from mtm_bot import captioner as C
 from mtm_bot.audio import Audio
@@ -92,9 +91,7 @@ def test_real_part_power_is_not_magnitude_power():
 # Checkpoint layout
 
 
-BART_BASE = BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
-                       encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
-                       decoder_ffn_dim=3072, max_position_embeddings=1024)
+BART_BASE = C.bart_base_config()
 
 
 def expected_manifest() -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,152 @@
+"""Benchmark: one whole /compose (caption -> refine -> generate -> join), ours vs transformers' loops.
+
+    python -m bench.end_to_end --profile tiny --device cpu
+    python -m bench.end_to_end --profile full-size --device cuda --seconds 30
+
+Prints one JSON object. Both paths run the same `Pipeline.compose` on the same clip, seed and
+stages; the reference path swaps the two hand-written decode loops for transformers' `generate`:
+the refiner's grammar-constrained loop for `generate` with xgrammar's HF logits processor, and the
+MusicGen loop for `MusicgenMelodyForConditionalGeneration.generate` (bench/reference.py). The
+captioner runs transformers' beam search in both. `full-size` builds the real architectures
+(LP-MusicCaps on bart-base, Llama-3.2-3B, MusicGen-melody 1.5 B) with random weights and the tiny
+offline tokenizers, so nothing is downloaded; speed does not depend on weight values, but random
+weights make the captioner and the LLM run to their length bounds (a worst case). Each path is
+warmed up with one 10 s compose first. Peak memory is torch.cuda.max_memory_allocated over the
+whole run on CUDA (all three models resident), the process's peak RSS on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import xgrammar as xgr
+
+from mtm_bot.audio import Audio, load_clip
+from mtm_bot.captioner import Captioner, LPMusicCaps, bart_base_config
+from mtm_bot.generator import Generator, build_tiny_musicgen
+from mtm_bot.musicgen_decode import Sampling
+from mtm_bot.pipeline import Pipeline
+from mtm_bot.refiner import Refiner, build_tiny_tokenizer
+from mtm_bot.runtime import model_dtype, resolve_device
+from mtm_bot.settings import Settings
+
+from bench.reference import reference_codes
+
+INSTRUCTION = "a cosy jazz carol with sleigh bells"
+
+
+class TransformersRefiner(Refiner):
+    """The refiner with its decode loop replaced by `generate` + xgrammar's HF logits processor."""
+
+    def generate(self, prompt_ids, grammar, max_new_tokens, seed=0, cancel=None):
+        processor = xgr.contrib.hf.LogitsProcessor(grammar)  # single use, by its design
+        torch.manual_seed(seed)
+        out = self.model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), logits_processor=[processor],
+                                  do_sample=self.temperature > 0, temperature=self.temperature or None,
+                                  max_new_tokens=max_new_tokens, eos_token_id=self.stop_token_ids)
+        tokens = out[0, prompt_ids.shape[1]:].tolist()
+        return tokens[:-1] if tokens and tokens[-1] in self.stop_token_ids else tokens
+
+
+class TransformersDecoder:
+    """MusicgenDecoder's interface over transformers' `generate` (no progress or cancel per step)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def generate_codes(self, *, input_ids, attention_mask, input_features=None, prompt_codes=None, new_frames,
+                       sampling: Sampling = Sampling(), generator=None, on_step=None):
+        return reference_codes(self.model, input_ids=input_ids, attention_mask=attention_mask,
+                               input_features=input_features, prompt_codes=prompt_codes, new_frames=new_frames,
+                               guidance_scale=sampling.guidance_scale, greedy=sampling.greedy, top_k=sampling.top_k)
+
+
+def build_stages(profile: str, device: torch.device) -> tuple[Captioner, Refiner, Generator]:
+    if profile == "tiny":
+        return (Captioner.tiny(device), Refiner.load("tiny", "", device), Generator.load("tiny", "", device))
+    from bench.bench_musicgen import build_random_musicgen
+    from bench.bench_refiner import build_random_llama_3b
+
+    dtype = model_dtype(device)
+    captioner = Captioner(LPMusicCaps(bart_base_config()), Captioner.tiny(torch.device("cpu")).tokenizer, device)
+    tokenizer = build_tiny_tokenizer()
+    refiner = Refiner(build_random_llama_3b(tokenizer, dtype, device), tokenizer, device)
+    musicgen = build_random_musicgen("melody").to(device, dtype)
+    musicgen.audio_encoder.float()
+    generator = Generator(musicgen, build_tiny_musicgen("melody")[1], device)
+    if device.type == "cuda":
+        generator.decoder.warmup()
+    return captioner, refiner, generator
+
+
+def synth_clip(seconds: float) -> Audio:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from synth import music
+
+    return Audio(music(seconds, rate=32000), 32000)
+
+
+def run(pipeline: Pipeline, clip: Audio, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = pipeline.compose(clip, INSTRUCTION, seed=0)
+    wall = time.perf_counter() - start
+    return {"wall_s": round(wall, 3), "rtf": round(wall / result.audio.duration, 4),
+            "stages_s": {k: round(v, 3) for k, v in result.timings.items()},
+            "output_s": result.audio.duration, "blocks": len(result.blocks)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=["tiny", "full-size"], default="tiny")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seconds", type=float, default=30.0, help="clip length; the output is as long")
+    parser.add_argument("--clip", type=Path, help="an audio file instead of the synthetic clip")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    captioner, refiner, generator = build_stages(args.profile, device)
+    build_s = time.perf_counter() - start
+    settings = Settings(profile="tiny", device=str(device))
+    clip = load_clip(args.clip, max_seconds=600) if args.clip else synth_clip(args.seconds)
+    warm = Audio(clip.samples[: 10 * clip.sample_rate], clip.sample_rate)
+
+    # The two paths share every model; the generator's decode loop is swapped in place per path.
+    paths = {"ours": (Pipeline(settings, captioner=captioner, refiner=refiner, generator=generator), generator.decoder)}
+    if not args.skip_reference:
+        reference_refiner = TransformersRefiner(refiner.model, refiner.tokenizer, device, compile_decode=False)
+        paths["transformers"] = (Pipeline(settings, captioner=captioner, refiner=reference_refiner,
+                                          generator=generator), TransformersDecoder(generator.model))
+    for pipeline, decoder in paths.values():
+        generator.decoder = decoder
+        pipeline.compose(warm, INSTRUCTION, seed=0)
+
+    result = {"profile": args.profile, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch_threads": torch.get_num_threads(), "clip_s": round(clip.duration, 2), "build_s": round(build_s, 1)}
+    for name, (pipeline, decoder) in paths.items():
+        generator.decoder = decoder
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result[name] = run(pipeline, clip, device)
+        if device.type == "cuda":  # all three models resident, plus this path's working memory
+            result[name]["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if "transformers" in result:
+        result["speedup"] = round(result["transformers"]["wall_s"] / result["ours"]["wall_s"], 2)
+    if device.type == "cpu":
+        result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
