@@ -38,6 +38,10 @@ class Sampling:
     temperature: float = 1.0
     greedy: bool = False  # argmax instead of sampling (used by the equivalence tests)
 
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or self.top_k < 0 or not 0 <= self.top_p <= 1:
+            raise ValueError(f"invalid sampling settings: {self}")
+
 
 @dataclass
 class _Conditioning:
@@ -328,7 +332,7 @@ class MusicgenDecoder:
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability mass reaches top_p (always the top one)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    mass_before = sorted_logits.softmax(dim=-1).cumsum(dim=-1) - sorted_logits.softmax(dim=-1)
-    drop_sorted = mass_before >= top_p
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # the mass before a token already suffices
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))

@@ -105,7 +105,11 @@ def test_sampling_is_reproducible_per_seed(tiny):
     first = sample(7)
     assert torch.equal(first, sample(7))
     assert not torch.equal(first, sample(8))
-    assert not torch.equal(sample(7, Sampling(top_k=5, top_p=0.5, temperature=0.7)), first)
+    # Filters that leave one candidate turn sampling into greedy decoding.
+    greedy = decoder.generate_codes(**kw, new_frames=30, sampling=GREEDY)
+    assert not torch.equal(first, greedy)
+    assert torch.equal(sample(7, Sampling(top_k=1)), greedy)
+    assert torch.equal(sample(8, Sampling(top_p=1e-6, temperature=0.7)), greedy)
 
 
 def test_on_step_reports_every_frame_and_its_exception_stops_the_loop(tiny):
