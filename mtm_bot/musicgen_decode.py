@@ -190,10 +190,11 @@ class MusicgenDecoder:
         text_capacity = -(-text_tokens // TEXT_BUCKET) * TEXT_BUCKET
         token_capacity = self.max_frames + self.num_codebooks  # start token + frames + delay tail
         prefix_capacity = self.chroma_length + text_capacity if self.prefix_conditioning else 0
-        capacity = prefix_capacity + token_capacity
-        if capacity > self.stack.embed_positions.weights.shape[0]:
+        positions = self.stack.embed_positions.weights.shape[0]
+        if prefix_capacity + token_capacity > positions:
             raise ValueError(f"{text_tokens} text tokens + max_frames={self.max_frames} exceed the model's "
-                             f"{self.stack.embed_positions.weights.shape[0]} positions; truncate the description")
+                             f"{positions} positions; truncate the description")
+        capacity = -(-(prefix_capacity + token_capacity) // 64) * 64  # aligned for the fused SDPA kernels
         rows = batch * (2 if cfg else 1)  # CFG: conditional rows, then null rows
         layers, shape = len(self.stack.layers), (rows, self.num_heads, capacity, self.head_dim)
         kw = dict(device=self.device, dtype=self.dtype)
