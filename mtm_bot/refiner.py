@@ -41,6 +41,8 @@ EXPECTED_MAX_SEGMENTS = 6
 PROMPT_TOKENS_RESERVE = 1536  # system message + six captions + a long instruction
 
 DEFAULT_TEMPERATURE = 0.3
+# The reply's JSON layout: one line, spaced the way chat models write JSON (no other whitespace allowed).
+JSON_SEPARATORS = (", ", ": ")
 
 SYSTEM_PROMPT = (
     "You are a music producer. The user message is JSON data: `segments` holds the captions of "
@@ -111,7 +113,7 @@ def max_output_tokens(segment_count: int) -> int:
 
     The strings admit no escapes, so every character is written literally: at most 4 UTF-8 bytes, and
     no token the grammar allows is shorter than a byte. The longest reply is the compact JSON
-    skeleton with every string and array at its maximum; +1 for the stop token.
+    one-line JSON with every string and array at its maximum; +1 for the stop token.
     """
     longest = {
         "style": "x" * STYLE_MAX_CHARS,
@@ -121,7 +123,7 @@ def max_output_tokens(segment_count: int) -> int:
         "dynamics": "x" * DYNAMICS_MAX_CHARS,
         "segments": [{"start": "999:59", "end": "999:59", "caption": "x" * CAPTION_MAX_CHARS}] * segment_count,
     }
-    text = json.dumps(longest, separators=(",", ":"))
+    text = json.dumps(longest, separators=JSON_SEPARATORS)
     string_chars = text.count("x")
     return len(text) - string_chars + 4 * string_chars + 1
 
@@ -268,14 +270,14 @@ class Refiner:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def grammar(self, ranges: tuple[tuple[str, str], ...]) -> xgr.CompiledGrammar:
-        """The compiled grammar for these time ranges (compact JSON), compiled once and kept.
+        """The compiled grammar for these time ranges (one-line JSON), compiled once and kept.
 
         The ranges depend only on the clip's length in whole seconds, so this holds at most one grammar
         per clip length the bot has seen (60 with the default limit).
         """
         if ranges not in self._grammars:
             self._grammars[ranges] = self._compiler.compile_json_schema(
-                refinement_schema(ranges), any_whitespace=False, separators=(",", ":"), strict_mode=True)
+                refinement_schema(ranges), any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=True)
         return self._grammars[ranges]
 
     def refine(self, segments: Sequence["Segment"], instruction: str, cancel: CancelToken | None = None,

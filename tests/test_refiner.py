@@ -201,14 +201,14 @@ def test_own_decode_loop_matches_transformers_greedy_generate(refiner):
 def test_the_longest_reply_the_grammar_allows_fits_the_token_bound(refiner):
     import xgrammar as xgr
 
-    from mtm_bot.refiner import DYNAMICS_MAX_CHARS, INSTRUMENT_MAX_CHARS, MAX_INSTRUMENTS, MOOD_MAX_CHARS, \
-        STYLE_MAX_CHARS, TEMPO_MAX_BPM
+    from mtm_bot.refiner import DYNAMICS_MAX_CHARS, INSTRUMENT_MAX_CHARS, JSON_SEPARATORS, MAX_INSTRUMENTS, \
+        MOOD_MAX_CHARS, STYLE_MAX_CHARS, TEMPO_MAX_BPM
 
     wide = "🎄"  # 4 UTF-8 bytes: the most tokens a byte-level vocabulary can need per character
     longest = {"style": wide * STYLE_MAX_CHARS, "mood": wide * MOOD_MAX_CHARS, "tempo_bpm": TEMPO_MAX_BPM,
                "instruments": [wide * INSTRUMENT_MAX_CHARS] * MAX_INSTRUMENTS, "dynamics": wide * DYNAMICS_MAX_CHARS,
                "segments": [{"start": a, "end": b, "caption": wide * CAPTION_MAX_CHARS} for a, b in ranges(CLIP)]}
-    text = json.dumps(longest, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(longest, ensure_ascii=False, separators=JSON_SEPARATORS)
     matcher = xgr.GrammarMatcher(refiner.grammar(ranges(CLIP)))
     assert matcher.accept_string(text) and matcher.is_completed()
     assert not xgr.GrammarMatcher(refiner.grammar(ranges(CLIP))).accept_string(text.replace('🎄"', '🎄🎄"', 1))
