@@ -24,11 +24,13 @@ import argparse
 import json
 import time
 
+import jsonschema
 import torch
 import xgrammar as xgr
 
 from mtm_bot.captioner import Segment
-from mtm_bot.refiner import Refiner, build_tiny_llm, build_tiny_tokenizer, format_time, max_output_tokens
+from mtm_bot.refiner import (Refiner, build_tiny_llm, build_tiny_tokenizer, format_time, max_output_tokens,
+                             refinement_schema)
 from mtm_bot.runtime import model_dtype, resolve_device
 
 SEGMENTS = [
@@ -144,16 +146,17 @@ def main() -> None:
         "grammar_overhead_ms_per_token": round(overhead_ms, 3),
         "grammar_overhead_pct": round(100 * overhead_ms / ours_f["ms_per_token"], 1),
         "same_reply_as_transformers": ours_grammar[0] == theirs_grammar[0],
-        "reply_parses": _parses(refiner.tokenizer.decode(ours_grammar[0])),
+        "reply_valid": _valid(refiner.tokenizer.decode(ours_grammar[0], clean_up_tokenization_spaces=False), ranges),
     }
     print(json.dumps(result, indent=2))
 
 
-def _parses(text: str) -> bool:
+def _valid(text: str, ranges) -> bool:
+    """Whether the reply parses as strict JSON and validates against the refinement schema."""
     try:
-        json.loads(text)
+        jsonschema.validate(json.loads(text), refinement_schema(ranges))
         return True
-    except ValueError:
+    except (ValueError, jsonschema.ValidationError):
         return False
 
 
