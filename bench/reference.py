@@ -30,12 +30,13 @@ def _recording_codes(model):
 @torch.no_grad()
 def reference_codes(model, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     input_features: torch.Tensor | None = None, prompt_codes: torch.Tensor | None = None,
-                    new_frames: int, guidance_scale: float = 3.0, greedy: bool = True, top_k: int = 250,
-                    generator_seed: int | None = None) -> torch.LongTensor:
+                    new_frames: int, guidance_scale: float = 3.0, greedy: bool = True,
+                    top_k: int = 250) -> torch.LongTensor:
     """Codes (B, K, P + new_frames) from `model.generate`, prompt included, delay pattern undone.
 
     The audio prompt goes in as `decoder_input_ids` (B * K, P): `generate` prepends the start token
-    and lays the prompt out in the delay pattern itself, forcing the prompt's delayed tail.
+    and lays the prompt out in the delay pattern itself, forcing the prompt's delayed tail. Sampling
+    draws from torch's global generator.
     """
     num_codebooks = model.decoder.num_codebooks
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, guidance_scale=guidance_scale,
@@ -48,8 +49,6 @@ def reference_codes(model, *, input_ids: torch.Tensor, attention_mask: torch.Ten
         kwargs["input_features"] = input_features
     if prompt_codes is not None:
         kwargs["decoder_input_ids"] = prompt_codes.reshape(-1, prompt_codes.shape[-1])
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
     with _recording_codes(model) as recorded:
         model.generate(**kwargs)
     (codes,) = recorded  # (1, B, K, frames)
