@@ -117,7 +117,8 @@ def test_on_step_reports_every_frame_and_its_exception_stops_the_loop(tiny):
     decoder = MusicgenDecoder(model, max_frames=200)
     kw = inputs(kind, tokenizer, prompt_frames=3)
     calls = []
-    decoder.generate_codes(**kw, new_frames=20, sampling=GREEDY, on_step=lambda done, total: calls.append((done, total)))
+    full = decoder.generate_codes(**kw, new_frames=20, sampling=GREEDY,
+                                  on_step=lambda done, total: calls.append((done, total)))
     assert calls == [(i, 20) for i in range(1, 21)]
 
     calls.clear()
@@ -130,6 +131,19 @@ def test_on_step_reports_every_frame_and_its_exception_stops_the_loop(tiny):
     with pytest.raises(Cancelled):
         decoder.generate_codes(**kw, new_frames=20, sampling=GREEDY, on_step=cancel_at_five)
     assert calls == [1, 2, 3, 4, 5]
+    assert torch.equal(decoder.generate_codes(**kw, new_frames=20, sampling=GREEDY), full)  # the next job is clean
+
+
+def test_a_reused_decoder_gives_what_a_fresh_one_gives(tiny):
+    """Static buffers carry nothing from one block to the next (longer caption, prompt, melody)."""
+    kind, model, tokenizer = tiny
+    reused = MusicgenDecoder(model, max_frames=200)
+    reused.generate_codes(**inputs(kind, tokenizer, captions=(CAPTION + ", " + CAPTION,), prompt_frames=30, seed=2),
+                          new_frames=50, sampling=GREEDY)
+    short = inputs(kind, tokenizer, captions=("lo-fi piano",))
+    fresh = MusicgenDecoder(model, max_frames=200)
+    assert torch.equal(reused.generate_codes(**short, new_frames=20, sampling=GREEDY),
+                       fresh.generate_codes(**short, new_frames=20, sampling=GREEDY))
 
 
 def test_block_longer_than_the_context_is_refused(tiny):
