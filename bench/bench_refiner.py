@@ -29,9 +29,10 @@ import torch
 import xgrammar as xgr
 
 from mtm_bot.captioner import Segment
-from mtm_bot.refiner import (Refiner, build_tiny_llm, build_tiny_tokenizer, format_time, max_output_tokens,
+from mtm_bot.refiner import (Refiner, build_tiny_llm, build_tiny_tokenizer, max_output_tokens,
                              refinement_schema)
 from mtm_bot.runtime import model_dtype, resolve_device
+from mtm_bot.timecode import format_time
 
 SEGMENTS = [
     Segment(0.0, 10.0, "a low quality recording of a piano melody over a steady beat"),

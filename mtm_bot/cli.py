@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             print(json.dumps([dataclasses.asdict(s) for s in segments], ensure_ascii=False, indent=2))
         else:
-            from .pipeline import format_range
+            from .timecode import format_range
             for s in segments:
                 print(f"{format_range(s.start, s.end)} {s.caption}")
         return EXIT_OK

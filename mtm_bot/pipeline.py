@@ -15,18 +15,9 @@ from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .refiner import Refinement, Refiner
 from .runtime import resolve_device
 from .settings import Settings
+from .timecode import format_range
 
 BLOCK_SECONDS = 10
-
-
-def format_time(seconds: float) -> str:
-    """`M:SS`, the contract's way of writing a time in captions (0:00, 0:10, 1:30)."""
-    whole = int(round(seconds))
-    return f"{whole // 60}:{whole % 60:02d}"
-
-
-def format_range(start: float, end: float) -> str:
-    return f"{format_time(start)}\u2013{format_time(end)}"
 
 
 def caption_lines(blocks: list[Block], refinement: Refinement) -> list[str]:

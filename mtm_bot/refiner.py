@@ -19,6 +19,7 @@ import xgrammar as xgr
 from .errors import InputError
 from .progress import CancelToken
 from .runtime import from_hub, model_dtype
+from .timecode import format_range, format_time
 
 if TYPE_CHECKING:
     from .captioner import Segment
@@ -60,12 +61,6 @@ SYSTEM_PROMPT = (
     f'range and "caption": one sentence (at most {CAPTION_MAX_CHARS} characters) describing that part '
     "of the new track for a music generator: instruments, rhythm, texture, mood."
 )
-
-
-def format_time(seconds: float) -> str:
-    """`M:SS`, as the captions' time ranges are written everywhere (0:00, 0:10, 1:30)."""
-    whole = int(round(seconds))
-    return f"{whole // 60}:{whole % 60:02d}"
 
 
 def _plain_text(max_chars: int) -> dict:
@@ -197,7 +192,7 @@ def check_instruction(instruction: str) -> str:
 def build_messages(segments: Sequence["Segment"], instruction: str) -> list[dict[str, str]]:
     """The chat: task and format in the system message; captions and instruction as JSON data."""
     data = {
-        "segments": [{"time": f"{format_time(s.start)}\u2013{format_time(s.end)}", "caption": s.caption}
+        "segments": [{"time": format_range(s.start, s.end), "caption": s.caption}
                      for s in segments],
         "instruction": instruction,
     }

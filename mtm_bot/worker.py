@@ -36,6 +36,7 @@ from .errors import Cancelled, InputError, MTMError
 from .jobs import Job, JobKind, JobNotFound, JobQueue, JobState, JobStore, NotCancellable
 from .progress import CancelToken, Progress
 from .settings import Settings
+from .timecode import format_range
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -254,8 +255,6 @@ class Worker:
             forward(self.listener.job_progress, progress)
 
         if job.kind is JobKind.CAPTION:
-            from .pipeline import format_range  # the pipeline module pulls in every model stage
-
             segments = self.pipeline.caption(clip, report, cancel)
             result_json = {"input_captions": [dataclasses.asdict(s) for s in segments],
                            "lines": [f"{format_range(s.start, s.end)} {s.caption}" for s in segments]}

@@ -8,13 +8,13 @@ import torch
 from mtm_bot.captioner import Segment
 from mtm_bot.errors import Cancelled, InputError, ModelUnavailable
 from mtm_bot.progress import CancelToken
+from mtm_bot.timecode import format_time
 from mtm_bot.refiner import (
     CAPTION_MAX_CHARS,
     InstructionTooLong,
     MAX_INSTRUCTION_CHARS,
     Refinement,
     Refiner,
-    format_time,
     max_output_tokens,
     refinement_schema,
 )
