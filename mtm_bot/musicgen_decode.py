@@ -122,7 +122,7 @@ class MusicgenDecoder:
         for step in range(1, steps + 1):  # prefill was step 1
             if step > 1:
                 noise = self._noise(batch, sampling, generator)
-                self.step(pos, cache_pos, noise, sampling)
+                self.step(pos, cache_pos, noise, sampling, self._keys_to_read(prefix_len + start + step - 1))
                 pos += 1
                 cache_pos += 1
             if on_step is not None and step >= K:  # frame `step - K + 1` now has all K codebooks
@@ -256,12 +256,18 @@ class MusicgenDecoder:
         self._choose(self._logits(hidden), torch.tensor([tokens.shape[-1]], device=self.device), noise, sampling)
 
     def decode_one_token(self, pos: torch.Tensor, cache_pos: torch.Tensor, noise: torch.Tensor | None,
-                         sampling: Sampling) -> None:
-        """Feed the tokens at `pos` (KV slot `cache_pos`), write the chosen next tokens at pos + 1."""
+                         sampling: Sampling, keys: int) -> None:
+        """Feed the tokens at `pos` (KV slot `cache_pos`), attend to the first `keys` slots of the
+        cache, and write the chosen next tokens at pos + 1."""
         hidden = self._embed(self._with_null_rows(self.codes.index_select(2, pos)))
-        mask = (self.key_positions <= cache_pos).view(1, 1, 1, -1)
+        mask = (self.key_positions[:keys] <= cache_pos).view(1, 1, 1, -1)
         hidden = self._forward(hidden + self.stack.embed_positions.weights[cache_pos], cache_pos, mask)
         self._choose(self._logits(hidden), pos + 1, noise, sampling)
+
+    def _keys_to_read(self, filled: int) -> int:
+        """A captured graph has one static shape: it reads every slot (masked). Eager steps read only
+        the `filled` slots, which on the CPU saves reading the whole cache per step."""
+        return self.k_cache.shape[3] if self.compiled else filled
 
     def _with_null_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """The null-conditioned rows see the same audio tokens as the conditional ones."""
@@ -289,7 +295,9 @@ class MusicgenDecoder:
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
         else:
-            out = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask, scale=attn.scaling)
+            keys = mask.shape[-1]
+            out = F.scaled_dot_product_attention(q, self.k_cache[i, :, :, :keys], self.v_cache[i, :, :, :keys],
+                                                 attn_mask=mask, scale=attn.scaling)
         return attn.out_proj(self._merge_heads(out))
 
     def _cross_attention(self, i: int, attn, x: torch.Tensor) -> torch.Tensor:

@@ -158,9 +158,12 @@ def test_decode_step_traces_as_one_graph(tiny):
     kind, model, tokenizer = tiny
     kw = inputs(kind, tokenizer, prompt_frames=2)
     eager = MusicgenDecoder(model, max_frames=100)
-    traced = MusicgenDecoder(model, max_frames=100)
-    traced.step = torch.compile(traced.decode_one_token, backend="eager", fullgraph=True)
+    traced = MusicgenDecoder(model, max_frames=100, compile=True)  # the CUDA configuration ...
+    traced.step = torch.compile(traced.decode_one_token, backend="eager", fullgraph=True)  # ... without inductor
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     for sampling in (GREEDY, Sampling()):
         runs = [d.generate_codes(**kw, new_frames=12, sampling=sampling, generator=torch.Generator().manual_seed(3))
                 for d in (eager, traced)]
         assert torch.equal(*runs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per sampling mode, none per step
