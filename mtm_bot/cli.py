@@ -82,6 +82,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from .audio import write
     from .pipeline import Pipeline
 
+    if not args.input.is_file():
+        raise InputError(f"There is no file at {args.input}.")
     if args.command == "compose":
         _check_output_suffix(args.output)
     pipeline = Pipeline(settings)

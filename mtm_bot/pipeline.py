@@ -1,4 +1,8 @@
-"""The whole Music -> Text -> Music pipeline: caption, refine, generate. Models load once and stay resident."""
+"""The whole Music -> Text -> Music pipeline: caption, refine, generate. Models load once and stay resident.
+
+The model stages (torch, transformers, xgrammar) are imported when first loaded, so validating a clip
+or a duration answers a user in a fraction of a second, before any model library is touched.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,16 +10,20 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .audio import Audio, load_clip, loudness_normalize
-from .captioner import Captioner, Segment
-from .generator import Block, Generator, plan_blocks
+from .errors import InputError
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
-from .refiner import Refinement, Refiner
-from .runtime import resolve_device
 from .settings import Settings
 from .timecode import format_range
+
+if TYPE_CHECKING:
+    import torch
+
+    from .captioner import Captioner, Segment
+    from .generator import Block, Generator
+    from .refiner import Refinement, Refiner
 
 BLOCK_SECONDS = 10
 
@@ -59,7 +67,7 @@ class Pipeline:
                  generator: Generator | None = None) -> None:
         """Stages not given are loaded from `settings` on first use (or all at once by `load`)."""
         self.settings = settings
-        self.device = resolve_device(settings.device)
+        self._device: torch.device | None = None
         self._captioner = captioner
         self._refiner = refiner
         self._generator = generator
@@ -70,20 +78,34 @@ class Pipeline:
         return self
 
     @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            from .runtime import resolve_device
+
+            self._device = resolve_device(self.settings.device)
+        return self._device
+
+    @property
     def captioner(self) -> Captioner:
         if self._captioner is None:
+            from .captioner import Captioner
+
             self._captioner = Captioner.load(self.settings.profile, self.device)
         return self._captioner
 
     @property
     def refiner(self) -> Refiner:
         if self._refiner is None:
+            from .refiner import Refiner
+
             self._refiner = Refiner.load(self.settings.profile, self.settings.llm_id, self.device)
         return self._refiner
 
     @property
     def generator(self) -> Generator:
         if self._generator is None:
+            from .generator import Generator
+
             self._generator = Generator.load(self.settings.profile, self.settings.musicgen_id, self.device)
         return self._generator
 
@@ -95,8 +117,6 @@ class Pipeline:
 
     def output_duration(self, clip: Audio, requested: int | None) -> int:
         """The requested length, else the clip's length rounded up to whole blocks; within the limits."""
-        from .errors import InputError
-
         if requested is None:
             blocks = -(-clip.duration // BLOCK_SECONDS)
             return int(min(max(blocks, 1) * BLOCK_SECONDS, self.settings.max_output_seconds))
@@ -130,6 +150,8 @@ class Pipeline:
         t0 = time.perf_counter()
         refinement = self.refiner.refine(segments, instruction, cancel=cancel, seed=seed)
         timings["refine"] = time.perf_counter() - t0
+
+        from .generator import plan_blocks
 
         blocks = [dataclasses.replace(b, description=refinement.description(b.segment))
                   for b in plan_blocks(seconds, [(s.start, s.end) for s in segments], BLOCK_SECONDS)]
