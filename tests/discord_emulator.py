@@ -9,7 +9,9 @@ Interaction semantics modelled after Discord's:
 - a callback must arrive within 3 s of dispatch and only once;
 - a deferred reply is a "thinking" message whose visibility is fixed at defer time; the first
   follow-up after the defer replaces it and inherits that visibility;
-- `expire_tokens()` makes every webhook call fail like an expired interaction token (401/404).
+- `expire_tokens()` makes webhook calls fail like an expired interaction token (401/404);
+- messages over Discord's size limits (2 000 content, 1 024 per embed field, 6 000 per message)
+  are refused with 400 Invalid Form Body, and recorded in `refused`.
 """
 from __future__ import annotations
 
@@ -177,7 +179,6 @@ class DiscordEmulator:
         self.commands: dict[str, list[dict]] = {}  # "global" or guild id -> the synced command list
         self.cdn_files: dict[str, tuple[bytes, str | None]] = {}
         self.cdn_downloads: list[str] = []
-        self.requests: list[tuple[str, str]] = []  # (method, path) of every REST call
         self.refused: list[str] = []  # messages refused for breaking Discord's size limits
         self.identifies = 0
         self.resumes = 0
@@ -190,7 +191,7 @@ class DiscordEmulator:
 
     # ----------------------------------------------------------------------------- lifecycle
     async def start(self) -> "DiscordEmulator":
-        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._record])
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._notify_after])
         r = app.router
         r.add_get("/gateway", self._gateway_ws)
         r.add_get("/api/v10/gateway", self._get_gateway)
@@ -315,17 +316,13 @@ class DiscordEmulator:
         for ws in list(self._sockets):
             await ws.send_str(json.dumps({"op": 7, "d": None}))
 
-    def channel_messages(self) -> list[Message]:
-        return [m for m in self.messages if m.via == "channel"]
-
     # ----------------------------------------------------------------------------- internals
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
 
     @web.middleware
-    async def _record(self, request: web.Request, handler):
-        self.requests.append((request.method, request.path))
+    async def _notify_after(self, request: web.Request, handler):
         try:
             return await handler(request)
         finally:

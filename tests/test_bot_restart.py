@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from discord_emulator import DiscordEmulator, FakeUser, Message
+from mtm_bot.jobs import JobState, JobStore
+from mtm_bot.settings import Settings
 from test_bot_e2e import JOB_SECONDS, LINE, accepted, pings, results_for, wav_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,13 +74,22 @@ async def test_kill_9_then_restart_delivers_the_running_and_the_queued_job_once(
         first = await start_bot(emulator, storage, log)
         processes.append(first)
         await emulator.wait_for(lambda: emulator.commands, 60, "command sync")
-        running = await emulator.slash(alice, "compose", {"instruction": "sea shanty", "duration": 10},
+        running = await emulator.slash(alice, "compose", {"instruction": "sea shanty", "duration": 60},
                                        attachment=(wav_bytes(3.0), "a.wav", "audio/wav"))
         running_id = await accepted(emulator, running)
         queued = await emulator.slash(bob, "caption", attachment=(wav_bytes(2.0, seed=4), "b.wav", "audio/wav"))
         queued_id = await accepted(emulator, queued)
-        await emulator.wait_for(lambda: "generating" in running.response.content, JOB_SECONDS, "generation")
-        assert "queue" in queued.response.content  # still waiting behind alice's job
+        store = await JobStore.open(Settings(storage_dir=storage))  # a second reader of the bot's database
+
+        async def running_now() -> None:
+            while (await store.get(running_id)).state is not JobState.RUNNING:
+                await asyncio.sleep(0.05)
+
+        try:
+            await asyncio.wait_for(running_now(), JOB_SECONDS)
+            assert (await store.get(queued_id)).state is JobState.QUEUED
+        finally:
+            await store.close()
 
         first.send_signal(signal.SIGKILL)
         assert await first.wait() == -signal.SIGKILL
