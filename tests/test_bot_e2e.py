@@ -6,6 +6,7 @@ until its jobs are finished, so the queue is empty for the next one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import re
 
@@ -13,8 +14,11 @@ import pytest
 import pytest_asyncio
 import soundfile as sf
 
+from bot import MTMBot, point_discord_at
 from discord_emulator import CHANNEL_MESSAGE, DiscordEmulator, FakeUser, Interaction, Message
 from mtm_bot.audio import load_clip
+from mtm_bot.jobs import Job, JobKind, JobState
+from mtm_bot.settings import Settings
 from synth import bad_files, music
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -31,16 +35,13 @@ def wav_bytes(seconds: float, seed: int = 0, rate: int = 16000) -> bytes:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def world(tmp_path_factory):
-    import bot as bot_module
-    from mtm_bot.settings import Settings
-
     emulator = await DiscordEmulator().start()
     env = {**emulator.env(), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu",
            "MTM_STORAGE_DIR": str(tmp_path_factory.mktemp("storage")), "MTM_SUBMISSIONS_PER_MINUTE": "100",
            "MTM_SEED": "1"}
     settings = Settings.from_env(env, env_file=None)
-    bot_module.point_discord_at(settings)
-    bot = bot_module.MTMBot(settings)
+    point_discord_at(settings)
+    bot = MTMBot(settings)
     runner = asyncio.create_task(bot.start(settings.discord_token))
     await emulator.wait_for(lambda: runner.done() or (emulator.connected and emulator.commands), 300, "bot start")
     if runner.done():
@@ -198,8 +199,6 @@ async def test_bad_inputs_get_specific_ephemeral_errors_and_the_bot_keeps_servin
 
 async def test_submission_rate_limit_says_when_to_retry(world):
     emulator, bot = world
-    import dataclasses
-
     erin = emulator.user("erin")
     strict = dataclasses.replace(bot.settings, submissions_per_minute=1)
     bot.settings, relaxed = strict, bot.settings
@@ -270,8 +269,8 @@ async def test_cancel_queued_and_running_jobs_failures_and_expired_tokens(world)
     assert "failed" in status.content and not status.ephemeral
     assert reason.ephemeral and "no longer stored" in reason.content
 
-    await asyncio.sleep(1.0)
     await emulator.wait_for(lambda: results_for(emulator, frank), JOB_SECONDS, "frank's second job")
+    await asyncio.sleep(1.0)  # a stray result would show up here
     assert len(results_for(emulator, frank)) == 1 and "caption" in results_for(emulator, frank)[0].content
     assert not results_for(emulator, grace) and not results_for(emulator, ivan)
     assert not emulator.refused
@@ -281,8 +280,6 @@ async def test_long_captions_fit_discords_limits_and_an_unfittable_track_is_expl
     """Delivery of a finished job with no live interaction (as after a restart): 18 long caption
     lines and a track that fits no encoding within a tiny upload limit."""
     emulator, bot = world
-    from mtm_bot.jobs import Job, JobKind, JobState
-
     judy = emulator.user("judy")
     job = Job.new(JobKind.COMPOSE, user_id=judy.id, guild_id=emulator.guild_id, channel_id=emulator.channel_id,
                   instruction="x" * 500, duration=180, attachment_size_limit=4_000,
