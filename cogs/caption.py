@@ -7,7 +7,7 @@ from discord.ext import commands
 
 from mtm_bot.jobs import JobKind
 
-from .submit import accept, submission_cooldown
+from .submit import accept, submission_rate_limit
 
 
 class Caption(commands.Cog):
@@ -16,7 +16,7 @@ class Caption(commands.Cog):
 
     @app_commands.command(name="caption", description="Describe a music clip in 10 s segments")
     @app_commands.describe(audio="A music clip (WAV, FLAC, OGG, MP3)")
-    @app_commands.checks.dynamic_cooldown(submission_cooldown)
+    @submission_rate_limit
     async def caption(self, interaction: discord.Interaction, audio: discord.Attachment) -> None:
         await accept(interaction, audio, JobKind.CAPTION)
 

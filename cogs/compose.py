@@ -10,7 +10,7 @@ from discord.ext import commands
 from mtm_bot.jobs import JobKind
 from mtm_bot.pipeline import BLOCK_SECONDS
 
-from .submit import accept, submission_cooldown
+from .submit import accept, submission_rate_limit
 
 INSTRUCTION_MAX_CHARS = 500
 
@@ -29,7 +29,7 @@ class Compose(commands.Cog):
         instruction="Your taste, e.g. 'a cosy jazz carol with sleigh bells'",
         duration="Length of the new track in seconds (default: the clip's length rounded up to 10 s)",
     )
-    @app_commands.checks.dynamic_cooldown(submission_cooldown)
+    @submission_rate_limit
     async def compose(self, interaction: discord.Interaction, audio: discord.Attachment,
                       instruction: app_commands.Range[str, 1, INSTRUCTION_MAX_CHARS],
                       duration: app_commands.Range[int, BLOCK_SECONDS, None] | None = None) -> None:

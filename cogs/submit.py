@@ -32,8 +32,12 @@ class EmptyInstruction(InputError):
 
 
 def submission_cooldown(interaction: discord.Interaction) -> app_commands.Cooldown:
-    """Per-user submission rate for /compose and /caption (settings.submissions_per_minute)."""
+    """Per-user submission rate (settings.submissions_per_minute)."""
     return app_commands.Cooldown(interaction.client.settings.submissions_per_minute, 60.0)
+
+
+# One decorator holds one mapping of buckets: /compose and /caption share each user's budget.
+submission_rate_limit = app_commands.checks.dynamic_cooldown(submission_cooldown)
 
 
 def check_attachment(audio: discord.Attachment, max_bytes: int) -> None:

@@ -205,7 +205,8 @@ async def test_submission_rate_limit_says_when_to_retry(world):
     try:
         first = await emulator.slash(erin, "caption", attachment=(b"not audio", "a.txt", "text/plain"))
         await ephemeral_error(emulator, first)  # refused, but it counted as a submission
-        second = await emulator.slash(erin, "caption", attachment=(wav_bytes(2.0), "b.wav", "audio/wav"))
+        second = await emulator.slash(erin, "compose", {"instruction": "jazz"},  # one budget for both commands
+                                      attachment=(wav_bytes(2.0), "b.wav", "audio/wav"))
         text = await ephemeral_error(emulator, second)
     finally:
         bot.settings = relaxed
