@@ -7,14 +7,14 @@ from discord.ext import commands
 
 from mtm_bot.jobs import Job, JobState
 
-from .render import minutes, shorten
+from .render import minutes, quote, shorten
 
 QUEUE_LINES_SHOWN = 10
 
 
 def describe(job: Job) -> str:
     what = f"`{job.id}` {job.kind.value} by <@{job.user_id}>"
-    return what + (f" · {shorten(job.instruction, 60)!r}" if job.instruction else "")
+    return what + (f" · {quote(shorten(job.instruction, 60))}" if job.instruction else "")
 
 
 class Queue(commands.Cog):
@@ -41,7 +41,7 @@ class Queue(commands.Cog):
         lines.append("**Your jobs:** " + ("none yet" if not mine else ""))
         for job in mine:
             lines.append(f"`{job.id}` {job.kind.value} · {job.state.value}"
-                         + (f" · {shorten(job.instruction, 60)!r}" if job.instruction else ""))
+                         + (f" · {quote(shorten(job.instruction, 60))}" if job.instruction else ""))
         await interaction.response.send_message(shorten("\n".join(lines), 2000), ephemeral=True)
 
     @app_commands.command(name="cancel", description="Stop a job (default: your newest unfinished job)")
