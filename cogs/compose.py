@@ -9,10 +9,9 @@ from discord.ext import commands
 
 from mtm_bot.jobs import JobKind
 from mtm_bot.pipeline import BLOCK_SECONDS
+from mtm_bot.refiner import MAX_INSTRUCTION_CHARS
 
 from .submit import accept, submission_rate_limit
-
-INSTRUCTION_MAX_CHARS = 500
 
 
 class Compose(commands.Cog):
@@ -31,7 +30,7 @@ class Compose(commands.Cog):
     )
     @submission_rate_limit
     async def compose(self, interaction: discord.Interaction, audio: discord.Attachment,
-                      instruction: app_commands.Range[str, 1, INSTRUCTION_MAX_CHARS],
+                      instruction: app_commands.Range[str, 1, MAX_INSTRUCTION_CHARS],
                       duration: app_commands.Range[int, BLOCK_SECONDS, None] | None = None) -> None:
         await accept(interaction, audio, JobKind.COMPOSE, instruction=instruction.strip(), duration=duration)
 

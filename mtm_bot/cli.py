@@ -89,7 +89,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     pipeline = Pipeline(settings)
     clip = pipeline.read_clip(args.input)  # bad input fails here, before any model loads
     if args.command == "compose":
+        from .refiner import check_instruction
+
         duration = pipeline.output_duration(clip, args.duration)
+        check_instruction(args.instruction)
     with _ProgressBar() as bar:
         if args.command == "caption":
             segments = pipeline.caption(clip, bar.update)

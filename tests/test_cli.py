@@ -77,6 +77,7 @@ def test_bad_input_exits_2_with_a_one_line_reason(name, tmp_path, capsys, monkey
     (["--duration", "5"], "between 10 and 180"),
     (["--duration", "999"], "between 10 and 180"),
     (["-o", "out.txt"], ".wav, .flac, .ogg or .mp3"),
+    (["-i", "carol " * 101], "500 characters"),
 ])
 def test_bad_arguments_exit_2_before_any_model_loads(args, fragment, tmp_path):
     clip = write_music(tmp_path / "clip.wav", 3.0)
