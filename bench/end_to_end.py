@@ -28,7 +28,7 @@ import xgrammar as xgr
 
 from mtm_bot.audio import Audio, load_clip
 from mtm_bot.captioner import Captioner, LPMusicCaps, bart_base_config
-from mtm_bot.generator import Generator, build_tiny_musicgen
+from mtm_bot.generator import MAX_TEXT_TOKENS, Generator, build_tiny_musicgen
 from mtm_bot.musicgen_decode import Sampling
 from mtm_bot.pipeline import Pipeline
 from mtm_bot.refiner import Refiner, build_tiny_tokenizer
@@ -80,7 +80,7 @@ def build_stages(profile: str, device: torch.device) -> tuple[Captioner, Refiner
     musicgen.audio_encoder.float()
     generator = Generator(musicgen, build_tiny_musicgen("melody")[1], device)
     if device.type == "cuda":
-        generator.decoder.warmup()
+        generator.decoder.warmup(text_tokens=MAX_TEXT_TOKENS)
     return captioner, refiner, generator
 
 

@@ -144,7 +144,9 @@ class Generator:
         model.audio_encoder.float()  # EnCodec is small and makes the audible output: keep it in float32
         generator = cls(model, tokenizer, device)
         if device.type == "cuda":
-            generator.decoder.warmup()  # compile and capture now, not on a user's first request
+            # Compile and capture now, not on a user's first request. Warming up at the longest
+            # description sizes the text buffers once, so no later caption forces a recompile.
+            generator.decoder.warmup(text_tokens=MAX_TEXT_TOKENS)
         return generator
 
     def generate(self, clip: Audio, blocks: list[Block], seed: int, progress: ProgressCallback = ignore_progress,

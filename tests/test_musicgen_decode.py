@@ -4,7 +4,7 @@ import torch
 
 from bench.reference import reference_codes
 from mtm_bot.errors import Cancelled
-from mtm_bot.generator import build_tiny_musicgen
+from mtm_bot.generator import MAX_TEXT_TOKENS, build_tiny_musicgen
 from mtm_bot.musicgen_decode import MusicgenDecoder, Sampling
 
 GREEDY = Sampling(greedy=True)
@@ -167,3 +167,13 @@ def test_decode_step_traces_as_one_graph(tiny):
                 for d in (eager, traced)]
         assert torch.equal(*runs)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per sampling mode, none per step
+
+
+def test_warming_up_at_the_longest_description_leaves_no_reallocation_for_shorter_ones():
+    model, _ = build_tiny_musicgen("melody")
+    decoder = MusicgenDecoder(model, max_frames=64, compile=False)
+    decoder.warmup(text_tokens=MAX_TEXT_TOKENS)
+    cache = decoder.k_cache
+    ids = torch.ones(1, 40, dtype=torch.long)
+    decoder.generate_codes(input_ids=ids, attention_mask=torch.ones_like(ids), new_frames=4)
+    assert decoder.k_cache is cache  # same buffers: a captured CUDA graph would stay valid
