@@ -14,24 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from bench.bench_musicgen import timed
 from bench.end_to_end import synth_clip
 from mtm_bot.audio import Audio
 from mtm_bot.captioner import SEGMENT_SECONDS, Captioner, LPMusicCaps, bart_base_config
 from mtm_bot.runtime import resolve_device
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -61,7 +51,7 @@ def main() -> None:
     times = {name: [] for name in paths}
     for _ in range(args.repeats):  # interleaved, so a noisy neighbour slows both alike
         for name, run in paths.items():
-            times[name].append(timed(run, device))
+            times[name].append(timed(run, device)[0])  # (wall, memory)
     result = {"profile": args.profile, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch_threads": torch.get_num_threads(), "clip_s": args.seconds, "segments": len(pieces)}
     for name, measured in times.items():

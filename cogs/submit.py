@@ -14,13 +14,13 @@ from pathlib import PurePosixPath
 import discord
 from discord import app_commands
 
+from mtm_bot.audio import megabytes
 from mtm_bot.errors import FileTooLarge, InputError, NotAudio
 from mtm_bot.jobs import Job, JobKind
 
 from .errors import THINKING
 
 AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff"}  # libsndfile reads these
-MIB = 1024 * 1024
 
 
 class DownloadFailed(InputError):
@@ -43,7 +43,7 @@ submission_rate_limit = app_commands.checks.dynamic_cooldown(submission_cooldown
 def check_attachment(audio: discord.Attachment, max_bytes: int) -> None:
     """Refuse from metadata alone, before a byte is downloaded."""
     if audio.size > max_bytes:
-        raise FileTooLarge(f"`{audio.filename}` is {audio.size / MIB:.1f} MB; the limit is {max_bytes / MIB:g} MB. "
+        raise FileTooLarge(f"`{audio.filename}` is {megabytes(audio.size)}; the limit is {megabytes(max_bytes)}. "
                            "Please upload a shorter or compressed clip (MP3 or OGG).")
     content_type = (audio.content_type or "").split(";")[0].strip().lower()
     extension = PurePosixPath(audio.filename).suffix.lower()

@@ -29,8 +29,8 @@ import soxr
 
 from .errors import (ClipTooLong, ClipTooShort, EmptyAudio, FileTooLarge, NotAudio, OutputTooLarge,
                      TruncatedAudio)
+from .settings import MIB
 
-MIB = 1024 * 1024
 SILENCE_DBFS = -80.0
 # A decode may come up this much short of the header's length (MP3 files without a Xing/LAME tag
 # only estimate their length) before we call the file truncated.
@@ -120,7 +120,7 @@ def load_clip(path: str | Path, *, min_seconds: float = 1.0, max_seconds: float 
     path = Path(path)
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
-        raise FileTooLarge(f"The file is {_megabytes(size)}; the upload limit is {_megabytes(max_bytes)}.")
+        raise FileTooLarge(f"The file is {megabytes(size)}; the upload limit is {megabytes(max_bytes)}.")
     info = probe(path)
     if info.frames == 0:
         raise EmptyAudio("The file contains no audio (0 samples).")
@@ -140,7 +140,7 @@ def load_clip(path: str | Path, *, min_seconds: float = 1.0, max_seconds: float 
     return Audio(samples, info.sample_rate)
 
 
-def _megabytes(n: int) -> str:
+def megabytes(n: int) -> str:
     return f"{n / MIB:.2f}".rstrip("0").rstrip(".") + " MB"
 
 
@@ -311,7 +311,7 @@ def encode_to_fit(audio: Audio, max_bytes: int) -> Encoded:
         if len(mp3.data) <= max_bytes:
             return mp3
     raise OutputTooLarge(
-        f"The {audio.duration:.0f} s track does not fit the {_megabytes(max_bytes)} upload limit, "
+        f"The {audio.duration:.0f} s track does not fit the {megabytes(max_bytes)} upload limit, "
         f"not even as {bitrates[-1]} kbps MP3.")
 
 
