@@ -22,9 +22,10 @@ import time
 import torch
 
 from bench.reference import reference_codes
+from mtm_bot.generator import FRAME_RATE, cache_frames
 from mtm_bot.musicgen_decode import MusicgenDecoder, Sampling
+from mtm_bot.pipeline import BLOCK_SECONDS
 
-FRAME_RATE = 50  # EnCodec 32 kHz frames per second
 CHROMA_RATE = 32000 / 4096  # musicgen-melody chroma frames per second (hop 4096)
 TEXT_TOKENS = 24  # a typical refined caption
 
@@ -109,7 +110,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    parser.add_argument("--max-frames", type=int, default=1500, help="KV cache size of the fast path (the bot's)")
+    parser.add_argument("--max-frames", type=int, default=0,
+                        help="KV cache size of the fast path; 0: the bot's (a 10 s block and its prompt), "
+                             "or the benched block if that is longer")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path; the median is reported")
@@ -134,7 +137,8 @@ def main() -> None:
                 "peak_memory_mib": round(memory, 1)}
 
     compile = {"auto": None, "on": True, "off": False}[args.compile]
-    decoder = MusicgenDecoder(model, max_frames=args.max_frames, compile=compile)
+    max_frames = args.max_frames or max(cache_frames(BLOCK_SECONDS), new_frames + round(args.prompt_seconds * FRAME_RATE))
+    decoder = MusicgenDecoder(model, max_frames=max_frames, compile=compile)
     start = time.perf_counter()
     decoder.warmup()
     warmup_s = time.perf_counter() - start
@@ -157,7 +161,7 @@ def main() -> None:
         "arch": args.arch, "device": str(device), "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda" else "cpu", "torch_threads": torch.get_num_threads(), "dtype": str(dtype),
         "batch": args.batch, "seconds": args.seconds, "prompt_seconds": args.prompt_seconds, "steps": steps,
-        "repeats": args.repeats, "build_s": round(build_s, 1), "compiled": decoder.compiled,
+        "repeats": args.repeats, "build_s": round(build_s, 1), "compiled": decoder.compiled, "max_frames": max_frames,
     }
     for name, measured in runs.items():
         result[name] = report(statistics.median(w for w, _ in measured), max(m for _, m in measured))

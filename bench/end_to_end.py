@@ -30,7 +30,7 @@ from mtm_bot.audio import Audio, load_clip
 from mtm_bot.captioner import Captioner, LPMusicCaps, bart_base_config
 from mtm_bot.generator import MAX_TEXT_TOKENS, Generator, build_tiny_musicgen
 from mtm_bot.musicgen_decode import Sampling
-from mtm_bot.pipeline import Pipeline
+from mtm_bot.pipeline import BLOCK_SECONDS, Pipeline
 from mtm_bot.refiner import Refiner, build_tiny_tokenizer
 from mtm_bot.runtime import model_dtype, resolve_device
 from mtm_bot.settings import Settings
@@ -68,7 +68,7 @@ class TransformersDecoder:
 
 def build_stages(profile: str, device: torch.device) -> tuple[Captioner, Refiner, Generator]:
     if profile == "tiny":
-        return (Captioner.tiny(device), Refiner.load("tiny", "", device), Generator.load("tiny", "", device))
+        return (Captioner.tiny(device), Refiner.load("tiny", "", device), Generator.load("tiny", "", device, BLOCK_SECONDS))
     from bench.bench_musicgen import build_random_musicgen
     from bench.bench_refiner import build_random_llama_3b
 
@@ -78,7 +78,7 @@ def build_stages(profile: str, device: torch.device) -> tuple[Captioner, Refiner
     refiner = Refiner(build_random_llama_3b(tokenizer, dtype, device), tokenizer, device)
     musicgen = build_random_musicgen("melody").to(device, dtype)
     musicgen.audio_encoder.float()
-    generator = Generator(musicgen, build_tiny_musicgen("melody")[1], device)
+    generator = Generator(musicgen, build_tiny_musicgen("melody")[1], device, BLOCK_SECONDS)
     if device.type == "cuda":
         generator.decoder.warmup(text_tokens=MAX_TEXT_TOKENS)
     return captioner, refiner, generator

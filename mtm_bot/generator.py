@@ -26,7 +26,7 @@ from .runtime import from_hub, model_dtype
 SAMPLE_RATE = 32000
 FRAME_RATE = 50  # EnCodec frames (MusicGen decode steps) per second
 SAMPLES_PER_FRAME = SAMPLE_RATE // FRAME_RATE
-MAX_FRAMES = 1500  # MusicGen's 30 s context, audio prompt included
+MAX_FRAMES = 1500  # MusicGen's 30 s context (its generation_config.max_length)
 # 3.2 s: whole EnCodec frames that are also whole chroma hops (20480 samples = 32 frames = 5 hops), so
 # a continuation's chroma frames start exactly where its new frames do.
 PROMPT_SECONDS = 3.2
@@ -60,7 +60,7 @@ class Block:
     description: str = ""  # MusicGen text prompt
 
 
-def plan_blocks(duration: float, segments: list[tuple[float, float]], block_seconds: float = 10) -> list[Block]:
+def plan_blocks(duration: float, segments: list[tuple[float, float]], block_seconds: float) -> list[Block]:
     """ceil(duration / block_seconds) blocks, the last possibly shorter; block i follows segment i mod n."""
     if duration <= 0 or block_seconds <= 0:
         raise ValueError(f"duration and block_seconds must be positive, got {duration} and {block_seconds}")
@@ -124,16 +124,18 @@ class Generator:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model, tokenizer, device: torch.device, melody_on_continuations: bool = True) -> None:
+    def __init__(self, model, tokenizer, device: torch.device, block_seconds: float,
+                 melody_on_continuations: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.uses_melody = model.config.model_type == "musicgen_melody"
         self.melody_on_continuations = melody_on_continuations
-        self.decoder = MusicgenDecoder(model, max_frames=MAX_FRAMES)
+        self.block_seconds = block_seconds
+        self.decoder = MusicgenDecoder(model, max_frames=cache_frames(block_seconds))
 
     @classmethod
-    def load(cls, profile: str, model_id: str, device: torch.device) -> "Generator":
+    def load(cls, profile: str, model_id: str, device: torch.device, block_seconds: float) -> "Generator":
         """The model for `profile`, resident on `device` (half precision on CUDA), its decode step compiled."""
         dtype = model_dtype(device)
         if profile == "tiny":
@@ -142,7 +144,7 @@ class Generator:
             model, tokenizer = _load_pretrained(model_id, dtype)
         model = model.to(device, dtype)
         model.audio_encoder.float()  # EnCodec is small and makes the audible output: keep it in float32
-        generator = cls(model, tokenizer, device)
+        generator = cls(model, tokenizer, device, block_seconds)
         if device.type == "cuda":
             # Compile and capture now, not on a user's first request. Warming up at the longest
             # description sizes the text buffers once, so no later caption forces a recompile.
@@ -187,9 +189,9 @@ class Generator:
         from the same audio), so a continuation's chroma is that of the prompt audio, then its segment's.
         """
         new_frames = _frames_until(block.end) - _frames_until(block.start)
-        prompt_frames = 0 if prompt is None else prompt.shape[-1]
-        if prompt_frames + new_frames > MAX_FRAMES:
-            raise ValueError(f"block {block.index} ({block.start}-{block.end} s) does not fit MusicGen's 30 s context")
+        if block.end - block.start > self.block_seconds + 1e-9:
+            raise ValueError(f"block {block.index} ({block.start}-{block.end} s) is longer than the "
+                             f"{self.block_seconds} s blocks this generator was sized for")
         chroma = None
         if melody is not None and (prompt is None or self.melody_on_continuations):
             segment = melody[round(block.melody_start * SAMPLE_RATE):round(block.melody_end * SAMPLE_RATE)]
@@ -211,6 +213,15 @@ class Generator:
         if len(samples) < codes.shape[-1] * SAMPLES_PER_FRAME:
             raise RuntimeError(f"EnCodec returned {len(samples)} samples for {codes.shape[-1]} frames")
         return samples[: codes.shape[-1] * SAMPLES_PER_FRAME]
+
+
+def cache_frames(block_seconds: float) -> int:
+    """Frames the decoder's KV cache holds: one block and its prompt, not MusicGen's whole 30 s. Every
+    step of the captured graph reads the whole cache, so for 10 s blocks this about halves those reads."""
+    frames = PROMPT_FRAMES + _frames_until(block_seconds) + 1  # + 1: a block's ends needn't sit on frames
+    if frames > MAX_FRAMES:
+        raise ValueError(f"{block_seconds} s blocks and a {PROMPT_SECONDS} s prompt exceed MusicGen's 30 s context")
+    return frames
 
 
 def _frames_until(seconds: float) -> int:

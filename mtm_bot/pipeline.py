@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .generator import Block, Generator
     from .refiner import Refinement, Refiner
 
-BLOCK_SECONDS = 10
+BLOCK_SECONDS = 10  # MusicGen renders the track in blocks this long (the generator's KV cache is sized to one)
 
 
 def caption_lines(blocks: list[Block], refinement: Refinement) -> list[str]:
@@ -106,7 +106,8 @@ class Pipeline:
         if self._generator is None:
             from .generator import Generator
 
-            self._generator = Generator.load(self.settings.profile, self.settings.musicgen_id, self.device)
+            self._generator = Generator.load(self.settings.profile, self.settings.musicgen_id, self.device,
+                                             BLOCK_SECONDS)
         return self._generator
 
     def read_clip(self, path: str | Path) -> Audio:

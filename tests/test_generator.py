@@ -18,6 +18,7 @@ from mtm_bot.generator import (
     melody_chroma,
     plan_blocks,
 )
+from mtm_bot.pipeline import BLOCK_SECONDS
 from mtm_bot.progress import CancelToken
 from tests.synth import music
 
@@ -27,7 +28,7 @@ SEGMENTS_2 = [(0.0, 10.0), (10.0, 15.0)]
 # --- block plan ---------------------------------------------------------------------------------
 
 def test_plan_cycles_segments_when_output_outlasts_clip():
-    blocks = plan_blocks(45, SEGMENTS_2)
+    blocks = plan_blocks(45, SEGMENTS_2, 10)
     assert [(b.start, b.end) for b in blocks] == [(0, 10), (10, 20), (20, 30), (30, 40), (40, 45)]
     assert [b.segment for b in blocks] == [0, 1, 0, 1, 0]
     assert [(b.melody_start, b.melody_end) for b in blocks[:2]] == SEGMENTS_2
@@ -35,8 +36,8 @@ def test_plan_cycles_segments_when_output_outlasts_clip():
 
 
 def test_plan_exact_multiple_has_no_empty_block():
-    assert len(plan_blocks(30, [(0.0, 10.0)])) == 3
-    assert len(plan_blocks(30.5, [(0.0, 10.0)])) == 4
+    assert len(plan_blocks(30, [(0.0, 10.0)], 10)) == 3
+    assert len(plan_blocks(30.5, [(0.0, 10.0)], 10)) == 4
 
 
 # --- chroma ------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def test_crossfade_of_sines_has_no_click_and_gains_sum_to_one():
 
 @pytest.fixture(scope="module")
 def generator():
-    return Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"))
+    return Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"), BLOCK_SECONDS)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +188,7 @@ def test_continuation_melody_lines_up_with_its_new_frames(generator, clip, monke
 
 
 def test_continuations_can_leave_the_melody_out(clip):
-    plain = Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"))
+    plain = Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"), BLOCK_SECONDS)
     plain.melody_on_continuations = False
     recorder = Recorder(plain.decoder)
     plain.decoder = recorder
@@ -237,16 +238,24 @@ def test_blocks_with_a_gap_are_refused(generator, clip):
         generator.generate(clip, gapped, seed=0)
 
 
-def test_block_longer_than_the_context_is_refused(generator, clip):
+def test_block_longer_than_the_generator_was_sized_for_is_refused(generator, clip):
+    with pytest.raises(ValueError, match="longer than the 10 s blocks"):
+        generator.generate(clip, _blocks(11, 11), seed=0)
+
+
+def test_blocks_beyond_musicgens_context_are_refused_at_load():
+    from mtm_bot.generator import build_tiny_musicgen
+
+    model, tokenizer = build_tiny_musicgen("melody")
     with pytest.raises(ValueError, match="30 s context"):
-        generator.generate(clip, _blocks(31, 31), seed=0)
+        Generator(model, tokenizer, torch.device("cpu"), block_seconds=28)
 
 
 def test_text_only_musicgen_generates_without_melody(clip):
     from mtm_bot.generator import build_tiny_musicgen
 
     model, tokenizer = build_tiny_musicgen("small")
-    small = Generator(model, tokenizer, torch.device("cpu"))
+    small = Generator(model, tokenizer, torch.device("cpu"), BLOCK_SECONDS)
     assert not small.uses_melody
     track = small.generate(clip, _blocks(2, 1), seed=0)
     assert len(track.samples) == 2 * SAMPLE_RATE and track.samples.std() > 1e-3
@@ -261,9 +270,9 @@ def test_full_profile_loads_a_saved_checkpoint_and_its_tokenizer(tmp_path, clip,
     model, tokenizer = build_tiny_musicgen(kind)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    loaded = Generator.load("full", str(tmp_path), torch.device("cpu"))
+    loaded = Generator.load("full", str(tmp_path), torch.device("cpu"), BLOCK_SECONDS)
     assert loaded.uses_melody == (kind == "melody")
-    reference = Generator(model, tokenizer, torch.device("cpu"))
+    reference = Generator(model, tokenizer, torch.device("cpu"), BLOCK_SECONDS)
     blocks = _blocks(1, 1)
     np.testing.assert_array_equal(loaded.generate(clip, blocks, seed=5).samples,
                                   reference.generate(clip, blocks, seed=5).samples)
@@ -273,7 +282,7 @@ def test_missing_weights_are_reported_not_crashed():
     from mtm_bot.errors import ModelUnavailable
 
     with pytest.raises(ModelUnavailable, match="python -m mtm_bot download"):
-        Generator.load("full", "facebook/musicgen-melody-not-cached", torch.device("cpu"))
+        Generator.load("full", "facebook/musicgen-melody-not-cached", torch.device("cpu"), BLOCK_SECONDS)
 
 
 def test_a_non_musicgen_checkpoint_is_refused(tmp_path):
@@ -283,4 +292,4 @@ def test_a_non_musicgen_checkpoint_is_refused(tmp_path):
 
     T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32).save_pretrained(tmp_path)
     with pytest.raises(SettingsError, match="not a MusicGen checkpoint"):
-        Generator.load("full", str(tmp_path), torch.device("cpu"))
+        Generator.load("full", str(tmp_path), torch.device("cpu"), BLOCK_SECONDS)
