@@ -177,3 +177,46 @@ def test_warming_up_at_the_longest_description_leaves_no_reallocation_for_shorte
     ids = torch.ones(1, 40, dtype=torch.long)
     decoder.generate_codes(input_ids=ids, attention_mask=torch.ones_like(ids), new_frames=4)
     assert decoder.k_cache is cache  # same buffers: a captured CUDA graph would stay valid
+
+
+def test_the_captured_step_copies_only_its_per_step_inputs(tiny):
+    """A CUDA graph copies every non-static input into its own memory on each replay: the weights and
+    the caches must be static (read in place), or each step would copy the whole model and cache."""
+    import logging
+
+    kind, model, tokenizer = tiny
+    decoder = MusicgenDecoder(model, max_frames=64, compile=True)
+    decoder.step = torch.compile(decoder.decode_one_token, backend="aot_eager", fullgraph=True)
+    copied = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Non-static input"):
+                copied.append(record.getMessage().rsplit("source ", 1)[-1])
+
+    torch._dynamo.reset()
+    torch._logging.set_logs(cudagraph_static_inputs=True)
+    logger = logging.getLogger("torch._functorch._aot_autograd.frontend_utils")
+    handler = Collect()
+    logger.addHandler(handler)
+    try:
+        decoder.generate_codes(**inputs(kind, tokenizer), new_frames=3, generator=torch.Generator().manual_seed(0))
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()
+    assert sorted(copied) == ["L['cache_pos']", "L['noise']", "L['pos']"]
+
+
+def test_fusing_the_projections_stores_no_weight_twice(tiny):
+    kind, model, tokenizer = tiny
+
+    def weight_bytes(*tensors) -> int:  # the memory behind the model's parameters and `tensors`
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in (*model.parameters(), *tensors)}
+        return sum(storages.values())
+
+    before = weight_bytes()
+    decoder = MusicgenDecoder(model, max_frames=64)
+    assert weight_bytes(*decoder.qkv_weights, decoder.heads_weight) == before
+    reference = reference_codes(model, **inputs(kind, tokenizer), new_frames=8, greedy=True, guidance_scale=3.0)
+    assert torch.equal(decoder.generate_codes(**inputs(kind, tokenizer), new_frames=8, sampling=GREEDY), reference)
