@@ -87,6 +87,23 @@ def bench_inputs(model, batch: int, seconds: float, prompt_seconds: float, devic
     return kw
 
 
+def gemms_per_step(decoder: MusicgenDecoder, kw: dict) -> int:
+    """Matrix products one eager decode step runs: a count of the step's largest kernels that holds
+    on any device (torch.compile fuses elementwise work around them, not the products themselves)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def gemms(frames: int) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            decoder.generate_codes(**kw, new_frames=frames, sampling=Sampling())
+        return sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::bmm"))
+
+    compiled_step, decoder.step = decoder.step, decoder.decode_one_token
+    try:
+        return gemms(3) - gemms(2)
+    finally:
+        decoder.step = compiled_step
+
+
 def timed(fn, device: torch.device) -> tuple[float, float]:
     """(wall seconds, peak memory MiB) of one call."""
     if device.type == "cuda":
@@ -166,6 +183,7 @@ def main() -> None:
     for name, measured in runs.items():
         result[name] = report(statistics.median(w for w, _ in measured), max(m for _, m in measured))
     result["fast"]["warmup_s"] = round(warmup_s, 2)
+    result["fast"]["gemms_per_step"] = gemms_per_step(decoder, kw)
     if "transformers" in result:
         result["speedup"] = round(result["transformers"]["wall_s"] / result["fast"]["wall_s"], 2)
     print(json.dumps(result, indent=2))
