@@ -4,6 +4,8 @@ One chat-templated request per job: the captions and the instruction travel as J
 message, and decoding is constrained by an xgrammar JSON-schema grammar, so the reply always parses and
 validates, whatever the instruction says. The decode loop is our own (gpt-fast style): a prefill, then
 one token at a time over a preallocated static KV cache, the grammar's bitmask applied at every step.
+Text the grammar forces (keys, punctuation, the fixed time ranges: a third of a reply) is not decoded
+token by token: it is tokenized and run through the model in one pass (jump-forward decoding).
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ EXPECTED_MAX_SEGMENTS = 6
 PROMPT_TOKENS_RESERVE = 1536  # system message + six captions + a long instruction
 
 DEFAULT_TEMPERATURE = 0.3
+# Forced runs shorter than this are decoded step by step: a one-token captured step costs less than an
+# uncompiled multi-token pass (a guess for the GPU, unmeasured there; on the CPU any run pays).
+MIN_JUMP_TOKENS = 2
 # The reply's JSON layout: one line, spaced the way chat models write JSON (no other whitespace allowed).
 JSON_SEPARATORS = (", ", ": ")
 
@@ -203,10 +208,11 @@ def build_messages(segments: Sequence["Segment"], instruction: str) -> list[dict
 
 # --- The decode loop (plain PyTorch, gpt-fast style) ------------------------------------------------
 
-def prefill(model: torch.nn.Module, prompt: torch.Tensor, cache) -> torch.Tensor:
-    """Run the prompt [1, T] through the model, filling the cache; returns the next token's logits [1, V]."""
-    positions = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0)
-    out = model(input_ids=prompt, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+def prefill(model: torch.nn.Module, tokens: torch.Tensor, cache, start: int = 0) -> torch.Tensor:
+    """Run tokens [1, T] at positions start.. through the model in one pass, filling the cache; returns the
+    next token's logits [1, V]. The prompt goes through here, and so does every run of forced tokens."""
+    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
+    out = model(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1]
 
 
@@ -228,11 +234,13 @@ class Refiner:
     """The LLM, its tokenizer and grammars, and one KV cache: serves one request at a time (the GPU queue)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device,
-                 temperature: float = DEFAULT_TEMPERATURE, compile_decode: bool | None = None) -> None:
+                 temperature: float = DEFAULT_TEMPERATURE, compile_decode: bool | None = None,
+                 jump_forward: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
         self.temperature = temperature
+        self.jump_forward = jump_forward  # off: every token decoded step by step (as generate() would)
         self.vocab_size = model.config.vocab_size  # logits' width; may exceed the tokenizer's (padding)
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         info = _grammar_tokenizer_info(tokenizer, self.vocab_size, self.stop_token_ids)
@@ -303,12 +311,13 @@ class Refiner:
         generator = None
         if self.temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        cache = self._reset_cache(prompt_ids.shape[1] + max_new_tokens)
-        position = torch.tensor([[prompt_ids.shape[1]]], device=self.device)
+        prompt_len = prompt_ids.shape[1]
+        cache = self._reset_cache(prompt_len + max_new_tokens)
+        position = torch.tensor([[prompt_len]], device=self.device)
         tokens: list[int] = []
 
         logits = prefill(self.model, prompt_ids, cache)
-        for _ in range(max_new_tokens):
+        while len(tokens) < max_new_tokens:
             if cancel is not None:
                 cancel.check()
             logits = logits.to(torch.float32, copy=True)  # a private copy: CUDA graphs reuse their outputs
@@ -326,11 +335,34 @@ class Refiner:
             elif token_id in self.stop_token_ids:
                 return tokens
             tokens.append(token_id)
-            logits = self._step(self.model, token, position, cache)
-            position += 1
+            forced = self._forced_tokens(matcher, max_new_tokens - len(tokens)) if matcher is not None else []
+            if forced:  # one pass over the chosen token and the run the grammar forces after it
+                run = torch.tensor([[token_id, *forced]], device=self.device)
+                logits = prefill(self.model, run, cache, start=prompt_len + len(tokens) - 1)
+                tokens += forced
+                position += run.shape[1]
+            else:
+                logits = self._step(self.model, token, position, cache)
+                position += 1
         if matcher is not None:
             raise RuntimeError(f"the reply did not finish within {max_new_tokens} tokens, its schema bound")
         return tokens
+
+    def _forced_tokens(self, matcher: xgr.GrammarMatcher, room: int) -> list[int]:
+        """The tokens of the text the grammar allows next and nothing else, accepted into `matcher`;
+        [] when jump-forward is off or the run is shorter than MIN_JUMP_TOKENS."""
+        if not self.jump_forward:
+            return []
+        text = matcher.find_jump_forward_string()
+        ids = self.tokenizer.encode(text, add_special_tokens=False)[:room] if text else []
+        if len(ids) < MIN_JUMP_TOKENS:
+            return []
+        forced = []
+        for token_id in ids:
+            if not matcher.accept_token(token_id):
+                break  # a token reaching past the forced text; the accepted ones are still valid
+            forced.append(token_id)
+        return forced
 
     def _reset_cache(self, needed: int):
         """The static KV cache, emptied, with room for `needed` positions.

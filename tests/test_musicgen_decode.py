@@ -6,6 +6,7 @@ from bench.reference import reference_codes
 from mtm_bot.errors import Cancelled
 from mtm_bot.generator import MAX_TEXT_TOKENS, build_tiny_musicgen
 from mtm_bot.musicgen_decode import MusicgenDecoder, Sampling
+from tests.graph_inputs import copied_graph_inputs
 
 GREEDY = Sampling(greedy=True)
 CAPTION = "a warm jazz carol with sleigh bells, upright bass and brushed drums"
@@ -180,30 +181,12 @@ def test_warming_up_at_the_longest_description_leaves_no_reallocation_for_shorte
 
 
 def test_the_captured_step_copies_only_its_per_step_inputs(tiny):
-    """A CUDA graph copies every non-static input into its own memory on each replay: the weights and
-    the caches must be static (read in place), or each step would copy the whole model and cache."""
-    import logging
-
+    """The weights and caches must be static for a CUDA graph, or each replay would copy them all."""
     kind, model, tokenizer = tiny
     decoder = MusicgenDecoder(model, max_frames=64, compile=True)
     decoder.step = torch.compile(decoder.decode_one_token, backend="aot_eager", fullgraph=True)
-    copied = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage().startswith("Non-static input"):
-                copied.append(record.getMessage().rsplit("source ", 1)[-1])
-
-    torch._dynamo.reset()
-    torch._logging.set_logs(cudagraph_static_inputs=True)
-    logger = logging.getLogger("torch._functorch._aot_autograd.frontend_utils")
-    handler = Collect()
-    logger.addHandler(handler)
-    try:
+    with copied_graph_inputs() as copied:
         decoder.generate_codes(**inputs(kind, tokenizer), new_frames=3, generator=torch.Generator().manual_seed(0))
-    finally:
-        logger.removeHandler(handler)
-        torch._logging.set_logs()
     assert sorted(copied) == ["L['cache_pos']", "L['noise']", "L['pos']"]
 
 

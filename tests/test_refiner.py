@@ -18,6 +18,7 @@ from mtm_bot.refiner import (
     max_output_tokens,
     refinement_schema,
 )
+from tests.graph_inputs import copied_graph_inputs
 
 CLIP = [
     Segment(0.0, 10.0, "a low quality recording of a piano melody over a steady beat"),
@@ -198,6 +199,27 @@ def test_own_decode_loop_matches_transformers_greedy_generate(refiner):
     assert len(ours) > 0
 
 
+def test_text_the_grammar_forces_costs_no_decode_steps_of_its_own(refiner):
+    """Jump-forward: keys, punctuation and the fixed time ranges go through the model in one pass each,
+    so a reply takes far fewer forward passes than tokens; decoded step by step, it takes one per token."""
+    stepwise = Refiner(refiner.model, refiner.tokenizer, torch.device("cpu"), jump_forward=False)
+    widths = []  # tokens per forward pass, the prompt's first
+    hook = refiner.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        passes = {}
+        for name, r in (("jump", refiner), ("step", stepwise)):
+            widths.clear()
+            r.refine(CLIP, "make it a cosy jazz carol", seed=1)  # raises unless the reply is schema-valid
+            passes[name] = (len(widths) - 1, sum(widths[1:]))  # (passes, tokens) after the prompt
+    finally:
+        hook.remove()
+    step_passes, step_tokens = passes["step"]
+    assert step_passes == step_tokens
+    jump_passes, jump_tokens = passes["jump"]
+    assert jump_passes < 0.8 * jump_tokens
+
+
 def test_the_longest_reply_the_grammar_allows_fits_the_token_bound(refiner):
     import xgrammar as xgr
 
@@ -247,6 +269,17 @@ def test_compiled_decode_step_is_warmed_up_at_load_and_decodes_the_same(refiner,
     warm_up_steps = compiled.count("step")
     assert fast.refine(CLIP[:1], "make it jazz", seed=3) == refiner.refine(CLIP[:1], "make it jazz", seed=3)
     assert compiled.count("step") > warm_up_steps
+
+
+def test_the_captured_step_copies_only_the_token_and_its_position(refiner):
+    """The weights and the static KV cache must be static for a CUDA graph, or each replay would copy them."""
+    from mtm_bot.refiner import decode_one_token
+
+    fast = Refiner(refiner.model, refiner.tokenizer, torch.device("cpu"), compile_decode=False)
+    fast._step = torch.compile(decode_one_token, backend="aot_eager", fullgraph=True)
+    with copied_graph_inputs() as copied:
+        fast.refine(CLIP[:1], "make it jazz", seed=3)
+    assert sorted(copied) == ["L['position']", "L['token']"]
 
 
 def test_grammar_is_compiled_once_per_time_ranges(refiner):
