@@ -8,15 +8,18 @@ out) with random weights, so nothing is downloaded; decode speed does not depend
 tokenizer is the tiny offline one in both profiles (a 3B run's logits are 128256 wide all the same;
 the grammar masks every id the tokenizer lacks).
 
-Four runs on the same prompt (a real refine request, 3 segments), all greedy:
-- ours / grammar: the product path, decoding until the JSON is complete;
+Five runs on the same prompt (a real refine request, 3 segments), all greedy:
+- ours / grammar: the product path, decoding until the JSON is complete; text the grammar forces
+  (keys, punctuation, time ranges) goes through the model in one pass per run (jump-forward);
+- ours / grammar, step by step: the same with jump-forward off, one forward pass per token;
 - transformers / grammar: `generate` with xgrammar's HF logits processor (dynamic cache, eager);
 - ours / free and transformers / free: no grammar, exactly --tokens new tokens (stop tokens ignored;
-  by default as many as the grammar run's reply, so all four runs are directly comparable). Our loop
-  keeps one static KV cache for all four runs, sized by the grammar run's schema bound.
-tokens_per_s counts new tokens over the whole call, prefill included. The grammar overhead is our
-loop's ms per token with the mask vs without it. The whole loop is also checked against `generate`:
-with greedy decoding both must produce the same reply.
+  by default as many as the stepwise grammar run's reply, so those runs are directly comparable). Our
+  loop keeps one static KV cache for all runs, sized by the grammar run's schema bound.
+tokens_per_s counts new tokens over the whole call, prefill included; forward_passes counts the passes
+after the prompt's. The grammar overhead is our stepwise loop's ms per token with the mask vs without
+it. The stepwise loop is also checked against `generate`: with greedy decoding both must produce the
+same reply (jump-forward may tokenize forced text differently, so its reply is checked for validity).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch
 import xgrammar as xgr
 
 from mtm_bot.captioner import Segment
+import mtm_bot.refiner
 from mtm_bot.refiner import (Refiner, build_tiny_llm, build_tiny_tokenizer, max_output_tokens,
                              refinement_schema)
 from mtm_bot.runtime import model_dtype, resolve_device
@@ -81,6 +85,26 @@ def report(tokens: list[int], seconds: float) -> dict:
             "tokens_per_s": round(len(tokens) / seconds, 1), "ms_per_token": round(1000 * seconds / len(tokens), 3)}
 
 
+def forward_passes(refiner: Refiner, fn) -> int:
+    """Forward passes `fn` makes through `refiner` after the prompt's (one untimed run): compiled
+    steps plus multi-token passes, counted around the calls, so CUDA graph replays count too."""
+    calls = []
+    step, prefill = refiner._step, mtm_bot.refiner.prefill
+
+    def counted(real):
+        def call(*args, **kwargs):
+            calls.append(real)
+            return real(*args, **kwargs)
+        return call
+
+    refiner._step, mtm_bot.refiner.prefill = counted(step), counted(prefill)
+    try:
+        fn()
+    finally:
+        refiner._step, mtm_bot.refiner.prefill = step, prefill
+    return len(calls) - 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=["tiny", "full-size"], default="tiny")
@@ -112,6 +136,15 @@ def main() -> None:
 
     ours_grammar = best_of(args.repeats, lambda: refiner.generate(prompt, grammar, bound))
 
+    def stepwise() -> list[int]:  # the same refiner (one cache, one captured step), jump-forward off
+        refiner.jump_forward = False
+        try:
+            return refiner.generate(prompt, grammar, bound)
+        finally:
+            refiner.jump_forward = True
+
+    ours_stepwise = best_of(args.repeats, stepwise)
+
     def hf_grammar() -> list[int]:
         processor = xgr.contrib.hf.LogitsProcessor(grammar)  # single use, by its design
         out = model.generate(prompt, attention_mask=mask, logits_processor=[processor], do_sample=False,
@@ -120,7 +153,7 @@ def main() -> None:
         return tokens[:-1] if tokens and tokens[-1] in refiner.stop_token_ids else tokens
 
     theirs_grammar = best_of(args.repeats, hf_grammar)
-    free_tokens = args.tokens or len(ours_grammar[0])
+    free_tokens = args.tokens or len(ours_stepwise[0])
 
     stop_token_ids, refiner.stop_token_ids = refiner.stop_token_ids, []  # free runs: exactly --tokens tokens
     ours_free = best_of(args.repeats, lambda: refiner.generate(prompt, None, free_tokens))
@@ -129,8 +162,10 @@ def main() -> None:
         prompt, attention_mask=mask, do_sample=False, min_new_tokens=free_tokens, max_new_tokens=free_tokens,
         eos_token_id=stop_token_ids)[0, prompt.shape[1]:].tolist())
 
-    ours_g, ours_f = report(*ours_grammar), report(*ours_free)
-    overhead_ms = ours_g["ms_per_token"] - ours_f["ms_per_token"]
+    ours_g, ours_s, ours_f = report(*ours_grammar), report(*ours_stepwise), report(*ours_free)
+    ours_g["forward_passes"] = forward_passes(refiner, lambda: refiner.generate(prompt, grammar, bound))
+    ours_s["forward_passes"] = forward_passes(refiner, stepwise)
+    overhead_ms = ours_s["ms_per_token"] - ours_f["ms_per_token"]
     result = {
         "profile": args.profile,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -141,13 +176,16 @@ def main() -> None:
         "prompt_tokens": prompt.shape[1],
         "reply_token_bound": bound,
         "ours_grammar": ours_g,
+        "ours_grammar_stepwise": ours_s,
+        "jump_forward_reply_speedup": round(ours_s["seconds"] / ours_g["seconds"], 2),  # wall time per reply
         "transformers_generate_xgrammar_hf_processor": report(*theirs_grammar),
         "ours_free": ours_f,
         "transformers_generate_free": report(*theirs_free),
         "grammar_overhead_ms_per_token": round(overhead_ms, 3),
         "grammar_overhead_pct": round(100 * overhead_ms / ours_f["ms_per_token"], 1),
-        "same_reply_as_transformers": ours_grammar[0] == theirs_grammar[0],
-        "reply_valid": _valid(refiner.tokenizer.decode(ours_grammar[0], clean_up_tokenization_spaces=False), ranges),
+        "same_reply_as_transformers": ours_stepwise[0] == theirs_grammar[0],
+        "reply_valid": all(_valid(refiner.tokenizer.decode(reply, clean_up_tokenization_spaces=False), ranges)
+                           for reply in (ours_grammar[0], ours_stepwise[0])),
     }
     print(json.dumps(result, indent=2))
 
