@@ -4,8 +4,8 @@ One chat-templated request per job: the captions and the instruction travel as J
 message, and decoding is constrained by an xgrammar JSON-schema grammar, so the reply always parses and
 validates, whatever the instruction says. The decode loop is our own (gpt-fast style): a prefill, then
 one token at a time over a preallocated static KV cache, the grammar's bitmask applied at every step.
-Text the grammar forces (keys, punctuation, the fixed time ranges: a third of a reply) is not decoded
-token by token: it is tokenized and run through the model in one pass (jump-forward decoding).
+Text the grammar forces (keys, punctuation, the fixed time ranges) is not decoded token by token: it
+is tokenized and run through the model in one pass (jump-forward decoding).
 """
 from __future__ import annotations
 
