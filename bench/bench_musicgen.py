@@ -104,6 +104,21 @@ def gemms_per_step(decoder: MusicgenDecoder, kw: dict) -> int:
         decoder.step = compiled_step
 
 
+def captured_step_reads(decoder: MusicgenDecoder) -> dict:
+    """MiB a captured step must read: the decoder's weights (but the token embeddings, of which it reads
+    4 rows, and the cross-attention K/V projections, applied once per block) and every slot of its
+    caches (a CUDA graph has one shape, so it reads the empty ones too). With the step time, this
+    gives the memory bandwidth the step achieves."""
+    unread = [*decoder.stack.embed_tokens.parameters()]
+    if not decoder.prefix_conditioning:
+        unread += [p for layer in decoder.stack.layers for p in (layer.encoder_attn.k_proj.weight,
+                                                                  layer.encoder_attn.v_proj.weight)]
+    unread_ids = {id(p) for p in unread}
+    weights = sum(p.nbytes for p in decoder.model.decoder.parameters() if id(p) not in unread_ids)
+    caches = [decoder.k_cache, decoder.v_cache] + ([] if decoder.prefix_conditioning else [decoder.cross_k, decoder.cross_v])
+    return {"weights_mib": round(weights / 2**20, 1), "kv_cache_mib": round(sum(t.nbytes for t in caches) / 2**20, 1)}
+
+
 def timed(fn, device: torch.device) -> tuple[float, float]:
     """(wall seconds, peak memory MiB) of one call."""
     if device.type == "cuda":
@@ -184,6 +199,11 @@ def main() -> None:
         result[name] = report(statistics.median(w for w, _ in measured), max(m for _, m in measured))
     result["fast"]["warmup_s"] = round(warmup_s, 2)
     result["fast"]["gemms_per_step"] = gemms_per_step(decoder, kw)
+    reads = captured_step_reads(decoder)
+    result["fast"]["captured_step_reads"] = reads
+    if decoder.compiled:  # an eager step reads only the filled cache slots
+        step_s = result["fast"]["wall_s"] / steps
+        result["fast"]["achieved_gb_per_s"] = round(sum(reads.values()) * 2**20 / step_s / 1e9, 1)
     if "transformers" in result:
         result["speedup"] = round(result["transformers"]["wall_s"] / result["fast"]["wall_s"], 2)
     print(json.dumps(result, indent=2))
