@@ -9,7 +9,7 @@ from discord.ext import commands
 
 from mtm_bot.jobs import JobKind
 from mtm_bot.pipeline import BLOCK_SECONDS
-from mtm_bot.refiner import MAX_INSTRUCTION_CHARS
+from mtm_bot.instruction import MAX_INSTRUCTION_CHARS
 
 from .submit import accept, submission_rate_limit
 

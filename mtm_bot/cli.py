@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     pipeline = Pipeline(settings)
     clip = pipeline.read_clip(args.input)  # bad input fails here, before any model loads
     if args.command == "compose":
-        from .refiner import check_instruction
+        from .instruction import check_instruction
 
         duration = pipeline.output_duration(clip, args.duration)
         check_instruction(args.instruction)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import xgrammar as xgr
 
-from .errors import InputError
+from .instruction import check_instruction
 from .progress import CancelToken
 from .runtime import from_hub, model_dtype
 from .timecode import format_range, format_time
@@ -36,7 +36,6 @@ DYNAMICS_MAX_CHARS = 32
 INSTRUMENT_MAX_CHARS = 24
 MAX_INSTRUMENTS = 8
 CAPTION_MAX_CHARS = 128  # xgrammar expands {m,n} in patterns and refuses n > 128
-MAX_INSTRUCTION_CHARS = 500
 
 # Segments the KV cache is sized for at load time (60 s clips, the default limit); more still work, by
 # growing the cache (and, on CUDA, recompiling) on that request.
@@ -177,21 +176,6 @@ class Refinement:
             segments=tuple(RefinedSegment(s.start, s.end, item["caption"])
                            for s, item in zip(segments, data["segments"])),
         )
-
-
-class InstructionTooLong(InputError):
-    pass
-
-
-def check_instruction(instruction: str) -> str:
-    """The instruction as the LLM gets it (trimmed), or InstructionTooLong; callers can check at submit time."""
-    instruction = instruction.strip()
-    if len(instruction) > MAX_INSTRUCTION_CHARS:
-        raise InstructionTooLong(
-            f"The instruction is {len(instruction)} characters long; please keep it to "
-            f"{MAX_INSTRUCTION_CHARS} characters or fewer."
-        )
-    return instruction
 
 
 def build_messages(segments: Sequence["Segment"], instruction: str) -> list[dict[str, str]]:

@@ -8,11 +8,10 @@ import torch
 from mtm_bot.captioner import Segment
 from mtm_bot.errors import Cancelled, InputError, ModelUnavailable
 from mtm_bot.progress import CancelToken
+from mtm_bot.instruction import MAX_INSTRUCTION_CHARS, InstructionTooLong
 from mtm_bot.timecode import format_time
 from mtm_bot.refiner import (
     CAPTION_MAX_CHARS,
-    InstructionTooLong,
-    MAX_INSTRUCTION_CHARS,
     Refinement,
     Refiner,
     max_output_tokens,
