@@ -83,12 +83,16 @@ def _chroma_filters() -> torch.Tensor:
     return torch.from_numpy(bank).float()  # (12, n_fft // 2 + 1)
 
 
-def melody_chroma(samples: np.ndarray) -> torch.Tensor:
+def melody_chroma(samples: np.ndarray, prompt_samples: int = 0) -> torch.Tensor:
     """One-hot chroma (CHROMA_LENGTH, 12) of 32 kHz mono audio, as MusicGen-melody was trained on.
 
     The reference: at most 30 s, zero-padded to one FFT window if shorter, centred (reflect) STFT with
     a periodic Hann window normalised by its L2 norm, power 2, chroma filter bank, max-normalised,
-    then only the strongest pitch class kept per frame; the model tiles short chroma to 235 frames.
+    then only the strongest pitch class kept per frame; short chroma is tiled to 235 frames.
+
+    For a continuation, `samples` begins with `prompt_samples` of prompt audio: the frames centred in it
+    are kept once and only the melody after them is tiled, as audiocraft tiles only the
+    reference melody (tiling both would bring the prompt's pitches back inside the new frames).
     """
     wave = torch.as_tensor(np.asarray(samples, dtype=np.float32)[:CHROMA_MAX_SAMPLES])
     if wave.numel() < CHROMA_N_FFT:
@@ -101,8 +105,10 @@ def melody_chroma(samples: np.ndarray) -> torch.Tensor:
     chroma = _chroma_filters() @ power  # (12, frames)
     chroma = chroma / chroma.abs().amax(dim=0, keepdim=True).clamp_min(1e-6)
     one_hot = torch.nn.functional.one_hot(chroma.argmax(dim=0), CHROMA_BINS).float()  # (frames, 12)
-    repeats = math.ceil(CHROMA_LENGTH / len(one_hot))
-    return one_hot.repeat(repeats, 1)[:CHROMA_LENGTH]
+    prompt_hops = -(-prompt_samples // CHROMA_HOP)  # frames centred inside the prompt
+    kept, melody = one_hot[:prompt_hops], one_hot[prompt_hops:]
+    repeats = math.ceil((CHROMA_LENGTH - len(kept)) / len(melody))
+    return torch.cat([kept, melody.repeat(repeats, 1)])[:CHROMA_LENGTH]
 
 
 def crossfade(head: np.ndarray, tail: np.ndarray, overlap: int) -> np.ndarray:
@@ -195,9 +201,11 @@ class Generator:
         chroma = None
         if melody is not None and (prompt is None or self.melody_on_continuations):
             segment = melody[round(block.melody_start * SAMPLE_RATE):round(block.melody_end * SAMPLE_RATE)]
-            if prompt_audio is not None:
-                segment = np.concatenate([prompt_audio, segment])
-            chroma = melody_chroma(segment)[None].to(self.device)
+            if prompt_audio is None:
+                chroma = melody_chroma(segment)
+            else:
+                chroma = melody_chroma(np.concatenate([prompt_audio, segment]), prompt_samples=len(prompt_audio))
+            chroma = chroma[None].to(self.device)
         text = self.tokenizer([block.description], return_tensors="pt", padding=True, truncation=True,
                               max_length=MAX_TEXT_TOKENS).to(self.device)
         return self.decoder.generate_codes(

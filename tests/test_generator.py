@@ -293,3 +293,34 @@ def test_a_non_musicgen_checkpoint_is_refused(tmp_path):
     T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32).save_pretrained(tmp_path)
     with pytest.raises(SettingsError, match="not a MusicGen checkpoint"):
         Generator.load("full", str(tmp_path), torch.device("cpu"), BLOCK_SECONDS)
+
+
+def _tone(hz: float, seconds: float) -> np.ndarray:
+    return (0.5 * np.sin(2 * np.pi * hz * np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE)).astype(np.float32)
+
+
+@pytest.mark.parametrize("segment_seconds", [1.0, 5.0, 8.0])
+def test_continuation_chroma_tiles_only_its_segment_not_the_prompt(segment_seconds):
+    """The last block of a clip whose length is no multiple of 10 s: a short segment after a 3.2 s prompt.
+    The prompt's pitches (A) must not come back inside the new frames, which follow the segment (C)."""
+    prompt, segment = _tone(440.0, 3.2), _tone(523.25, segment_seconds)
+    chroma = melody_chroma(np.concatenate([prompt, segment]), prompt_samples=len(prompt)).numpy()
+    pitch = chroma.argmax(1)
+    hops = len(prompt) // 4096  # 25: the prompt's frames, kept once where its codes are
+    assert (pitch[:hops - 1] == 9).all()  # A
+    new_frames = pitch[hops + 1:]  # the frame on the boundary hears both tones
+    assert len(new_frames) == CHROMA_LENGTH - hops - 1
+    assert (new_frames == 0).mean() > 0.97  # C; tiling the prompt too gave 20-70 % A here
+
+
+def test_last_short_block_is_guided_by_its_own_segment_only(generator, monkeypatch):
+    """Through the generator: block 2 follows a 1.25 s segment; its chroma after the prompt is that segment's."""
+    clip = Audio(np.concatenate([_tone(440.0, 4.0), _tone(523.25, 1.25)]), SAMPLE_RATE)
+    recorder = Recorder(generator.decoder)
+    monkeypatch.setattr(generator, "decoder", recorder)
+    blocks = _blocks(8, 4, segments=[(0.0, 4.0), (4.0, 5.25)])
+    generator.generate(clip, blocks, seed=1)
+    (_, codes), (second, _) = recorder.calls
+    pitch = second["input_features"][0].cpu().numpy().argmax(1)
+    hops = 160 * 640 // 4096
+    assert (pitch[hops + 1:] == 0).mean() > 0.97
