@@ -13,9 +13,10 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import InputError, MTMError
+from .errors import InputError, ModelUnavailable, MTMError
 from .progress import Progress
 from .settings import Settings
 
@@ -121,16 +122,43 @@ def _check_output_suffix(path: Path) -> None:
 
 
 def _download(settings: Settings) -> int:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
-    from . import captioner
+    from .hub import hub_unreachable
 
-    captioner.download()
+    if constants.is_offline_mode():
+        raise ModelUnavailable("Nothing can be downloaded while HF_HUB_OFFLINE is set; unset it and run `download` again.")
+    if (reason := hub_unreachable()) is not None:  # seconds, not huggingface_hub's half minute of retries
+        raise ModelUnavailable(f"Cannot download the checkpoints: {reason}. `download` needs network access "
+                               f"to the hub (or HF_ENDPOINT set to a mirror).")
+    from . import captioner  # imports torch and transformers: only once there is something to fetch
+
+    _fetch(captioner.CHECKPOINT_REPO, captioner.download)
     for repo in (settings.llm_id, settings.musicgen_id):
-        print(f"downloading {repo} ...", file=sys.stderr)
-        snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"])
+        _fetch(repo, lambda: snapshot_download(
+            repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]))
     print("all checkpoints are in the Hugging Face cache", file=sys.stderr)
     return EXIT_OK
+
+
+def _fetch(repo: str, fetch: Callable[[], object]) -> None:
+    """One repository into the cache; the hub's refusals become a sentence that says what to do."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    print(f"downloading {repo} ...", file=sys.stderr)
+    try:
+        fetch()
+    except GatedRepoError as err:  # before RepositoryNotFoundError: it is one
+        raise ModelUnavailable(f"{repo} is gated: accept its license at https://huggingface.co/{repo} and log in "
+                               f"with `huggingface-cli login` (or set HF_TOKEN).") from err
+    except RepositoryNotFoundError as err:
+        raise ModelUnavailable(f"There is no repository {repo} on the hub (or it is private and you are not "
+                               f"logged in).") from err
+    except LocalEntryNotFoundError as err:  # the connection failed after the hub first answered
+        raise ModelUnavailable(f"The download of {repo} failed: the hub stopped answering. Run `download` "
+                               f"again; finished files are kept.") from err
+    except HfHubHTTPError as err:
+        raise ModelUnavailable(f"The download of {repo} failed: {err}") from err
 
 
 def _fail(code: int, message: str) -> int:

@@ -1,7 +1,8 @@
 """Where models run and where their weights come from: device choice, dtype, hub loading."""
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import itertools
+from typing import Callable, Iterable, TypeVar
 
 import torch
 
@@ -27,16 +28,42 @@ def model_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype, keep_fp32: Iterable[str] = ()) -> torch.nn.Module:
+    """Cast a float32 model's floating parameters and buffers to `dtype`, in place, except those under a
+    submodule named in `keep_fp32` or in the model's own keep-in-fp32 lists, by transformers' rules:
+    `_keep_in_fp32_modules` under fp16 only (T5's `wo` overflows there), `_keep_in_fp32_modules_strict`
+    under any half precision.
+
+    Load weights in float32 and cast with this, so what stays float32 (EnCodec, a mel front end) never
+    passes through half-precision rounding on the way.
+    """
+    keep = set(keep_fp32) | set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_floating_point() and not keep.intersection(name.split(".")):
+            tensor.data = tensor.data.to(dtype)
+    return model
+
+
 def from_hub(repo_id: str, load: Callable[[], T]) -> T:
-    """Run a hub loader; turn "not in the cache and no network" into one clear message."""
+    """Run a hub loader; turn "not in the cache and no network" into one clear message.
+
+    When the hub cannot be reached, the loader runs in huggingface_hub's offline mode: cached weights
+    load at once and missing ones fail at once, instead of after half a minute of retries per file.
+    """
+    from .hub import offline_because
+
+    why_offline = offline_because()
     try:
         return load()
     except (OSError, ValueError) as err:  # huggingface_hub's offline/missing errors subclass OSError
         text = str(err)
         if _looks_missing(err, text):
+            why = f": {why_offline}" if why_offline else ""
             raise ModelUnavailable(
                 f"The weights of {repo_id} are not in the local Hugging Face cache and could not be "
-                f"downloaded. Run `python -m mtm_bot download` on a machine with network access "
+                f"downloaded{why}. Run `python -m mtm_bot download` on a machine with network access "
                 f"(gated repos need `huggingface-cli login` and an accepted license)."
             ) from err
         raise

@@ -1,0 +1,56 @@
+"""Is the Hugging Face hub there? Asked once with a short timeout, without importing torch.
+
+huggingface_hub retries a failed connection five times with backoff, about half a minute per file,
+before it reports a file missing; with no network, loading the full profile or running `download`
+would take minutes to say so.
+"""
+from __future__ import annotations
+
+import functools
+import ssl
+import urllib.error
+import urllib.request
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub (HF_ENDPOINT) cannot be reached, as a phrase for a sentence, or None when it answers."""
+    from huggingface_hub import constants
+
+    url = constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # any answer, an error status too, means the hub is there
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, ssl.SSLError):
+            return None  # the network works; huggingface_hub brings its own certificates and may well connect
+        return f"the Hugging Face hub at {url} cannot be reached ({_reason(err.reason, timeout)})"
+    except OSError as err:  # a timeout or reset after connecting
+        return f"the Hugging Face hub at {url} cannot be reached ({_reason(err, timeout)})"
+    return None
+
+
+def _reason(err: object, timeout: float) -> str:
+    if isinstance(err, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    return str(getattr(err, "strerror", None) or err)
+
+
+@functools.cache
+def offline_because() -> str | None:
+    """Why hub loads in this process must run offline, if they must; the hub is asked once per process.
+
+    Offline, cached weights load at once and missing ones fail at once.
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return None  # HF_HUB_OFFLINE is set: cached files only, as asked, and no probe
+    reason = hub_unreachable()
+    if reason is not None:
+        # is_offline_mode() reads this at every call, and transformers asks it too; the environment
+        # variable HF_HUB_OFFLINE is read only when huggingface_hub is imported.
+        constants.HF_HUB_OFFLINE = True
+    return reason
