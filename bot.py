@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
 
+import aiohttp
 import discord
 import yarl
 from discord.ext import commands
@@ -69,6 +71,11 @@ class MTMBot(commands.Bot):
         self.tree.on_error = on_app_command_error
 
     async def setup_hook(self) -> None:
+        if self.worker is None:  # a login retried after a network failure must not load the models again
+            await self._start_services()
+        await self.sync_commands()
+
+    async def _start_services(self) -> None:
         for name in COGS:
             await self.load_extension(name)
         self.store = await JobStore.open(self.settings)
@@ -78,7 +85,6 @@ class MTMBot(commands.Bot):
         self.pipeline = await asyncio.to_thread(lambda: Pipeline(self.settings).load())
         self.worker = Worker(self.settings, self.pipeline, self.store, self.queue, self.delivery)
         await self.worker.start()  # resumes jobs a restart interrupted; their results go to their channels
-        await self.sync_commands()
 
     async def sync_commands(self) -> None:
         if self.settings.guild_id is not None:
@@ -101,13 +107,71 @@ class MTMBot(commands.Bot):
         log.info("ready as %s (id %s) in %d guild(s)", self.user, self.user and self.user.id, len(self.guilds))
 
 
+# DNS failures, refused and dropped connections, timeouts, Discord's own 5xx: worth another try.
+# A refused token (LoginFailure, 401) is not among them.
+DISCORD_UNREACHABLE = (aiohttp.ClientConnectionError, asyncio.TimeoutError, discord.DiscordServerError)
+RETRY_FIRST_S, RETRY_MAX_S = 5.0, 300.0
+
+
+def why_unreachable(err: BaseException) -> str:
+    """A network error in a few words: "Name or service not known", "Connection refused", ..."""
+    if isinstance(err, asyncio.TimeoutError):
+        return "no answer in time"
+    if isinstance(err, discord.DiscordServerError):
+        return f"Discord answered {err.status}"
+    os_error = getattr(err, "os_error", None)  # aiohttp's connector errors carry the socket's error
+    if isinstance(os_error, OSError) and os_error.errno:
+        return os_error.strerror if os_error.errno < 0 else os.strerror(os_error.errno)  # < 0: a DNS error
+    return str(err) or type(err).__name__
+
+
+async def log_in(bot: MTMBot, settings: Settings, stopping: asyncio.Event) -> None:
+    """`bot.login`, retried with exponential backoff while Discord cannot be reached, until `stopping` is set.
+
+    discord.py's own reconnect loop covers the gateway later on, but not this first REST call.
+    """
+    delay = RETRY_FIRST_S
+    while not stopping.is_set():
+        try:
+            await bot.login(settings.discord_token)
+            return
+        except DISCORD_UNREACHABLE as err:
+            log.warning("Cannot reach Discord at %s (%s); retrying in %.0f s.",
+                        settings.discord_api_base, why_unreachable(err), delay)
+        # Each login opens a new HTTP session on the client's connector, and closing the session closes
+        # that connector too: let the next login make a fresh one.
+        await bot.http.close()
+        bot.http.connector = discord.utils.MISSING
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), delay)
+        delay = min(delay * 2, RETRY_MAX_S)
+
+
+class OneLineReconnects(logging.Filter):
+    """discord.py logs every gateway reconnect with a traceback; for a network error, one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, DISCORD_UNREACHABLE + (OSError,)) and record.getMessage().startswith("Attempting a reconnect"):
+            record.msg, record.args = f"Cannot reach the Discord gateway ({why_unreachable(err)}). {record.getMessage()}", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 async def serve(settings: Settings) -> None:
     point_discord_at(settings)
     async with MTMBot(settings) as bot:
+        stopping = asyncio.Event()
+
+        def stop() -> None:
+            stopping.set()
+            asyncio.ensure_future(bot.close())
+
         # SIGTERM (docker stop, systemd) closes cleanly like Ctrl-C: a running job resumes on the next start.
         with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows event loops
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(bot.close()))
-        await bot.start(settings.discord_token)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
+        await log_in(bot, settings, stopping)
+        await bot.connect()  # what bot.start does after login; reconnects on its own
 
 
 def main() -> int:
@@ -120,6 +184,7 @@ def main() -> int:
         print(NO_TOKEN, file=sys.stderr)
         return 2
     discord.utils.setup_logging(level=logging.INFO)
+    logging.getLogger("discord.client").addFilter(OneLineReconnects())
     try:
         asyncio.run(serve(settings))
     except discord.LoginFailure:

@@ -190,7 +190,8 @@ class DiscordEmulator:
         self.base_url = ""
 
     # ----------------------------------------------------------------------------- lifecycle
-    async def start(self) -> "DiscordEmulator":
+    async def start(self, port: int = 0) -> "DiscordEmulator":
+        """Serve on 127.0.0.1:`port` (0: any free port)."""
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._notify_after])
         r = app.router
         r.add_get("/gateway", self._gateway_ws)
@@ -208,7 +209,7 @@ class DiscordEmulator:
         r.add_get("/cdn/sent/{message}/{index}", self._cdn_sent)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.base_url = f"http://127.0.0.1:{port}"
