@@ -4,10 +4,13 @@ Block 1 is conditioned on the chroma of input segment 1 and description 1. Every
 continuation: its audio prompt is the last PROMPT_SECONDS of the previous block's *codes* (exactly what
 EnCodec would give for that audio, with no lossy decode/encode round trip), plus its own description
 and, by default, the chroma of its input segment (after the prompt audio's own chroma, so the melody
-lines up with the new frames). Each block's decoded prompt is trimmed except for a
-short overlap, where the two decodes of the same codes are crossfaded (equal gain: they are coherent),
-placed before the earlier decode's right edge (EnCodec's decoder looks ahead). The joined track is
-what one EnCodec pass over all the codes would give.
+lines up with the new frames). Where a bass line lies under the melody, chroma is taken after a
+high-pass that removes it and the kick drum: our cheap stand-in for the drum- and bass-free stems
+MusicGen-melody was trained on (mtm_bot.melody); a hummed or sung tune keeps its low fundamentals.
+Each block's decoded prompt is trimmed except for a short overlap, where the two
+decodes of the same codes are crossfaded (equal gain: they are coherent), placed before the earlier
+decode's right edge (EnCodec's decoder looks ahead). The joined track is what one EnCodec pass over all
+the codes would give.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 from .audio import Audio, resample
+from .melody import has_bass_line, remove_bass
 from .musicgen_decode import MusicgenDecoder, Sampling
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .runtime import from_hub, model_dtype
@@ -83,10 +87,16 @@ def _chroma_filters() -> torch.Tensor:
     return torch.from_numpy(bank).float()  # (12, n_fft // 2 + 1)
 
 
-def melody_chroma(samples: np.ndarray, prompt_samples: int = 0) -> torch.Tensor:
-    """One-hot chroma (CHROMA_LENGTH, 12) of 32 kHz mono audio, as MusicGen-melody was trained on.
+def melody_chroma(samples: np.ndarray, prompt_samples: int = 0, filter_bass: bool = True) -> torch.Tensor:
+    """One-hot chroma (CHROMA_LENGTH, 12) of 32 kHz mono audio: the melody MusicGen-melody is conditioned on.
 
-    The reference: at most 30 s, zero-padded to one FFT window if shorter, centred (reflect) STFT with
+    MusicGen-melody was trained on the chroma of the mix without drums and bass (demucs stems); we
+    approximate that with a high-pass (mtm_bot.melody.remove_bass; `filter_bass=False` skips it), applied
+    only where the low band carries a line of its own (mtm_bot.melody.has_bass_line): it raises the frames
+    showing the melody's pitch class on band renderings of Bach chorales, and would cut the fundamentals
+    of a hummed or sung tune (bench/melody_agreement.py).
+    Then the definition of transformers' MusicgenMelodyFeatureExtractor:
+    at most 30 s, zero-padded to one FFT window if shorter, centred (reflect) STFT with
     a periodic Hann window normalised by its L2 norm, power 2, chroma filter bank, max-normalised,
     then only the strongest pitch class kept per frame; short chroma is tiled to 235 frames.
 
@@ -94,7 +104,10 @@ def melody_chroma(samples: np.ndarray, prompt_samples: int = 0) -> torch.Tensor:
     are kept once and only the melody after them is tiled, as audiocraft tiles only the
     reference melody (tiling both would bring the prompt's pitches back inside the new frames).
     """
-    wave = torch.as_tensor(np.asarray(samples, dtype=np.float32)[:CHROMA_MAX_SAMPLES])
+    wave = np.asarray(samples, dtype=np.float32)[:CHROMA_MAX_SAMPLES]
+    if filter_bass and has_bass_line(wave, SAMPLE_RATE):
+        wave = remove_bass(wave, SAMPLE_RATE)
+    wave = torch.as_tensor(wave)
     if wave.numel() < CHROMA_N_FFT:
         missing = CHROMA_N_FFT - wave.numel()
         wave = torch.nn.functional.pad(wave, (missing // 2, missing - missing // 2))
