@@ -17,7 +17,7 @@ import soundfile as sf
 from bot import MTMBot, point_discord_at
 from discord_emulator import CHANNEL_MESSAGE, DiscordEmulator, FakeUser, Interaction, Message
 from mtm_bot.audio import load_clip
-from mtm_bot.jobs import Job, JobKind, JobState
+from mtm_bot.jobs import Job, JobKind, JobState, JobStore
 from mtm_bot.settings import Settings
 from synth import bad_files, music
 
@@ -73,7 +73,9 @@ async def accepted(emulator: DiscordEmulator, interaction: Interaction) -> str:
         return next((h["content"] for h in states if "job `" in h["content"]), None)
 
     text = await emulator.wait_for(acceptance, 120, f"/{interaction.command} accepted")
-    assert interaction.ack_seconds < 3.0 and not interaction.callback_errors, interaction.callback_errors
+    # Like Discord, the emulator refuses a callback after 3 s (a callback error); bench/responsiveness.py
+    # measures how fast the acknowledgement really comes.
+    assert not interaction.callback_errors, interaction.callback_errors
     assert interaction.deferred and not interaction.response.ephemeral
     return re.search(r"job `([0-9a-f]{8})`", text).group(1)
 
@@ -84,9 +86,21 @@ async def ephemeral_error(emulator: DiscordEmulator, interaction: Interaction) -
                                         for m in interaction.visible_messages()), 60, "an ephemeral error")
     visible = interaction.visible_messages()
     assert all(m.ephemeral for m in visible), [m.content for m in visible]
-    assert interaction.ack_seconds is not None and interaction.ack_seconds < 3.0
-    assert not interaction.callback_errors, interaction.callback_errors
+    assert interaction.callback_type is not None and not interaction.callback_errors, interaction.callback_errors
     return visible[-1].content
+
+
+async def every_job_settled(store: JobStore, timeout: float = JOB_SECONDS) -> None:
+    """Wait until the store holds no unfinished and no undelivered job. A job is marked delivered only after
+    its outcome was posted, so from then on every message a job could post is in the emulator's record."""
+    async def settled() -> None:
+        while await store.unfinished() or await store.undelivered():
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(settled(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"jobs still unfinished or undelivered after {timeout} s") from None
 
 
 async def test_commands_are_registered_with_their_bounds(world):
@@ -271,7 +285,7 @@ async def test_cancel_queued_and_running_jobs_failures_and_expired_tokens(world)
     assert reason.ephemeral and "no longer stored" in reason.content
 
     await emulator.wait_for(lambda: results_for(emulator, frank), JOB_SECONDS, "frank's second job")
-    await asyncio.sleep(1.0)  # a stray result would show up here
+    await every_job_settled(bot.store)  # a stray result would be on record by now
     assert len(results_for(emulator, frank)) == 1 and "caption" in results_for(emulator, frank)[0].content
     assert not results_for(emulator, grace) and not results_for(emulator, ivan)
     assert not emulator.refused

@@ -11,7 +11,7 @@ from pathlib import Path
 from discord_emulator import DiscordEmulator, FakeUser, Message
 from mtm_bot.jobs import JobState, JobStore
 from mtm_bot.settings import Settings
-from test_bot_e2e import JOB_SECONDS, LINE, accepted, pings, results_for, wav_bytes
+from test_bot_e2e import JOB_SECONDS, LINE, accepted, every_job_settled, pings, results_for, wav_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BOT = [sys.executable, str(ROOT / "bot.py")]
@@ -99,7 +99,17 @@ async def test_kill_9_then_restart_delivers_the_running_and_the_queued_job_once(
         processes.append(second)
         await emulator.wait_for(lambda: resumed_result(emulator, alice) and resumed_result(emulator, bob),
                                 JOB_SECONDS, "both resumed results")
-        await asyncio.sleep(3.0)  # a second delivery would show up here
+        # A new user's job queues behind anything the restart could run again. Once its result is posted
+        # and the store holds nothing unfinished or undelivered, a second delivery would be on record.
+        carol = emulator.user("carol")
+        marker = await emulator.slash(carol, "caption", attachment=(wav_bytes(2.0, seed=5), "c.wav", "audio/wav"))
+        await accepted(emulator, marker)
+        await emulator.wait_for(lambda: results_for(emulator, carol), JOB_SECONDS, "the later job's captions")
+        store = await JobStore.open(Settings(storage_dir=storage))
+        try:
+            await every_job_settled(store)
+        finally:
+            await store.close()
         (track,) = results_for(emulator, alice)
         (captions,) = results_for(emulator, bob)
         assert f"`{running_id}`" in track.content and f"`{queued_id}`" in captions.content

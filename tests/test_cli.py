@@ -22,6 +22,25 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+# Runs the CLI's main() in a fresh interpreter, then prints which model libraries it had imported.
+_REPORT_MODEL_IMPORTS = """
+import json, sys
+from mtm_bot.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    print(json.dumps(sorted(m for m in ("torch", "transformers", "xgrammar") if m in sys.modules)))
+sys.exit(code)
+"""
+
+
+def run_cli_reporting_imports(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    env = {**os.environ, "MTM_PROFILE": "tiny", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _REPORT_MODEL_IMPORTS, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    return done, json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_compose_a_25_s_stereo_clip_gives_a_30_s_track_and_three_captions(tmp_path):
     clip = write_music(tmp_path / "clip.wav", 25.0, rate=44100, channels=2)
     out = tmp_path / "out.wav"
@@ -79,12 +98,12 @@ def test_bad_input_exits_2_with_a_one_line_reason(name, tmp_path, capsys, monkey
     (["-o", "out.txt"], ".wav, .flac, .ogg or .mp3"),
     (["-i", "carol " * 101], "500 characters"),
 ])
-def test_bad_arguments_exit_2_before_any_model_loads(args, fragment, tmp_path):
+def test_bad_arguments_exit_2_before_any_model_library_is_imported(args, fragment, tmp_path):
     clip = write_music(tmp_path / "clip.wav", 3.0)
     argv = ["compose", str(clip), "-i", "carol", "-o", str(tmp_path / "out.wav"), *args]
-    done = run_cli(*argv, cwd=tmp_path)
-    assert done.returncode == 2 and fragment in done.stderr
-    assert "torch" not in done.stderr and "Traceback" not in done.stderr
+    done, imported = run_cli_reporting_imports(*argv, cwd=tmp_path)
+    assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr
+    assert imported == [], f"a bad argument was answered only after importing {imported}"
 
 
 def test_missing_input_file_is_a_bad_input(tmp_path):

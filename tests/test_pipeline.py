@@ -51,15 +51,31 @@ def test_refined_captions_arrive_before_generation_starts(pipeline, clip):
     assert len(captions) == 1 and captions[0].startswith("0:00\u20130:10 ")
 
 
-def test_cancel_before_generation_stops_the_job(pipeline, clip):
-    token = CancelToken()
+class GeneratorSpy:
+    """The loaded generator, counting how often generation was started."""
+
+    def __init__(self, generator) -> None:
+        self.generator = generator
+        self.calls = 0
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        return self.generator.generate(*args, **kwargs)
+
+
+def test_cancel_while_refining_stops_the_job_before_generation_starts(pipeline, clip):
+    spy = GeneratorSpy(pipeline.generator)
+    spied = Pipeline(pipeline.settings, captioner=pipeline.captioner, refiner=pipeline.refiner, generator=spy)
+    token, captions = CancelToken(), []
 
     def cancel_once_refining(progress):
         if progress.stage == "refining":
             token.cancel()
 
     with pytest.raises(Cancelled):
-        pipeline.compose(clip, "carol", seed=3, progress=cancel_once_refining, cancel=token)
+        spied.compose(clip, "carol", seed=3, progress=cancel_once_refining, cancel=token, on_captions=captions.append)
+    # The refiner stopped at its next decode step: no refined captions went out, no block was generated.
+    assert captions == [] and spy.calls == 0
 
 
 @pytest.mark.parametrize("duration", [5, 181])
