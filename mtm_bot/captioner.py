@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .audio import Audio, resample
 from .errors import ClipTooShort
 from .progress import CancelToken
-from .runtime import from_hub, model_dtype
+from .runtime import cast_for_inference, from_hub, model_dtype
 
 CHECKPOINT_REPO = "seungheondoh/lp-music-caps"
 CHECKPOINT_FILE = "transfer.pth"
@@ -83,11 +83,16 @@ def log_mel_spectrogram(waves: Tensor, window: Tensor, filters: Tensor) -> Tenso
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> Tensor:
-    """Whisper-style fixed positional table: sin in the first half of the channels, cos in the second."""
-    log_increment = math.log(max_timescale) / (channels // 2 - 1)
-    inv_timescales = torch.exp(-log_increment * torch.arange(channels // 2, dtype=torch.float32))
-    scaled_time = torch.arange(length, dtype=torch.float32)[:, None] * inv_timescales[None, :]
-    return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+    """Fixed positional table (length, channels): sin in the first half of the channels, cos in the second.
+
+    Channel i < channels/2 has timescale max_timescale ** (i / (channels/2 - 1)), so the geometric
+    progression ends exactly at max_timescale. This is the layout of OpenAI Whisper's encoder table
+    (MIT licence), which LP-MusicCaps adopted and its checkpoint was trained with.
+    """
+    half = channels // 2
+    timescales = max_timescale ** (torch.arange(half, dtype=torch.float64) / (half - 1))
+    angles = torch.arange(length, dtype=torch.float64)[:, None] / timescales
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
 class _Buffer(nn.Module):
@@ -193,18 +198,20 @@ def split_segments(samples: np.ndarray, duration: float) -> tuple[Tensor, list[t
 
 
 class Captioner:
-    def __init__(self, model: LPMusicCaps, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> None:
-        dtype = model_dtype(device)
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.model.audio_encoder.mel_encoder.float()  # STFT and dB in fp32 even when the rest is half
+    def __init__(self, model: LPMusicCaps, tokenizer: PreTrainedTokenizerBase, device: torch.device,
+                 dtype: torch.dtype | None = None) -> None:
+        """`model` in float32; all but the mel front end (window, filter bank, STFT, dB) is cast to `dtype`
+        (default: half precision on CUDA), so the front end never passes through half-precision rounding."""
+        self.model = cast_for_inference(model.to(device), dtype or model_dtype(device), keep_fp32=["mel_encoder"])
+        self.model.eval()
         self.tokenizer = tokenizer
         self.device = device
         self.generation = generation_config(model.bart.config)
 
     @classmethod
-    def load(cls, profile: str, device: torch.device) -> "Captioner":
+    def load(cls, profile: str, device: torch.device, dtype: torch.dtype | None = None) -> "Captioner":
         if profile == "tiny":
-            return cls.tiny(device)
+            return cls.tiny(device, dtype)
         if profile != "full":
             raise ValueError(f"unknown profile {profile!r}")
         from huggingface_hub import hf_hub_download
@@ -213,11 +220,11 @@ class Captioner:
         path = from_hub(CHECKPOINT_REPO, lambda: hf_hub_download(CHECKPOINT_REPO, CHECKPOINT_FILE))
         config = from_hub(BART_REPO, lambda: BartConfig.from_pretrained(BART_REPO))
         tokenizer = from_hub(BART_REPO, lambda: AutoTokenizer.from_pretrained(BART_REPO))
-        return cls.from_checkpoint(path, config, tokenizer, device)
+        return cls.from_checkpoint(path, config, tokenizer, device, dtype)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: BartConfig, tokenizer: PreTrainedTokenizerBase,
-                        device: torch.device) -> "Captioner":
+                        device: torch.device, dtype: torch.dtype | None = None) -> "Captioner":
         """Build the architecture from `config` and load a reference-layout checkpoint strictly.
 
         The file is a dict whose `state_dict` holds every weight and buffer (it also carries the
@@ -226,10 +233,10 @@ class Captioner:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         model = LPMusicCaps(config)
         model.load_state_dict(checkpoint["state_dict"], strict=True)
-        return cls(model, tokenizer, device)
+        return cls(model, tokenizer, device, dtype)
 
     @classmethod
-    def tiny(cls, device: torch.device) -> "Captioner":
+    def tiny(cls, device: torch.device, dtype: torch.dtype | None = None) -> "Captioner":
         """Same architecture and front end at toy width, random weights, built offline (tests, CI)."""
         from transformers import PreTrainedTokenizerFast
 
@@ -243,7 +250,7 @@ class Captioner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same toy model every time
             model = LPMusicCaps(config)
-        return cls(model, tokenizer, device)
+        return cls(model, tokenizer, device, dtype)
 
     @torch.inference_mode()
     def caption(self, audio: Audio, cancel: CancelToken | None = None) -> list[Segment]:

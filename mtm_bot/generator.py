@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from .audio import Audio, resample
+from .compiling import CompilePlan, warm_up_or_run_eager
 from .melody import has_bass_line, remove_bass
 from .musicgen_decode import MusicgenDecoder, Sampling
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
-from .runtime import from_hub, model_dtype
+from .runtime import cast_for_inference, from_hub, model_dtype
 
 SAMPLE_RATE = 32000
 FRAME_RATE = 50  # EnCodec frames (MusicGen decode steps) per second
@@ -144,30 +145,37 @@ class Generator:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model, tokenizer, device: torch.device, block_seconds: float,
-                 melody_on_continuations: bool = True) -> None:
+                 melody_on_continuations: bool = True, compile: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.uses_melody = model.config.model_type == "musicgen_melody"
         self.melody_on_continuations = melody_on_continuations
         self.block_seconds = block_seconds
-        self.decoder = MusicgenDecoder(model, max_frames=cache_frames(block_seconds))
+        self.decoder = MusicgenDecoder(model, max_frames=cache_frames(block_seconds), compile=compile)
 
     @classmethod
-    def load(cls, profile: str, model_id: str, device: torch.device, block_seconds: float) -> "Generator":
-        """The model for `profile`, resident on `device` (half precision on CUDA), its decode step compiled."""
-        dtype = model_dtype(device)
+    def load(cls, profile: str, model_id: str, device: torch.device, block_seconds: float,
+             dtype: torch.dtype | None = None, compile: CompilePlan | None = None) -> "Generator":
+        """The model for `profile`, resident on `device` (half precision on CUDA), its decode step compiled.
+
+        Weights load in float32; the text encoder, the projections and the decoder are then cast to
+        `dtype` (T5's `wo` stays float32 under fp16), and EnCodec stays float32: it is small and makes
+        the audible output.
+        """
+        dtype = dtype or model_dtype(device)
         if profile == "tiny":
             model, tokenizer = build_tiny_musicgen("melody")
         else:
-            model, tokenizer = _load_pretrained(model_id, dtype)
-        model = model.to(device, dtype)
-        model.audio_encoder.float()  # EnCodec is small and makes the audible output: keep it in float32
-        generator = cls(model, tokenizer, device, block_seconds)
-        if device.type == "cuda":
-            # Compile and capture now, not on a user's first request. Warming up at the longest
-            # description sizes the text buffers once, so no later caption forces a recompile.
-            generator.decoder.warmup(text_tokens=MAX_TEXT_TOKENS)
+            model, tokenizer = _load_pretrained(model_id)
+        model = cast_for_inference(model.to(device), dtype, keep_fp32=["audio_encoder"])
+        plan = compile or CompilePlan.from_setting("auto", device)
+        generator = cls(model, tokenizer, device, block_seconds, compile=plan.enabled)
+        # Compile and capture now, not on a user's first request. Warming up at the longest
+        # description sizes the text buffers once, so no later caption forces a recompile.
+        warm_up_or_run_eager("MusicGen's decode step", plan,
+                             lambda: generator.decoder.warmup(text_tokens=MAX_TEXT_TOKENS),
+                             generator.decoder.run_eager)
         return generator
 
     def generate(self, clip: Audio, blocks: list[Block], seed: int, progress: ProgressCallback = ignore_progress,
@@ -256,8 +264,8 @@ def _check_contiguous(blocks: list[Block]) -> None:
         raise ValueError("blocks must start at 0 s and follow each other without gaps")
 
 
-def _load_pretrained(model_id: str, dtype: torch.dtype):
-    """The hub checkpoint: MusicGen-melody, or a text-only MusicGen (then no chroma)."""
+def _load_pretrained(model_id: str):
+    """The hub checkpoint in float32: MusicGen-melody, or a text-only MusicGen (then no chroma)."""
     from transformers import (
         AutoConfig,
         AutoTokenizer,
@@ -271,7 +279,7 @@ def _load_pretrained(model_id: str, dtype: torch.dtype):
     classes = {"musicgen_melody": MusicgenMelodyForConditionalGeneration, "musicgen": MusicgenForConditionalGeneration}
     if config.model_type not in classes:
         raise SettingsError(f"MTM_MUSICGEN_ID={model_id} is a {config.model_type!r} model, not a MusicGen checkpoint.")
-    model = from_hub(model_id, lambda: classes[config.model_type].from_pretrained(model_id, dtype=dtype))
+    model = from_hub(model_id, lambda: classes[config.model_type].from_pretrained(model_id, dtype=torch.float32))
     tokenizer = from_hub(model_id, lambda: AutoTokenizer.from_pretrained(model_id))
     return model.eval(), tokenizer
 

@@ -84,6 +84,11 @@ class MusicgenDecoder:
         self._shape: tuple[int, bool, int] | None = None  # (batch, cfg, text capacity) of the buffers
         self.cfg = False  # whether the buffers hold null-conditioned rows
 
+    def run_eager(self) -> None:
+        """Decode with the plain step from now on (the fallback when compiling or capturing fails)."""
+        self.step = self.decode_one_token
+        self.compiled = False
+
     # ----------------------------------------------------------------------------------------------
     # Public interface
 

@@ -29,6 +29,7 @@ class Settings:
     profile: str = "full"  # "full" | "tiny"
     storage_dir: Path = Path("storage")
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    compile: str = "auto"  # "auto" (compile on CUDA, eager if that fails) | "on" | "off"
 
     # Models (any compatible hub id).
     llm_id: str = "meta-llama/Llama-3.2-3B-Instruct"
@@ -75,6 +76,8 @@ class Settings:
             raise SettingsError(f"MTM_PROFILE must be 'full' or 'tiny', not {self.profile!r}.")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise SettingsError(f"MTM_DEVICE must be auto, cpu, cuda or cuda:N, not {self.device!r}.")
+        if self.compile not in ("auto", "on", "off"):
+            raise SettingsError(f"MTM_COMPILE must be auto, on or off, not {self.compile!r}.")
         if not 0 < self.min_clip_seconds <= self.max_clip_seconds:
             raise SettingsError("MTM_MIN_CLIP_SECONDS must be positive and not above MTM_MAX_CLIP_SECONDS.")
         if self.max_output_seconds < 10:

@@ -37,3 +37,18 @@ def test_token_never_appears_in_repr():
 def test_bad_values_name_the_variable(env, fragment):
     with pytest.raises(SettingsError, match=fragment):
         Settings.from_env(environ=env, env_file=None)
+
+
+def test_compile_setting_is_validated_and_resolved_per_device():
+    import torch
+
+    from mtm_bot.compiling import CompilePlan
+
+    assert Settings.from_env({}, env_file=None).compile == "auto"
+    with pytest.raises(SettingsError, match="MTM_COMPILE"):
+        Settings.from_env({"MTM_COMPILE": "yes"}, env_file=None)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert CompilePlan.from_setting("auto", cuda) == CompilePlan(enabled=True, required=False)
+    assert CompilePlan.from_setting("auto", cpu) == CompilePlan(enabled=False, required=False)
+    assert CompilePlan.from_setting("on", cpu) == CompilePlan(enabled=True, required=True)
+    assert CompilePlan.from_setting("off", cuda) == CompilePlan(enabled=False, required=False)
