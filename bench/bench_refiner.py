@@ -1,18 +1,25 @@
-"""Benchmark: the refiner's own decode loop vs transformers' `generate`, timed in the same run.
+"""Benchmark: the refiner's grammars (preparation, start-up, first and warm requests) and its own decode
+loop vs transformers' `generate`, timed in the same run.
 
     python -m bench.bench_refiner --profile tiny --device cpu
     python -m bench.bench_refiner --profile full-size --device cuda --dtype bfloat16
 
 Prints one JSON object. `full-size` is the Llama-3.2-3B-Instruct architecture (its hub config written
 out) with random weights, so nothing is downloaded; decode speed does not depend on the weights. The
-tokenizer is the tiny offline one in both profiles (a 3B run's logits are 128256 wide all the same;
-the grammar masks every id the tokenizer lacks).
+tokenizer (--vocab) is Llama 3.2's own by default (128,256 tokens, its special and stop tokens; see
+bench/llama3_vocab.py), so grammar cost is the real one; `--vocab tiny` is the tests' 512-token one.
+
+Grammars: the reply grammar's compile time per segment count now (string lengths left to the decode
+mask, no time ranges) and before (bounded string patterns, the time ranges as constants: one grammar per
+clip length), the refiner's start-up (tokenizer info, length masks, every grammar up to --max-segments),
+the first and a warm request for 1, 3 and 6 segments, and the time to fill one token's mask.
 
 Five runs on the same prompt (a real refine request, 3 segments), all greedy:
 - ours / grammar: the product path, decoding until the JSON is complete; text the grammar forces
-  (keys, punctuation, time ranges) goes through the model in one pass per run (jump-forward);
+  (keys, punctuation) goes through the model in one pass per run (jump-forward);
 - ours / grammar, step by step: the same with jump-forward off, one forward pass per token;
-- transformers / grammar: `generate` with xgrammar's HF logits processor (dynamic cache, eager);
+- transformers / grammar: `generate` with the same grammar and length mask as a logits processor
+  (dynamic cache, eager);
 - ours / free and transformers / free: no grammar, exactly --tokens new tokens (stop tokens ignored;
   by default as many as the stepwise grammar run's reply, so those runs are directly comparable). Our
   loop keeps one static KV cache for all runs, sized by the grammar run's schema bound.
@@ -25,16 +32,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import jsonschema
 import torch
 import xgrammar as xgr
+from transformers import LogitsProcessor
 
 from mtm_bot.captioner import Segment
 import mtm_bot.refiner
-from mtm_bot.refiner import (Refiner, build_tiny_llm, build_tiny_tokenizer, max_output_tokens,
-                             refinement_schema)
+from mtm_bot.refiner import (JSON_SEPARATORS, ReplyGrammar, ReplyMatcher, Refiner, StringBudget,
+                             _grammar_tokenizer_info, build_tiny_llm, build_tiny_tokenizer, max_output_tokens,
+                             refinement_schema, reply_schema)
 from mtm_bot.runtime import model_dtype, resolve_device
 from mtm_bot.timecode import format_time
 
@@ -62,6 +72,24 @@ def build_random_llama_3b(tokenizer, dtype: torch.dtype, device: torch.device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id]
     return model
+
+
+class ReplyLogitsProcessor(LogitsProcessor):
+    """A reply grammar (with its length mask) as a transformers logits processor; single use, batch of one."""
+
+    def __init__(self, grammar: ReplyGrammar, vocab_size: int) -> None:
+        self.matcher = grammar.matcher()
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.prompt_len: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+        elif not self.matcher.accept_token(int(input_ids[0, -1])):
+            raise RuntimeError("the grammar refused the token its own mask allowed")
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
+        return scores
 
 
 def timed(fn) -> tuple[object, float]:
@@ -105,6 +133,64 @@ def forward_passes(refiner: Refiner, fn) -> int:
     return len(calls) - 1
 
 
+def clip_segments(count: int) -> list[Segment]:
+    return [Segment(10.0 * i, 10.0 * (i + 1), SEGMENTS[i % len(SEGMENTS)].caption) for i in range(count)]
+
+
+def compile_seconds(refiner: Refiner, schema: dict) -> float:
+    _, seconds = timed(lambda: refiner._compiler.compile_json_schema(
+        schema, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=True))
+    return round(seconds, 3)
+
+
+def grammar_costs(refiner: Refiner, max_segments: int, before_counts: list[int]) -> dict:
+    """Seconds per reply grammar, now and before (bounded patterns, time ranges as constants)."""
+    after = {n: compile_seconds(refiner, reply_schema(n, bounded=False)) for n in range(1, max_segments + 1)}
+    before = {n: compile_seconds(refiner, refinement_schema(
+        [(format_time(s.start), format_time(s.end)) for s in clip_segments(n)])) for n in before_counts}
+    return {"after_per_segment_count": after, "before_per_segment_count": before}
+
+
+def startup_parts(refiner: Refiner) -> dict:
+    """The start-up's grammar work, part by part (timed again after the refiner was built)."""
+    info, info_s = timed(lambda: _grammar_tokenizer_info(refiner.tokenizer, refiner.vocab_size,
+                                                         refiner.stop_token_ids))
+    _, budget_s = timed(lambda: StringBudget(info.decoded_vocab, refiner.vocab_size))
+    return {"tokenizer_info_s": round(info_s, 3), "string_budget_s": round(budget_s, 3)}
+
+
+def request_latency(refiner: Refiner, counts: list[int]) -> dict:
+    """The first request per segment count after start-up (the first of all also pays the model's first
+    passes), then the best of two more."""
+    result = {}
+    for count in counts:
+        segments = clip_segments(count)
+        _, first = timed(lambda: refiner.refine(segments, INSTRUCTION))
+        warm = min(timed(lambda: refiner.refine(segments, INSTRUCTION))[1] for _ in range(2))
+        result[count] = {"first_s": round(first, 3), "warm_s": round(warm, 3)}
+    return result
+
+
+def mask_fill_ms(refiner: Refiner, count: int) -> dict:
+    """Milliseconds per token to fill the next-token mask (xgrammar's, then the length mask), over one reply."""
+    times = []
+    fill = ReplyMatcher.fill_next_token_bitmask
+
+    def timed_fill(self, bitmask, index=0):
+        start = time.perf_counter()
+        fill(self, bitmask, index)
+        times.append(1000 * (time.perf_counter() - start))
+
+    ReplyMatcher.fill_next_token_bitmask = timed_fill
+    try:
+        refiner.refine(clip_segments(count), INSTRUCTION)
+    finally:
+        ReplyMatcher.fill_next_token_bitmask = fill
+    times.sort()
+    return {"segments": count, "tokens": len(times), "median": round(statistics.median(times), 4),
+            "p90": round(times[int(0.9 * (len(times) - 1))], 4), "max": round(times[-1], 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=["tiny", "full-size"], default="tiny")
@@ -113,24 +199,40 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=0, help="new tokens of the free runs (default: the reply's)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (the best is reported)")
+    parser.add_argument("--vocab", choices=["llama3", "tiny"], default="llama3",
+                        help="Llama 3.2's tokenizer (default) or the tests' 512-token one")
+    parser.add_argument("--max-segments", type=int, default=mtm_bot.refiner.EXPECTED_MAX_SEGMENTS,
+                        help="grammars prepared at start-up (a 60 s clip limit: 6)")
+    parser.add_argument("--before", default="1,3,6",
+                        help="segment counts whose old grammar is compiled for comparison (seconds each; '' skips)")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = model_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-    tokenizer = build_tiny_tokenizer()
+    if args.vocab == "llama3":
+        from bench.llama3_vocab import build_llama3_tokenizer, build_tiny_llama3
+
+        tokenizer, build_tiny = build_llama3_tokenizer(), build_tiny_llama3
+    else:
+        tokenizer, build_tiny = build_tiny_tokenizer(), build_tiny_llm
     if args.profile == "tiny":
-        model = build_tiny_llm(tokenizer).to(device=device, dtype=dtype)
+        model = build_tiny(tokenizer).to(device=device, dtype=dtype)
     else:
         model = build_random_llama_3b(tokenizer, dtype, device)
     t0 = time.perf_counter()
-    refiner = Refiner(model, tokenizer, device, temperature=0.0)  # greedy: both paths pick the same tokens
+    # Greedy: both paths pick the same tokens.
+    refiner = Refiner(model, tokenizer, device, temperature=0.0, max_segments=args.max_segments)
     load_seconds = time.perf_counter() - t0
+    requests = request_latency(refiner, [n for n in (1, 3, 6) if n <= args.max_segments])
+    mask_fill = mask_fill_ms(refiner, min(6, args.max_segments))
+    startup = {"refiner_init_s": round(load_seconds, 3), **startup_parts(refiner)}
+    grammars = grammar_costs(refiner, args.max_segments, [int(n) for n in args.before.split(",") if n])
+    startup["grammars_s"] = round(sum(grammars["after_per_segment_count"].values()), 3)
 
     prompt = refiner.encode(refiner.prompt(SEGMENTS, INSTRUCTION))
-    ranges = tuple((format_time(s.start), format_time(s.end)) for s in SEGMENTS)
-    grammar = refiner.grammar(ranges)
+    grammar = refiner.grammar(len(SEGMENTS))
     bound = max_output_tokens(len(SEGMENTS))
     mask = torch.ones_like(prompt)
 
@@ -146,7 +248,7 @@ def main() -> None:
     ours_stepwise = best_of(args.repeats, stepwise)
 
     def hf_grammar() -> list[int]:
-        processor = xgr.contrib.hf.LogitsProcessor(grammar)  # single use, by its design
+        processor = ReplyLogitsProcessor(grammar, refiner.vocab_size)
         out = model.generate(prompt, attention_mask=mask, logits_processor=[processor], do_sample=False,
                              max_new_tokens=bound, eos_token_id=refiner.stop_token_ids)
         tokens = out[0, prompt.shape[1]:].tolist()
@@ -168,11 +270,16 @@ def main() -> None:
     overhead_ms = ours_s["ms_per_token"] - ours_f["ms_per_token"]
     result = {
         "profile": args.profile,
+        "vocab": args.vocab,
+        "vocab_size": refiner.vocab_size,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "compiled_decode": device.type == "cuda",
-        "refiner_init_seconds": round(load_seconds, 2),
+        "startup": startup,
+        "grammar_compile_s": grammars,
+        "request_latency": requests,
+        "mask_fill_ms": mask_fill,
         "prompt_tokens": prompt.shape[1],
         "reply_token_bound": bound,
         "ours_grammar": ours_g,
@@ -184,16 +291,16 @@ def main() -> None:
         "grammar_overhead_ms_per_token": round(overhead_ms, 3),
         "grammar_overhead_pct": round(100 * overhead_ms / ours_f["ms_per_token"], 1),
         "same_reply_as_transformers": ours_stepwise[0] == theirs_grammar[0],
-        "reply_valid": all(_valid(refiner.tokenizer.decode(reply, clean_up_tokenization_spaces=False), ranges)
+        "reply_valid": all(_valid(refiner.tokenizer.decode(reply, clean_up_tokenization_spaces=False), len(SEGMENTS))
                            for reply in (ours_grammar[0], ours_stepwise[0])),
     }
     print(json.dumps(result, indent=2))
 
 
-def _valid(text: str, ranges) -> bool:
-    """Whether the reply parses as strict JSON and validates against the refinement schema."""
+def _valid(text: str, segment_count: int) -> bool:
+    """Whether the reply parses as strict JSON and validates against the reply schema (its bounds too)."""
     try:
-        jsonschema.validate(json.loads(text), refinement_schema(ranges))
+        jsonschema.validate(json.loads(text), reply_schema(segment_count))
         return True
     except (ValueError, jsonschema.ValidationError):
         return False

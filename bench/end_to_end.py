@@ -5,7 +5,7 @@
 
 Prints one JSON object. Both paths run the same `Pipeline.compose` on the same clip, seed and
 stages; the reference path swaps the two hand-written decode loops for transformers' `generate`:
-the refiner's grammar-constrained loop for `generate` with xgrammar's HF logits processor, and the
+the refiner's grammar-constrained loop for `generate` with the same grammar as a logits processor, and the
 MusicGen loop for `MusicgenMelodyForConditionalGeneration.generate` (bench/reference.py). The
 captioner runs transformers' beam search in both. `full-size` builds the real architectures
 (LP-MusicCaps on bart-base, Llama-3.2-3B, MusicGen-melody 1.5 B) with random weights and the tiny
@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-import xgrammar as xgr
 
 from mtm_bot.audio import Audio, load_clip
 from mtm_bot.captioner import Captioner, LPMusicCaps, bart_base_config
+from mtm_bot.compiling import EAGER
 from mtm_bot.generator import MAX_TEXT_TOKENS, Generator, build_tiny_musicgen
 from mtm_bot.musicgen_decode import Sampling
 from mtm_bot.pipeline import BLOCK_SECONDS, Pipeline
@@ -35,16 +35,17 @@ from mtm_bot.refiner import Refiner, build_tiny_tokenizer
 from mtm_bot.runtime import model_dtype, resolve_device
 from mtm_bot.settings import Settings
 
+from bench.bench_refiner import ReplyLogitsProcessor
 from bench.reference import reference_codes
 
 INSTRUCTION = "a cosy jazz carol with sleigh bells"
 
 
 class TransformersRefiner(Refiner):
-    """The refiner with its decode loop replaced by `generate` + xgrammar's HF logits processor."""
+    """The refiner with its decode loop replaced by `generate` + its grammar as a logits processor."""
 
     def generate(self, prompt_ids, grammar, max_new_tokens, seed=0, cancel=None):
-        processor = xgr.contrib.hf.LogitsProcessor(grammar)  # single use, by its design
+        processor = ReplyLogitsProcessor(grammar, self.vocab_size)  # single use
         torch.manual_seed(seed)
         out = self.model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), logits_processor=[processor],
                                   do_sample=self.temperature > 0, temperature=self.temperature or None,
@@ -125,7 +126,7 @@ def main() -> None:
     # The two paths share every model; the generator's decode loop is swapped in place per path.
     paths = {"ours": (Pipeline(settings, captioner=captioner, refiner=refiner, generator=generator), generator.decoder)}
     if not args.skip_reference:
-        reference_refiner = TransformersRefiner(refiner.model, refiner.tokenizer, device, compile_decode=False)
+        reference_refiner = TransformersRefiner(refiner.model, refiner.tokenizer, device, compile=EAGER)
         paths["transformers"] = (Pipeline(settings, captioner=captioner, refiner=reference_refiner,
                                           generator=generator), TransformersDecoder(generator.model))
     for pipeline, decoder in paths.values():

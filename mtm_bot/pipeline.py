@@ -6,6 +6,7 @@ or a duration answers a user in a fraction of a second, before any model library
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from .captioner import Captioner, Segment
+    from .compiling import CompilePlan
     from .generator import Block, Generator
     from .refiner import Refinement, Refiner
 
@@ -86,6 +88,12 @@ class Pipeline:
         return self._device
 
     @property
+    def compile_plan(self) -> CompilePlan:
+        from .compiling import CompilePlan
+
+        return CompilePlan.from_setting(self.settings.compile, self.device)
+
+    @property
     def captioner(self) -> Captioner:
         if self._captioner is None:
             from .captioner import Captioner
@@ -96,9 +104,13 @@ class Pipeline:
     @property
     def refiner(self) -> Refiner:
         if self._refiner is None:
+            from .captioner import SEGMENT_SECONDS
             from .refiner import Refiner
 
-            self._refiner = Refiner.load(self.settings.profile, self.settings.llm_id, self.device)
+            # Reply grammars are prepared at load for every segment count the clip limit allows.
+            self._refiner = Refiner.load(self.settings.profile, self.settings.llm_id, self.device,
+                                         compile=self.compile_plan,
+                                         max_segments=math.ceil(self.settings.max_clip_seconds / SEGMENT_SECONDS))
         return self._refiner
 
     @property
@@ -107,7 +119,7 @@ class Pipeline:
             from .generator import Generator
 
             self._generator = Generator.load(self.settings.profile, self.settings.musicgen_id, self.device,
-                                             BLOCK_SECONDS)
+                                             BLOCK_SECONDS, compile=self.compile_plan)
         return self._generator
 
     def read_clip(self, path: str | Path) -> Audio:

@@ -1,11 +1,12 @@
 """Refine the clip's captions with a small instruct LLM into schema-valid JSON that carries the user's taste.
 
 One chat-templated request per job: the captions and the instruction travel as JSON *data* in the user
-message, and decoding is constrained by an xgrammar JSON-schema grammar, so the reply always parses and
-validates, whatever the instruction says. The decode loop is our own (gpt-fast style): a prefill, then
-one token at a time over a preallocated static KV cache, the grammar's bitmask applied at every step.
-Text the grammar forces (keys, punctuation, the fixed time ranges) is not decoded token by token: it
-is tokenized and run through the model in one pass (jump-forward decoding).
+message, and decoding is constrained by an xgrammar JSON-schema grammar (string lengths held by a mask of
+our own), so the reply always parses and validates, whatever the instruction says. The grammars, one per
+segment count, are compiled at load; the time ranges are the code's, never the model's. The decode loop is
+our own (gpt-fast style): a prefill, then one token at a time over a preallocated static KV cache, the
+grammar's bitmask applied at every step. Text the grammar forces (keys, punctuation) is not decoded token
+by token: it is tokenized and run through the model in one pass (jump-forward decoding).
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
+from .compiling import CompilePlan, warm_up_or_run_eager
 from .instruction import check_instruction
 from .progress import CancelToken
 from .runtime import from_hub, model_dtype
@@ -35,10 +38,18 @@ MOOD_MAX_CHARS = 32
 DYNAMICS_MAX_CHARS = 32
 INSTRUMENT_MAX_CHARS = 24
 MAX_INSTRUMENTS = 8
-CAPTION_MAX_CHARS = 128  # xgrammar expands {m,n} in patterns and refuses n > 128
+CAPTION_MAX_CHARS = 128
+# Each bound by the JSON key that holds its strings (an array's items by the array's key). The grammar
+# leaves string lengths open and the decode mask enforces these (see StringBudget): xgrammar builds a
+# length bound as one state per character and checks the whole vocabulary against each state when it
+# compiles, which with Llama 3's 128k tokens took 8 s for a one-segment reply grammar and 31 s for six
+# on a two-core machine (bench_refiner), against ~0.15 s each with open lengths.
+FIELD_MAX_CHARS = {"style": STYLE_MAX_CHARS, "mood": MOOD_MAX_CHARS, "instruments": INSTRUMENT_MAX_CHARS,
+                   "dynamics": DYNAMICS_MAX_CHARS, "caption": CAPTION_MAX_CHARS}
 
 # Segments the KV cache is sized for at load time (60 s clips, the default limit); more still work, by
-# growing the cache (and, on CUDA, recompiling) on that request.
+# growing the cache (and, on CUDA, recompiling) on that request. Also the default for the reply grammars
+# prepared at load (`max_segments`; the pipeline passes its clip limit's).
 EXPECTED_MAX_SEGMENTS = 6
 PROMPT_TOKENS_RESERVE = 1536  # system message + six captions + a long instruction
 
@@ -61,58 +72,71 @@ SYSTEM_PROMPT = (
     f'- "tempo_bpm": an integer from {TEMPO_MIN_BPM} to {TEMPO_MAX_BPM};\n'
     f'- "instruments": 1 to {MAX_INSTRUMENTS} short instrument names;\n'
     f'- "dynamics": e.g. "soft", "building", "loud and punchy" (at most {DYNAMICS_MAX_CHARS} characters);\n'
-    '- "segments": one item per input segment, in order, with "start" and "end" copied from its time '
-    f'range and "caption": one sentence (at most {CAPTION_MAX_CHARS} characters) describing that part '
-    "of the new track for a music generator: instruments, rhythm, texture, mood."
+    '- "segments": one item per input segment, in order, each with "caption": one sentence (at most '
+    f"{CAPTION_MAX_CHARS} characters) describing that part of the new track for a music generator: "
+    "instruments, rhythm, texture, mood."
 )
 
 
-def _plain_text(max_chars: int) -> dict:
-    """A one-line string of 1..max_chars characters that does not start with a space.
+def _plain_text(max_chars: int | None) -> dict:
+    """A one-line string of 1..max_chars characters (any length for None) that does not start with a space.
 
     Written as a pattern rather than maxLength: xgrammar's maxLength strings admit raw control
     characters, which are not valid JSON. The pattern also rules out escapes, so every character is
     written literally (this bounds the reply's length in tokens, see max_output_tokens).
     """
     first, rest = r'[^"\\\x00-\x1f ]', r'[^"\\\x00-\x1f]'  # no quote, backslash or control character
-    return {"type": "string", "pattern": f"^{first}{rest}{{0,{max_chars - 1}}}$"}
+    repeat = "*" if max_chars is None else f"{{0,{max_chars - 1}}}"
+    return {"type": "string", "pattern": f"^{first}{rest}{repeat}$"}
 
 
-def refinement_schema(ranges: Sequence[tuple[str, str]]) -> dict:
-    """The reply's JSON schema for segments with these `M:SS` time ranges (pinned per position)."""
-    segment_items = [
-        {
-            "type": "object",
-            "properties": {"start": {"const": start}, "end": {"const": end},
-                           "caption": _plain_text(CAPTION_MAX_CHARS)},
-            "required": ["start", "end", "caption"],
-            "additionalProperties": False,
-        }
-        for start, end in ranges
-    ]
+def reply_schema(segment_count: int, bounded: bool = True) -> dict:
+    """The JSON schema of the model's reply for this many segments: the traits, then one caption per segment.
+
+    The time ranges are not in the reply: the code knows them, so the grammar depends only on the segment
+    count. `bounded=False` leaves string lengths open (FIELD_MAX_CHARS): the grammar's variant, whose
+    lengths the decode mask bounds.
+    """
+    def text(field: str) -> dict:
+        return _plain_text(FIELD_MAX_CHARS[field] if bounded else None)
+
+    segment = {"type": "object", "properties": {"caption": text("caption")}, "required": ["caption"],
+               "additionalProperties": False}
     return {
         "type": "object",
         "properties": {
-            "style": _plain_text(STYLE_MAX_CHARS),
-            "mood": _plain_text(MOOD_MAX_CHARS),
+            "style": text("style"),
+            "mood": text("mood"),
             "tempo_bpm": {"type": "integer", "minimum": TEMPO_MIN_BPM, "maximum": TEMPO_MAX_BPM},
-            "instruments": {"type": "array", "items": _plain_text(INSTRUMENT_MAX_CHARS),
-                            "minItems": 1, "maxItems": MAX_INSTRUMENTS},
-            "dynamics": _plain_text(DYNAMICS_MAX_CHARS),
-            "segments": {"type": "array", "prefixItems": segment_items, "items": False,
-                         "minItems": len(segment_items), "maxItems": len(segment_items)},
+            "instruments": {"type": "array", "items": text("instruments"), "minItems": 1, "maxItems": MAX_INSTRUMENTS},
+            "dynamics": text("dynamics"),
+            "segments": {"type": "array", "items": segment, "minItems": segment_count, "maxItems": segment_count},
         },
         "required": ["style", "mood", "tempo_bpm", "instruments", "dynamics", "segments"],
         "additionalProperties": False,
     }
 
 
+def refinement_schema(ranges: Sequence[tuple[str, str]]) -> dict:
+    """The schema of `Refinement.to_json()` (the `--json` output): the reply, each segment with its `M:SS`
+    time range added by the code."""
+    schema = reply_schema(len(ranges))
+    caption = schema["properties"]["segments"].pop("items")["properties"]["caption"]
+    schema["properties"]["segments"]["prefixItems"] = [
+        {"type": "object", "properties": {"start": {"const": start}, "end": {"const": end}, "caption": caption},
+         "required": ["start", "end", "caption"], "additionalProperties": False}
+        for start, end in ranges
+    ]
+    schema["properties"]["segments"]["items"] = False
+    return schema
+
+
 def max_output_tokens(segment_count: int) -> int:
     """An upper bound on the reply's tokens, from the schema's bounds.
 
     The strings admit no escapes, so every character is written literally: at most 4 UTF-8 bytes, and
-    no token the grammar allows is shorter than a byte. The longest reply is the compact JSON
-    one-line JSON with every string and array at its maximum; +1 for the stop token.
+    no token the grammar allows is shorter than a byte. The longest reply is the one-line JSON with
+    every string and array at its maximum; +1 for the stop token.
     """
     longest = {
         "style": "x" * STYLE_MAX_CHARS,
@@ -120,7 +144,7 @@ def max_output_tokens(segment_count: int) -> int:
         "tempo_bpm": TEMPO_MAX_BPM,
         "instruments": ["x" * INSTRUMENT_MAX_CHARS] * MAX_INSTRUMENTS,
         "dynamics": "x" * DYNAMICS_MAX_CHARS,
-        "segments": [{"start": "999:59", "end": "999:59", "caption": "x" * CAPTION_MAX_CHARS}] * segment_count,
+        "segments": [{"caption": "x" * CAPTION_MAX_CHARS}] * segment_count,
     }
     text = json.dumps(longest, separators=JSON_SEPARATORS)
     string_chars = text.count("x")
@@ -162,11 +186,9 @@ class Refinement:
 
     @classmethod
     def from_json(cls, data: dict, segments: Sequence["Segment"]) -> "Refinement":
-        """Parse a schema-valid reply; the exact start/end seconds come from the input segments."""
-        replied = [(item["start"], item["end"]) for item in data["segments"]]
-        expected = [(format_time(s.start), format_time(s.end)) for s in segments]
-        if replied != expected:
-            raise ValueError(f"refined segments {replied} do not match the input's time ranges {expected}")
+        """Parse a schema-valid reply (reply_schema); the time ranges come from the input segments."""
+        if len(data["segments"]) != len(segments):
+            raise ValueError(f"the reply has {len(data['segments'])} segments, the input {len(segments)}")
         return cls(
             style=data["style"],
             mood=data["mood"],
@@ -188,6 +210,137 @@ def build_messages(segments: Sequence["Segment"], instruction: str) -> list[dict
     # "<" escaped (as in HTML-safe JSON): text like "<|eot_id|>" must not tokenize as a special token.
     user = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+# --- The reply's grammar: xgrammar for the JSON, a mask of our own for string lengths ---------------
+
+class StringBudget:
+    """Which tokens fit in what is left of a string's length bound, for one vocabulary (built once).
+
+    A token's text is cut at its quotes: the part before the first quote continues the string being
+    written (and must fit what is left of it); a part after a quote may open a new string, which is
+    bounded without looking up its field, by the smallest bound (every field allows that much).
+    Characters are counted as UTF-8 lead bytes, so a character split across tokens counts once.
+    """
+
+    def __init__(self, decoded_vocab: Sequence[bytes], vocab_size: int) -> None:
+        self.token_bytes = list(decoded_vocab) + [b""] * (vocab_size - len(decoded_vocab))
+        smallest = min(FIELD_MAX_CHARS.values())
+        lead = np.zeros(vocab_size, dtype=np.int32)  # characters before the first quote
+        rest_fits = np.ones(vocab_size, dtype=bool)  # every part after a quote fits the smallest bound
+        for i, text in enumerate(self.token_bytes):
+            first, *rest = text.split(b'"')
+            lead[i] = _char_count(first)
+            rest_fits[i] = all(_char_count(part) <= smallest for part in rest)
+        self.lead, self.rest_fits = lead, rest_fits
+        longest = max(FIELD_MAX_CHARS.values())
+        # masks[r]: the tokens allowed with r characters left; masks[-1]: outside a bounded string.
+        allowed = [rest_fits & (lead <= room) for room in range(longest + 1)] + [rest_fits]
+        self.masks = torch.stack([_pack_bitmask(a) for a in allowed])
+
+    def fits(self, token_id: int, room: int | None) -> bool:
+        return bool(self.rest_fits[token_id]) and (room is None or int(self.lead[token_id]) <= room)
+
+    def mask(self, room: int | None) -> torch.Tensor:
+        return self.masks[-1 if room is None else room]
+
+
+def _char_count(utf8: bytes) -> int:
+    return sum(1 for byte in utf8 if byte & 0xC0 != 0x80)
+
+
+def _pack_bitmask(allowed: np.ndarray) -> torch.Tensor:
+    """A boolean per token -> xgrammar's bitmask layout (int32 words, token i at bit i % 32 of word i // 32)."""
+    words = (len(allowed) + 31) // 32
+    packed = np.zeros(words * 4, dtype=np.uint8)
+    bits = np.packbits(allowed, bitorder="little")
+    packed[: len(bits)] = bits
+    return torch.from_numpy(packed.view("<i4").copy())
+
+
+class ReplyPosition:
+    """Where the reply is in its JSON text, fed byte by byte: which string is open and how long it is.
+
+    Only as much of JSON as the reply grammar allows: no escapes, so a quote always opens or closes a
+    string.
+    """
+
+    def __init__(self) -> None:
+        self._containers: list[list] = []  # per open object or array: [kind, key, expects a key]
+        self._in_string = False
+        self._key: bytearray | None = None  # the key being read, when the open string is a key
+        self._bound: int | None = None  # the open value string's length bound
+        self._chars = 0
+
+    def room(self) -> int | None:
+        """Characters the open string may still take; None outside a bounded string."""
+        if not self._in_string or self._bound is None:
+            return None
+        return self._bound - self._chars
+
+    def feed(self, text: bytes) -> None:
+        for byte in text:
+            if self._in_string:
+                if byte == 0x22:  # '"'
+                    self._in_string = False
+                    if self._key is not None:
+                        self._containers[-1][1] = self._key.decode()
+                elif self._key is not None:
+                    self._key.append(byte)
+                elif byte & 0xC0 != 0x80:
+                    self._chars += 1
+                continue
+            top = self._containers[-1] if self._containers else None
+            if byte == 0x7B:  # '{'
+                self._containers.append(["{", None, True])
+            elif byte == 0x5B:  # '[': its items take the bound of the key that holds it
+                self._containers.append(["[", top[1] if top else None, False])
+            elif byte in (0x7D, 0x5D):  # '}' ']'
+                self._containers.pop()
+            elif byte == 0x2C and top and top[0] == "{":  # ','
+                top[2] = True
+            elif byte == 0x3A and top:  # ':'
+                top[2] = False
+            elif byte == 0x22:
+                self._in_string, self._chars = True, 0
+                is_key = top is not None and top[0] == "{" and top[2]
+                self._key = bytearray() if is_key else None
+                self._bound = None if is_key or top is None else FIELD_MAX_CHARS.get(top[1])
+
+
+@dataclass(frozen=True)
+class ReplyGrammar:
+    """A compiled reply grammar (string lengths open) and the length budget that bounds its strings."""
+    compiled: xgr.CompiledGrammar
+    budget: StringBudget
+
+    def matcher(self) -> "ReplyMatcher":
+        return ReplyMatcher(self)
+
+
+class ReplyMatcher:
+    """xgrammar's GrammarMatcher for a ReplyGrammar, with every string held to its length bound."""
+
+    def __init__(self, grammar: ReplyGrammar) -> None:
+        self._matcher = xgr.GrammarMatcher(grammar.compiled)
+        self._budget = grammar.budget
+        self._position = ReplyPosition()
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int = 0) -> None:
+        self._matcher.fill_next_token_bitmask(bitmask, index)
+        bitmask[index] &= self._budget.mask(self._position.room())
+
+    def accept_token(self, token_id: int) -> bool:
+        if not self._budget.fits(token_id, self._position.room()) or not self._matcher.accept_token(token_id):
+            return False
+        self._position.feed(self._budget.token_bytes[token_id])
+        return True
+
+    def is_terminated(self) -> bool:
+        return self._matcher.is_terminated()
+
+    def find_jump_forward_string(self) -> str:
+        return self._matcher.find_jump_forward_string()
 
 
 # --- The decode loop (plain PyTorch, gpt-fast style) ------------------------------------------------
@@ -218,8 +371,8 @@ class Refiner:
     """The LLM, its tokenizer and grammars, and one KV cache: serves one request at a time (the GPU queue)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device,
-                 temperature: float = DEFAULT_TEMPERATURE, compile_decode: bool | None = None,
-                 jump_forward: bool = True) -> None:
+                 temperature: float = DEFAULT_TEMPERATURE, compile: CompilePlan | None = None,
+                 jump_forward: bool = True, max_segments: int = EXPECTED_MAX_SEGMENTS) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
@@ -227,54 +380,75 @@ class Refiner:
         self.jump_forward = jump_forward  # off: every token decoded step by step (as generate() would)
         self.vocab_size = model.config.vocab_size  # logits' width; may exceed the tokenizer's (padding)
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
-        info = _grammar_tokenizer_info(tokenizer, self.vocab_size, self.stop_token_ids)
-        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)  # we keep what we compiled
-        self._grammars: dict[tuple[tuple[str, str], ...], xgr.CompiledGrammar] = {}
+        self._prepare_grammars(max_segments)
         self._bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
         self._cache = None
         self._cache_len = 0
         self._step = decode_one_token
-        if compile_decode is None:
-            compile_decode = device.type == "cuda"
-        if compile_decode:
+        plan = compile or CompilePlan.from_setting("auto", device)
+        if plan.enabled:
             self._step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-            self._warm_up()
+        warm_up_or_run_eager("the refiner's decode step", plan, self._warm_up, self._run_eager)
 
     @classmethod
-    def load(cls, profile: str, model_id: str, device: torch.device) -> "Refiner":
+    def load(cls, profile: str, model_id: str, device: torch.device, dtype: torch.dtype | None = None,
+             compile: CompilePlan | None = None, max_segments: int = EXPECTED_MAX_SEGMENTS) -> "Refiner":
+        """The LLM in `dtype` (default: half precision on CUDA). transformers builds it in that dtype and
+        keeps in float32 what must stay there (RoPE's inverse frequencies); Llama's weights are stored in
+        bf16, so nothing is rounded on the way."""
+        dtype = dtype or model_dtype(device)
         if profile == "tiny":
             tokenizer = build_tiny_tokenizer()
-            return cls(build_tiny_llm(tokenizer).to(device), tokenizer, device)
+            return cls(build_tiny_llm(tokenizer, dtype=dtype).to(device), tokenizer, device, compile=compile,
+                       max_segments=max_segments)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = from_hub(model_id, lambda: AutoTokenizer.from_pretrained(model_id))
-        model = from_hub(model_id, lambda: AutoModelForCausalLM.from_pretrained(model_id, dtype=model_dtype(device)))
-        return cls(model.to(device), tokenizer, device)
+        model = from_hub(model_id, lambda: AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype))
+        return cls(model.to(device), tokenizer, device, compile=compile, max_segments=max_segments)
 
     def prompt(self, segments: Sequence["Segment"], instruction: str) -> str:
         """The chat-templated prompt text, ending where the assistant's reply begins."""
         messages = build_messages(segments, check_instruction(instruction))
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def grammar(self, ranges: tuple[tuple[str, str], ...]) -> xgr.CompiledGrammar:
-        """The compiled grammar for these time ranges (one-line JSON), compiled once and kept.
+    def _prepare_grammars(self, max_segments: int) -> None:
+        """Compile the reply grammar for every segment count up to max_segments, so no request compiles one.
 
-        The ranges depend only on the clip's length in whole seconds, so this holds at most one grammar
-        per clip length the bot has seen (60 with the default limit).
+        Each takes well under a second even with a 128k-token vocabulary: the grammar leaves string
+        lengths to the StringBudget mask, built here once for the vocabulary.
         """
-        if ranges not in self._grammars:
-            self._grammars[ranges] = self._compiler.compile_json_schema(
-                refinement_schema(ranges), any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=True)
-        return self._grammars[ranges]
+        info = _grammar_tokenizer_info(self.tokenizer, self.vocab_size, self.stop_token_ids)
+        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)  # we keep what we compiled
+        self._budget = StringBudget(info.decoded_vocab, self.vocab_size)
+        self._grammars: dict[int, ReplyGrammar] = {}
+        for count in range(1, max_segments + 1):
+            self._grammars[count] = self._compile_grammar(count)
+
+    def _compile_grammar(self, segment_count: int) -> ReplyGrammar:
+        compiled = self._compiler.compile_json_schema(
+            reply_schema(segment_count, bounded=False), any_whitespace=False, separators=JSON_SEPARATORS,
+            strict_mode=True)
+        return ReplyGrammar(compiled, self._budget)
+
+    def grammar(self, segment_count: int) -> ReplyGrammar:
+        """The reply grammar for this many segments (one-line JSON), prepared at start-up.
+
+        A count beyond the prepared ones (a clip longer than the settings allow) compiles on that request.
+        """
+        if segment_count not in self._grammars:
+            log.warning("compiling the reply grammar for %d segments on a request", segment_count)
+            self._grammars[segment_count] = self._compile_grammar(segment_count)
+        return self._grammars[segment_count]
 
     def refine(self, segments: Sequence["Segment"], instruction: str, cancel: CancelToken | None = None,
                seed: int = 0) -> Refinement:
         """Rewrite every segment's caption to carry the instruction; one request, always schema-valid."""
         if not segments:
             raise ValueError("refine() needs at least one caption segment")
-        ranges = tuple((format_time(s.start), format_time(s.end)) for s in segments)
         prompt_ids = self.encode(self.prompt(segments, instruction))
-        tokens = self.generate(prompt_ids, self.grammar(ranges), max_output_tokens(len(segments)), seed, cancel)
+        count = len(segments)
+        tokens = self.generate(prompt_ids, self.grammar(count), max_output_tokens(count), seed, cancel)
         text = self.tokenizer.decode(tokens, clean_up_tokenization_spaces=False)  # exactly what was validated
         return Refinement.from_json(json.loads(text), segments)
 
@@ -284,14 +458,14 @@ class Refiner:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: torch.Tensor, grammar: xgr.CompiledGrammar | None, max_new_tokens: int,
+    def generate(self, prompt_ids: torch.Tensor, grammar: ReplyGrammar | None, max_new_tokens: int,
                  seed: int = 0, cancel: CancelToken | None = None) -> list[int]:
         """Decode up to max_new_tokens after the prompt [1, T]; returns the new tokens without the stop token.
 
         With a grammar, only tokens it allows are ever chosen and decoding ends when it is complete (this
         is how the product runs); `grammar=None` decodes unconstrained until a stop token (benchmarks).
         """
-        matcher = xgr.GrammarMatcher(grammar) if grammar is not None else None
+        matcher = grammar.matcher() if grammar is not None else None
         generator = None
         if self.temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -319,7 +493,7 @@ class Refiner:
             elif token_id in self.stop_token_ids:
                 return tokens
             tokens.append(token_id)
-            forced = self._forced_tokens(matcher, max_new_tokens - len(tokens)) if matcher is not None else []
+            forced = self._forced_tokens(matcher, token_id, max_new_tokens - len(tokens)) if matcher is not None else []
             if forced:  # one pass over the chosen token and the run the grammar forces after it
                 run = torch.tensor([[token_id, *forced]], device=self.device)
                 logits = prefill(self.model, run, cache, start=prompt_len + len(tokens) - 1)
@@ -332,17 +506,29 @@ class Refiner:
             raise RuntimeError(f"the reply did not finish within {max_new_tokens} tokens, its schema bound")
         return tokens
 
-    def _forced_tokens(self, matcher: xgr.GrammarMatcher, room: int) -> list[int]:
-        """The tokens of the text the grammar allows next and nothing else, accepted into `matcher`;
-        [] when jump-forward is off or the run is shorter than MIN_JUMP_TOKENS."""
+    def _forced_tokens(self, matcher: ReplyMatcher, chosen: int, room: int) -> list[int]:
+        """Tokens of the text the grammar forces after the model's `chosen` token, accepted into `matcher`,
+        split the way the tokenizer would split the model's own text: [] when jump-forward is off, the
+        run is shorter than MIN_JUMP_TOKENS, or the forced text would not start a token of its own.
+
+        Both ends of the run are boundaries with the model's tokens. At the start, the chosen token and
+        the forced text are tokenized together, and the run is taken only if the chosen token stays
+        whole (after `"` the tokenizer writes `",` where the grammar forces `, `: then the model decodes
+        the next step itself). At the end, the last forced token is left to the model, which may write
+        it as part of a longer token (` "` + `Warm` as ` "Warm`), as it would without jump-forward.
+        """
         if not self.jump_forward:
             return []
         text = matcher.find_jump_forward_string()
-        ids = self.tokenizer.encode(text, add_special_tokens=False)[:room] if text else []
-        if len(ids) < MIN_JUMP_TOKENS:
+        if not text:
+            return []
+        chosen_text = self.tokenizer.decode([chosen], clean_up_tokenization_spaces=False)
+        ids = self.tokenizer.encode(chosen_text + text, add_special_tokens=False)
+        run = ids[1:-1][:room]
+        if ids[0] != chosen or len(run) < MIN_JUMP_TOKENS:
             return []
         forced = []
-        for token_id in ids:
+        for token_id in run:
             if not matcher.accept_token(token_id):
                 break  # a token reaching past the forced text; the accepted ones are still valid
             forced.append(token_id)
@@ -364,6 +550,9 @@ class Refiner:
         self._cache_len = 256 * math.ceil(needed / 256)
         self._cache = StaticCache(config=self.model.config, max_cache_len=self._cache_len)
         return self._cache
+
+    def _run_eager(self) -> None:
+        self._step = decode_one_token
 
     def _warm_up(self) -> None:
         """Compile and capture the decode step at load time, never on a user's request."""
@@ -427,8 +616,9 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_llm(tokenizer, seed: int = 0):
-    """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads, GQA like Llama 3), randomly initialised."""
+def build_tiny_llm(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads, GQA like Llama 3), randomly initialised in `dtype`
+    the way from_pretrained builds one (RoPE's buffers stay float32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
@@ -440,6 +630,6 @@ def build_tiny_llm(tokenizer, seed: int = 0):
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = [eot]
     return model
