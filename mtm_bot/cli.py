@@ -1,6 +1,7 @@
 """Command line: the same pipeline as the bot, without Discord.
 
-    python -m mtm_bot compose INPUT -i "instruction" -o OUT.wav [--duration S] [--profile tiny|full] [--seed N] [--json]
+    python -m mtm_bot compose [INPUT] [--image PICTURE] -i "instruction" -o OUT.wav [--duration S]
+                              [--profile tiny|full] [--seed N] [--json]     (no INPUT: from words alone)
     python -m mtm_bot caption INPUT [--profile ...] [--json]
     python -m mtm_bot download
 
@@ -39,10 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
     compose = commands.add_parser("compose", help="caption, refine and generate a new track")
-    compose.add_argument("input", type=Path)
+    compose.add_argument("input", type=Path, nargs="?", help="a music clip (without one: from words alone)")
+    compose.add_argument("--image", type=Path, help="a picture (PNG, JPEG, WebP, GIF) for the track to evoke")
     compose.add_argument("-i", "--instruction", required=True)
     compose.add_argument("-o", "--output", type=Path, required=True, help=".wav, .flac, .ogg or .mp3")
-    compose.add_argument("--duration", type=int, help="output seconds (default: the clip rounded up to 10 s)")
+    compose.add_argument("--duration", type=int,
+                         help="output seconds (default: the clip rounded up to 10 s, 30 s without a clip)")
     compose.add_argument("--seed", type=int)
     common(compose)
 
@@ -83,12 +86,17 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from .audio import write
     from .pipeline import Pipeline
 
-    if not args.input.is_file():
-        raise InputError(f"There is no file at {args.input}.")
+    image = getattr(args, "image", None)
+    for path in (args.input, image):
+        if path is not None and not path.is_file():
+            raise InputError(f"There is no file at {path}.")
     if args.command == "compose":
         _check_output_suffix(args.output)
     pipeline = Pipeline(settings)
-    clip = pipeline.read_clip(args.input)  # bad input fails here, before any model loads
+    # Bad input fails here, before any model loads.
+    clip = pipeline.read_clip(args.input) if args.input is not None else None
+    if image is not None:
+        pipeline.read_image(image)
     if args.command == "compose":
         from .instruction import check_instruction
 
@@ -98,7 +106,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "caption":
             segments = pipeline.caption(clip, bar.update)
         else:
-            result = pipeline.compose(clip, args.instruction, duration, seed=args.seed, progress=bar.update)
+            result = pipeline.compose(clip, args.instruction, duration, seed=args.seed, progress=bar.update,
+                                      image=image)
     if args.command == "caption":
         if args.json:
             print(json.dumps([dataclasses.asdict(s) for s in segments], ensure_ascii=False, indent=2))
@@ -134,7 +143,7 @@ def _download(settings: Settings) -> int:
     from . import captioner  # imports torch and transformers: only once there is something to fetch
 
     _fetch(captioner.CHECKPOINT_REPO, captioner.download)
-    for repo in (settings.llm_id, settings.musicgen_id):
+    for repo in (settings.llm_id, settings.musicgen_id, settings.image_captioner_id):
         _fetch(repo, lambda: snapshot_download(
             repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]))
     print("all checkpoints are in the Hugging Face cache", file=sys.stderr)

@@ -37,6 +37,26 @@ class FileTooLarge(AudioError):
     pass
 
 
+class ImageError(InputError):
+    """The uploaded picture is not usable."""
+
+
+class NotAnImage(ImageError):
+    pass
+
+
+class ImageFileTooLarge(ImageError):
+    pass
+
+
+class TooManyPixels(ImageError):
+    """Huge dimensions (a decompression bomb): refused from the header, before decoding."""
+
+
+class TruncatedImage(ImageError):
+    pass
+
+
 class OutputTooLarge(MTMError):
     """No encoding of the result fits the upload limit."""
 

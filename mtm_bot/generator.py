@@ -178,12 +178,16 @@ class Generator:
                              generator.decoder.run_eager)
         return generator
 
-    def generate(self, clip: Audio, blocks: list[Block], seed: int, progress: ProgressCallback = ignore_progress,
-                 cancel: CancelToken | None = None) -> Audio:
-        """Render `blocks` in order; the result is 32 kHz mono and exactly as long as the blocks together."""
+    def generate(self, clip: Audio | None, blocks: list[Block], seed: int,
+                 progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None) -> Audio:
+        """Render `blocks` in order; the result is 32 kHz mono and exactly as long as the blocks together.
+
+        Without a clip there is no melody: every block takes MusicGen's null-melody conditioning (and its
+        description), and later blocks still continue the previous one.
+        """
         _check_contiguous(blocks)
         cancel = cancel or CancelToken()
-        melody = resample(clip, SAMPLE_RATE).samples if self.uses_melody else None
+        melody = resample(clip, SAMPLE_RATE).samples if self.uses_melody and clip is not None else None
         generator = torch.Generator(device=self.device).manual_seed(seed)
         track = np.zeros(0, dtype=np.float32)
         codes = None  # every code so far, (1, K, frames); frame f is output samples [f, f + 1) * SAMPLES_PER_FRAME

@@ -1,5 +1,9 @@
 """The whole Music -> Text -> Music pipeline: caption, refine, generate. Models load once and stay resident.
 
+Without a clip the LLM writes one caption per output block from the instruction alone and MusicGen
+generates without a melody; a picture's one-sentence description (the image captioner's) joins the
+LLM's data either way.
+
 The model stages (torch, transformers, xgrammar) are imported when first loaded, so validating a clip
 or a duration answers a user in a fraction of a second, before any model library is touched.
 """
@@ -22,12 +26,16 @@ from .timecode import format_range
 if TYPE_CHECKING:
     import torch
 
+    from PIL.Image import Image
+
     from .captioner import Captioner, Segment
     from .compiling import CompilePlan
     from .generator import Block, Generator
+    from .image_captioner import ImageCaptioner
     from .refiner import Refinement, Refiner
 
 BLOCK_SECONDS = 10  # MusicGen renders the track in blocks this long (the generator's KV cache is sized to one)
+SECONDS_WITHOUT_CLIP = 30  # the default length of a track made from words (and a picture) alone
 
 
 def caption_lines(blocks: list[Block], refinement: Refinement) -> list[str]:
@@ -37,12 +45,13 @@ def caption_lines(blocks: list[Block], refinement: Refinement) -> list[str]:
 
 @dataclass
 class ComposeResult:
-    segments: list[Segment]  # captions of the input clip
+    segments: list[Segment]  # captions of the input clip; empty for a track made without a clip
     refinement: Refinement  # the LLM's schema-valid JSON, parsed
     blocks: list[Block]  # one per output block, each with its MusicGen description
     audio: Audio  # the generated track, 32 kHz mono, loudness-normalised, exact duration
     seed: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    picture: str | None = None  # the image captioner's description of the user's picture, if one was given
 
     def caption_lines(self) -> list[str]:
         """One line per output block: `0:00–0:10 caption`."""
@@ -51,6 +60,7 @@ class ComposeResult:
     def to_json(self) -> dict:
         return {
             "seed": self.seed,
+            "picture": self.picture,
             "duration": self.audio.duration,
             "sample_rate": self.audio.sample_rate,
             "input_captions": [dataclasses.asdict(s) for s in self.segments],
@@ -66,17 +76,18 @@ class ComposeResult:
 
 class Pipeline:
     def __init__(self, settings: Settings, *, captioner: Captioner | None = None, refiner: Refiner | None = None,
-                 generator: Generator | None = None) -> None:
+                 generator: Generator | None = None, image_captioner: ImageCaptioner | None = None) -> None:
         """Stages not given are loaded from `settings` on first use (or all at once by `load`)."""
         self.settings = settings
         self._device: torch.device | None = None
         self._captioner = captioner
         self._refiner = refiner
         self._generator = generator
+        self._image_captioner = image_captioner
 
     def load(self) -> "Pipeline":
-        """Load all three models now (at start-up), not on a user's first request."""
-        _ = self.captioner, self.refiner, self.generator
+        """Load all four models now (at start-up), not on a user's first request."""
+        _ = self.captioner, self.refiner, self.generator, self.image_captioner
         return self
 
     @property
@@ -107,10 +118,12 @@ class Pipeline:
             from .captioner import SEGMENT_SECONDS
             from .refiner import Refiner
 
-            # Reply grammars are prepared at load for every segment count the clip limit allows.
+            # Reply grammars are prepared at load for every part count a request can need: the clip's
+            # segments, or without a clip the output blocks.
+            max_parts = max(math.ceil(self.settings.max_clip_seconds / SEGMENT_SECONDS),
+                            math.ceil(self.settings.max_output_seconds / BLOCK_SECONDS))
             self._refiner = Refiner.load(self.settings.profile, self.settings.llm_id, self.device,
-                                         compile=self.compile_plan,
-                                         max_segments=math.ceil(self.settings.max_clip_seconds / SEGMENT_SECONDS))
+                                         compile=self.compile_plan, max_segments=max_parts)
         return self._refiner
 
     @property
@@ -122,14 +135,36 @@ class Pipeline:
                                              BLOCK_SECONDS, compile=self.compile_plan)
         return self._generator
 
+    @property
+    def image_captioner(self) -> ImageCaptioner:
+        if self._image_captioner is None:
+            from .image_captioner import ImageCaptioner
+
+            self._image_captioner = ImageCaptioner.load(self.settings.profile, self.settings.image_captioner_id,
+                                                        self.device)
+        return self._image_captioner
+
+    def read_image(self, path: str | Path) -> Image:
+        """Decode and validate an uploaded picture against the configured limits (typed ImageErrors)."""
+        from .image_captioner import read_image
+
+        return read_image(path, max_bytes=self.settings.max_upload_bytes, max_pixels=self.settings.max_image_pixels)
+
+    def describe_image(self, path: str | Path) -> str:
+        """One sentence about the picture at `path` (/compose's image; /library image:)."""
+        return self.image_captioner.describe(self.read_image(path))
+
     def read_clip(self, path: str | Path) -> Audio:
         """Decode and validate an uploaded clip against the configured limits (typed errors)."""
         s = self.settings
         return load_clip(path, min_seconds=s.min_clip_seconds, max_seconds=s.max_clip_seconds,
                          max_bytes=s.max_upload_bytes)
 
-    def output_duration(self, clip: Audio, requested: int | None) -> int:
-        """The requested length, else the clip's length rounded up to whole blocks; within the limits."""
+    def output_duration(self, clip: Audio | None, requested: int | None) -> int:
+        """The requested length, else the clip's length rounded up to whole blocks (SECONDS_WITHOUT_CLIP
+        without a clip); within the limits."""
+        if requested is None and clip is None:
+            return min(SECONDS_WITHOUT_CLIP, self.settings.max_output_seconds)
         if requested is None:
             blocks = -(-clip.duration // BLOCK_SECONDS)
             return int(min(max(blocks, 1) * BLOCK_SECONDS, self.settings.max_output_seconds))
@@ -144,34 +179,57 @@ class Pipeline:
         progress(Progress("captioning"))
         return self.captioner.caption(clip, cancel=cancel)
 
-    def compose(self, clip: Audio, instruction: str, duration: int | None = None, seed: int | None = None,
+    def compose(self, clip: Audio | None, instruction: str, duration: int | None = None, seed: int | None = None,
                 progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None,
-                on_captions: Callable[[list[str]], None] | None = None) -> ComposeResult:
-        """`on_captions` gets the refined caption lines as soon as they exist, before generation starts."""
+                on_captions: Callable[[list[str]], None] | None = None,
+                image: str | Path | None = None) -> ComposeResult:
+        """A new track from a clip (its melody and captions), from words alone (`clip` None), and/or from
+        a picture at `image`. `on_captions` gets the refined caption lines as soon as they exist, before
+        generation starts."""
         cancel = cancel or CancelToken()
         seconds = self.output_duration(clip, duration)
         if seed is None:
             seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
         timings: dict[str, float] = {}
 
-        t0 = time.perf_counter()
-        segments = self.caption(clip, progress, cancel)
-        timings["caption"] = time.perf_counter() - t0
+        picture = None
+        if image is not None:
+            progress(Progress("describing the picture"))
+            t0 = time.perf_counter()
+            picture = self.describe_image(image)
+            timings["describe_image"] = time.perf_counter() - t0
+            cancel.check()
 
-        cancel.check()
-        progress(Progress("refining"))
+        segments: list[Segment] = []
         t0 = time.perf_counter()
-        refinement = self.refiner.refine(segments, instruction, cancel=cancel, seed=seed)
+        if clip is not None:
+            segments = self.caption(clip, progress, cancel)
+            timings["caption"] = time.perf_counter() - t0
+            cancel.check()
+            progress(Progress("refining"))
+            t0 = time.perf_counter()
+            refinement = self.refiner.refine(segments, instruction, cancel=cancel, seed=seed, picture=picture)
+        else:
+            progress(Progress("writing the captions from your words"))
+            refinement = self.refiner.write(output_ranges(seconds), instruction, cancel=cancel, seed=seed,
+                                            picture=picture)
         timings["refine"] = time.perf_counter() - t0
 
         from .generator import plan_blocks
 
+        # Block i follows part i (cycling): the clip's segments, or without a clip the blocks themselves.
+        parts = [(s.start, s.end) for s in refinement.segments]
         blocks = [dataclasses.replace(b, description=refinement.description(b.segment))
-                  for b in plan_blocks(seconds, [(s.start, s.end) for s in segments], BLOCK_SECONDS)]
+                  for b in plan_blocks(seconds, parts, BLOCK_SECONDS)]
         if on_captions is not None:
             on_captions(caption_lines(blocks, refinement))
         t0 = time.perf_counter()
         track = self.generator.generate(clip, blocks, seed=seed, progress=progress, cancel=cancel)
         timings["generate"] = time.perf_counter() - t0
         track = loudness_normalize(track)
-        return ComposeResult(segments, refinement, blocks, track, seed, timings)
+        return ComposeResult(segments, refinement, blocks, track, seed, timings, picture)
+
+
+def output_ranges(seconds: int) -> list[tuple[float, float]]:
+    """The output blocks' time ranges: whole BLOCK_SECONDS blocks, the last possibly shorter."""
+    return [(float(start), float(min(start + BLOCK_SECONDS, seconds))) for start in range(0, seconds, BLOCK_SECONDS)]

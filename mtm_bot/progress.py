@@ -10,7 +10,7 @@ from .errors import Cancelled
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "captioning" | "refining" | "generating"
+    stage: str  # "describing the picture" | "captioning" | "refining" | "writing the captions from your words" | "generating"
     block: int = 0  # 1-based block being generated, 0 outside generation
     blocks: int = 0
     step: int = 0  # decode step within the block

@@ -34,21 +34,29 @@ class Settings:
     # Models (any compatible hub id).
     llm_id: str = "meta-llama/Llama-3.2-3B-Instruct"
     musicgen_id: str = "facebook/musicgen-melody"
+    image_captioner_id: str = "Salesforce/blip-image-captioning-base"  # describes /compose's picture
 
     # Limits a community server can tune.
     max_upload_mb: float = 25.0  # largest attachment we download
     min_clip_seconds: float = 1.0
     max_clip_seconds: float = 60.0
+    max_image_megapixels: float = 40.0  # larger pictures are refused from their header (decompression bombs)
     max_output_seconds: int = 180
     max_queue_length: int = 50
     max_jobs_per_user: int = 2
     submissions_per_minute: int = 4  # per user
     retention_hours: float = 72.0  # finished jobs' files are deleted after this
+    library_days: float = 365.0  # /library keeps a track findable this long, its audio files gone or not
+    embedder_id: str = "sentence-transformers/all-MiniLM-L6-v2"  # /library's text embedder (ships in a package)
     seed: int | None = None  # fixed seed for every job (reproducible runs); None = random per job
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * MIB)
+
+    @property
+    def max_image_pixels(self) -> int:
+        return int(self.max_image_megapixels * 1e6)
 
     @property
     def database_path(self) -> Path:
@@ -82,6 +90,8 @@ class Settings:
             raise SettingsError("MTM_MIN_CLIP_SECONDS must be positive and not above MTM_MAX_CLIP_SECONDS.")
         if self.max_output_seconds < 10:
             raise SettingsError("MTM_MAX_OUTPUT_SECONDS must be at least 10.")
+        if self.library_days <= 0:
+            raise SettingsError("MTM_LIBRARY_DAYS must be positive.")
         for name in ("max_queue_length", "max_jobs_per_user", "submissions_per_minute"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"MTM_{name.upper()} must be at least 1.")
