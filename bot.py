@@ -24,6 +24,7 @@ from cogs.delivery import Delivery
 from cogs.errors import on_app_command_error
 from mtm_bot.errors import InputError, MTMError
 from mtm_bot.jobs import JobQueue, JobStore
+from mtm_bot.library import Embedder, Library
 from mtm_bot.settings import Settings
 from mtm_bot.worker import Worker
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mtm_bot.bot")
 
-COGS = ("cogs.compose", "cogs.caption", "cogs.queue", "cogs.help")
+COGS = ("cogs.compose", "cogs.caption", "cogs.queue", "cogs.library", "cogs.help")
 
 NO_TOKEN = (
     "DISCORD_TOKEN is not set.\n"
@@ -65,9 +66,10 @@ class MTMBot(commands.Bot):
         self.settings = settings
         self.queue = JobQueue(settings)
         self.delivery = Delivery(self)
-        self.pipeline: Pipeline | None = None  # these three are set up in setup_hook
+        self.pipeline: Pipeline | None = None  # these four are set up in setup_hook
         self.store: JobStore | None = None
         self.worker: Worker | None = None
+        self.library: Library | None = None
         self.tree.on_error = on_app_command_error
 
     async def setup_hook(self) -> None:
@@ -83,6 +85,9 @@ class MTMBot(commands.Bot):
 
         log.info("loading the %s models (once; they stay resident)", self.settings.profile)
         self.pipeline = await asyncio.to_thread(lambda: Pipeline(self.settings).load())
+        # The text embedder answers /library directly, on the CPU of this process (no GPU, no queue).
+        embedder = await asyncio.to_thread(Embedder.load, self.settings.embedder_id)
+        self.library = self.delivery.library = await Library.open(self.settings, embedder)
         self.worker = Worker(self.settings, self.pipeline, self.store, self.queue, self.delivery)
         await self.worker.start()  # resumes jobs a restart interrupted; their results go to their channels
 
@@ -99,9 +104,13 @@ class MTMBot(commands.Bot):
     async def close(self) -> None:
         if self.worker is not None:
             await self.worker.stop()  # a running job is left unfinished and resumes on the next start
+        # Our databases close before Discord's connection does: once that is closed, `start` returns and
+        # the event loop ends, cancelling whatever of this method is left (an open aiosqlite connection's
+        # thread would then keep the process alive).
+        for resource in (self.library, self.store):
+            if resource is not None:
+                await resource.close()
         await super().close()
-        if self.store is not None:
-            await self.store.close()
 
     async def on_ready(self) -> None:
         log.info("ready as %s (id %s) in %d guild(s)", self.user, self.user and self.user.id, len(self.guilds))

@@ -1,4 +1,5 @@
-"""/compose: a clip and an instruction in, a new track out (queued; the result is posted publicly)."""
+"""/compose: a clip, a picture, or only words, plus an instruction in; a new track out (queued; the result
+is posted publicly)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from mtm_bot.jobs import JobKind
-from mtm_bot.pipeline import BLOCK_SECONDS
+from mtm_bot.pipeline import BLOCK_SECONDS, SECONDS_WITHOUT_CLIP
 from mtm_bot.instruction import MAX_INSTRUCTION_CHARS
 
 from .submit import accept, submission_rate_limit
@@ -22,17 +23,21 @@ class Compose(commands.Cog):
         params = self.compose._params
         params["duration"] = dataclasses.replace(params["duration"], max_value=bot.settings.max_output_seconds)
 
-    @app_commands.command(name="compose", description="Turn a clip and your taste into a new track")
+    @app_commands.command(name="compose", description="Turn a clip, a picture or just your words into a new track")
     @app_commands.describe(
-        audio="A music clip (WAV, FLAC, OGG, MP3)",
         instruction="Your taste, e.g. 'a cosy jazz carol with sleigh bells'",
-        duration="Length of the new track in seconds (default: the clip's length rounded up to 10 s)",
+        audio="A music clip (WAV, FLAC, OGG, MP3) whose melody the track follows; without one, words alone",
+        image="A picture (PNG, JPEG, WebP, GIF) for the track to evoke",
+        duration=("Length of the new track in seconds (default: the clip's length rounded up to 10 s, "
+                  f"{SECONDS_WITHOUT_CLIP} s without a clip)"),
     )
     @submission_rate_limit
-    async def compose(self, interaction: discord.Interaction, audio: discord.Attachment,
+    async def compose(self, interaction: discord.Interaction,
                       instruction: app_commands.Range[str, 1, MAX_INSTRUCTION_CHARS],
+                      audio: discord.Attachment | None = None, image: discord.Attachment | None = None,
                       duration: app_commands.Range[int, BLOCK_SECONDS, None] | None = None) -> None:
-        await accept(interaction, audio, JobKind.COMPOSE, instruction=instruction.strip(), duration=duration)
+        await accept(interaction, audio, JobKind.COMPOSE, instruction=instruction.strip(), duration=duration,
+                     image=image)
 
 
 async def setup(bot: commands.Bot) -> None:

@@ -26,9 +26,11 @@ import soundfile as sf
 from mtm_bot.audio import Audio, Encoded, encode_to_fit
 from mtm_bot.errors import OutputTooLarge
 from mtm_bot.jobs import Job, JobKind
+from mtm_bot.library import Library
 from mtm_bot.progress import Progress
 
-from .render import minutes, quote, with_captions
+from .library import RESULTS_SHOWN, library_reply
+from .render import CONTENT_LIMIT, minutes, quote, shorten, with_captions
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +74,13 @@ def queue_stage(position: int | None, eta: float | None) -> str:
 
 
 def status_message(job: Job, stage: str, captions: list[str], finished: bool) -> tuple[str, list[discord.Embed]]:
-    what = "Compose" if job.kind is JobKind.COMPOSE else "Caption"
-    header = [f"🎼 {what} job `{job.id}`: {stage}"]
+    what = {JobKind.COMPOSE: "Compose", JobKind.CAPTION: "Caption", JobKind.LIBRARY_IMAGE: "Library picture search"}
+    header = [f"🎼 {what[job.kind]} job `{job.id}`: {stage}"]
     if job.instruction:
         header.append(f"Instruction: {quote(job.instruction)}" + (f" · {job.duration} s" if job.duration else ""))
     if not finished:
-        header.append(f"You will be pinged here when it is ready; `/cancel job:{job.id}` stops it.")
+        where = "The matches appear here" if job.kind is JobKind.LIBRARY_IMAGE else "You will be pinged here"
+        header.append(f"{where} when it is ready; `/cancel job:{job.id}` stops it.")
     if captions:
         header.append("Refined captions:")
     return with_captions("\n".join(header), captions, title="Refined captions")
@@ -87,6 +90,11 @@ def result_message(job: Job) -> tuple[str, list[discord.Embed]]:
     lines = (job.result_json or {}).get("lines", [])
     if job.kind is JobKind.COMPOSE:
         header = [f"<@{job.user_id}> your track is ready (job `{job.id}`).", f"Instruction: {quote(job.instruction)}"]
+        picture = (job.result_json or {}).get("picture")
+        if job.input_path is None:
+            header.append("Made from your words and picture (no clip)." if picture else "Made from your words alone.")
+        if picture:
+            header.append(f"Your picture, as the bot saw it: {quote(picture)}")
     else:
         header = [f"<@{job.user_id}> the captions of your clip (job `{job.id}`):"]
     if job.resumed:
@@ -104,6 +112,7 @@ class Delivery:
     def __init__(self, bot: discord.Client) -> None:
         self.bot = bot
         self.live: dict[str, LiveStatus] = {}
+        self.library: Library | None = None  # set at start-up, before the worker delivers anything
 
     # ----------------------------------------------------------------------------- bookkeeping
     def track(self, job: Job, interaction: discord.Interaction) -> None:
@@ -138,6 +147,9 @@ class Delivery:
             self._show(job, live.stage or "started")
 
     async def job_finished(self, job: Job) -> None:
+        if job.kind is JobKind.LIBRARY_IMAGE:
+            await self._library_matches(job)
+            return
         content, embeds = result_message(job)
         encoded: Encoded | None = None
         if job.kind is JobKind.COMPOSE:
@@ -153,15 +165,47 @@ class Delivery:
             return [discord.File(io.BytesIO(encoded.data), filename=f"mtm-{job.id}{encoded.extension}")]
 
         ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
+        message: discord.abc.Snowflake | None = None
         if live is not None:
             try:
-                await live.interaction.followup.send(content, embeds=embeds, files=files(), allowed_mentions=ping)
-                return
+                message = await live.interaction.followup.send(content, embeds=embeds, files=files(),
+                                                               allowed_mentions=ping)
             except discord.HTTPException as err:
                 if err.status not in (401, 404):
                     raise
                 log.info("the interaction token of job %s is gone (%s); posting to the channel", job.id, err.status)
-        await self._channel(job).send(content, embeds=embeds, files=files(), allowed_mentions=ping)
+        if message is None:
+            message = await self._channel(job).send(content, embeds=embeds, files=files(), allowed_mentions=ping)
+        if encoded is not None and job.guild_id is not None:
+            await self._add_to_library(job, message.id)
+
+    async def _library_matches(self, job: Job) -> None:
+        """/library image: search this server's library with the picture's description, and answer the
+        requester privately (or, once the interaction is gone, in the channel with a ping)."""
+        assert self.library is not None, "the library is set up before the worker starts delivering"
+        picture = job.result_json["picture"]
+        content = library_reply(f"your picture, as I see it: {quote(picture)}",
+                                await self.library.search(job.guild_id, picture, limit=RESULTS_SHOWN))
+        live = await self._finish_status(job, "done ✅")
+        if live is not None:
+            try:
+                await live.interaction.followup.send(content, ephemeral=True,
+                                                     allowed_mentions=discord.AllowedMentions.none())
+                return
+            except discord.HTTPException as err:
+                if err.status not in (401, 404):
+                    raise
+        ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
+        await self._channel(job).send(shorten(f"<@{job.user_id}> {content}", CONTENT_LIMIT), allowed_mentions=ping)
+
+    async def _add_to_library(self, job: Job, message_id: int) -> None:
+        """Make a posted track findable with /library. The result is already out: a failure here is
+        logged, never raised, or the worker would post the result again."""
+        try:
+            assert self.library is not None, "the library is set up before the worker starts delivering"
+            await self.library.add(job, message_id)
+        except Exception:
+            log.exception("could not add job %s to the library", job.id)
 
     async def job_failed(self, job: Job, message: str) -> None:
         """The public status says that the job failed; the reason goes to the requester privately

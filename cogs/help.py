@@ -9,12 +9,15 @@ from discord.ext import commands
 def help_text(max_output_seconds: int, max_clip_seconds: float, max_upload_mb: float) -> str:
     return (
         "**MTM Bot: Music → Text → Music**\n"
-        "`/compose audio instruction [duration]`: I caption your clip in 10 s segments, rewrite the "
+        "`/compose instruction [audio] [image] [duration]`: I caption your clip in 10 s segments, rewrite the "
         "captions with your instruction, and generate a new track from them, following the clip's melody.\n"
-        f"• `audio`: a clip of 1–{max_clip_seconds:g} s (WAV, FLAC, OGG, MP3, …), at most {max_upload_mb:g} MB\n"
         "• `instruction`: your taste, e.g. *a cosy jazz carol with sleigh bells*\n"
-        f"• `duration`: 10–{max_output_seconds} s (default: the clip's length rounded up to 10 s)\n"
+        f"• `audio` (optional): a clip of 1–{max_clip_seconds:g} s (WAV, FLAC, OGG, MP3, …), at most "
+        f"{max_upload_mb:g} MB; without one, the track comes from your words alone\n"
+        "• `image` (optional): a picture (PNG, JPEG, WebP, GIF) for the track to evoke\n"
+        f"• `duration`: 10–{max_output_seconds} s (default: the clip's length rounded up to 10 s, 30 s without a clip)\n"
         "`/caption audio`: only the captions of your clip.\n"
+        "`/library query` or `/library image`: this server's past tracks closest to your words or picture.\n"
         "`/queue`: what is running and where your jobs are.\n"
         "`/cancel [job]`: stop your newest job, or the one with that id.\n"
         "Jobs run one at a time; you are pinged when your track is ready. "

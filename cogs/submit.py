@@ -1,4 +1,4 @@
-"""Accepting an upload as a job, shared by /compose and /caption.
+"""Accepting a request as a job, shared by /compose (a clip, a picture, both or neither) and /caption.
 
 Order matters for the user: everything that can be refused from metadata alone (size, type, queue
 limits) is refused *before* the defer, as an ephemeral reply. Then the reply is deferred publicly
@@ -15,7 +15,8 @@ import discord
 from discord import app_commands
 
 from mtm_bot.audio import megabytes
-from mtm_bot.errors import FileTooLarge, InputError, NotAudio
+from mtm_bot.errors import FileTooLarge, ImageFileTooLarge, InputError, NotAnImage, NotAudio
+from mtm_bot.image_captioner import IMAGE_EXTENSIONS
 from mtm_bot.jobs import Job, JobKind
 
 from .errors import THINKING
@@ -54,34 +55,64 @@ def check_attachment(audio: discord.Attachment, max_bytes: int) -> None:
         raise NotAudio(f"`{audio.filename}` is {kind}, not audio. Please attach a WAV, FLAC, OGG or MP3 clip.")
 
 
+def check_image_attachment(image: discord.Attachment, max_bytes: int) -> None:
+    """Refuse a picture from metadata alone, before a byte is downloaded."""
+    if image.size > max_bytes:
+        raise ImageFileTooLarge(f"`{image.filename}` is {megabytes(image.size)}; the limit is "
+                                f"{megabytes(max_bytes)}. Please upload a smaller PNG, JPEG, WebP or GIF.")
+    content_type = (image.content_type or "").split(";")[0].strip().lower()
+    extension = PurePosixPath(image.filename).suffix.lower()
+    vague_type = content_type in ("", "application/octet-stream")
+    if not (content_type.startswith("image/") or (vague_type and extension in IMAGE_EXTENSIONS)):
+        kind = content_type or f"a {extension or 'extension-less'} file"
+        raise NotAnImage(f"`{image.filename}` is {kind}, not a picture. Please attach a PNG, JPEG, WebP or GIF.")
+
+
+async def download(attachment: discord.Attachment) -> bytes:
+    try:
+        return await attachment.read()
+    except discord.HTTPException as err:
+        raise DownloadFailed(f"I could not download `{attachment.filename}` from Discord ({err.status}). "
+                             "Please try again.") from None
+
+
 async def defer_publicly(interaction: discord.Interaction) -> None:
     await interaction.response.defer(thinking=True)
     interaction.extras[THINKING] = True
 
 
-async def accept(interaction: discord.Interaction, audio: discord.Attachment, kind: JobKind,
-                 instruction: str = "", duration: int | None = None) -> None:
-    """Validate, defer, download, decode, queue; the reply then shows the job id, queue position and ETA."""
+async def accept(interaction: discord.Interaction, audio: discord.Attachment | None, kind: JobKind,
+                 instruction: str = "", duration: int | None = None, image: discord.Attachment | None = None,
+                 ephemeral: bool = False) -> None:
+    """Validate, defer, download, decode, queue; the reply then shows the job id, queue position and ETA.
+
+    A compose job without `audio` is made from the instruction (and `image`) alone."""
     bot = interaction.client
     settings = bot.settings
     if kind is JobKind.COMPOSE and not instruction:
         raise EmptyInstruction("The instruction is empty; describe the music you want, e.g. 'a cosy jazz carol'.")
-    check_attachment(audio, settings.max_upload_bytes)
+    if audio is not None:
+        check_attachment(audio, settings.max_upload_bytes)
+    if image is not None:
+        check_image_attachment(image, settings.max_upload_bytes)
     bot.queue.check(interaction.user.id)
-    await defer_publicly(interaction)
+    if ephemeral:  # a private request (/library image:): its status and result are for the caller only
+        await interaction.response.defer(ephemeral=True, thinking=True)
+    else:
+        await defer_publicly(interaction)
 
     job = Job.new(kind, user_id=interaction.user.id, guild_id=interaction.guild_id,
                   channel_id=interaction.channel_id, instruction=instruction, duration=duration,
                   attachment_size_limit=interaction.filesize_limit, application_id=interaction.application_id,
                   interaction_token=interaction.token)
     try:
-        try:
-            data = await audio.read()
-        except discord.HTTPException as err:
-            raise DownloadFailed(f"I could not download `{audio.filename}` from Discord ({err.status}). "
-                                 "Please try again.") from None
-        job.input_path = await bot.store.save_input(job.id, data, audio.filename)
-        clip = await asyncio.to_thread(bot.pipeline.read_clip, job.input_path)
+        clip = None
+        if audio is not None:
+            job.input_path = await bot.store.save_input(job.id, await download(audio), audio.filename)
+            clip = await asyncio.to_thread(bot.pipeline.read_clip, job.input_path)
+        if image is not None:
+            job.image_path = await bot.store.save_input(job.id, await download(image), image.filename, role="image")
+            await asyncio.to_thread(bot.pipeline.read_image, job.image_path)  # a bad picture is refused now
         if kind is JobKind.COMPOSE:
             job.duration = bot.pipeline.output_duration(clip, duration)
         bot.delivery.track(job, interaction)  # before submit: the worker may start it at once

@@ -2,7 +2,9 @@
 
 A `Job` is one /compose or /caption request. `JobStore` keeps every job in SQLite
 (`storage_dir/jobs.sqlite3`) and its files beside it, named by job id, never by the user's filename:
-`storage_dir/inputs/<id>.<ext>` (the uploaded clip) and `storage_dir/outputs/<id>.wav` (the track).
+`storage_dir/inputs/<id>.<ext>` (the uploaded clip), `storage_dir/inputs/<id>.image.<ext>` (a /compose
+picture) and `storage_dir/outputs/<id>.wav` (the track). A compose job without a clip (input_path None)
+is made from its instruction (and picture) alone.
 `JobQueue` is the in-memory order in which the single worker (mtm_bot.worker) takes jobs:
 round-robin across users, FIFO within a user, with the limits from Settings.
 
@@ -69,6 +71,7 @@ TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 class JobKind(StrEnum):
     COMPOSE = "compose"
     CAPTION = "caption"
+    LIBRARY_IMAGE = "library_image"  # /library image: the worker describes the picture, delivery searches with it
 
 
 class QueueFull(InputError):
@@ -110,6 +113,7 @@ class Job:
     delivered: bool = False  # the listener has posted the outcome
     result_path: Path | None = None
     result_json: dict | None = None
+    image_path: Path | None = None  # a compose job's picture (stored like the clip)
 
     @classmethod
     def new(cls, kind: JobKind | str, *, user_id: int, guild_id: int | None, channel_id: int,
@@ -145,13 +149,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     resumed INTEGER NOT NULL,
     delivered INTEGER NOT NULL,
     result_path TEXT,
-    result_json TEXT
+    result_json TEXT,
+    image_path TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_at);
 """
 
 _COLUMNS = [f.name for f in fields(Job)]
+# Columns added after the first release: a database created before them gets them at open().
+_ADDED_COLUMNS = {"image_path": "TEXT"}
 
 
 def _to_row(job: Job) -> tuple:
@@ -176,7 +183,7 @@ def _from_row(row: aiosqlite.Row) -> Job:
     values["state"] = JobState(values["state"])
     values["resumed"] = bool(values["resumed"])
     values["delivered"] = bool(values["delivered"])
-    for name in ("input_path", "result_path"):
+    for name in ("input_path", "result_path", "image_path"):
         values[name] = Path(values[name]) if values[name] is not None else None
     if values["result_json"] is not None:
         values["result_json"] = json.loads(values["result_json"])
@@ -203,6 +210,11 @@ class JobStore:
         db = await aiosqlite.connect(settings.database_path)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.executescript(_SCHEMA)
+        async with db.execute("PRAGMA table_info(jobs)") as cursor:
+            present = {row[1] for row in await cursor.fetchall()}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in present:
+                await db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         await db.commit()
         return cls(storage_dir, db)
 
@@ -253,10 +265,12 @@ class JobStore:
 
     # Files -----------------------------------------------------------------------------------
 
-    async def save_input(self, job_id: str, data: bytes, filename: str) -> Path:
-        """Store an upload as inputs/<id><ext>; only a short alphanumeric extension of the user's name is kept."""
+    async def save_input(self, job_id: str, data: bytes, filename: str, role: str = "") -> Path:
+        """Store an upload as inputs/<id>[.<role>]<ext> (role "image" for a picture, "" for the clip); only
+        a short alphanumeric extension of the user's name is kept."""
         suffix = Path(filename).suffix.lower()
-        path = self.inputs_dir / (job_id + (suffix if _AUDIO_SUFFIX.fullmatch(suffix) else ""))
+        stem = f"{job_id}.{role}" if role else job_id
+        path = self.inputs_dir / (stem + (suffix if _AUDIO_SUFFIX.fullmatch(suffix) else ""))
         partial = path.with_name(path.name + ".part")  # a crash mid-write never leaves a half clip under the real name
         async with aiofiles.open(partial, "wb") as out:
             await out.write(data)
@@ -273,7 +287,7 @@ class JobStore:
         await self.delete_files(job_id)
 
     async def delete_files(self, job_id: str) -> None:
-        """Delete a job's stored clip and track, e.g. an upload refused before the job was submitted."""
+        """Delete a job's stored clip, picture and track, e.g. an upload refused before the job was submitted."""
         for folder in (self.inputs_dir, self.outputs_dir):
             for path in folder.glob(f"{job_id}*"):
                 await aiofiles.os.remove(path)
@@ -302,7 +316,8 @@ class JobStore:
 class DurationEstimate:
     """Exponential moving averages of how long jobs take, for queue ETAs.
 
-    Compose jobs are measured in wall seconds per output second; caption jobs per job.
+    Compose jobs are measured in wall seconds per output second; caption and picture-search jobs (one
+    model pass each) per job.
     """
 
     WEIGHT = 0.3  # of the newest measurement
@@ -321,7 +336,7 @@ class DurationEstimate:
 
     def seconds(self, job: Job) -> float | None:
         """Expected run time; None until a job of this kind has been measured."""
-        if job.kind is JobKind.CAPTION:
+        if job.kind is not JobKind.COMPOSE:
             return self.seconds_per_caption
         if self.seconds_per_output_second is None:
             return None

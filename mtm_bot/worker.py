@@ -27,6 +27,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 import torch
@@ -34,7 +35,7 @@ import torch
 from .audio import write as write_audio
 from .errors import Cancelled, InputError, MTMError
 from .jobs import Job, JobKind, JobNotFound, JobQueue, JobState, JobStore, NotCancellable
-from .progress import CancelToken, Progress
+from .progress import CancelToken, Progress, ProgressCallback
 from .settings import Settings
 from .timecode import format_range
 
@@ -247,24 +248,42 @@ class Worker:
         def forward(method: Callable[..., Awaitable[None]], *args) -> None:
             loop.call_soon_threadsafe(self._notify, job, method, job, *args)
 
-        if job.input_path is None or not job.input_path.exists():
-            raise ClipMissing("The clip of this job is no longer stored; please submit it again.")
-        clip = self.pipeline.read_clip(job.input_path)
-
         def report(progress: Progress) -> None:
             forward(self.listener.job_progress, progress)
 
-        if job.kind is JobKind.CAPTION:
-            segments = self.pipeline.caption(clip, report, cancel)
-            result_json = {"input_captions": [dataclasses.asdict(s) for s in segments],
-                           "lines": [f"{format_range(s.start, s.end)} {s.caption}" for s in segments]}
-        else:
-            result = self.pipeline.compose(clip, job.instruction, job.duration, seed=job.seed, progress=report,
-                                           cancel=cancel, on_captions=lambda lines: forward(self.listener.job_captions, lines))
-            write_audio(result.audio, self.store.output_path(job.id))
-            result_json = {**result.to_json(), "lines": result.caption_lines()}
+        def captions(lines: list[str]) -> None:
+            forward(self.listener.job_captions, lines)
+
+        entry_points = {JobKind.CAPTION: self._caption, JobKind.COMPOSE: self._compose,
+                        JobKind.LIBRARY_IMAGE: self._describe_image}
+        result_json = entry_points[job.kind](job, report, cancel, captions)
         # The store keeps JSON text: a result that cannot be stored fails here, as this job's error.
         return json.loads(json.dumps(result_json))
+
+    def _caption(self, job: Job, report: ProgressCallback, cancel: CancelToken,
+                 captions: Callable[[list[str]], None]) -> dict:
+        segments = self.pipeline.caption(self.pipeline.read_clip(_stored(job.input_path, "clip")), report, cancel)
+        return {"input_captions": [dataclasses.asdict(s) for s in segments],
+                "lines": [f"{format_range(s.start, s.end)} {s.caption}" for s in segments]}
+
+    def _compose(self, job: Job, report: ProgressCallback, cancel: CancelToken,
+                 captions: Callable[[list[str]], None]) -> dict:
+        """From a clip, a picture, both, or the instruction alone: whichever the job stored."""
+        clip = None if job.input_path is None else self.pipeline.read_clip(_stored(job.input_path, "clip"))
+        image = None if job.image_path is None else _stored(job.image_path, "picture")
+        result = self.pipeline.compose(clip, job.instruction, job.duration, seed=job.seed, progress=report,
+                                       cancel=cancel, on_captions=captions, image=image)
+        write_audio(result.audio, self.store.output_path(job.id))
+        return {**result.to_json(), "lines": result.caption_lines()}
+
+    def _describe_image(self, job: Job, report: ProgressCallback, cancel: CancelToken,
+                        captions: Callable[[list[str]], None]) -> dict:
+        """/library image: the picture in words; delivery searches the server's library with them."""
+        report(Progress("describing the picture"))
+        picture = self.pipeline.describe_image(_stored(job.image_path, "picture")).strip()
+        if not picture:
+            raise InputError("I could not put this picture into words; please try another one.")
+        return {"picture": picture, "lines": []}
 
     # Talking to the listener ----------------------------------------------------------------------
 
@@ -311,6 +330,13 @@ class Worker:
             except Exception:
                 log.exception("Cleaning up old job files failed")
             await asyncio.sleep(self.CLEANUP_INTERVAL_SECONDS)
+
+
+def _stored(path: Path | None, what: str) -> Path:
+    """An upload the job stored; refused with a sentence if it is gone (cleaned up, deleted by hand)."""
+    if path is None or not path.exists():
+        raise ClipMissing(f"The {what} of this job is no longer stored; please submit it again.")
+    return path
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -262,28 +262,34 @@ class DiscordEmulator:
 
     async def slash(self, user: FakeUser, command: str, options: dict[str, Any] | None = None,
                     attachment: tuple[bytes, str, str | None] | None = None, declared_size: int | None = None,
-                    attachment_size_limit: int | None = None) -> Interaction:
+                    attachment_size_limit: int | None = None,
+                    attachments: dict[str, tuple] | None = None, guild_id: int | None = None) -> Interaction:
         """Dispatch a slash command as if `user` ran it; `attachment` = (bytes, filename, content_type)
-        becomes the `audio` option, served from this emulator's CDN (with `declared_size` if given)."""
+        becomes the `audio` option, served from this emulator's CDN (with `declared_size` if given).
+        `attachments` adds attachment options by name: (bytes, filename, content_type[, declared_size]).
+        `guild_id` sends it from another server than the emulated guild (the bot then knows that guild
+        only from the interaction, and its commands must have been synced globally)."""
         if not self._sockets:
             raise AssertionError("the bot is not connected to the gateway")
         options = dict(options or {})
-        resolved: dict = {}
+        files = dict(attachments or {})
         if attachment is not None:
-            data, filename, content_type = attachment
+            files["audio"] = (*attachment, declared_size)
+        resolved: dict = {"attachments": {}} if files else {}
+        for option, (data, filename, content_type, *size) in files.items():
             attachment_id = snowflake()
             key = str(attachment_id)
             self.cdn_files[key] = (data, content_type)
             url = f"{self.base_url}/cdn/attachments/{key}/{filename}"
-            meta = {"id": key, "filename": filename, "size": len(data) if declared_size is None else declared_size,
-                    "url": url, "proxy_url": url}
+            declared = size[0] if size and size[0] is not None else len(data)
+            meta = {"id": key, "filename": filename, "size": declared, "url": url, "proxy_url": url}
             if content_type is not None:
                 meta["content_type"] = content_type
-            resolved = {"attachments": {key: meta}}
-            options["audio"] = attachment_id
+            resolved["attachments"][key] = meta
+            options[option] = attachment_id
         option_list = []
         for name, value in options.items():
-            kind = OPTION_ATTACHMENT if name == "audio" else OPTION_INTEGER if isinstance(value, int) else OPTION_STRING
+            kind = OPTION_ATTACHMENT if name in files else OPTION_INTEGER if isinstance(value, int) else OPTION_STRING
             option_list.append({"name": name, "type": kind, "value": str(value) if kind == OPTION_ATTACHMENT else value})
         registered = {c["name"]: c for c in self.commands.get(str(self.guild_id), []) + self.commands.get("global", [])}
         if command not in registered:
@@ -293,16 +299,17 @@ class DiscordEmulator:
                                   time.monotonic(), limit)
         self.interactions[interaction.id] = interaction
         permissions = MEMBER_PERMISSIONS | (MANAGE_GUILD if user.manage_guild else 0)
+        guild = str(self.guild_id if guild_id is None else guild_id)
         payload = {
             "id": str(interaction.id), "application_id": str(self.application_id), "type": 2,
-            "token": interaction.token, "version": 1, "guild_id": str(self.guild_id),
-            "channel_id": str(self.channel_id), "channel": self._channel_payload(),
+            "token": interaction.token, "version": 1, "guild_id": guild,
+            "channel_id": str(self.channel_id), "channel": {**self._channel_payload(), "guild_id": guild},
             "member": {"user": user.payload(), "roles": [], "joined_at": _now_iso(), "deaf": False, "mute": False,
                        "flags": 0, "permissions": str(permissions)},
             "data": {"id": registered[command]["id"], "name": command, "type": 1, "options": option_list,
-                     "resolved": resolved, "guild_id": str(self.guild_id)},
+                     "resolved": resolved, "guild_id": guild},
             "app_permissions": str(MEMBER_PERMISSIONS), "locale": "en-US", "guild_locale": "en-US",
-            "entitlements": [], "authorizing_integration_owners": {"0": str(self.guild_id)}, "context": 0,
+            "entitlements": [], "authorizing_integration_owners": {"0": guild}, "context": 0,
             "attachment_size_limit": limit,
         }
         await self.dispatch("INTERACTION_CREATE", payload)

@@ -106,11 +106,12 @@ async def every_job_settled(store: JobStore, timeout: float = JOB_SECONDS) -> No
 async def test_commands_are_registered_with_their_bounds(world):
     emulator, bot = world
     commands = {c["name"]: c for c in emulator.commands[str(emulator.guild_id)]}
-    assert set(commands) == {"compose", "caption", "queue", "cancel", "help"}
+    assert set(commands) == {"compose", "caption", "queue", "cancel", "library", "help"}
     options = {o["name"]: o for o in commands["compose"]["options"]}
     assert options["duration"]["min_value"] == 10
     assert options["duration"]["max_value"] == bot.settings.max_output_seconds
-    assert not options["duration"].get("required") and options["audio"]["required"]
+    assert not options["duration"].get("required") and not options["audio"].get("required")
+    assert not options["image"].get("required") and options["image"]["type"] == 11
     assert options["audio"]["type"] == 11 and options["instruction"]["required"]
 
 

@@ -49,7 +49,8 @@ class FakePipeline:
     def read_clip(self, path) -> Audio:
         return load_clip(path)
 
-    def compose(self, clip, instruction, duration=None, seed=None, progress=None, cancel=None, on_captions=None):
+    def compose(self, clip, instruction, duration=None, seed=None, progress=None, cancel=None, on_captions=None,
+                image=None):
         self.threads.add(threading.current_thread().name)
         self.ran.append((instruction, seed))
         on_captions(["0:00\u20130:10 a cosy jazz carol"])

@@ -1,0 +1,64 @@
+"""/library: this server's past tracks closest to words or to a picture (ephemeral replies).
+
+Words are embedded right here (the embedder lives in the bot process, on the CPU). A picture must first
+be described by the image captioner, a GPU model: it goes through the job queue like any GPU work, and
+the delivery of that job runs the search (cogs.delivery).
+"""
+from __future__ import annotations
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from mtm_bot.errors import InputError
+from mtm_bot.jobs import JobKind
+from mtm_bot.library import MAX_QUERY_CHARS, Match
+
+from .render import CONTENT_LIMIT, quote, shorten
+from .submit import accept
+
+RESULTS_SHOWN = 5
+EMPTY_LIBRARY = ("This server's library is empty so far: every track that /compose delivers here is added to it, "
+                 "and then `/library` finds it again.")
+
+
+def jump_url(match: Match) -> str:
+    return f"https://discord.com/channels/{match.guild_id}/{match.channel_id}/{match.message_id}"
+
+
+def library_reply(searched: str, matches: list[Match]) -> str:
+    """`searched`: what the search was made with, as a phrase ("“festive brass”")."""
+    if not matches:
+        return EMPTY_LIBRARY
+    lines = [f"📚 This server's closest tracks to {searched}:"]
+    for rank, match in enumerate(matches, 1):
+        lines.append(f"{rank}. {quote(match.title)} · similarity {match.similarity:.2f} · by <@{match.user_id}> · "
+                     f"<t:{int(match.created_at)}:d> · [result]({jump_url(match)})")
+    return shorten("\n".join(lines), CONTENT_LIMIT)
+
+
+class ServerLibrary(commands.Cog):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="library", description="Find this server's past tracks closest to your words or a picture")
+    @app_commands.describe(query="What you are looking for, e.g. 'festive brass with sleigh bells'",
+                           image="A picture (PNG, JPEG, WebP, GIF): tracks that would suit it")
+    @app_commands.guild_only()
+    async def library(self, interaction: discord.Interaction,
+                      query: app_commands.Range[str, 1, MAX_QUERY_CHARS] | None = None,
+                      image: discord.Attachment | None = None) -> None:
+        if image is not None and query is not None:
+            raise InputError("Search with words or with a picture, not both at once.")
+        if image is not None:
+            await accept(interaction, None, JobKind.LIBRARY_IMAGE, image=image, ephemeral=True)
+            return
+        # Embedding the query takes a moment on a busy CPU: defer, privately, within Discord's 3 s.
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        matches = await self.bot.library.search(interaction.guild_id, query or "", limit=RESULTS_SHOWN)
+        await interaction.followup.send(library_reply(quote(shorten(query or "", 100)), matches), ephemeral=True,
+                                        allowed_mentions=discord.AllowedMentions.none())
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(ServerLibrary(bot))
