@@ -26,13 +26,11 @@ from transformers.audio_utils import mel_filter_bank
 from transformers.modeling_outputs import BaseModelOutput
 
 from .audio import Audio, resample
+from .checkpoints import BART_REPO, LP_MUSICCAPS_FILE as CHECKPOINT_FILE, LP_MUSICCAPS_REPO as CHECKPOINT_REPO
 from .errors import ClipTooShort
 from .progress import CancelToken
 from .runtime import cast_for_inference, from_hub, model_dtype
 
-CHECKPOINT_REPO = "seungheondoh/lp-music-caps"
-CHECKPOINT_FILE = "transfer.pth"
-BART_REPO = "facebook/bart-base"
 
 SAMPLE_RATE = 16_000
 SEGMENT_SECONDS = 10

@@ -102,6 +102,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
         duration = pipeline.output_duration(clip, args.duration)
         check_instruction(args.instruction)
+    pipeline.check_weights()
     with _ProgressBar() as bar:
         if args.command == "caption":
             segments = pipeline.caption(clip, bar.update)

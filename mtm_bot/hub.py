@@ -10,6 +10,8 @@ import functools
 import ssl
 import urllib.error
 import urllib.request
+from pathlib import Path
+from typing import Iterable
 
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -54,3 +56,19 @@ def offline_because() -> str | None:
         # variable HF_HUB_OFFLINE is read only when huggingface_hub is imported.
         constants.HF_HUB_OFFLINE = True
     return reason
+
+
+def missing_from_cache(files: Iterable[tuple[str, str]]) -> list[str]:
+    """Of (repo id or local directory, file name) pairs, the repos whose file is not on this machine,
+    in order: a check that needs neither the network nor any model library."""
+    from huggingface_hub import try_to_load_from_cache
+
+    missing: list[str] = []
+    for repo, filename in files:
+        if Path(repo).is_dir():
+            present = (Path(repo) / filename).is_file()
+        else:
+            present = isinstance(try_to_load_from_cache(repo, filename), str)
+        if not present and repo not in missing:
+            missing.append(repo)
+    return missing

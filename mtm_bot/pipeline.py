@@ -87,8 +87,16 @@ class Pipeline:
 
     def load(self) -> "Pipeline":
         """Load all four models now (at start-up), not on a user's first request."""
+        self.check_weights()
         _ = self.captioner, self.refiner, self.generator, self.image_captioner
         return self
+
+    def check_weights(self) -> None:
+        """With the full profile and nothing to download from, name every missing checkpoint now, in about a
+        second, before any model library is imported (ModelUnavailable)."""
+        from .checkpoints import check_cached
+
+        check_cached(self.settings)
 
     @property
     def device(self) -> torch.device:

@@ -34,8 +34,9 @@ sys.exit(code)
 """
 
 
-def run_cli_reporting_imports(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
-    env = {**os.environ, "MTM_PROFILE": "tiny", "PYTHONPATH": str(ROOT)}
+def run_cli_reporting_imports(*args: str, cwd: Path, env: dict[str, str] | None = None
+                              ) -> tuple[subprocess.CompletedProcess, list[str]]:
+    env = {**os.environ, "MTM_PROFILE": "tiny", **(env or {}), "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", _REPORT_MODEL_IMPORTS, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
     return done, json.loads(done.stdout.strip().splitlines()[-1])
@@ -120,3 +121,19 @@ def test_full_profile_without_weights_names_the_repo_and_the_download_command(tm
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert "seungheondoh/lp-music-caps" in done.stderr and "python -m mtm_bot download" in done.stderr
+
+
+def test_full_profile_without_weights_names_every_missing_checkpoint_before_importing_torch(tmp_path):
+    """The first run without weights is answered from the cache's contents alone, in about a second."""
+    clip = write_music(tmp_path / "clip.wav", 3.0)
+    home = tmp_path / "hf"
+    env = {"MTM_PROFILE": "full", "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "1",
+           "MTM_LLM_ID": "meta-llama/Llama-3.2-3B-Instruct"}
+    done, imported = run_cli_reporting_imports("compose", str(clip), "-i", "a carol", "-o", str(tmp_path / "o.wav"),
+                                               cwd=tmp_path, env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    for repo in ("seungheondoh/lp-music-caps", "facebook/bart-base", "meta-llama/Llama-3.2-3B-Instruct",
+                 "facebook/musicgen-melody", "Salesforce/blip-image-captioning-base"):
+        assert repo in done.stderr
+    assert "python -m mtm_bot download" in done.stderr
+    assert imported == [], f"the missing weights were named only after importing {imported}"
