@@ -6,9 +6,12 @@ until its jobs are finished, so the queue is empty for the next one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import re
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -33,12 +36,15 @@ def wav_bytes(seconds: float, seed: int = 0, rate: int = 16000) -> bytes:
     return buffer.getvalue()
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(tmp_path_factory):
+@contextlib.asynccontextmanager
+async def running_bot(storage: Path, guild_commands: bool = True) -> AsyncIterator[tuple[DiscordEmulator, MTMBot]]:
+    """The emulator and the real bot (tiny pipeline) connected to it; commands synced to the emulator's
+    guild, or globally (as for a bot in many servers) with guild_commands=False."""
     emulator = await DiscordEmulator().start()
-    env = {**emulator.env(), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu",
-           "MTM_STORAGE_DIR": str(tmp_path_factory.mktemp("storage")), "MTM_SUBMISSIONS_PER_MINUTE": "100",
-           "MTM_SEED": "1"}
+    env = {**emulator.env(), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu", "MTM_STORAGE_DIR": str(storage),
+           "MTM_SUBMISSIONS_PER_MINUTE": "100", "MTM_SEED": "1"}
+    if not guild_commands:
+        del env["MTM_GUILD_ID"]
     settings = Settings.from_env(env, env_file=None)
     point_discord_at(settings)
     bot = MTMBot(settings)
@@ -50,6 +56,12 @@ async def world(tmp_path_factory):
     await bot.close()
     await asyncio.wait_for(runner, 30)
     await emulator.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def world(tmp_path_factory):
+    async with running_bot(tmp_path_factory.mktemp("storage")) as world:
+        yield world
 
 
 def results_for(emulator: DiscordEmulator, user: FakeUser) -> list[Message]:

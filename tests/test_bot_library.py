@@ -5,16 +5,13 @@ can ask too. One bot serves the module; tests run in file order.
 """
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import pytest_asyncio
 
-from bot import MTMBot, point_discord_at
 from cogs.library import EMPTY_LIBRARY
 from discord_emulator import DiscordEmulator, Interaction, snowflake
-from mtm_bot.settings import Settings
-from test_bot_e2e import JOB_SECONDS, accepted, ephemeral_error, every_job_settled, pings, results_for, wav_bytes
+from test_bot_e2e import (JOB_SECONDS, accepted, ephemeral_error, every_job_settled, pings, results_for, running_bot,
+                           wav_bytes)
 from tests.pictures import picture_bytes
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -24,22 +21,8 @@ OTHER_GUILD = snowflake()
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def world(tmp_path_factory):
-    emulator = await DiscordEmulator().start()
-    env = {**emulator.env(), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu",
-           "MTM_STORAGE_DIR": str(tmp_path_factory.mktemp("storage")), "MTM_SUBMISSIONS_PER_MINUTE": "100",
-           "MTM_SEED": "1"}
-    del env["MTM_GUILD_ID"]
-    settings = Settings.from_env(env, env_file=None)
-    point_discord_at(settings)
-    bot = MTMBot(settings)
-    runner = asyncio.create_task(bot.start(settings.discord_token))
-    await emulator.wait_for(lambda: runner.done() or (emulator.connected and emulator.commands), 300, "bot start")
-    if runner.done():
-        runner.result()  # raises the start-up error
-    yield emulator, bot
-    await bot.close()
-    await asyncio.wait_for(runner, 30)
-    await emulator.stop()
+    async with running_bot(tmp_path_factory.mktemp("storage"), guild_commands=False) as world:
+        yield world
 
 
 async def library_reply(emulator: DiscordEmulator, interaction: Interaction) -> str:

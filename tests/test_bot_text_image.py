@@ -12,10 +12,8 @@ import pytest
 import pytest_asyncio
 import soundfile as sf
 
-from bot import MTMBot, point_discord_at
-from discord_emulator import DiscordEmulator
-from mtm_bot.settings import Settings
-from test_bot_e2e import JOB_SECONDS, LINE, accepted, ephemeral_error, every_job_settled, pings, results_for
+from test_bot_e2e import (JOB_SECONDS, LINE, accepted, ephemeral_error, every_job_settled, pings, results_for,
+                           running_bot)
 from tests.pictures import bad_pictures, picture_bytes
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -23,21 +21,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def world(tmp_path_factory):
-    emulator = await DiscordEmulator().start()
-    env = {**emulator.env(), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu",
-           "MTM_STORAGE_DIR": str(tmp_path_factory.mktemp("storage")), "MTM_SUBMISSIONS_PER_MINUTE": "100",
-           "MTM_SEED": "1"}
-    settings = Settings.from_env(env, env_file=None)
-    point_discord_at(settings)
-    bot = MTMBot(settings)
-    runner = asyncio.create_task(bot.start(settings.discord_token))
-    await emulator.wait_for(lambda: runner.done() or (emulator.connected and emulator.commands), 300, "bot start")
-    if runner.done():
-        runner.result()  # raises the start-up error
-    yield emulator, bot
-    await bot.close()
-    await asyncio.wait_for(runner, 30)
-    await emulator.stop()
+    async with running_bot(tmp_path_factory.mktemp("storage")) as world:
+        yield world
 
 
 async def test_compose_takes_an_optional_clip_and_an_optional_picture(world):
