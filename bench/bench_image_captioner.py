@@ -27,17 +27,12 @@ from PIL import Image
 from mtm_bot.image_captioner import ImageCaptioner, build_tiny_blip, read_image
 from mtm_bot.runtime import cast_for_inference, model_dtype, resolve_device
 
+from bench.memory import resident_mib
+
 LIMIT_BYTES = 25 * 1024 * 1024
 LIMIT_PIXELS = 40_000_000
 BLIP_BASE_VOCAB = 30524  # bert-base-uncased's 30522 + [DEC] and one more, as the checkpoint's config
 BLIP_BASE_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, "[DEC]": 30522}
-
-
-def resident_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def blip_base_random(device: torch.device) -> ImageCaptioner:

@@ -22,12 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.memory import resident_mib
+
 QUERIES = ["sleigh bells and brass, festive", "chill beats with crackly record noise for homework",
            "angry heavy guitars and very fast drumming", "slow beatless atmosphere floating through the cosmos"]
-
-
-def rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def median_ms(run, repeats: int) -> float:
@@ -90,12 +88,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not args.bare:
         Pipeline(Settings(profile="tiny", device="cpu")).load()  # what the bot process holds already
-    before = rss_mib()
+    before = resident_mib()
     start = time.perf_counter()
     embedder = Embedder.load()
     embedder.embed(["warm-up"])
     load_s = time.perf_counter() - start
-    added = rss_mib() - before
+    added = resident_mib() - before
 
     embed_ms = median_ms(lambda i: embedder.embed([QUERIES[i % len(QUERIES)]]), args.repeats)
     nearest_ms, search_ms = asyncio.run(bench_search(embedder, args.entries, args.repeats))

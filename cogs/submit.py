@@ -9,6 +9,7 @@ ephemerally, because the first follow-up after a defer would inherit its public 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import discord
@@ -41,31 +42,38 @@ def submission_cooldown(interaction: discord.Interaction) -> app_commands.Cooldo
 submission_rate_limit = app_commands.checks.dynamic_cooldown(submission_cooldown)
 
 
-def check_attachment(audio: discord.Attachment, max_bytes: int) -> None:
+@dataclass(frozen=True)
+class Upload:
+    """What an attachment option takes, and how it tells a user what to send instead."""
+    media_type: str  # "audio" or "image": the content type's first part
+    extensions: frozenset[str]  # trusted when Discord sends a vague content type
+    vague_types: frozenset[str]
+    too_large: type[InputError]
+    wrong_kind: type[InputError]
+    what: str  # what the file is not, in "`x.txt` is text/plain, not {what}"
+    smaller: str  # what to upload instead of a file over the limit
+    instead: str  # what to attach instead of a file of another kind
+
+
+# Discord sometimes sends no type, a generic one, or video/ogg for audio; then the extension decides.
+AUDIO = Upload("audio", frozenset(AUDIO_EXTENSIONS), frozenset({"", "application/octet-stream", "video/ogg"}),
+               FileTooLarge, NotAudio, "audio", "a shorter or compressed clip (MP3 or OGG)", "a WAV, FLAC, OGG or MP3 clip")
+IMAGE = Upload("image", frozenset(IMAGE_EXTENSIONS), frozenset({"", "application/octet-stream"}),
+               ImageFileTooLarge, NotAnImage, "a picture", "a smaller PNG, JPEG, WebP or GIF", "a PNG, JPEG, WebP or GIF")
+
+
+def check_attachment(attachment: discord.Attachment, max_bytes: int, upload: Upload = AUDIO) -> None:
     """Refuse from metadata alone, before a byte is downloaded."""
-    if audio.size > max_bytes:
-        raise FileTooLarge(f"`{audio.filename}` is {megabytes(audio.size)}; the limit is {megabytes(max_bytes)}. "
-                           "Please upload a shorter or compressed clip (MP3 or OGG).")
-    content_type = (audio.content_type or "").split(";")[0].strip().lower()
-    extension = PurePosixPath(audio.filename).suffix.lower()
-    # Discord sometimes sends no type, a generic one, or video/ogg for audio; then the extension decides.
-    vague_type = content_type in ("", "application/octet-stream", "video/ogg")
-    if not (content_type.startswith("audio/") or (vague_type and extension in AUDIO_EXTENSIONS)):
+    if attachment.size > max_bytes:
+        raise upload.too_large(f"`{attachment.filename}` is {megabytes(attachment.size)}; the limit is "
+                               f"{megabytes(max_bytes)}. Please upload {upload.smaller}.")
+    content_type = (attachment.content_type or "").split(";")[0].strip().lower()
+    extension = PurePosixPath(attachment.filename).suffix.lower()
+    vague_type = content_type in upload.vague_types
+    if not (content_type.startswith(upload.media_type + "/") or (vague_type and extension in upload.extensions)):
         kind = content_type or f"a {extension or 'extension-less'} file"
-        raise NotAudio(f"`{audio.filename}` is {kind}, not audio. Please attach a WAV, FLAC, OGG or MP3 clip.")
-
-
-def check_image_attachment(image: discord.Attachment, max_bytes: int) -> None:
-    """Refuse a picture from metadata alone, before a byte is downloaded."""
-    if image.size > max_bytes:
-        raise ImageFileTooLarge(f"`{image.filename}` is {megabytes(image.size)}; the limit is "
-                                f"{megabytes(max_bytes)}. Please upload a smaller PNG, JPEG, WebP or GIF.")
-    content_type = (image.content_type or "").split(";")[0].strip().lower()
-    extension = PurePosixPath(image.filename).suffix.lower()
-    vague_type = content_type in ("", "application/octet-stream")
-    if not (content_type.startswith("image/") or (vague_type and extension in IMAGE_EXTENSIONS)):
-        kind = content_type or f"a {extension or 'extension-less'} file"
-        raise NotAnImage(f"`{image.filename}` is {kind}, not a picture. Please attach a PNG, JPEG, WebP or GIF.")
+        raise upload.wrong_kind(f"`{attachment.filename}` is {kind}, not {upload.what}. "
+                                f"Please attach {upload.instead}.")
 
 
 async def download(attachment: discord.Attachment) -> bytes:
@@ -94,7 +102,7 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment | N
     if audio is not None:
         check_attachment(audio, settings.max_upload_bytes)
     if image is not None:
-        check_image_attachment(image, settings.max_upload_bytes)
+        check_attachment(image, settings.max_upload_bytes, IMAGE)
     bot.queue.check(interaction.user.id)
     if ephemeral:  # a private request (/library image:): its status and result are for the caller only
         await interaction.response.defer(ephemeral=True, thinking=True)

@@ -5,7 +5,6 @@ a second, instead of after torch and transformers have been imported.
 """
 from __future__ import annotations
 
-from .errors import ModelUnavailable
 from .settings import Settings
 
 LP_MUSICCAPS_REPO = "seungheondoh/lp-music-caps"
@@ -26,15 +25,11 @@ def check_cached(settings: Settings) -> None:
         return
     from huggingface_hub import constants
 
-    from .hub import missing_from_cache, offline_because
+    from .hub import missing_from_cache, offline_because, weights_missing
 
     why = offline_because()  # asks the hub once per process; offline, it switches huggingface_hub offline
     if not constants.is_offline_mode():
         return
     missing = missing_from_cache(full_profile_files(settings))
     if missing:
-        because = f" ({why})" if why else " (HF_HUB_OFFLINE is set)"
-        raise ModelUnavailable(
-            f"The weights of {', '.join(missing)} are not in the local Hugging Face cache and cannot be "
-            f"downloaded now{because}. Run `python -m mtm_bot download` on a machine with network access "
-            f"(gated repos need `huggingface-cli login` and an accepted license).")
+        raise weights_missing(missing, why or "HF_HUB_OFFLINE is set")

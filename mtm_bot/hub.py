@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable
 
+from .errors import ModelUnavailable
+
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -72,3 +74,12 @@ def missing_from_cache(files: Iterable[tuple[str, str]]) -> list[str]:
         if not present and repo not in missing:
             missing.append(repo)
     return missing
+
+
+def weights_missing(repos: Iterable[str], why: str | None) -> ModelUnavailable:
+    """The one sentence for checkpoints that are neither cached nor downloadable (`why`: what stopped it)."""
+    because = f": {why}" if why else ""
+    return ModelUnavailable(
+        f"The weights of {', '.join(repos)} are not in the local Hugging Face cache and could not be "
+        f"downloaded{because}. Run `python -m mtm_bot download` on a machine with network access "
+        f"(gated repos need `huggingface-cli login` and an accepted license).")

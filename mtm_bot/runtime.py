@@ -52,20 +52,14 @@ def from_hub(repo_id: str, load: Callable[[], T]) -> T:
     When the hub cannot be reached, the loader runs in huggingface_hub's offline mode: cached weights
     load at once and missing ones fail at once, instead of after half a minute of retries per file.
     """
-    from .hub import offline_because
+    from .hub import offline_because, weights_missing
 
     why_offline = offline_because()
     try:
         return load()
     except (OSError, ValueError) as err:  # huggingface_hub's offline/missing errors subclass OSError
-        text = str(err)
-        if _looks_missing(err, text):
-            why = f": {why_offline}" if why_offline else ""
-            raise ModelUnavailable(
-                f"The weights of {repo_id} are not in the local Hugging Face cache and could not be "
-                f"downloaded{why}. Run `python -m mtm_bot download` on a machine with network access "
-                f"(gated repos need `huggingface-cli login` and an accepted license)."
-            ) from err
+        if _looks_missing(err, str(err)):
+            raise weights_missing([repo_id], why_offline) from err
         raise
 
 
