@@ -65,19 +65,40 @@ class Block:
     description: str = ""  # MusicGen text prompt
 
 
-def plan_blocks(duration: float, segments: list[tuple[float, float]], block_seconds: float) -> list[Block]:
-    """ceil(duration / block_seconds) blocks, the last possibly shorter; block i follows segment i mod n."""
-    if duration <= 0 or block_seconds <= 0:
-        raise ValueError(f"duration and block_seconds must be positive, got {duration} and {block_seconds}")
+def plan_blocks(duration: float, segments: list[tuple[float, float]], block_seconds: float,
+                start: float = 0.0, first_index: int = 0) -> list[Block]:
+    """Blocks from `start` to `duration` seconds, each `block_seconds` long but the last; block i follows
+    segment i mod n. An extension plans from the end of the track it extends, numbering on from
+    `first_index` so the captions (and the melody) keep cycling where the track left off."""
+    if duration <= start or block_seconds <= 0:
+        raise ValueError(f"need start < duration and positive blocks, got {start}, {duration} and {block_seconds}")
     if not segments:
         raise ValueError("at least one input segment is needed to plan blocks")
-    count = math.ceil(duration / block_seconds - 1e-9)
+    count = math.ceil((duration - start) / block_seconds - 1e-9)
     blocks = []
-    for i in range(count):
+    for i in range(first_index, first_index + count):
         segment = i % len(segments)
-        start, end = segments[segment]
-        blocks.append(Block(i, i * block_seconds, min((i + 1) * block_seconds, duration), segment, start, end))
+        begin = start + (i - first_index) * block_seconds
+        melody_start, melody_end = segments[segment]
+        blocks.append(Block(i, begin, min(begin + block_seconds, duration), segment, melody_start, melody_end))
     return blocks
+
+
+@dataclass
+class Rendered:
+    """A generated track and every code it was decoded from: what a continuation starts from."""
+
+    audio: Audio  # 32 kHz mono
+    codes: torch.Tensor  # (1, K, frames); frame f is samples [f, f + 1) * SAMPLES_PER_FRAME of `audio`
+
+    def until(self, seconds: float) -> "Rendered":
+        """The first `seconds` of the track and their codes (a redo keeps these and generates the rest)."""
+        frames = _frames_until(seconds)
+        if frames * SAMPLES_PER_FRAME != round(seconds * SAMPLE_RATE):
+            raise ValueError(f"{seconds} s does not fall on an EnCodec frame")
+        if frames > self.codes.shape[-1]:
+            raise ValueError(f"the track has {self.codes.shape[-1]} frames, not {frames}")
+        return Rendered(Audio(self.audio.samples[: frames * SAMPLES_PER_FRAME], SAMPLE_RATE), self.codes[..., :frames])
 
 
 @lru_cache(maxsize=None)
@@ -179,18 +200,24 @@ class Generator:
         return generator
 
     def generate(self, clip: Audio | None, blocks: list[Block], seed: int,
-                 progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None) -> Audio:
+                 progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None,
+                 start: Rendered | None = None, gain: float = 1.0) -> Rendered:
         """Render `blocks` in order; the result is 32 kHz mono and exactly as long as the blocks together.
 
         Without a clip there is no melody: every block takes MusicGen's null-melody conditioning (and its
         description), and later blocks still continue the previous one.
+
+        With `start` (a kept track cut at a frame), the blocks continue it: its last codes prompt the first
+        block, and the result is `start`'s audio sample for sample up to the seam's crossfade, then the new
+        blocks, whose decoded audio is scaled by `gain` (the loudness gain `start` was delivered at).
         """
-        _check_contiguous(blocks)
+        _check_contiguous(blocks, 0.0 if start is None else start.audio.duration)
         cancel = cancel or CancelToken()
         melody = resample(clip, SAMPLE_RATE).samples if self.uses_melody and clip is not None else None
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        track = np.zeros(0, dtype=np.float32)
-        codes = None  # every code so far, (1, K, frames); frame f is output samples [f, f + 1) * SAMPLES_PER_FRAME
+        track = np.zeros(0, dtype=np.float32) if start is None else start.audio.samples
+        # every code so far, (1, K, frames); frame f is output samples [f, f + 1) * SAMPLES_PER_FRAME
+        codes = None if start is None else start.codes.to(self.device)
         for number, block in enumerate(blocks, start=1):
             def on_step(step: int, steps: int, number: int = number) -> None:
                 cancel.check()
@@ -199,7 +226,7 @@ class Generator:
             prompt = None if codes is None else codes[..., -PROMPT_FRAMES:]
             prompt_audio = None if prompt is None else track[len(track) - prompt.shape[-1] * SAMPLES_PER_FRAME:]
             block_codes = self._generate_block(block, melody, prompt, prompt_audio, generator, on_step)
-            audio = self._decode(block_codes)
+            audio = self._decode(block_codes) * np.float32(gain)
             if codes is None:
                 track, codes = audio, block_codes
             else:
@@ -210,7 +237,7 @@ class Generator:
                 overlap = min(round(CROSSFADE_SECONDS * SAMPLE_RATE), seam - edge)
                 track = crossfade(track[: len(track) - edge], audio[seam - edge - overlap:], overlap)
                 codes = torch.cat([codes, block_codes[..., prompt.shape[-1]:]], dim=-1)
-        return Audio(track[: round(blocks[-1].end * SAMPLE_RATE)], SAMPLE_RATE)
+        return Rendered(Audio(track[: round(blocks[-1].end * SAMPLE_RATE)], SAMPLE_RATE), codes.cpu())
 
     def _generate_block(self, block: Block, melody: np.ndarray | None, prompt: torch.Tensor | None,
                         prompt_audio: np.ndarray | None, seed_generator: torch.Generator, on_step) -> torch.Tensor:
@@ -262,10 +289,10 @@ def _frames_until(seconds: float) -> int:
     return math.ceil(round(seconds * SAMPLE_RATE) / SAMPLES_PER_FRAME)
 
 
-def _check_contiguous(blocks: list[Block]) -> None:
-    """Blocks tile the output from 0 s without gaps, as plan_blocks makes them."""
-    if not blocks or blocks[0].start != 0 or any(b.start != a.end for a, b in zip(blocks, blocks[1:])):
-        raise ValueError("blocks must start at 0 s and follow each other without gaps")
+def _check_contiguous(blocks: list[Block], start: float) -> None:
+    """Blocks tile the output from `start` seconds without gaps, as plan_blocks makes them."""
+    if not blocks or abs(blocks[0].start - start) > 1e-6 or any(b.start != a.end for a, b in zip(blocks, blocks[1:])):
+        raise ValueError(f"blocks must start at {start} s and follow each other without gaps")
 
 
 def _load_pretrained(model_id: str):

@@ -42,7 +42,7 @@ def broken_compiler(monkeypatch):
 
 def _one_block(generator: Generator) -> np.ndarray:
     clip = Audio(music(2.0, SAMPLE_RATE, seed=2), SAMPLE_RATE)
-    return generator.generate(clip, [Block(0, 0.0, 1.0, 0, 0.0, 1.0, "warm jazz")], seed=4).samples
+    return generator.generate(clip, [Block(0, 0.0, 1.0, 0, 0.0, 1.0, "warm jazz")], seed=4).audio.samples
 
 
 def test_musicgen_falls_back_to_eager_with_one_warning(broken_compiler, caplog):

@@ -11,9 +11,12 @@ from mtm_bot.audio import Audio, resample
 from mtm_bot.errors import Cancelled
 from mtm_bot.generator import (
     CHROMA_LENGTH,
+    CROSSFADE_SECONDS,
+    EDGE_SECONDS,
     SAMPLE_RATE,
     Block,
     Generator,
+    Rendered,
     crossfade,
     melody_chroma,
     plan_blocks,
@@ -34,6 +37,13 @@ def test_plan_cycles_segments_when_output_outlasts_clip():
     assert [b.segment for b in blocks] == [0, 1, 0, 1, 0]
     assert [(b.melody_start, b.melody_end) for b in blocks[:2]] == SEGMENTS_2
     assert [b.index for b in blocks] == list(range(5))
+
+
+def test_an_extension_plans_on_from_the_end_and_keeps_cycling():
+    blocks = plan_blocks(55, SEGMENTS_2, 10, start=25, first_index=3)
+    assert [(b.start, b.end) for b in blocks] == [(25, 35), (35, 45), (45, 55)]
+    assert [b.segment for b in blocks] == [1, 0, 1]  # the 25 s track's blocks followed segments 0, 1, 0
+    assert [b.index for b in blocks] == [3, 4, 5]
 
 
 def test_plan_exact_multiple_has_no_empty_block():
@@ -143,30 +153,30 @@ def _blocks(duration, block_seconds, segments=SEGMENTS_2, caption="warm jazz car
 
 def test_same_seed_same_track_other_seed_other_track(generator, clip):
     blocks = _blocks(2, 1)  # a melody-conditioned block and a continuation
-    first = generator.generate(clip, blocks, seed=7).samples
+    first = generator.generate(clip, blocks, seed=7).audio.samples
     assert first.std() > 1e-3  # real audio, not silence
-    np.testing.assert_array_equal(generator.generate(clip, blocks, seed=7).samples, first)
-    assert not np.allclose(generator.generate(clip, blocks, seed=8).samples, first)
+    np.testing.assert_array_equal(generator.generate(clip, blocks, seed=7).audio.samples, first)
+    assert not np.allclose(generator.generate(clip, blocks, seed=8).audio.samples, first)
 
 
 def test_melody_changes_the_music(generator, clip):
     blocks = _blocks(1, 1)
     other = Audio(0.5 * np.sin(2 * np.pi * 440 * np.arange(15 * 44100) / 44100), 44100)
     assert not torch.equal(melody_chroma(clip.samples), melody_chroma(other.samples))
-    ours = generator.generate(clip, blocks, seed=3).samples
-    assert not np.allclose(generator.generate(other, blocks, seed=3).samples, ours)
+    ours = generator.generate(clip, blocks, seed=3).audio.samples
+    assert not np.allclose(generator.generate(other, blocks, seed=3).audio.samples, ours)
 
 
 def test_caption_changes_the_music(generator, clip):
-    jazz = generator.generate(clip, _blocks(1, 1, caption="cosy jazz carol"), seed=3).samples
-    metal = generator.generate(clip, _blocks(1, 1, caption="loud heavy metal"), seed=3).samples
+    jazz = generator.generate(clip, _blocks(1, 1, caption="cosy jazz carol"), seed=3).audio.samples
+    metal = generator.generate(clip, _blocks(1, 1, caption="loud heavy metal"), seed=3).audio.samples
     assert not np.allclose(jazz, metal)
 
 
 def test_blocks_continue_the_previous_codes_and_join_without_a_seam(generator, clip, monkeypatch):
     recorder = Recorder(generator.decoder)
     monkeypatch.setattr(generator, "decoder", recorder)
-    track = generator.generate(clip, _blocks(6, 4), seed=1).samples
+    track = generator.generate(clip, _blocks(6, 4), seed=1).audio.samples
     (first, codes), (second, codes_2) = recorder.calls
     assert first["prompt_codes"] is None and first["input_features"] is not None
     prompt = second["prompt_codes"]
@@ -175,6 +185,36 @@ def test_blocks_continue_the_previous_codes_and_join_without_a_seam(generator, c
     # The joined track is what one EnCodec pass over all the codes gives: trimming and fades are exact.
     all_codes = torch.cat([codes, codes_2[..., 160:]], dim=-1)
     np.testing.assert_allclose(track, generator._decode(all_codes)[: len(track)], atol=1e-5)
+
+
+@pytest.mark.parametrize("kept_seconds, total", [(2.0, 3), (3.0, 5)])  # a redo from block 3; an extension by 2
+def test_a_continuation_keeps_the_kept_track_up_to_its_seam(generator, clip, kept_seconds, total):
+    """Redo and Extend: the kept part's codes and samples stay, at the gain it was delivered at."""
+    gain = 0.5
+    first = generator.generate(clip, _blocks(3, 1), seed=1)
+    kept = first.until(kept_seconds)
+    delivered = Rendered(Audio(kept.audio.samples * gain, SAMPLE_RATE), kept.codes)
+    frames = round(kept_seconds * 50)
+    blocks = [dataclasses.replace(b, description="cosy jazz") for b in
+              plan_blocks(total, SEGMENTS_2, 1, start=kept_seconds, first_index=round(kept_seconds))]
+    again = generator.generate(clip, blocks, seed=9, start=delivered, gain=gain)
+    assert len(again.audio.samples) == total * SAMPLE_RATE
+    assert torch.equal(again.codes[..., :frames], first.codes[..., :frames])
+    seam = frames * 640 - round((EDGE_SECONDS + CROSSFADE_SECONDS) * SAMPLE_RATE)
+    np.testing.assert_array_equal(again.audio.samples[:seam], delivered.audio.samples[:seam])
+    # After the seam: one EnCodec pass over all the codes, at the same gain.
+    whole = generator._decode(again.codes.to(generator.device)) * gain
+    np.testing.assert_allclose(again.audio.samples[frames * 640:], whole[frames * 640:total * SAMPLE_RATE], atol=1e-5)
+    if kept_seconds < first.audio.duration:  # a redo: the regenerated block is a new take
+        assert not torch.equal(again.codes[..., frames:], first.codes[..., frames:])
+
+
+def test_a_continuation_must_start_where_the_kept_track_ends(generator, clip):
+    kept = generator.generate(clip, _blocks(2, 1), seed=1)
+    with pytest.raises(ValueError, match="must start at 2.0 s"):
+        generator.generate(clip, _blocks(3, 1)[1:], seed=0, start=kept)
+    with pytest.raises(ValueError, match="does not fall on an EnCodec frame"):
+        kept.until(1.001)
 
 
 def test_continuation_melody_lines_up_with_its_new_frames(generator, clip, monkeypatch):
@@ -203,7 +243,7 @@ def test_continuations_can_leave_the_melody_out(clip):
 @pytest.mark.parametrize("duration, block_seconds", [(1, 1), (2, 1), (2.5, 1), (3, 1), (2.33, 1), (25, 10)])
 def test_output_length_is_exact(generator, clip, duration, block_seconds):
     """10, 20, 25 and 30 s at a tenth of the scale, an unaligned length, and 25 s with real 10 s blocks."""
-    track = generator.generate(clip, _blocks(duration, block_seconds), seed=0)
+    track = generator.generate(clip, _blocks(duration, block_seconds), seed=0).audio
     assert track.sample_rate == SAMPLE_RATE
     assert len(track.samples) == round(duration * SAMPLE_RATE)
 
@@ -233,7 +273,7 @@ def test_cancel_stops_mid_generation(generator, clip):
 def test_a_very_long_description_still_generates(generator, clip):
     blocks = _blocks(1, 1, caption="a festive orchestral carol with strings and bells " * 60)
     assert len(generator.tokenizer(blocks[0].description).input_ids) > 1000
-    assert len(generator.generate(clip, blocks, seed=0).samples) == SAMPLE_RATE
+    assert len(generator.generate(clip, blocks, seed=0).audio.samples) == SAMPLE_RATE
 
 
 def test_blocks_with_a_gap_are_refused(generator, clip):
@@ -261,7 +301,7 @@ def test_text_only_musicgen_generates_without_melody(clip):
     model, tokenizer = build_tiny_musicgen("small")
     small = Generator(model, tokenizer, torch.device("cpu"), BLOCK_SECONDS)
     assert not small.uses_melody
-    track = small.generate(clip, _blocks(2, 1), seed=0)
+    track = small.generate(clip, _blocks(2, 1), seed=0).audio
     assert len(track.samples) == 2 * SAMPLE_RATE and track.samples.std() > 1e-3
 
 
@@ -278,8 +318,8 @@ def test_full_profile_loads_a_saved_checkpoint_and_its_tokenizer(tmp_path, clip,
     assert loaded.uses_melody == (kind == "melody")
     reference = Generator(model, tokenizer, torch.device("cpu"), BLOCK_SECONDS)
     blocks = _blocks(1, 1)
-    np.testing.assert_array_equal(loaded.generate(clip, blocks, seed=5).samples,
-                                  reference.generate(clip, blocks, seed=5).samples)
+    np.testing.assert_array_equal(loaded.generate(clip, blocks, seed=5).audio.samples,
+                                  reference.generate(clip, blocks, seed=5).audio.samples)
 
 
 def test_missing_weights_are_reported_not_crashed():

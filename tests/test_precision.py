@@ -48,7 +48,7 @@ def test_musicgen_casts_only_what_runs_in_half_precision(dtype):
     _check_musicgen(generator.model, reference, dtype)
     # The whole block path runs in that precision: T5 (with a float32 wo), chroma, decoder, EnCodec.
     clip = Audio(music(2.0, SAMPLE_RATE, seed=2), SAMPLE_RATE)
-    track = generator.generate(clip, [Block(0, 0.0, 1.0, 0, 0.0, 1.0, "warm jazz")], seed=1)
+    track = generator.generate(clip, [Block(0, 0.0, 1.0, 0, 0.0, 1.0, "warm jazz")], seed=1).audio
     assert track.samples.dtype == np.float32 and len(track.samples) == SAMPLE_RATE
     assert np.isfinite(track.samples).all() and track.samples.std() > 1e-4
 
