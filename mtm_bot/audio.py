@@ -182,22 +182,22 @@ def integrated_loudness(audio: Audio) -> float:
     return float(pyloudnorm.Meter(audio.sample_rate).integrated_loudness(audio.samples.astype(np.float64)))
 
 
-def loudness_normalize(audio: Audio, target_lufs: float = -14.0, peak_dbfs: float = -1.0) -> Audio:
-    """Bring integrated loudness to `target_lufs`, then scale down if the true peak would exceed `peak_dbfs`.
-
-    Silent or sub-400-ms audio has no defined loudness and comes back unchanged.
-    """
+def loudness_gain(audio: Audio, target_lufs: float = -14.0, peak_dbfs: float = -1.0) -> float:
+    """The gain that brings integrated loudness to `target_lufs`, lowered where the true peak would exceed
+    `peak_dbfs`. Silent or sub-400-ms audio has no defined loudness: gain 1."""
     loudness = integrated_loudness(audio)
     if not math.isfinite(loudness):
-        return audio
-    with warnings.catch_warnings():  # pyloudnorm warns about clipping; the peak check below handles it
-        warnings.simplefilter("ignore")
-        samples = pyloudnorm.normalize.loudness(audio.samples.astype(np.float64), loudness, target_lufs)
-    normalized = Audio(samples, audio.sample_rate)
-    peak = true_peak_dbfs(normalized)
+        return 1.0
+    gain = 10 ** ((target_lufs - loudness) / 20)
+    peak = true_peak_dbfs(Audio(audio.samples * gain, audio.sample_rate))
     if peak > peak_dbfs:
-        normalized = Audio(normalized.samples * 10 ** ((peak_dbfs - peak) / 20), audio.sample_rate)
-    return normalized
+        gain *= 10 ** ((peak_dbfs - peak) / 20)
+    return gain
+
+
+def loudness_normalize(audio: Audio, target_lufs: float = -14.0, peak_dbfs: float = -1.0) -> Audio:
+    """Bring integrated loudness to `target_lufs`, then scale down if the true peak would exceed `peak_dbfs`."""
+    return Audio(audio.samples * np.float32(loudness_gain(audio, target_lufs, peak_dbfs)), audio.sample_rate)
 
 
 # ---------------------------------------------------------------------------------------------- encode
