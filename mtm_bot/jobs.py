@@ -3,8 +3,11 @@
 A `Job` is one /compose or /caption request. `JobStore` keeps every job in SQLite
 (`storage_dir/jobs.sqlite3`) and its files beside it, named by job id, never by the user's filename:
 `storage_dir/inputs/<id>.<ext>` (the uploaded clip), `storage_dir/inputs/<id>.image.<ext>` (a /compose
-picture) and `storage_dir/outputs/<id>.wav` (the track). A compose job without a clip (input_path None)
-is made from its instruction (and picture) alone.
+picture), `storage_dir/outputs/<id>.wav` (the track) and `outputs/<id>.kept.npz` (its codes and the rest
+of what the next job starts from: mtm_bot.kept). A compose job without a clip (input_path None) is made
+from its instruction (and picture) alone. A job derived from a finished track (Reroll, Extend, Remix,
+Redo, MIDI: `parent_id`) holds hard links to that track's kept files (`inputs/<id>.from.*` and its clip),
+so it does not depend on how long the parent is kept.
 `JobQueue` is the in-memory order in which the single worker (mtm_bot.worker) takes jobs:
 round-robin across users, FIFO within a user, with the limits from Settings.
 
@@ -40,8 +43,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import secrets
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
@@ -53,6 +58,7 @@ import aiofiles.os
 import aiosqlite
 
 from .errors import InputError
+from .kept import KeptFiles, ResultExpired
 from .settings import Settings
 
 
@@ -72,6 +78,17 @@ class JobKind(StrEnum):
     COMPOSE = "compose"
     CAPTION = "caption"
     LIBRARY_IMAGE = "library_image"  # /library image: the worker describes the picture, delivery searches with it
+    # Derived from a finished track (its parent), by the buttons under it:
+    REROLL = "reroll"  # the same captions, a new seed
+    EXTEND = "extend"  # `duration` seconds more after the end
+    REMIX = "remix"  # the stored input captions refined with a new instruction
+    REDO = "redo"  # everything from the block at `redo_from` seconds generated again
+    MIDI = "midi"  # the track's notes as a MIDI file
+
+
+# Kinds whose result is a track (and a kept state that the next job can start from).
+MAKES_TRACK = frozenset({JobKind.COMPOSE, JobKind.REROLL, JobKind.EXTEND, JobKind.REMIX, JobKind.REDO})
+DERIVED = frozenset({JobKind.REROLL, JobKind.EXTEND, JobKind.REMIX, JobKind.REDO, JobKind.MIDI})
 
 
 class QueueFull(InputError):
@@ -98,7 +115,7 @@ class Job:
     guild_id: int | None
     channel_id: int
     instruction: str  # "" for caption jobs
-    duration: int | None  # output seconds; None = the clip's length rounded up to whole blocks
+    duration: int | None  # seconds of music the job generates; None = the clip's length rounded up to whole blocks
     attachment_size_limit: int  # the interaction's upload limit, kept for delivery after a restart
     application_id: int
     interaction_token: str
@@ -114,13 +131,17 @@ class Job:
     result_path: Path | None = None
     result_json: dict | None = None
     image_path: Path | None = None  # a compose job's picture (stored like the clip)
+    parent_id: str | None = None  # a derived job's parent: the finished track it builds on
+    redo_from: int | None = None  # a redo: the output second the regenerated part starts at
 
     @classmethod
     def new(cls, kind: JobKind | str, *, user_id: int, guild_id: int | None, channel_id: int,
             instruction: str = "", duration: int | None = None, attachment_size_limit: int,
-            application_id: int, interaction_token: str) -> "Job":
+            application_id: int, interaction_token: str, parent_id: str | None = None,
+            redo_from: int | None = None) -> "Job":
         return cls(secrets.token_hex(4), JobKind(kind), user_id, guild_id, channel_id, instruction, duration,
-                   attachment_size_limit, application_id, interaction_token, created_at=time.time())
+                   attachment_size_limit, application_id, interaction_token, created_at=time.time(),
+                   parent_id=parent_id, redo_from=redo_from)
 
     @property
     def finished(self) -> bool:
@@ -150,7 +171,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     delivered INTEGER NOT NULL,
     result_path TEXT,
     result_json TEXT,
-    image_path TEXT
+    image_path TEXT,
+    parent_id TEXT,
+    redo_from INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_at);
@@ -158,7 +181,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_at);
 
 _COLUMNS = [f.name for f in fields(Job)]
 # Columns added after the first release: a database created before them gets them at open().
-_ADDED_COLUMNS = {"image_path": "TEXT"}
+_ADDED_COLUMNS = {"image_path": "TEXT", "parent_id": "TEXT", "redo_from": "INTEGER"}
 
 
 def _to_row(job: Job) -> tuple:
@@ -196,8 +219,9 @@ _AUDIO_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
 class JobStore:
     """Jobs in SQLite (committed on every write, so a crash loses nothing) and their files on disk."""
 
-    def __init__(self, storage_dir: Path, db: aiosqlite.Connection) -> None:
+    def __init__(self, storage_dir: Path, db: aiosqlite.Connection, retention_hours: float) -> None:
         self.storage_dir = storage_dir
+        self.retention_hours = retention_hours
         self.inputs_dir = storage_dir / "inputs"
         self.outputs_dir = storage_dir / "outputs"
         self._db = db
@@ -216,7 +240,7 @@ class JobStore:
             if name not in present:
                 await db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         await db.commit()
-        return cls(storage_dir, db)
+        return cls(storage_dir, db, settings.retention_hours)
 
     async def close(self) -> None:
         await self._db.close()
@@ -277,8 +301,42 @@ class JobStore:
         await aiofiles.os.replace(partial, path)
         return path
 
-    def output_path(self, job_id: str) -> Path:
-        return self.outputs_dir / f"{job_id}.wav"
+    def output_path(self, job_id: str, suffix: str = ".wav") -> Path:
+        return self.outputs_dir / f"{job_id}{suffix}"
+
+    def kept_files(self, job: Job) -> KeptFiles:
+        """What a finished track keeps for the jobs derived from it (mtm_bot.kept), beside its files."""
+        return KeptFiles(self.output_path(job.id), self.output_path(job.id, ".kept.npz"), job.input_path)
+
+    def parent_files(self, job: Job) -> KeptFiles:
+        """A derived job's own links to its parent's kept files (link_parent)."""
+        return KeptFiles(self.inputs_dir / f"{job.id}.from.wav", self.inputs_dir / f"{job.id}.from.npz",
+                         job.input_path)
+
+    async def parent_for(self, job_id: str) -> Job:
+        """The finished track a derived job builds on; ResultExpired once it is no longer kept."""
+        parent = await self.get(job_id)
+        if (parent is None or parent.state is not JobState.DONE or parent.kind not in MAKES_TRACK
+                or not self.kept_files(parent).exist()):
+            hours = self.retention_hours
+            kept_for = f"{hours / 24:g} days" if hours >= 48 else f"{hours:g} hours"
+            raise ResultExpired(f"This result has expired: tracks are kept for {kept_for} after they are made. "
+                                "Run /compose again to start a new one.")
+        return parent
+
+    async def link_parent(self, child: Job, parent: Job) -> None:
+        """Give a derived job its own hard links to the parent's track, state and clip, so it runs (and
+        its result can be built on) however long the parent is still kept."""
+        kept, own = self.kept_files(parent), self.parent_files(child)
+        links = [(kept.track, own.track), (kept.state, own.state)]
+        if kept.clip is not None:
+            child.input_path = self.inputs_dir / f"{child.id}{kept.clip.suffix}"
+            links.append((kept.clip, child.input_path))
+        try:
+            for source, target in links:
+                await asyncio.to_thread(_link_or_copy, source, target)
+        except FileNotFoundError:  # cleaned up between parent_for and here
+            raise ResultExpired("This result has just expired; run /compose again to start a new one.") from None
 
     async def delete(self, job_id: str) -> None:
         """Forget a job: its row and its files (a refused submission)."""
@@ -313,11 +371,20 @@ class JobStore:
         return deleted
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except FileExistsError:  # a retried submission
+        pass
+    except OSError:  # no hard links on this file system
+        shutil.copyfile(source, target)
+
+
 class DurationEstimate:
     """Exponential moving averages of how long jobs take, for queue ETAs.
 
-    Compose jobs are measured in wall seconds per output second; caption and picture-search jobs (one
-    model pass each) per job.
+    Jobs that make a track are measured in wall seconds per second of music generated; caption, picture-search
+    and MIDI jobs (one model pass each) per job.
     """
 
     WEIGHT = 0.3  # of the newest measurement
@@ -328,15 +395,15 @@ class DurationEstimate:
         self.seconds_per_caption: float | None = None
 
     def record(self, job: Job, wall_seconds: float) -> None:
-        if job.kind is JobKind.COMPOSE:
-            output_seconds = (job.result_json or {}).get("duration") or job.duration or self.default_output_seconds
+        if job.kind in MAKES_TRACK:
+            output_seconds = job.duration or (job.result_json or {}).get("duration") or self.default_output_seconds
             self.seconds_per_output_second = self._mix(self.seconds_per_output_second, wall_seconds / output_seconds)
         else:
             self.seconds_per_caption = self._mix(self.seconds_per_caption, wall_seconds)
 
     def seconds(self, job: Job) -> float | None:
         """Expected run time; None until a job of this kind has been measured."""
-        if job.kind is not JobKind.COMPOSE:
+        if job.kind not in MAKES_TRACK:
             return self.seconds_per_caption
         if self.seconds_per_output_second is None:
             return None

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .audio import Audio, load_clip, loudness_normalize
+import numpy as np
+
+from .audio import Audio, load_clip, loudness_gain
 from .errors import InputError
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .settings import Settings
-from .timecode import format_range
+from .timecode import format_range, format_time
 
 if TYPE_CHECKING:
     import torch
@@ -30,8 +32,10 @@ if TYPE_CHECKING:
 
     from .captioner import Captioner, Segment
     from .compiling import CompilePlan
-    from .generator import Block, Generator
+    from .generator import Block, Generator, Rendered
     from .image_captioner import ImageCaptioner
+    from .kept import Kept
+    from .transcribe import Transcriber, Transcription
     from .refiner import Refinement, Refiner
 
 BLOCK_SECONDS = 10  # MusicGen renders the track in blocks this long (the generator's KV cache is sized to one)
@@ -50,6 +54,8 @@ class ComposeResult:
     blocks: list[Block]  # one per output block, each with its MusicGen description
     audio: Audio  # the generated track, 32 kHz mono, loudness-normalised, exact duration
     seed: int
+    codes: torch.Tensor  # (1, K, frames): every code `audio` was decoded from
+    gain: float  # the loudness gain applied to the generator's output
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     picture: str | None = None  # the image captioner's description of the user's picture, if one was given
 
@@ -60,6 +66,7 @@ class ComposeResult:
     def to_json(self) -> dict:
         return {
             "seed": self.seed,
+            "gain": self.gain,
             "picture": self.picture,
             "duration": self.audio.duration,
             "sample_rate": self.audio.sample_rate,
@@ -73,6 +80,14 @@ class ComposeResult:
             "timings": self.timings,
         }
 
+    def kept(self, instruction: str, clip: Audio | None) -> Kept:
+        """What the next job (Reroll, Extend, Remix, Redo) starts from."""
+        from .generator import Rendered
+        from .kept import Kept
+
+        return Kept(instruction, self.segments, self.refinement, self.blocks, self.seed, self.gain,
+                    Rendered(self.audio, self.codes), self.picture, clip)
+
 
 class Pipeline:
     def __init__(self, settings: Settings, *, captioner: Captioner | None = None, refiner: Refiner | None = None,
@@ -84,6 +99,7 @@ class Pipeline:
         self._refiner = refiner
         self._generator = generator
         self._image_captioner = image_captioner
+        self._transcriber: Transcriber | None = None
 
     def load(self) -> "Pipeline":
         """Load all four models now (at start-up), not on a user's first request."""
@@ -151,6 +167,18 @@ class Pipeline:
             self._image_captioner = ImageCaptioner.load(self.settings.profile, self.settings.image_captioner_id,
                                                         self.device)
         return self._image_captioner
+
+    @property
+    def transcriber(self) -> Transcriber:
+        if self._transcriber is None:
+            from .transcribe import Transcriber
+
+            self._transcriber = Transcriber.load()
+        return self._transcriber
+
+    def transcribe(self, track: str | Path) -> Transcription:
+        """The notes of a track (the MIDI button; `midi`), on the CPU."""
+        return self.transcriber.transcribe_file(track)
 
     def read_image(self, path: str | Path) -> Image:
         """Decode and validate an uploaded picture against the configured limits (typed ImageErrors)."""
@@ -226,16 +254,101 @@ class Pipeline:
         from .generator import plan_blocks
 
         # Block i follows part i (cycling): the clip's segments, or without a clip the blocks themselves.
-        parts = [(s.start, s.end) for s in refinement.segments]
-        blocks = [dataclasses.replace(b, description=refinement.description(b.segment))
-                  for b in plan_blocks(seconds, parts, BLOCK_SECONDS)]
-        if on_captions is not None:
-            on_captions(caption_lines(blocks, refinement))
+        blocks = plan_blocks(seconds, _parts(refinement), BLOCK_SECONDS)
+        return self._generate(clip, segments, refinement, blocks, seed, progress, cancel, on_captions, timings,
+                              picture)
+
+    # Starting from a kept track (mtm_bot.kept): each skips what it can reuse -------------------------
+
+    def reroll(self, kept: Kept, seed: int, progress: ProgressCallback = ignore_progress,
+               cancel: CancelToken | None = None, on_captions: Callable[[list[str]], None] | None = None
+               ) -> ComposeResult:
+        """Another take: the same captions and plan, a new seed. No captioning, no LLM."""
+        return self._generate(kept.clip, kept.segments, kept.refinement, kept.blocks, seed, progress, cancel,
+                              on_captions, {}, kept.picture)
+
+    def remix(self, kept: Kept, instruction: str, seed: int, progress: ProgressCallback = ignore_progress,
+              cancel: CancelToken | None = None, on_captions: Callable[[list[str]], None] | None = None
+              ) -> ComposeResult:
+        """The same clip (its stored captions: no captioning) and length in another style: the LLM and
+        MusicGen run again with `instruction`."""
+        cancel = cancel or CancelToken()
+        progress(Progress("refining"))
         t0 = time.perf_counter()
-        track = self.generator.generate(clip, blocks, seed=seed, progress=progress, cancel=cancel)
+        if kept.segments:
+            refinement = self.refiner.refine(kept.segments, instruction, cancel=cancel, seed=seed,
+                                             picture=kept.picture)
+        else:
+            refinement = self.refiner.write(_parts(kept.refinement), instruction, cancel=cancel, seed=seed,
+                                            picture=kept.picture)
+        timings = {"refine": time.perf_counter() - t0}
+        return self._generate(kept.clip, kept.segments, refinement, kept.blocks, seed, progress, cancel,
+                              on_captions, timings, kept.picture)
+
+    def extend(self, kept: Kept, seconds: int, seed: int, progress: ProgressCallback = ignore_progress,
+               cancel: CancelToken | None = None, on_captions: Callable[[list[str]], None] | None = None
+               ) -> ComposeResult:
+        """`seconds` more music after the end: the kept codes prompt it, the captions and the melody keep
+        cycling, and the kept track stays sample for sample (at its loudness gain) up to the seam."""
+        from .generator import plan_blocks
+
+        end = kept.duration
+        if not MIN_EXTEND_SECONDS <= seconds <= MAX_EXTEND_SECONDS:
+            raise InputError(f"A track can be extended by {MIN_EXTEND_SECONDS} to {MAX_EXTEND_SECONDS} seconds, "
+                             f"not {seconds}.")
+        if end + seconds > self.settings.max_output_seconds:
+            raise InputError(f"This track is {end:.0f} s long; with {seconds} s more it would pass the "
+                             f"{self.settings.max_output_seconds} s limit.")
+        blocks = plan_blocks(end + seconds, _parts(kept.refinement), BLOCK_SECONDS, start=end,
+                             first_index=len(kept.blocks))
+        return self._generate(kept.clip, kept.segments, kept.refinement, blocks, seed, progress, cancel,
+                              on_captions, {}, kept.picture, start=kept)
+
+    def redo(self, kept: Kept, from_seconds: float, seed: int, progress: ProgressCallback = ignore_progress,
+             cancel: CancelToken | None = None, on_captions: Callable[[list[str]], None] | None = None
+             ) -> ComposeResult:
+        """Keep everything before the block starting at `from_seconds` (its codes and samples) and
+        generate the rest again with a new seed: a better ending, a new middle."""
+        starts = [b.start for b in kept.blocks[1:]]
+        if from_seconds not in starts:
+            raise InputError(f"{format_time(from_seconds)} is not where a later block of this track starts; "
+                             f"pick one of {', '.join(format_time(t) for t in starts) or 'none (one block)'}.")
+        blocks = [b for b in kept.blocks if b.start >= from_seconds]
+        return self._generate(kept.clip, kept.segments, kept.refinement, blocks, seed, progress, cancel,
+                              on_captions, {}, kept.picture, start=kept)
+
+    def _generate(self, clip: Audio | None, segments: list[Segment], refinement: Refinement, blocks: list[Block],
+                  seed: int, progress: ProgressCallback, cancel: CancelToken | None,
+                  on_captions: Callable[[list[str]], None] | None, timings: dict[str, float],
+                  picture: str | None, start: Kept | None = None) -> ComposeResult:
+        """MusicGen over `blocks` (their descriptions from `refinement`), from scratch or continuing the
+        kept track `start` cut where the first block begins; the result holds every block of the track."""
+        blocks = [dataclasses.replace(b, description=refinement.description(b.segment)) for b in blocks]
+        kept_blocks = [] if start is None else [b for b in start.blocks if b.start < blocks[0].start]
+        if on_captions is not None:
+            on_captions(caption_lines(kept_blocks + blocks, refinement))
+        t0 = time.perf_counter()
+        if start is None:
+            rendered = self.generator.generate(clip, blocks, seed=seed, progress=progress, cancel=cancel)
+            gain = loudness_gain(rendered.audio)
+            audio = Audio(rendered.audio.samples * np.float32(gain), rendered.audio.sample_rate)
+        else:
+            # The kept part was delivered at its own gain; the new part follows at the same level.
+            gain = start.gain
+            rendered = self.generator.generate(clip, blocks, seed=seed, progress=progress, cancel=cancel,
+                                               start=start.rendered.until(blocks[0].start), gain=gain)
+            audio = rendered.audio
         timings["generate"] = time.perf_counter() - t0
-        track = loudness_normalize(track)
-        return ComposeResult(segments, refinement, blocks, track, seed, timings, picture)
+        return ComposeResult(segments, refinement, kept_blocks + blocks, audio, seed, rendered.codes, gain,
+                             timings, picture)
+
+
+MIN_EXTEND_SECONDS, MAX_EXTEND_SECONDS = 10, 60
+
+
+def _parts(refinement: Refinement) -> list[tuple[float, float]]:
+    """The time ranges the refined captions belong to: the clip's segments, or the output blocks."""
+    return [(s.start, s.end) for s in refinement.segments]
 
 
 def output_ranges(seconds: int) -> list[tuple[float, float]]:

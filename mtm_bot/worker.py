@@ -32,15 +32,16 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 import torch
 
-from .audio import write as write_audio
 from .errors import Cancelled, InputError, MTMError
-from .jobs import Job, JobKind, JobNotFound, JobQueue, JobState, JobStore, NotCancellable
+from .jobs import MAKES_TRACK, Job, JobKind, JobNotFound, JobQueue, JobState, JobStore, NotCancellable
+from .kept import Kept
 from .progress import CancelToken, Progress, ProgressCallback
 from .settings import Settings
 from .timecode import format_range
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from .audio import Audio
+    from .pipeline import ComposeResult, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class Worker:
     async def _run(self, running: _Running) -> None:
         job = running.job
         job.state, job.started_at, job.error = JobState.RUNNING, time.time(), None
-        if job.kind is JobKind.COMPOSE and job.seed is None:
+        if job.kind in MAKES_TRACK and job.seed is None:
             job.seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
         await self.store.update(job)  # the seed is on disk before any model work: a resumed job sounds the same
         self._notify(job, self.listener.job_started, job)
@@ -235,8 +236,10 @@ class Worker:
             job.state, job.error = JobState.FAILED, UNEXPECTED_MESSAGE.format(id=job.id)
         else:
             job.state = JobState.DONE
-            if job.kind is JobKind.COMPOSE:
+            if job.kind in MAKES_TRACK:
                 job.result_path = self.store.output_path(job.id)
+            elif job.kind is JobKind.MIDI:
+                job.result_path = self.store.output_path(job.id, ".mid")
         job.finished_at = time.time()
         self.queue.finish(job, job.finished_at - job.started_at if job.state is JobState.DONE else None)
         await self.store.update(job)
@@ -255,7 +258,9 @@ class Worker:
             forward(self.listener.job_captions, lines)
 
         entry_points = {JobKind.CAPTION: self._caption, JobKind.COMPOSE: self._compose,
-                        JobKind.LIBRARY_IMAGE: self._describe_image}
+                        JobKind.LIBRARY_IMAGE: self._describe_image, JobKind.MIDI: self._midi,
+                        JobKind.REROLL: self._derive, JobKind.EXTEND: self._derive, JobKind.REMIX: self._derive,
+                        JobKind.REDO: self._derive}
         result_json = entry_points[job.kind](job, report, cancel, captions)
         # The store keeps JSON text: a result that cannot be stored fails here, as this job's error.
         return json.loads(json.dumps(result_json))
@@ -273,8 +278,27 @@ class Worker:
         image = None if job.image_path is None else _stored(job.image_path, "picture")
         result = self.pipeline.compose(clip, job.instruction, job.duration, seed=job.seed, progress=report,
                                        cancel=cancel, on_captions=captions, image=image)
-        write_audio(result.audio, self.store.output_path(job.id))
+        return self._keep(job, result, clip)
+
+    def _derive(self, job: Job, report: ProgressCallback, cancel: CancelToken,
+                captions: Callable[[list[str]], None]) -> dict:
+        """Reroll, Extend, Remix, Redo: from the parent's kept track, which the job holds links to."""
+        kept = Kept.load(self.store.parent_files(job), self.pipeline.read_clip)
+        result = _DERIVATIONS[job.kind](self.pipeline, job, kept, seed=job.seed, progress=report, cancel=cancel,
+                                        on_captions=captions)
+        return self._keep(job, result, kept.clip)
+
+    def _keep(self, job: Job, result: ComposeResult, clip: Audio | None) -> dict:
+        """Write the track and what the next job starts from; the result_json to deliver."""
+        result.kept(job.instruction, clip).save(self.store.kept_files(job))
         return {**result.to_json(), "lines": result.caption_lines()}
+
+    def _midi(self, job: Job, report: ProgressCallback, cancel: CancelToken,
+              captions: Callable[[list[str]], None]) -> dict:
+        report(Progress("transcribing the notes"))
+        transcription = self.pipeline.transcribe(self.store.parent_files(job).track)
+        self.store.output_path(job.id, ".mid").write_bytes(transcription.midi_bytes())
+        return {"notes": len(transcription.notes), "lines": []}
 
     def _describe_image(self, job: Job, report: ProgressCallback, cancel: CancelToken,
                         captions: Callable[[list[str]], None]) -> dict:
@@ -330,6 +354,15 @@ class Worker:
             except Exception:
                 log.exception("Cleaning up old job files failed")
             await asyncio.sleep(self.CLEANUP_INTERVAL_SECONDS)
+
+
+# Each derived kind's pipeline entry point, given the job and its parent's kept track.
+_DERIVATIONS = {
+    JobKind.REROLL: lambda pipeline, job, kept, **run: pipeline.reroll(kept, **run),
+    JobKind.EXTEND: lambda pipeline, job, kept, **run: pipeline.extend(kept, job.duration, **run),
+    JobKind.REMIX: lambda pipeline, job, kept, **run: pipeline.remix(kept, job.instruction, **run),
+    JobKind.REDO: lambda pipeline, job, kept, **run: pipeline.redo(kept, job.redo_from, **run),
+}
 
 
 def _stored(path: Path | None, what: str) -> Path:

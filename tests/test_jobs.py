@@ -6,6 +6,7 @@ import pytest
 
 from mtm_bot.errors import InputError
 from mtm_bot.jobs import Job, JobKind, JobQueue, JobState, JobStore, QueueFull, TooManyJobs
+from mtm_bot.kept import ResultExpired
 from mtm_bot.settings import Settings
 
 
@@ -19,7 +20,7 @@ def make_job(user_id: int, kind: JobKind = JobKind.COMPOSE, duration: int | None
 
 @pytest.fixture
 async def store(tmp_path):
-    store = await JobStore.open(Settings(storage_dir=tmp_path))
+    store = await JobStore.open(Settings(storage_dir=tmp_path, retention_hours=48))
     yield store
     await store.close()
 
@@ -91,6 +92,33 @@ async def test_cleanup_deletes_old_files_keeps_recent_and_unfinished(store):
     assert waiting.input_path.exists()
     assert await store.get(old.id) is None
     assert await store.get(recent.id) is not None
+
+
+async def test_a_derived_job_links_its_parents_kept_files_and_outlives_them(store):
+    parent = make_job(7, state=JobState.DONE, finished_at=time.time())
+    parent.input_path = await store.save_input(parent.id, b"clip", "hum.ogg")
+    kept = store.kept_files(parent)
+    kept.track.write_bytes(b"track")
+    kept.state.write_bytes(b"state")
+    await store.add(parent)
+    assert (await store.parent_for(parent.id)).id == parent.id
+
+    child = make_job(8, JobKind.EXTEND, parent_id=parent.id)
+    await store.link_parent(child, parent)
+    own = store.parent_files(child)
+    assert [p.read_bytes() for p in (own.track, own.state, own.clip)] == [b"track", b"state", b"clip"]
+    assert own.clip.name == f"{child.id}.ogg"
+    await store.delete_files(parent.id)  # the parent's retention ends first
+    assert own.exist()
+
+    with pytest.raises(ResultExpired, match="expired: tracks are kept for 2 days"):
+        await store.parent_for(parent.id)  # its files are gone
+    with pytest.raises(ResultExpired, match="expired"):
+        await store.parent_for("0badf00d")  # its row is gone too
+    unfinished = make_job(7)
+    await store.add(unfinished)
+    with pytest.raises(ResultExpired):
+        await store.parent_for(unfinished.id)  # nothing to build on before it has finished
 
 
 async def test_round_robin_across_users_fifo_within_user():

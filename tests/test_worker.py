@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from mtm_bot.audio import Audio, load_clip
+from mtm_bot.audio import Audio, load_clip, write
 from mtm_bot.jobs import Job, JobKind, JobNotFound, JobQueue, JobState, JobStore, NotCancellable, TooManyJobs
 from mtm_bot.pipeline import Pipeline
 from mtm_bot.progress import Progress
@@ -32,6 +32,18 @@ class FakeResult:
 
     def to_json(self) -> dict:
         return {"seed": self.seed, "duration": self.audio.duration}
+
+    def kept(self, instruction: str, clip: Audio | None) -> "FakeKept":
+        return FakeKept(self.audio)
+
+
+@dataclass
+class FakeKept:
+    """Keeps only the track: enough for delivery."""
+    audio: Audio
+
+    def save(self, files) -> None:
+        write(self.audio, files.track)
 
 
 class FakePipeline:

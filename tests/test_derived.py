@@ -1,0 +1,130 @@
+"""Starting the next job from a kept track (tiny profile): Reroll, Remix, Extend, Redo, and what is kept."""
+import numpy as np
+import pytest
+import torch
+
+from mtm_bot.audio import Audio, integrated_loudness, write
+from mtm_bot.errors import InputError
+from mtm_bot.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
+from mtm_bot.kept import Kept, KeptFiles, ResultExpired
+from mtm_bot.pipeline import Pipeline
+from mtm_bot.settings import Settings
+from synth import music
+
+SEAM_SAMPLES = round((EDGE_SECONDS + CROSSFADE_SECONDS) * SAMPLE_RATE)  # the crossfade ends this far before a seam
+
+
+class Counting:
+    """A model stage that counts its calls."""
+
+    def __init__(self, stage, *methods: str) -> None:
+        self.stage, self.calls = stage, 0
+        for name in methods:
+            setattr(self, name, self._counted(getattr(stage, name)))
+
+    def _counted(self, method):
+        def call(*args, **kwargs):
+            self.calls += 1
+            return method(*args, **kwargs)
+        return call
+
+    def __getattr__(self, name):
+        return getattr(self.stage, name)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return Pipeline(Settings(profile="tiny", device="cpu", max_output_seconds=40)).load()
+
+
+@pytest.fixture()
+def pipeline(loaded):
+    """The loaded models, with the captioner and the refiner counting their calls."""
+    return Pipeline(loaded.settings, captioner=Counting(loaded.captioner, "caption"),
+                    refiner=Counting(loaded.refiner, "refine", "write"), generator=loaded.generator)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return Audio(music(14.0, rate=22050), 22050)
+
+
+@pytest.fixture(scope="module")
+def kept(loaded, clip, tmp_path_factory):
+    """A 20 s track, saved and read back as the bot and the CLI keep it."""
+    result = loaded.compose(clip, "a cosy jazz carol", duration=20, seed=3)
+    folder = tmp_path_factory.mktemp("kept")
+    write(clip, folder / "clip.wav")
+    files = KeptFiles.in_folder(folder)
+    result.kept("a cosy jazz carol", clip).save(files)
+    return Kept.load(files, read_clip=loaded.read_clip)
+
+
+def test_kept_state_reads_back_as_it_was_written(loaded, clip, tmp_path):
+    result = loaded.compose(clip, "a cosy jazz carol", duration=20, seed=5)
+    files = KeptFiles(tmp_path / "track.wav", tmp_path / "state.npz", None)
+    result.kept("a cosy jazz carol", clip).save(files)
+    back = Kept.load(files, read_clip=lambda path: clip)
+    assert torch.equal(back.rendered.codes, result.codes)
+    assert back.blocks == result.blocks and back.refinement == result.refinement and back.segments == result.segments
+    assert (back.seed, back.gain, back.instruction) == (5, result.gain, "a cosy jazz carol")
+    # The delivered 16-bit track: what a listener heard.
+    np.testing.assert_allclose(back.rendered.audio.samples, result.audio.samples, atol=1 / 32768)
+    files.state.unlink()
+    with pytest.raises(ResultExpired):
+        Kept.load(files, read_clip=lambda path: clip)
+
+
+def test_reroll_is_another_take_without_captioning_or_the_llm(pipeline, kept):
+    again = pipeline.reroll(kept, seed=99)
+    assert (pipeline.captioner.calls, pipeline.refiner.calls) == (0, 0)
+    assert again.caption_lines() == _lines(kept)
+    assert again.audio.duration == kept.duration
+    assert not torch.equal(again.codes, kept.rendered.codes)
+
+
+def test_remix_refines_the_stored_captions_again_without_captioning(pipeline, kept):
+    remixed = pipeline.remix(kept, "a heavy metal anthem", seed=4)
+    assert (pipeline.captioner.calls, pipeline.refiner.calls) == (0, 1)
+    assert remixed.segments == kept.segments
+    assert [b.segment for b in remixed.blocks] == [b.segment for b in kept.blocks]
+    assert remixed.audio.duration == kept.duration
+
+
+def test_extend_begins_with_the_original_track_sample_for_sample(pipeline, kept):
+    longer = pipeline.extend(kept, 10, seed=8)
+    end = round(kept.duration * SAMPLE_RATE)
+    assert len(longer.audio.samples) == end + 10 * SAMPLE_RATE
+    np.testing.assert_array_equal(longer.audio.samples[:end - SEAM_SAMPLES], kept.rendered.audio.samples[:end - SEAM_SAMPLES])
+    assert torch.equal(longer.codes[..., :1000], kept.rendered.codes)
+    assert longer.gain == kept.gain  # the new part at the level the original was delivered at
+    new_part = Audio(longer.audio.samples[end:], SAMPLE_RATE)
+    assert abs(integrated_loudness(new_part) - integrated_loudness(kept.rendered.audio)) < 6
+    # The captions and the melody keep cycling where the track left off: a 14 s clip has two segments.
+    assert [b.segment for b in longer.blocks] == [0, 1, 0]
+    assert longer.caption_lines()[2].startswith("0:20\u20130:30 ")
+    assert (pipeline.captioner.calls, pipeline.refiner.calls) == (0, 0)
+
+
+def test_extend_past_the_output_limit_is_refused(pipeline, kept):
+    with pytest.raises(InputError, match="40 s limit"):
+        pipeline.extend(kept, 30, seed=1)
+    with pytest.raises(InputError, match="10 to 60 seconds"):
+        pipeline.extend(kept, 5, seed=1)
+
+
+def test_redo_keeps_everything_before_the_chosen_block(pipeline, kept):
+    redone = pipeline.redo(kept, 10, seed=21)
+    assert torch.equal(redone.codes[..., :500], kept.rendered.codes[..., :500])
+    assert not torch.equal(redone.codes[..., 500:], kept.rendered.codes[..., 500:])
+    cut = 10 * SAMPLE_RATE - SEAM_SAMPLES
+    np.testing.assert_array_equal(redone.audio.samples[:cut], kept.rendered.audio.samples[:cut])
+    assert redone.audio.duration == kept.duration and redone.caption_lines() == _lines(kept)
+    with pytest.raises(InputError, match="0:10"):
+        pipeline.redo(kept, 5, seed=1)
+
+
+def _lines(kept: Kept) -> list[str]:
+    from mtm_bot.pipeline import caption_lines
+
+    return caption_lines(kept.blocks, kept.refinement)
