@@ -21,7 +21,8 @@ whose one-hot pitch class is the pitch class of the melody note sounding at the 
 - `melody_alone`: the soprano rendered on its own, the ceiling of what any separation could reach
   (a lead whose upper harmonics are strong can sit on the fifth even alone).
 
-Extra installs (the benchmark only; the bot and its tests need none of them):
+Extra installs (the benchmark only; the bot and its tests need none of them), as for
+bench/fluidsynth_render.py:
 
     apt-get install fluidsynth fluid-soundfont-gm
     .venv/bin/pip install music21
@@ -32,24 +33,20 @@ import argparse
 import copy
 import itertools
 import json
-import shutil
 import statistics
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from scipy.ndimage import median_filter
 from scipy.signal import istft, stft
 
-from mtm_bot.audio import Audio, resample
+from bench import fluidsynth_render
 from mtm_bot.generator import CHROMA_HOP, CHROMA_MAX_SAMPLES, SAMPLE_RATE, melody_chroma
 from mtm_bot.melody import BASS_CUTOFF_HZ, remove_bass
 
 SCORES = ["bach/bwv66.6", "bach/bwv86.6", "bach/bwv153.1", "bach/bwv269", "bach/bwv347"]
-SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
 # General MIDI programs (0-based) per voice; each score takes the next line, so timbres vary.
 BANDS = [
     {"Soprano": 73, "Alto": 71, "Tenor": 60, "Bass": 33},  # flute, clarinet, horn, fingered bass
@@ -114,13 +111,7 @@ def arrange(name: str, band: dict[str, int], bpm: float):
 
 def render(score, workdir: Path) -> np.ndarray:
     """FluidSynth's rendering of the score: 32 kHz mono float32, the first 30 s."""
-    midi_path, wav_path = workdir / "score.mid", workdir / "score.wav"
-    score.write("midi", fp=midi_path)
-    subprocess.run(["fluidsynth", "-ni", "-q", "-g", "0.5", "-r", str(SAMPLE_RATE), "-F", str(wav_path),
-                    SOUNDFONT, str(midi_path)], check=True, capture_output=True)
-    samples, rate = sf.read(wav_path, dtype="float32", always_2d=True)
-    mono = resample(Audio(samples.mean(axis=1), rate), SAMPLE_RATE).samples
-    return mono[:CHROMA_MAX_SAMPLES]
+    return fluidsynth_render.render(score, workdir, SAMPLE_RATE)[:CHROMA_MAX_SAMPLES]
 
 
 def keep_parts(score, count: int, program: int | None = None, semitones: int = 0):
@@ -217,8 +208,7 @@ def main() -> None:
     parser.add_argument("--scores", nargs="+", default=SCORES, help="music21 corpus names")
     parser.add_argument("--bpm", type=float, default=100.0)
     args = parser.parse_args()
-    if shutil.which("fluidsynth") is None or not Path(SOUNDFONT).exists():
-        raise SystemExit("needs FluidSynth and a GM soundfont: apt-get install fluidsynth fluid-soundfont-gm")
+    fluidsynth_render.require_fluidsynth()
 
     corpora: dict[str, list[dict]] = {"band": [], "hum": [], "sung_alone": [], "melody_and_chords": []}
     with tempfile.TemporaryDirectory() as tmp:
