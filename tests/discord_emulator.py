@@ -11,14 +11,23 @@ Interaction semantics modelled after Discord's:
   follow-up after the defer replaces it and inherits that visibility;
 - `expire_tokens()` makes webhook calls fail like an expired interaction token (401/404);
 - messages over Discord's size limits (2 000 content, 1 024 per embed field, 6 000 per message)
-  are refused with 400 Invalid Form Body, and recorded in `refused`.
+  are refused with 400 Invalid Form Body, and recorded in `refused`;
+- so are messages and modals that break Discord's component rules (`component_problem`,
+  `modal_problem`), checked against discord.com/developers/docs/components/reference;
+- message components are kept and sent back in message payloads; `click()` and `choose()` use a
+  button or a select like a user (MESSAGE_COMPONENT interactions, refused on disabled components),
+  `submit_modal()` fills in a modal the bot opened (MODAL_SUBMIT). Callback types 6 (deferred
+  update) and 7 (update) act on the message the component is on; type 9 opens a modal.
 """
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import json
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -27,12 +36,31 @@ from aiohttp import WSMsgType, web
 
 EPHEMERAL = 1 << 6
 LOADING = 1 << 7
+COMPONENTS_V2 = 1 << 15  # a message laid out by components alone (no content, no embeds)
 MANAGE_GUILD = 1 << 5
 MEMBER_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 15) | (1 << 31)  # view, send, attach files, use commands
+
+# Interaction types.
+APPLICATION_COMMAND, MESSAGE_COMPONENT, MODAL_SUBMIT = 2, 3, 5
 
 # Interaction callback types.
 CHANNEL_MESSAGE = 4
 DEFERRED_CHANNEL_MESSAGE = 5
+DEFERRED_UPDATE_MESSAGE = 6
+UPDATE_MESSAGE = 7
+MODAL = 9
+CALLBACKS_FOR = {  # which callback types Discord takes for which interaction type
+    APPLICATION_COMMAND: {CHANNEL_MESSAGE, DEFERRED_CHANNEL_MESSAGE, MODAL},
+    MESSAGE_COMPONENT: {CHANNEL_MESSAGE, DEFERRED_CHANNEL_MESSAGE, DEFERRED_UPDATE_MESSAGE, UPDATE_MESSAGE, MODAL},
+    MODAL_SUBMIT: {CHANNEL_MESSAGE, DEFERRED_CHANNEL_MESSAGE, DEFERRED_UPDATE_MESSAGE, UPDATE_MESSAGE},
+}
+
+# Component types and button styles.
+ACTION_ROW, BUTTON, STRING_SELECT, TEXT_INPUT, LABEL = 1, 2, 3, 4, 18
+SELECTS = {STRING_SELECT, 5, 6, 7, 8}  # string, user, role, mentionable, channel
+LAYOUTS_V2 = {9, 10, 11, 12, 13, 14, 17}  # section, text display, thumbnail, media gallery, file, separator, container
+TEXT_DISPLAY = 10
+LINK, PREMIUM = 5, 6
 
 # Option types of slash commands.
 OPTION_STRING, OPTION_INTEGER, OPTION_ATTACHMENT = 3, 4, 11
@@ -51,6 +79,169 @@ def _now_iso() -> str:
 def _json(data: Any, status: int = 200) -> web.Response:
     # discord.py parses a body as JSON only when the Content-Type is exactly this.
     return web.Response(status=status, body=json.dumps(data).encode(), headers={"Content-Type": "application/json"})
+
+
+def _invalid_form_body(reason: str) -> dict:
+    """Discord's 400 body for `reason` ("path.to[0].field: what is wrong"): its `errors` nest by path, the way
+    discord.py's HTTPException reads them ("In path.to.0.field: what is wrong")."""
+    path, _, problem = reason.partition(": ")
+    errors: dict = {"_errors": [{"code": "BASE_TYPE_INVALID", "message": problem}]}
+    for key in reversed(re.findall(r"[^.\[\]]+", path)):
+        errors = {key: errors}
+    return {"message": "Invalid Form Body", "code": 50035, "errors": errors}
+
+
+# ----------------------------------------------------------------------------- components
+def _walk(component: dict, path: str) -> Iterator[tuple[str, dict]]:
+    yield path, component
+    for i, child in enumerate(component.get("components") or []):
+        yield from _walk(child, f"{path}.components[{i}]")
+    for key in ("component", "accessory"):  # a label's child; a section's button or thumbnail
+        if component.get(key):
+            yield from _walk(component[key], f"{path}.{key}")
+
+
+def walk_components(components: list[dict], path: str = "components") -> Iterator[tuple[str, dict]]:
+    """Every component with its path in the payload, depth first (rows, labels and containers, then what they hold)."""
+    for i, component in enumerate(components):
+        yield from _walk(component, f"{path}[{i}]")
+
+
+def _numbered(components: list[dict]) -> list[dict]:
+    """A copy in which every component has an `id`: Discord numbers the ones sent without, skipping ids in use."""
+    components = copy.deepcopy(components)
+    used = {component.get("id") for _, component in walk_components(components)}
+    fresh = (n for n in itertools.count(1) if n not in used)
+    for _, component in walk_components(components):
+        if not component.get("id"):
+            component["id"] = next(fresh)
+    return components
+
+
+def _length_outside(text: str | None, most: int, least: int = 0) -> bool:
+    return text is not None and not least <= len(text) <= most
+
+
+def _number_outside(number: int | None, low: int, high: int) -> bool:
+    return number is not None and not low <= number <= high
+
+
+def _problem_with(component: dict, path: str, in_modal: bool) -> str | None:
+    """What Discord would refuse about one component (what it holds is checked on its own)."""
+    kind, custom_id, style = component.get("type"), component.get("custom_id"), component.get("style")
+    interactive = kind in SELECTS or kind == TEXT_INPUT or (kind == BUTTON and style not in (LINK, PREMIUM))
+    if interactive and (not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 100):
+        return f"{path}.custom_id: must be 1 to 100 characters."
+    if kind == ACTION_ROW:
+        children = component.get("components") or []
+        kinds = [child.get("type") for child in children]
+        if in_modal:
+            if kinds != [TEXT_INPUT]:
+                return f"{path}.components: an action row in a modal holds exactly one text input."
+            if not children[0].get("label"):
+                return f"{path}.components[0].label: a text input in an action row needs a label."
+        elif not ((1 <= len(kinds) <= 5 and set(kinds) == {BUTTON}) or (len(kinds) == 1 and kinds[0] in SELECTS)):
+            return f"{path}.components: an action row holds 1 to 5 buttons or exactly one select."
+    elif kind == BUTTON:
+        if in_modal:
+            return f"{path}: modals hold no buttons."
+        if _length_outside(component.get("label"), 80):
+            return f"{path}.label: Must be 80 or fewer in length."
+        if style == LINK:
+            if not component.get("url") or custom_id is not None:
+                return f"{path}: a link button has a url and no custom_id."
+            if _length_outside(component["url"], 512):
+                return f"{path}.url: Must be 512 or fewer in length."
+        elif style == PREMIUM:
+            if not component.get("sku_id") or any(component.get(k) is not None
+                                                  for k in ("custom_id", "label", "url", "emoji")):
+                return f"{path}: a premium button has a sku_id and no custom_id, label, url or emoji."
+        elif style not in (1, 2, 3, 4):
+            return f"{path}.style: unknown button style {style}."
+        elif component.get("url") is not None or component.get("sku_id") is not None:
+            return f"{path}: only link buttons have a url, only premium buttons a sku_id."
+    elif kind in SELECTS:
+        if _length_outside(component.get("placeholder"), 150):
+            return f"{path}.placeholder: Must be 150 or fewer in length."
+        least, most = component.get("min_values"), component.get("max_values")
+        at_least, at_most = 1 if least is None else least, 1 if most is None else most  # Discord's defaults
+        if _number_outside(least, 0, 25) or _number_outside(most, 1, 25) or at_least > at_most:
+            return f"{path}: min_values must be 0 to 25, max_values 1 to 25, and min_values <= max_values."
+        if kind == STRING_SELECT:
+            options = component.get("options") or []
+            if not 1 <= len(options) <= 25:
+                return f"{path}.options: a select holds 1 to 25 options."
+            for i, option in enumerate(options):
+                if any(_length_outside(option.get(key), 100) for key in ("label", "value", "description")):
+                    return f"{path}.options[{i}]: label, value and description must be 100 or fewer in length."
+    elif kind == TEXT_INPUT:
+        if not in_modal:
+            return f"{path}: text inputs belong in modals."
+        if style not in (1, 2):
+            return f"{path}.style: a text input is short (1) or paragraph (2)."
+        if (_length_outside(component.get("label"), 45) or _length_outside(component.get("placeholder"), 100)
+                or _length_outside(component.get("value"), 4000)):
+            return f"{path}: label at most 45, placeholder at most 100, value at most 4000 characters."
+        if (_number_outside(component.get("min_length"), 0, 4000)
+                or _number_outside(component.get("max_length"), 1, 4000)):
+            return f"{path}: min_length must be 0 to 4000, max_length 1 to 4000."
+    elif kind == LABEL:
+        if not in_modal:
+            return f"{path}: labels belong in modals."
+        if not isinstance(component.get("label"), str) or _length_outside(component["label"], 45):
+            return f"{path}.label: required, 45 or fewer in length."
+        if _length_outside(component.get("description"), 100):
+            return f"{path}.description: Must be 100 or fewer in length."
+        if (component.get("component") or {}).get("type") != TEXT_INPUT:
+            return f"{path}.component: the emulator models only text inputs in labels."  # Discord takes selects too
+    elif kind not in LAYOUTS_V2:
+        return f"{path}.type: unknown component type {kind}."
+    return None
+
+
+def _problem_in(components: list[dict], in_modal: bool) -> str | None:
+    custom_ids: set[str] = set()
+    for path, component in walk_components(components):
+        if problem := _problem_with(component, path, in_modal):
+            return problem
+        custom_id = component.get("custom_id")
+        if custom_id in custom_ids:
+            return f"{path}.custom_id: {custom_id!r} is used twice; custom_ids are unique within a message or modal."
+        if custom_id is not None:
+            custom_ids.add(custom_id)
+    return None
+
+
+def component_problem(components: list[dict] | None, flags: int = 0) -> str | None:
+    """What Discord's Invalid Form Body would name about a message's components, or None."""
+    components = components or []
+    if flags & COMPONENTS_V2:
+        if sum(1 for _ in walk_components(components)) > 40:
+            return "components: a message holds at most 40 components in all."
+        allowed = {ACTION_ROW} | LAYOUTS_V2
+    else:
+        if len(components) > 5:
+            return "components: Must be 5 or fewer in length."
+        allowed = {ACTION_ROW}
+    for i, component in enumerate(components):
+        if component.get("type") not in allowed:
+            return f"components[{i}].type: {component.get('type')} is not a top-level component here."
+    return _problem_in(components, in_modal=False)
+
+
+def modal_problem(data: dict) -> str | None:
+    """What Discord's Invalid Form Body would name about a modal (callback type 9), or None."""
+    if _length_outside(data.get("title") or "", 45, least=1):
+        return "title: must be 1 to 45 characters."
+    if _length_outside(data.get("custom_id") or "", 100, least=1):
+        return "custom_id: must be 1 to 100 characters."
+    components = data.get("components") or []
+    if not 1 <= len(components) <= 5:
+        return "components: a modal holds 1 to 5 components."
+    for i, component in enumerate(components):
+        if component.get("type") not in (ACTION_ROW, LABEL, TEXT_DISPLAY):
+            return f"components[{i}].type: a modal holds action rows, labels and text displays."
+    return _problem_in(components, in_modal=True)
 
 
 @dataclass
@@ -87,6 +278,7 @@ class Message:
     allowed_mentions: dict | None = None
     flags: int = 0
     files: list[SentFile] = field(default_factory=list)
+    components: list[dict] = field(default_factory=list)  # as Discord returns them (every one with an id)
     interaction_id: int | None = None
     deleted: bool = False
     history: list[dict] = field(default_factory=list)  # every state the message had, oldest first
@@ -120,16 +312,19 @@ class Message:
         if "attachments" in body or files:
             kept = {str(a.get("id")) for a in body.get("attachments", []) if "filename" not in a}
             self.files = [f for i, f in enumerate(self.files) if str(i) in kept] + files
+        if "components" in body:
+            self.components = _numbered(body["components"] or [])
+        self.flags |= int(body.get("flags") or 0) & COMPONENTS_V2  # Discord: once set, never removed
         self.history.append({"content": self.content, "embeds": self.embeds, "flags": self.flags,
                              "allowed_mentions": self.allowed_mentions, "files": [f.filename for f in self.files],
-                             "at": time.monotonic()})
+                             "components": self.components, "at": time.monotonic()})
 
     def payload(self, author: dict, base_url: str) -> dict:
         return {
             "id": str(self.id), "channel_id": str(self.channel_id), "author": author, "type": 0,
             "content": self.content, "embeds": self.embeds, "flags": self.flags, "timestamp": _now_iso(),
             "edited_timestamp": None, "tts": False, "mention_everyone": False, "mentions": [],
-            "mention_roles": [], "pinned": False, "components": [],
+            "mention_roles": [], "pinned": False, "components": self.components,
             "attachments": [
                 {"id": str(i), "filename": f.filename, "size": len(f.data), "content_type": f.content_type,
                  "url": f"{base_url}/cdn/sent/{self.id}/{i}", "proxy_url": f"{base_url}/cdn/sent/{self.id}/{i}"}
@@ -139,17 +334,87 @@ class Message:
 
 
 @dataclass
+class ModalInput:
+    """A text input of a modal, as the user sees it."""
+
+    custom_id: str
+    label: str  # the Label's text, or the input's own label when it sits in an action row
+    value: str  # the prefilled text ("" if none)
+    required: bool
+    min_length: int
+    max_length: int
+
+
+@dataclass
+class Modal:
+    """A modal the bot opened (callback type 9)."""
+
+    custom_id: str
+    title: str
+    inputs: list[ModalInput]
+    components: list[dict]  # as sent (numbered): a submission mirrors their layout
+
+    @classmethod
+    def from_payload(cls, data: dict) -> "Modal":
+        components = _numbered(data["components"])
+        inputs = []
+        for component in components:
+            if component["type"] == ACTION_ROW:
+                text_input = component["components"][0]
+                label = text_input["label"]
+            elif component["type"] == LABEL:
+                text_input, label = component["component"], component["label"]
+            else:
+                continue  # text display
+            inputs.append(ModalInput(text_input["custom_id"], label, text_input.get("value") or "",
+                                     text_input.get("required", True), text_input.get("min_length") or 0,
+                                     text_input.get("max_length") or 4000))
+        return cls(data["custom_id"], data["title"], inputs, components)
+
+    def input(self, key: str) -> ModalInput:
+        """The input with this custom_id, else the one with this label."""
+        found = next((i for i in self.inputs if i.custom_id == key), None) or next(
+            (i for i in self.inputs if i.label == key), None)
+        if found is None:
+            raise AssertionError(f"modal {self.title!r} has no input {key!r}; its inputs: "
+                                 f"{[(i.label, i.custom_id) for i in self.inputs]}")
+        return found
+
+    def submission(self, values: dict[str, str]) -> list[dict]:
+        """A MODAL_SUBMIT's components as Discord sends them: the modal's rows or labels, each input with its value."""
+        def answer(text_input: dict) -> dict:
+            return {"type": TEXT_INPUT, "id": text_input["id"], "custom_id": text_input["custom_id"],
+                    "value": values[text_input["custom_id"]]}
+
+        submitted = []
+        for component in self.components:
+            if component["type"] == ACTION_ROW:
+                submitted.append({"type": ACTION_ROW, "id": component["id"],
+                                  "components": [answer(component["components"][0])]})
+            elif component["type"] == LABEL:
+                submitted.append({"type": LABEL, "id": component["id"], "component": answer(component["component"])})
+            else:
+                submitted.append({"type": component["type"], "id": component["id"]})
+        return submitted
+
+
+@dataclass
 class Interaction:
     id: int
     token: str
     user: FakeUser
     channel_id: int
-    command: str
+    command: str  # the slash command's name; for a component or a modal submission, its custom_id
     dispatched_at: float
     attachment_size_limit: int
+    type: int = APPLICATION_COMMAND  # or MESSAGE_COMPONENT, MODAL_SUBMIT
+    message: Message | None = None  # the message whose component was used (also for a modal opened from one)
+    modal: Modal | None = None  # the modal the bot answered with (callback type 9)
     callback_type: int | None = None
     callback_at: float | None = None
-    response: Message | None = None  # the original response (or the deferred "thinking" message)
+    # The original response (or the deferred "thinking" message); after callback type 6 or 7, the message
+    # whose component was used, which "@original" then edits.
+    response: Message | None = None
     followups: list[Message] = field(default_factory=list)
     callback_errors: list[str] = field(default_factory=list)
 
@@ -179,7 +444,7 @@ class DiscordEmulator:
         self.commands: dict[str, list[dict]] = {}  # "global" or guild id -> the synced command list
         self.cdn_files: dict[str, tuple[bytes, str | None]] = {}
         self.cdn_downloads: list[str] = []
-        self.refused: list[str] = []  # messages refused for breaking Discord's size limits
+        self.refused: list[str] = []  # messages and modals refused for breaking Discord's size or component rules
         self.identifies = 0
         self.resumes = 0
         self.expired_tokens: dict[str, int] = {}  # token -> the status its webhook calls get
@@ -205,6 +470,7 @@ class DiscordEmulator:
         r.add_post("/api/v10/webhooks/{app}/{token}", self._followup)
         r.add_route("*", "/api/v10/webhooks/{app}/{token}/messages/{message}", self._webhook_message)
         r.add_post("/api/v10/channels/{channel}/messages", self._channel_message)
+        r.add_patch("/api/v10/channels/{channel}/messages/{message}", self._edit_channel_message)
         r.add_get("/cdn/attachments/{key}/{filename}", self._cdn)
         r.add_get("/cdn/sent/{message}/{index}", self._cdn_sent)
         self._runner = web.AppRunner(app, access_log=None)
@@ -269,8 +535,6 @@ class DiscordEmulator:
         `attachments` adds attachment options by name: (bytes, filename, content_type[, declared_size]).
         `guild_id` sends it from another server than the emulated guild (the bot then knows that guild
         only from the interaction, and its commands must have been synced globally)."""
-        if not self._sockets:
-            raise AssertionError("the bot is not connected to the gateway")
         options = dict(options or {})
         files = dict(attachments or {})
         if attachment is not None:
@@ -294,26 +558,69 @@ class DiscordEmulator:
         registered = {c["name"]: c for c in self.commands.get(str(self.guild_id), []) + self.commands.get("global", [])}
         if command not in registered:
             raise AssertionError(f"/{command} was never synced; synced: {sorted(registered)}")
-        limit = self.attachment_size_limit if attachment_size_limit is None else attachment_size_limit
-        interaction = Interaction(snowflake(), f"itoken-{snowflake()}", user, self.channel_id, command,
-                                  time.monotonic(), limit)
-        self.interactions[interaction.id] = interaction
-        permissions = MEMBER_PERMISSIONS | (MANAGE_GUILD if user.manage_guild else 0)
+        interaction = self._open_interaction(user, APPLICATION_COMMAND, command, attachment_size_limit)
         guild = str(self.guild_id if guild_id is None else guild_id)
-        payload = {
-            "id": str(interaction.id), "application_id": str(self.application_id), "type": 2,
-            "token": interaction.token, "version": 1, "guild_id": guild,
-            "channel_id": str(self.channel_id), "channel": {**self._channel_payload(), "guild_id": guild},
-            "member": {"user": user.payload(), "roles": [], "joined_at": _now_iso(), "deaf": False, "mute": False,
-                       "flags": 0, "permissions": str(permissions)},
-            "data": {"id": registered[command]["id"], "name": command, "type": 1, "options": option_list,
-                     "resolved": resolved, "guild_id": guild},
-            "app_permissions": str(MEMBER_PERMISSIONS), "locale": "en-US", "guild_locale": "en-US",
-            "entitlements": [], "authorizing_integration_owners": {"0": guild}, "context": 0,
-            "attachment_size_limit": limit,
-        }
-        await self.dispatch("INTERACTION_CREATE", payload)
+        await self._dispatch_interaction(interaction, {"id": registered[command]["id"], "name": command, "type": 1,
+                                                       "options": option_list, "resolved": resolved, "guild_id": guild},
+                                         guild)
         return interaction
+
+    async def click(self, user: FakeUser, message: Message, label: str) -> Interaction:
+        """`user` clicks the button whose label contains `label` (case-sensitive) on `message`."""
+        buttons = [c for _, c in walk_components(message.components) if c["type"] == BUTTON]
+        matching = [b for b in buttons if label in (b.get("label") or "")]
+        if len(matching) != 1:
+            raise AssertionError(f"{'no' if not matching else 'more than one'} button labelled with {label!r} on "
+                                 f"message {message.id}; its buttons: {[b.get('label') for b in buttons]}")
+        (button,) = matching
+        if button.get("style") in (LINK, PREMIUM):
+            raise AssertionError(f"button {button.get('label')!r} opens a link or a purchase: "
+                                 "the bot gets no interaction")
+        return await self._use_component(user, message, button, {"custom_id": button["custom_id"],
+                                                                  "component_type": BUTTON, "id": button["id"]})
+
+    async def choose(self, user: FakeUser, message: Message, value: str, placeholder: str | None = None) -> Interaction:
+        """`user` picks the option with this value in a select on `message` (the one whose placeholder contains
+        `placeholder`, if given)."""
+        selects = [c for _, c in walk_components(message.components) if c["type"] == STRING_SELECT
+                   and (placeholder is None or placeholder in (c.get("placeholder") or ""))]
+        matching = [s for s in selects if any(o.get("value") == value for o in s["options"])]
+        if len(matching) != 1:
+            offered = {s.get("placeholder"): [o.get("value") for o in s["options"]] for s in selects}
+            raise AssertionError(f"{'no' if not matching else 'more than one'} select offers {value!r} on message "
+                                 f"{message.id} (placeholder {placeholder!r}); its selects offer: {offered}")
+        (select,) = matching
+        if select.get("min_values", 1) > 1:
+            raise AssertionError(f"select {select.get('placeholder')!r} wants at least {select['min_values']} values")
+        return await self._use_component(user, message, select, {"custom_id": select["custom_id"],
+                                                                  "component_type": STRING_SELECT, "id": select["id"],
+                                                                  "values": [value]})
+
+    async def submit_modal(self, user: FakeUser, interaction: Interaction, values: dict[str, str]) -> Interaction:
+        """`user` submits the modal the bot answered `interaction` with; `values` by input label or custom_id,
+        inputs not given keep their prefilled text. Waits for the bot's answer (Discord waits 3 s for it)."""
+        if interaction.callback_type is None:
+            left = max(0.0, interaction.dispatched_at + 3.0 - time.monotonic())
+            await self.wait_for(lambda: interaction.callback_type is not None, left, f"the answer to {interaction.command}")
+        modal = interaction.modal
+        if modal is None:
+            raise AssertionError(f"the bot answered interaction {interaction.id} ({interaction.command}) with "
+                                 f"callback type {interaction.callback_type}, not with a modal")
+        if user != interaction.user:
+            raise AssertionError(f"modal {modal.title!r} was shown to {interaction.user.name}, not to {user.name}")
+        answers = {text_input.custom_id: text_input.value for text_input in modal.inputs}
+        answers.update({modal.input(key).custom_id: value for key, value in values.items()})
+        for text_input in modal.inputs:  # Discord's client does not submit a modal that breaks these
+            answer = answers[text_input.custom_id]
+            if text_input.required and not answer:
+                raise AssertionError(f"modal {modal.title!r}: {text_input.label!r} is required")
+            if answer and not text_input.min_length <= len(answer) <= text_input.max_length:
+                raise AssertionError(f"modal {modal.title!r}: {text_input.label!r} takes {text_input.min_length} to "
+                                     f"{text_input.max_length} characters, got {len(answer)}")
+        submitted = self._open_interaction(user, MODAL_SUBMIT, modal.custom_id, message=interaction.message)
+        await self._dispatch_interaction(submitted, {"custom_id": modal.custom_id,
+                                                     "components": modal.submission(answers)})
+        return submitted
 
     async def dispatch(self, event: str, data: dict) -> None:
         for ws in list(self._sockets):
@@ -325,6 +632,49 @@ class DiscordEmulator:
             await ws.send_str(json.dumps({"op": 7, "d": None}))
 
     # ----------------------------------------------------------------------------- internals
+    def _open_interaction(self, user: FakeUser, kind: int, command: str, attachment_size_limit: int | None = None,
+                          message: Message | None = None) -> Interaction:
+        if not self._sockets:
+            raise AssertionError("the bot is not connected to the gateway")
+        limit = self.attachment_size_limit if attachment_size_limit is None else attachment_size_limit
+        interaction = Interaction(snowflake(), f"itoken-{snowflake()}", user, self.channel_id, command,
+                                  time.monotonic(), limit, type=kind, message=message)
+        self.interactions[interaction.id] = interaction
+        return interaction
+
+    async def _dispatch_interaction(self, interaction: Interaction, data: dict, guild: str | None = None) -> None:
+        """INTERACTION_CREATE with what every interaction carries (discord.py reads all of it) around `data`."""
+        guild = guild or str(self.guild_id)
+        permissions = MEMBER_PERMISSIONS | (MANAGE_GUILD if interaction.user.manage_guild else 0)
+        payload = {
+            "id": str(interaction.id), "application_id": str(self.application_id), "type": interaction.type,
+            "token": interaction.token, "version": 1, "guild_id": guild,
+            "channel_id": str(interaction.channel_id), "channel": {**self._channel_payload(), "guild_id": guild},
+            "member": {"user": interaction.user.payload(), "roles": [], "joined_at": _now_iso(), "deaf": False,
+                       "mute": False, "flags": 0, "permissions": str(permissions)},
+            "data": data,
+            "app_permissions": str(MEMBER_PERMISSIONS), "locale": "en-US", "guild_locale": "en-US",
+            "entitlements": [], "authorizing_integration_owners": {"0": guild}, "context": 0,
+            "attachment_size_limit": interaction.attachment_size_limit,
+        }
+        if interaction.message is not None:
+            payload["message"] = interaction.message.payload(self.bot_user.payload(bot=True), self.base_url)
+        await self.dispatch("INTERACTION_CREATE", payload)
+
+    async def _use_component(self, user: FakeUser, message: Message, component: dict, data: dict) -> Interaction:
+        name = component.get("label") or component.get("placeholder") or component["custom_id"]
+        what = f"{name!r} on message {message.id}"
+        if message.deleted:
+            raise AssertionError(f"{what}: the message was deleted")
+        source = self.interactions.get(message.interaction_id) if message.interaction_id else None
+        if message.ephemeral and source is not None and source.user != user:
+            raise AssertionError(f"{what}: the message is ephemeral, only {source.user.name} sees it")
+        if component.get("disabled"):
+            raise AssertionError(f"{what} is disabled: Discord does not let {user.name} use it")
+        interaction = self._open_interaction(user, MESSAGE_COMPONENT, component["custom_id"], message=message)
+        await self._dispatch_interaction(interaction, data)
+        return interaction
+
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
@@ -464,13 +814,19 @@ class DiscordEmulator:
                 return "embeds: an embed is over its size limits."
         return "embeds: Embed size exceeds maximum size of 6000" if total > 6000 else None
 
-    def _refuse_if_too_big(self, body: dict) -> None:
-        reason = self._too_big(body)
+    def _refuse(self, reason: str | None) -> None:
+        """Answer 400 Invalid Form Body naming `reason`, if there is one."""
         if reason is not None:
             self.refused.append(reason)
-            raise web.HTTPBadRequest(body=json.dumps({"message": "Invalid Form Body", "code": 50035,
-                                                      "errors": reason}).encode(),
+            raise web.HTTPBadRequest(body=json.dumps(_invalid_form_body(reason)).encode(),
                                      headers={"Content-Type": "application/json"})
+
+    def _check_message(self, body: dict, flags: int = 0) -> None:
+        """Refuse a message (or an edit of one whose flags are `flags`) that breaks Discord's rules."""
+        flags |= int(body.get("flags") or 0)
+        components_only = flags & COMPONENTS_V2 and (body.get("content") or body.get("embeds"))
+        self._refuse(self._too_big(body) or component_problem(body.get("components"), flags) or (
+            "content: a message flagged IS_COMPONENTS_V2 holds no content or embeds." if components_only else None))
 
     def _new_message(self, via: str, body: dict, files: list[SentFile], interaction: Interaction | None) -> Message:
         message = Message(snowflake(), self.channel_id if interaction is None else interaction.channel_id, via,
@@ -506,16 +862,34 @@ class DiscordEmulator:
             return _json({"message": "Unknown interaction", "code": 10062}, 404)
         body, files = await self._read_body(request)
         kind, data = body["type"], body.get("data") or {}
-        self._refuse_if_too_big(data)
+        updates = kind in (DEFERRED_UPDATE_MESSAGE, UPDATE_MESSAGE)  # act on the message the component is on
+        if kind not in CALLBACKS_FOR[interaction.type] or (updates and interaction.message is None):
+            interaction.callback_errors.append(f"callback type {kind} for interaction type {interaction.type}")
+            return _json(_invalid_form_body(f"type: callback type {kind} does not answer this interaction."), 400)
+        if kind == MODAL:
+            self._refuse(modal_problem(data))
+        else:
+            self._check_message(data, interaction.message.flags if updates else 0)
         interaction.callback_type, interaction.callback_at = kind, now
-        message = self._new_message("response", data, files, interaction)
-        if kind == DEFERRED_CHANNEL_MESSAGE:
-            message.flags |= LOADING
+        answer = {"id": str(interaction.id), "type": interaction.type}
+        if kind == MODAL:
+            interaction.modal = Modal.from_payload(data)
+            return _json({"interaction": answer, "resource": {"type": kind}})
+        if updates:
+            message = interaction.message
+            if kind == UPDATE_MESSAGE:
+                message.apply(data, files)
+        else:
+            message = self._new_message("response", data, files, interaction)
+            if kind == DEFERRED_CHANNEL_MESSAGE:
+                message.flags |= LOADING
         interaction.response = message
+        if kind == DEFERRED_UPDATE_MESSAGE:  # nothing visible happens
+            return _json({"interaction": answer, "resource": {"type": kind}})
+        answer.update({"response_message_id": str(message.id), "response_message_loading": message.thinking,
+                       "response_message_ephemeral": message.ephemeral})
         author = self.bot_user.payload(bot=True)
-        return _json({"interaction": {"id": str(interaction.id), "type": 2, "response_message_id": str(message.id),
-                                      "response_message_loading": message.thinking,
-                                      "response_message_ephemeral": message.ephemeral},
+        return _json({"interaction": answer,
                       "resource": {"type": kind, "message": message.payload(author, self.base_url)}})
 
     async def _followup(self, request: web.Request) -> web.Response:
@@ -523,7 +897,7 @@ class DiscordEmulator:
         if refusal is not None:
             return refusal
         body, files = await self._read_body(request)
-        self._refuse_if_too_big(body)
+        self._check_message(body)
         original = interaction.response
         if original is not None and original.thinking and not original.deleted:
             # Discord: the first follow-up after a defer replaces "thinking", keeping its visibility.
@@ -551,7 +925,7 @@ class DiscordEmulator:
             return web.Response(status=204)
         if request.method == "PATCH":
             body, files = await self._read_body(request)
-            self._refuse_if_too_big(body)
+            self._check_message(body, message.flags)
             message.flags &= ~LOADING
             message.apply(body, files)
         return _json(message.payload(self.bot_user.payload(bot=True), self.base_url))
@@ -562,8 +936,22 @@ class DiscordEmulator:
         if request.match_info["channel"] != str(self.channel_id):
             return _json({"message": "Unknown Channel", "code": 10003}, 404)
         body, files = await self._read_body(request)
-        self._refuse_if_too_big(body)
+        self._check_message(body)
         message = self._new_message("channel", body, files, None)
+        return _json(message.payload(self.bot_user.payload(bot=True), self.base_url))
+
+    async def _edit_channel_message(self, request: web.Request) -> web.Response:
+        """PATCH a message through the channel (discord.py's Message.edit); ephemeral ones are not reachable so."""
+        if not self._authorised(request):
+            return _json({"message": "401: Unauthorized", "code": 0}, 401)
+        if request.match_info["channel"] != str(self.channel_id):
+            return _json({"message": "Unknown Channel", "code": 10003}, 404)
+        message = next((m for m in self.messages if str(m.id) == request.match_info["message"]), None)
+        if message is None or message.deleted or message.ephemeral:
+            return _json({"message": "Unknown Message", "code": 10008}, 404)
+        body, files = await self._read_body(request)
+        self._check_message(body, message.flags)
+        message.apply(body, files)
         return _json(message.payload(self.bot_user.payload(bot=True), self.base_url))
 
     async def _cdn(self, request: web.Request) -> web.Response:
