@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 import aiohttp
 import discord
 import yarl
+from discord import app_commands
 from discord.ext import commands
 
 from cogs.delivery import Delivery
-from cogs.errors import on_app_command_error
+from cogs.errors import answer_error
 from mtm_bot.errors import InputError, MTMError
 from mtm_bot.jobs import JobQueue, JobStore
 from mtm_bot.library import Embedder, Library
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mtm_bot.bot")
 
-COGS = ("cogs.compose", "cogs.caption", "cogs.queue", "cogs.library", "cogs.help")
+COGS = ("cogs.compose", "cogs.caption", "cogs.results", "cogs.queue", "cogs.library", "cogs.help")
 
 NO_TOKEN = (
     "DISCORD_TOKEN is not set.\n"
@@ -66,11 +67,12 @@ class MTMBot(commands.Bot):
         self.settings = settings
         self.queue = JobQueue(settings)
         self.delivery = Delivery(self)
+        self.submission_buckets: dict[int, app_commands.Cooldown] = {}  # user id -> rate (cogs.submit)
         self.pipeline: Pipeline | None = None  # these four are set up in setup_hook
         self.store: JobStore | None = None
         self.worker: Worker | None = None
         self.library: Library | None = None
-        self.tree.on_error = on_app_command_error
+        self.tree.on_error = answer_error
 
     async def setup_hook(self) -> None:
         if self.worker is None:  # a login retried after a network failure must not load the models again

@@ -25,12 +25,14 @@ import soundfile as sf
 
 from mtm_bot.audio import Audio, Encoded, encode_to_fit
 from mtm_bot.errors import OutputTooLarge
-from mtm_bot.jobs import Job, JobKind
+from mtm_bot.jobs import MAKES_TRACK, Job, JobKind
 from mtm_bot.library import Library
 from mtm_bot.progress import Progress
+from mtm_bot.timecode import format_time
 
 from .library import RESULTS_SHOWN, library_reply
 from .render import CONTENT_LIMIT, minutes, quote, shorten, with_captions
+from .results import result_controls
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +75,35 @@ def queue_stage(position: int | None, eta: float | None) -> str:
     return f"accepted, position {position} in the queue{when}"
 
 
+JOB_NAMES = {JobKind.COMPOSE: "Compose", JobKind.CAPTION: "Caption", JobKind.LIBRARY_IMAGE: "Library picture search",
+             JobKind.REROLL: "Reroll", JobKind.EXTEND: "Extend", JobKind.REMIX: "Remix", JobKind.REDO: "Redo",
+             JobKind.MIDI: "MIDI"}
+# What a derived job's result came from, e.g. "extended from job `ab12cd34` by 30 s".
+ORIGINS = {
+    JobKind.REROLL: "another take of job `{parent}` (the same captions, a new seed)",
+    JobKind.EXTEND: "extended from job `{parent}` by {seconds} s",
+    JobKind.REMIX: "remixed from job `{parent}` with a new instruction",
+    JobKind.REDO: "job `{parent}` redone from {redo_from} (everything before it kept)",
+    JobKind.MIDI: "the notes of job `{parent}`",
+}
+
+
+def origin(job: Job) -> str:
+    """Where a derived job's result came from, in a few words."""
+    return ORIGINS[job.kind].format(parent=job.parent_id, seconds=job.duration,
+                                    redo_from=format_time(job.redo_from or 0))
+
+
+PRIVATE_RESULTS = {JobKind.LIBRARY_IMAGE: "The matches appear here", JobKind.MIDI: "The file appears here"}
+
+
 def status_message(job: Job, stage: str, captions: list[str], finished: bool) -> tuple[str, list[discord.Embed]]:
-    what = {JobKind.COMPOSE: "Compose", JobKind.CAPTION: "Caption", JobKind.LIBRARY_IMAGE: "Library picture search"}
-    header = [f"🎼 {what[job.kind]} job `{job.id}`: {stage}"]
-    if job.instruction:
+    parent = f" (from job `{job.parent_id}`)" if job.parent_id else ""
+    header = [f"🎼 {JOB_NAMES[job.kind]} job `{job.id}`{parent}: {stage}"]
+    if job.instruction and job.kind is not JobKind.MIDI:
         header.append(f"Instruction: {quote(job.instruction)}" + (f" · {job.duration} s" if job.duration else ""))
     if not finished:
-        where = "The matches appear here" if job.kind is JobKind.LIBRARY_IMAGE else "You will be pinged here"
+        where = PRIVATE_RESULTS.get(job.kind, "You will be pinged here")
         header.append(f"{where} when it is ready; `/cancel job:{job.id}` stops it.")
     if captions:
         header.append("Refined captions:")
@@ -88,8 +112,9 @@ def status_message(job: Job, stage: str, captions: list[str], finished: bool) ->
 
 def result_message(job: Job) -> tuple[str, list[discord.Embed]]:
     lines = (job.result_json or {}).get("lines", [])
-    if job.kind is JobKind.COMPOSE:
-        header = [f"<@{job.user_id}> your track is ready (job `{job.id}`).", f"Instruction: {quote(job.instruction)}"]
+    if job.kind in MAKES_TRACK:
+        header = [f"<@{job.user_id}> your track is ready (job `{job.id}`"
+                  + (f": {origin(job)})." if job.parent_id else ")."), f"Instruction: {quote(job.instruction)}"]
         picture = (job.result_json or {}).get("picture")
         if job.input_path is None:
             header.append("Made from your words and picture (no clip)." if picture else "Made from your words alone.")
@@ -151,8 +176,11 @@ class Delivery:
             await self._library_matches(job)
             return
         content, embeds = result_message(job)
+        if job.kind is JobKind.MIDI:
+            await self._midi_file(job)
+            return
         encoded: Encoded | None = None
-        if job.kind is JobKind.COMPOSE:
+        if job.kind in MAKES_TRACK:
             try:
                 encoded = await asyncio.to_thread(encode_result, job)
             except OutputTooLarge as err:
@@ -165,19 +193,44 @@ class Delivery:
             return [discord.File(io.BytesIO(encoded.data), filename=f"mtm-{job.id}{encoded.extension}")]
 
         ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
+        # Every track is a starting point: its controls start the next job from it.
+        controls = {"view": result_controls(job)} if encoded is not None else {}
         message: discord.abc.Snowflake | None = None
         if live is not None:
             try:
                 message = await live.interaction.followup.send(content, embeds=embeds, files=files(),
-                                                               allowed_mentions=ping)
+                                                               allowed_mentions=ping, **controls)
             except discord.HTTPException as err:
                 if err.status not in (401, 404):
                     raise
                 log.info("the interaction token of job %s is gone (%s); posting to the channel", job.id, err.status)
         if message is None:
-            message = await self._channel(job).send(content, embeds=embeds, files=files(), allowed_mentions=ping)
+            message = await self._channel(job).send(content, embeds=embeds, files=files(), allowed_mentions=ping,
+                                                    **controls)
         if encoded is not None and job.guild_id is not None:
             await self._add_to_library(job, message.id)
+
+    async def _midi_file(self, job: Job) -> None:
+        """The MIDI file goes to whoever clicked, privately (or, once the interaction is gone, to the
+        channel with a ping)."""
+        notes = job.result_json["notes"]
+        content = (f"🎹 The notes of job `{job.parent_id}`: {notes} note{'s' * (notes != 1)}, as a MIDI file."
+                   if notes else f"🎹 I found no notes in job `{job.parent_id}`; the MIDI file is empty.")
+        live = await self._finish_status(job, "done ✅")
+
+        def file() -> discord.File:
+            return discord.File(str(job.result_path), filename=f"mtm-{job.parent_id}.mid")
+
+        if live is not None:
+            try:
+                await live.interaction.followup.send(content, file=file(), ephemeral=True,
+                                                     allowed_mentions=discord.AllowedMentions.none())
+                return
+            except discord.HTTPException as err:
+                if err.status not in (401, 404):
+                    raise
+        ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
+        await self._channel(job).send(f"<@{job.user_id}> {content}", file=file(), allowed_mentions=ping)
 
     async def _library_matches(self, job: Job) -> None:
         """/library image: search this server's library with the picture's description, and answer the

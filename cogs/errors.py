@@ -26,19 +26,23 @@ async def reply_error(interaction: discord.Interaction, text: str) -> None:
     await interaction.followup.send(text, ephemeral=True)
 
 
-async def on_app_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+def error_text(interaction: discord.Interaction, error: Exception) -> str:
+    """What to tell the user: the sentence of an error they caused, else that it was logged (and log it)."""
+    original = getattr(error, "original", error)  # a command's CommandInvokeError wraps what it raised
     if isinstance(error, app_commands.CommandOnCooldown):
         retry_at = discord.utils.format_dt(discord.utils.utcnow() + timedelta(seconds=error.retry_after), "R")
-        text = (f"You are sending requests faster than {error.cooldown.rate} per minute. "
+        return (f"You are sending requests faster than {error.cooldown.rate} per minute. "
                 f"Please try again in {error.retry_after:.0f} s ({retry_at}).")
-    elif isinstance(error, app_commands.CommandInvokeError) and isinstance(error.original, InputError):
-        text = str(error.original)
-    else:
-        original = getattr(error, "original", error)
-        command = interaction.command.qualified_name if interaction.command else "?"
-        log.error("/%s failed for user %s", command, interaction.user.id, exc_info=original)
-        text = "Something went wrong on my side while handling that command; it has been logged. Please try again."
+    if isinstance(original, InputError):
+        return str(original)
+    where = f"/{interaction.command.qualified_name}" if interaction.command else "a button"
+    log.error("%s failed for user %s", where, interaction.user.id, exc_info=original)
+    return "Something went wrong on my side while handling that; it has been logged. Please try again."
+
+
+async def answer_error(interaction: discord.Interaction, error: Exception) -> None:
+    """The slash commands' error handler; the result controls' callbacks answer their errors with it too."""
     try:
-        await reply_error(interaction, text)
+        await reply_error(interaction, error_text(interaction, error))
     except discord.HTTPException:
         log.warning("could not send the error reply for interaction %s", interaction.id, exc_info=True)

@@ -1,4 +1,5 @@
-"""Accepting a request as a job, shared by /compose (a clip, a picture, both or neither) and /caption.
+"""Accepting a request as a job: /compose (a clip, a picture, both or neither), /caption, /library's
+picture search, and the buttons under a result (jobs derived from it).
 
 Order matters for the user: everything that can be refused from metadata alone (size, type, queue
 limits) is refused *before* the defer, as an ephemeral reply. Then the reply is deferred publicly
@@ -9,6 +10,7 @@ ephemerally, because the first follow-up after a defer would inherit its public 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -19,6 +21,7 @@ from mtm_bot.audio import megabytes
 from mtm_bot.errors import FileTooLarge, ImageFileTooLarge, InputError, NotAnImage, NotAudio
 from mtm_bot.image_captioner import IMAGE_EXTENSIONS
 from mtm_bot.jobs import Job, JobKind
+from mtm_bot.timecode import format_time
 
 from .errors import THINKING
 
@@ -33,13 +36,23 @@ class EmptyInstruction(InputError):
     pass
 
 
-def submission_cooldown(interaction: discord.Interaction) -> app_commands.Cooldown:
-    """Per-user submission rate (settings.submissions_per_minute)."""
-    return app_commands.Cooldown(interaction.client.settings.submissions_per_minute, 60.0)
+def check_submission_rate(interaction: discord.Interaction) -> bool:
+    """Per-user submissions per minute (settings.submissions_per_minute), one budget for /compose, /caption
+    and the buttons under a result; CommandOnCooldown says when to retry."""
+    bot = interaction.client
+    buckets: dict[int, app_commands.Cooldown] = bot.submission_buckets
+    if len(buckets) > MAX_IDLE_BUCKETS:  # forget users whose window has passed
+        for user_id in [u for u, b in buckets.items() if b.get_tokens() == b.rate]:
+            del buckets[user_id]
+    bucket = buckets.setdefault(interaction.user.id, app_commands.Cooldown(bot.settings.submissions_per_minute, 60.0))
+    retry_after = bucket.update_rate_limit()
+    if retry_after:
+        raise app_commands.CommandOnCooldown(bucket, retry_after)
+    return True
 
 
-# One decorator holds one mapping of buckets: /compose and /caption share each user's budget.
-submission_rate_limit = app_commands.checks.dynamic_cooldown(submission_cooldown)
+MAX_IDLE_BUCKETS = 1000
+submission_rate_limit = app_commands.check(check_submission_rate)
 
 
 @dataclass(frozen=True)
@@ -104,16 +117,8 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment | N
     if image is not None:
         check_attachment(image, settings.max_upload_bytes, IMAGE)
     bot.queue.check(interaction.user.id)
-    if ephemeral:  # a private request (/library image:): its status and result are for the caller only
-        await interaction.response.defer(ephemeral=True, thinking=True)
-    else:
-        await defer_publicly(interaction)
 
-    job = Job.new(kind, user_id=interaction.user.id, guild_id=interaction.guild_id,
-                  channel_id=interaction.channel_id, instruction=instruction, duration=duration,
-                  attachment_size_limit=interaction.filesize_limit, application_id=interaction.application_id,
-                  interaction_token=interaction.token)
-    try:
+    async def store_uploads(job: Job) -> None:
         clip = None
         if audio is not None:
             job.input_path = await bot.store.save_input(job.id, await download(audio), audio.filename)
@@ -123,6 +128,64 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment | N
             await asyncio.to_thread(bot.pipeline.read_image, job.image_path)  # a bad picture is refused now
         if kind is JobKind.COMPOSE:
             job.duration = bot.pipeline.output_duration(clip, duration)
+
+    await submit(interaction, Job.new(kind, **_origin(interaction), instruction=instruction, duration=duration),
+                 store_uploads, ephemeral)
+
+
+async def accept_derived(interaction: discord.Interaction, parent_id: str, kind: JobKind, *,
+                         instruction: str | None = None, seconds: int | None = None,
+                         redo_from: int | None = None) -> Job:
+    """A click under a result: an ordinary job of whoever clicked, built on that track (its parent).
+
+    Refused like any submission (rate, per-user and queue limits) and, ephemerally, when the result has
+    expired or the request does not fit it. A MIDI file is for the clicker only; new tracks are public."""
+    bot = interaction.client
+    check_submission_rate(interaction)
+    parent = await bot.store.parent_for(parent_id)
+    duration = _generated_seconds(parent, kind, seconds, redo_from, bot.settings.max_output_seconds)
+    bot.queue.check(interaction.user.id)
+    job = Job.new(kind, **_origin(interaction), instruction=parent.instruction if instruction is None else instruction,
+                  duration=duration, parent_id=parent.id, redo_from=redo_from)
+
+    async def link(job: Job) -> None:
+        await bot.store.link_parent(job, parent)
+
+    await submit(interaction, job, link, ephemeral=kind is JobKind.MIDI)
+    return job
+
+
+def _generated_seconds(parent: Job, kind: JobKind, seconds: int | None, redo_from: int | None,
+                       max_output_seconds: int) -> int | None:
+    """Seconds of music the derived job generates (for the queue's ETA); refuses what cannot fit."""
+    length = round(parent.result_json["duration"])
+    if kind is JobKind.EXTEND:
+        if length + seconds > max_output_seconds:
+            raise InputError(f"This track is already {format_time(length)} long; {seconds} s more would pass the "
+                             f"{format_time(max_output_seconds)} limit.")
+        return seconds
+    if kind is JobKind.REDO:
+        return length - redo_from
+    return None if kind is JobKind.MIDI else length
+
+
+def _origin(interaction: discord.Interaction) -> dict:
+    """Who asked, where, and how to answer them: the fields every job takes from its interaction."""
+    return dict(user_id=interaction.user.id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+                attachment_size_limit=interaction.filesize_limit, application_id=interaction.application_id,
+                interaction_token=interaction.token)
+
+
+async def submit(interaction: discord.Interaction, job: Job, prepare: Callable[[Job], Awaitable[None]],
+                 ephemeral: bool = False) -> None:
+    """Defer, store the job's inputs (`prepare`: may refuse), queue it and show its place in the queue."""
+    bot = interaction.client
+    if ephemeral:  # a private request (/library image:, MIDI): its status and result are for the caller only
+        await interaction.response.defer(ephemeral=True, thinking=True)
+    else:
+        await defer_publicly(interaction)
+    try:
+        await prepare(job)
         bot.delivery.track(job, interaction)  # before submit: the worker may start it at once
         position = await bot.worker.submit(job)
     except Exception:  # refused or broken: keep nothing of the job

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .generator import Block, Generator, Rendered
     from .image_captioner import ImageCaptioner
     from .kept import Kept
-    from .transcribe import Transcriber, Transcription
+    from .transcribe import Transcription
     from .refiner import Refinement, Refiner
 
 BLOCK_SECONDS = 10  # MusicGen renders the track in blocks this long (the generator's KV cache is sized to one)
@@ -99,12 +99,14 @@ class Pipeline:
         self._refiner = refiner
         self._generator = generator
         self._image_captioner = image_captioner
-        self._transcriber: Transcriber | None = None
 
     def load(self) -> "Pipeline":
-        """Load all four models now (at start-up), not on a user's first request."""
+        """Load all five models now (at start-up), not on a user's first request."""
         self.check_weights()
         _ = self.captioner, self.refiner, self.generator, self.image_captioner
+        from .transcribe import load_model
+
+        load_model()  # the transcriber (MIDI) ships in its package: nothing to check or download
         return self
 
     def check_weights(self) -> None:
@@ -168,17 +170,11 @@ class Pipeline:
                                                         self.device)
         return self._image_captioner
 
-    @property
-    def transcriber(self) -> Transcriber:
-        if self._transcriber is None:
-            from .transcribe import Transcriber
-
-            self._transcriber = Transcriber.load()
-        return self._transcriber
-
     def transcribe(self, track: str | Path) -> Transcription:
-        """The notes of a track (the MIDI button; `midi`), on the CPU."""
-        return self.transcriber.transcribe_file(track)
+        """The notes of a track (the MIDI button; `midi`): basic-pitch on the CPU."""
+        from .transcribe import transcribe_file
+
+        return transcribe_file(track)
 
     def read_image(self, path: str | Path) -> Image:
         """Decode and validate an uploaded picture against the configured limits (typed ImageErrors)."""

@@ -36,25 +36,38 @@ def wav_bytes(seconds: float, seed: int = 0, rate: int = 16000) -> bytes:
     return buffer.getvalue()
 
 
-@contextlib.asynccontextmanager
-async def running_bot(storage: Path, guild_commands: bool = True) -> AsyncIterator[tuple[DiscordEmulator, MTMBot]]:
-    """The emulator and the real bot (tiny pipeline) connected to it; commands synced to the emulator's
-    guild, or globally (as for a bot in many servers) with guild_commands=False."""
-    emulator = await DiscordEmulator().start()
+async def connect_bot(emulator: DiscordEmulator, storage: Path, guild_commands: bool = True,
+                      **env: str) -> tuple[MTMBot, asyncio.Task]:
+    """The real bot (tiny pipeline) started in this process and connected to `emulator`; commands synced to
+    the emulator's guild, or globally (as for a bot in many servers) with guild_commands=False."""
     env = {**emulator.env(), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu", "MTM_STORAGE_DIR": str(storage),
-           "MTM_SUBMISSIONS_PER_MINUTE": "100", "MTM_SEED": "1"}
+           "MTM_SUBMISSIONS_PER_MINUTE": "100", "MTM_SEED": "1", **env}
     if not guild_commands:
         del env["MTM_GUILD_ID"]
-    settings = Settings.from_env(env, env_file=None)
+    settings = Settings.from_env({k: v for k, v in env.items() if v}, env_file=None)
     point_discord_at(settings)
     bot = MTMBot(settings)
+    identified = emulator.identifies
     runner = asyncio.create_task(bot.start(settings.discord_token))
-    await emulator.wait_for(lambda: runner.done() or (emulator.connected and emulator.commands), 300, "bot start")
+    await emulator.wait_for(lambda: runner.done() or (emulator.identifies > identified and emulator.commands), 300,
+                            "bot start")
     if runner.done():
         runner.result()  # raises the start-up error
-    yield emulator, bot
+    return bot, runner
+
+
+async def disconnect_bot(bot: MTMBot, runner: asyncio.Task) -> None:
     await bot.close()
     await asyncio.wait_for(runner, 30)
+
+
+@contextlib.asynccontextmanager
+async def running_bot(storage: Path, guild_commands: bool = True) -> AsyncIterator[tuple[DiscordEmulator, MTMBot]]:
+    """The emulator and the real bot connected to it (connect_bot)."""
+    emulator = await DiscordEmulator().start()
+    bot, runner = await connect_bot(emulator, storage, guild_commands)
+    yield emulator, bot
+    await disconnect_bot(bot, runner)
     await emulator.stop()
 
 

@@ -1,0 +1,161 @@
+"""The controls under every track: Reroll, Extend, Remix, Redo from…, MIDI.
+
+Each is a DynamicItem whose custom_id carries the track's job id (`mtm:<action>:<job id>`), registered
+at start-up, so the controls of a result posted before a restart keep working for as long as the track
+is kept. A click is a submission like /compose: anyone in the channel may build on a result; the job is
+theirs, refused by the same rate, per-user and queue limits, and its parent is the track clicked on.
+"""
+from __future__ import annotations
+
+import re
+
+import discord
+from discord.ext import commands
+
+from mtm_bot.instruction import MAX_INSTRUCTION_CHARS, check_instruction
+from mtm_bot.jobs import Job, JobKind
+from mtm_bot.pipeline import MAX_EXTEND_SECONDS, MIN_EXTEND_SECONDS
+from mtm_bot.timecode import format_time
+
+from .errors import answer_error, reply_error
+from .submit import EmptyInstruction, accept_derived
+
+JOB_ID = r"(?P<job>[0-9a-f]{8})"
+DEFAULT_EXTEND_SECONDS = 30
+MAX_SELECT_OPTIONS = 25  # Discord's limit per select
+
+
+async def build_on(interaction: discord.Interaction, job_id: str, kind: JobKind, **request) -> None:
+    """Submit the derived job; whatever refuses it is answered to the clicker alone. Component callbacks
+    have no command error handler to fall back on (discord.py only logs what they raise)."""
+    try:
+        await accept_derived(interaction, job_id, kind, **request)
+    except Exception as error:
+        await answer_error(interaction, error)
+
+
+class _JobButton:
+    """A button that acts on the job in its custom_id (mixed into each DynamicItem below)."""
+
+    action: str
+    label: str
+    emoji: str
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(discord.ui.Button(label=self.label, emoji=self.emoji, style=discord.ButtonStyle.secondary,
+                                           custom_id=f"mtm:{self.action}:{job_id}"))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]):
+        return cls(match["job"])
+
+
+class RerollButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template=rf"mtm:reroll:{JOB_ID}"):
+    action, label, emoji = "reroll", "Reroll", "🎲"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await build_on(interaction, self.job_id, JobKind.REROLL)
+
+
+class ExtendButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template=rf"mtm:extend:{JOB_ID}"):
+    action, label, emoji = "extend", "Extend", "➕"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_modal(ExtendModal(self.job_id))
+
+
+class RemixButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template=rf"mtm:remix:{JOB_ID}"):
+    action, label, emoji = "remix", "Remix", "🎨"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_modal(RemixModal(self.job_id))
+
+
+class MidiButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template=rf"mtm:midi:{JOB_ID}"):
+    action, label, emoji = "midi", "MIDI", "🎹"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await build_on(interaction, self.job_id, JobKind.MIDI)
+
+
+class RedoSelect(discord.ui.DynamicItem[discord.ui.Select], template=rf"mtm:redo:{JOB_ID}"):
+    """Redo from a block start: everything before it is kept, the rest generated again."""
+
+    def __init__(self, job_id: str, starts: list[int] = ()) -> None:
+        options = [discord.SelectOption(label=f"Redo from {format_time(t)}", value=str(t)) for t in starts]
+        super().__init__(discord.ui.Select(placeholder="Redo from…", custom_id=f"mtm:redo:{job_id}",
+                                           options=options[:MAX_SELECT_OPTIONS] or [discord.SelectOption(label="-")]))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Select, match: re.Match[str]):
+        return cls(match["job"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await build_on(interaction, self.job_id, JobKind.REDO, redo_from=int(interaction.data["values"][0]))
+
+
+class ExtendModal(discord.ui.Modal, title="Extend the track"):
+    seconds = discord.ui.TextInput(label=f"Seconds to add ({MIN_EXTEND_SECONDS}–{MAX_EXTEND_SECONDS})",
+                                   default=str(DEFAULT_EXTEND_SECONDS), min_length=1, max_length=3)
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__()  # a random custom_id: two people may have this result's modal open at once
+        self.job_id = job_id
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        text = self.seconds.value.strip().removesuffix("s").strip()
+        if not text.isdigit() or not MIN_EXTEND_SECONDS <= int(text) <= MAX_EXTEND_SECONDS:
+            await reply_error(interaction, f"Please give a whole number of seconds from {MIN_EXTEND_SECONDS} to "
+                                           f"{MAX_EXTEND_SECONDS}, not “{discord.utils.escape_markdown(text[:20])}”.")
+            return
+        await build_on(interaction, self.job_id, JobKind.EXTEND, seconds=int(text))
+
+
+class RemixModal(discord.ui.Modal, title="Remix in another style"):
+    instruction = discord.ui.TextInput(label="New instruction", style=discord.TextStyle.paragraph,
+                                       placeholder="e.g. a cosy jazz carol with sleigh bells",
+                                       min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__()
+        self.job_id = job_id
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        try:
+            instruction = check_instruction(self.instruction.value)
+            if not instruction:
+                raise EmptyInstruction("The instruction is empty; describe the style you want.")
+        except Exception as error:
+            await answer_error(interaction, error)
+            return
+        await build_on(interaction, self.job_id, JobKind.REMIX, instruction=instruction)
+
+
+def result_controls(job: Job) -> discord.ui.View:
+    """The controls under a finished track: one row of buttons, and the Redo select where there is a
+    later block to redo from."""
+    view = discord.ui.View(timeout=None)
+    for button in (RerollButton, ExtendButton, RemixButton, MidiButton):
+        view.add_item(button(job.id))
+    starts = [round(block["start"]) for block in (job.result_json or {}).get("blocks", [])[1:]]
+    if starts:
+        view.add_item(RedoSelect(job.id, starts))
+    return view
+
+
+class Results(commands.Cog):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.bot = bot
+
+    async def cog_load(self) -> None:
+        # Registered before the first event: a click on any result still kept is understood.
+        self.bot.add_dynamic_items(RerollButton, ExtendButton, RemixButton, MidiButton, RedoSelect)
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(RerollButton, ExtendButton, RemixButton, MidiButton, RedoSelect)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Results(bot))
