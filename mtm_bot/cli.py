@@ -1,9 +1,18 @@
 """Command line: the same pipeline as the bot, without Discord.
 
     python -m mtm_bot compose [INPUT] [--image PICTURE] -i "instruction" -o OUT.wav [--duration S]
-                              [--profile tiny|full] [--seed N] [--json]     (no INPUT: from words alone)
+                              [--save DIR] [--profile tiny|full] [--seed N] [--json]   (no INPUT: from words alone)
+    python -m mtm_bot reroll DIR -o OUT.wav [--save DIR2] [--seed N] [--json]          another take
+    python -m mtm_bot extend DIR --seconds S -o OUT.wav [--save DIR2] ...               S more seconds
+    python -m mtm_bot remix  DIR -i "instruction" -o OUT.wav [--save DIR2] ...         the same clip, new words
+    python -m mtm_bot redo   DIR --from M:SS -o OUT.wav [--save DIR2] ...              a new take from a block on
+    python -m mtm_bot midi   DIR|TRACK -o OUT.mid
     python -m mtm_bot caption INPUT [--profile ...] [--json]
     python -m mtm_bot download
+
+`--save DIR` keeps what the next command starts from in DIR (track.wav, state.npz and the clip); reroll,
+extend, remix, redo and midi start from such a DIR. Every command that makes a track takes --profile,
+--device, --seed (default: MTM_SEED, else random) and --json.
 
 Exit codes: 0 ok, 2 bad input (one-line reason on stderr), 1 internal error.
 """
@@ -13,15 +22,24 @@ import argparse
 import dataclasses
 import json
 import logging
+import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError, ModelUnavailable, MTMError
 from .progress import Progress
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .audio import Audio
+    from .kept import Kept, KeptFiles
+    from .pipeline import ComposeResult
+
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+MIDI_SUFFIXES = (".mid", ".midi")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,24 +52,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m mtm_bot", description="Music -> Text -> Music")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def options(p: argparse.ArgumentParser, *, device: bool = True, seed: bool = True,
+                as_json: bool = True) -> None:
         p.add_argument("--profile", choices=("tiny", "full"), help="model profile (default: MTM_PROFILE or full)")
-        p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: MTM_DEVICE or auto)")
-        p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        if device:
+            p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: MTM_DEVICE or auto)")
+        if seed:
+            p.add_argument("--seed", type=int, help="default: MTM_SEED, else random")
+        if as_json:
+            p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+    def track_output(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-o", "--output", type=Path, required=True, help=".wav, .flac, .ogg or .mp3")
+        p.add_argument("--save", type=Path, metavar="DIR",
+                       help="also keep what reroll/extend/remix/redo/midi start from in DIR (created if missing)")
 
     compose = commands.add_parser("compose", help="caption, refine and generate a new track")
     compose.add_argument("input", type=Path, nargs="?", help="a music clip (without one: from words alone)")
     compose.add_argument("--image", type=Path, help="a picture (PNG, JPEG, WebP, GIF) for the track to evoke")
     compose.add_argument("-i", "--instruction", required=True)
-    compose.add_argument("-o", "--output", type=Path, required=True, help=".wav, .flac, .ogg or .mp3")
     compose.add_argument("--duration", type=int,
                          help="output seconds (default: the clip rounded up to 10 s, 30 s without a clip)")
-    compose.add_argument("--seed", type=int)
-    common(compose)
+    track_output(compose)
+    options(compose)
+
+    def derived(name: str, help: str) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help)
+        p.add_argument("folder", type=Path, metavar="DIR", help="a result kept with --save")
+        return p
+
+    reroll = derived("reroll", "another take of a kept result: the same captions, a new seed")
+    extend = derived("extend", "continue a kept result")
+    extend.add_argument("--seconds", type=int, required=True, help="how many seconds to add")
+    remix = derived("remix", "a kept result's clip and length in another style")
+    remix.add_argument("-i", "--instruction", required=True)
+    redo = derived("redo", "keep a kept result up to a block, generate the rest again")
+    redo.add_argument("--from", dest="start", required=True, metavar="M:SS",
+                      help="where a block starts (M:SS or seconds); everything before it is kept")
+    for p in (reroll, extend, remix, redo):
+        track_output(p)
+        options(p)
+
+    midi = commands.add_parser("midi", help="transcribe a track's notes into a MIDI file")
+    midi.add_argument("source", type=Path, metavar="DIR|TRACK", help="a result kept with --save, or an audio file")
+    midi.add_argument("-o", "--output", type=Path, required=True, help=".mid or .midi")
+    # Transcription runs on the CPU with the same model in both profiles; --profile is accepted so that
+    # scripts can pass the same options to every command.
+    options(midi, device=False, seed=False, as_json=False)
 
     caption = commands.add_parser("caption", help="caption the clip in 10 s segments")
     caption.add_argument("input", type=Path)
-    common(caption)
+    options(caption, seed=False)
 
     commands.add_parser("download", help="fetch the full profile's checkpoints into the Hugging Face cache")
     return parser
@@ -62,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = _settings(args)
-        if args.command == "download":
-            return _download(settings)
-        return _run(args, settings)
+        return _COMMANDS[args.command](args, settings)
     except InputError as err:
         return _fail(EXIT_BAD_INPUT, str(err))
     except MTMError as err:
@@ -82,53 +131,195 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from .audio import write
+# Commands. Each refuses bad input before any model loads. ------------------------------------------
+
+def _caption(args: argparse.Namespace, settings: Settings) -> int:
     from .pipeline import Pipeline
 
-    image = getattr(args, "image", None)
-    for path in (args.input, image):
-        if path is not None and not path.is_file():
-            raise InputError(f"There is no file at {path}.")
-    if args.command == "compose":
-        _check_output_suffix(args.output)
+    _check_files(args.input)
     pipeline = Pipeline(settings)
-    # Bad input fails here, before any model loads.
-    clip = pipeline.read_clip(args.input) if args.input is not None else None
-    if image is not None:
-        pipeline.read_image(image)
-    if args.command == "compose":
-        from .instruction import check_instruction
-
-        duration = pipeline.output_duration(clip, args.duration)
-        check_instruction(args.instruction)
+    clip = pipeline.read_clip(args.input)
     pipeline.check_weights()
     with _ProgressBar() as bar:
-        if args.command == "caption":
-            segments = pipeline.caption(clip, bar.update)
-        else:
-            result = pipeline.compose(clip, args.instruction, duration, seed=args.seed, progress=bar.update,
-                                      image=image)
-    if args.command == "caption":
-        if args.json:
-            print(json.dumps([dataclasses.asdict(s) for s in segments], ensure_ascii=False, indent=2))
-        else:
-            from .timecode import format_range
-            for s in segments:
-                print(f"{format_range(s.start, s.end)} {s.caption}")
-        return EXIT_OK
-    write(result.audio, args.output)
+        segments = pipeline.caption(clip, bar.update)
     if args.json:
-        print(json.dumps({"output": str(args.output), **result.to_json()}, ensure_ascii=False, indent=2))
+        print(json.dumps([dataclasses.asdict(s) for s in segments], ensure_ascii=False, indent=2))
     else:
-        print("\n".join(result.caption_lines()))
-        print(f"wrote {args.output} ({result.audio.duration:.1f} s, seed {result.seed})", file=sys.stderr)
+        from .timecode import format_range
+        for s in segments:
+            print(f"{format_range(s.start, s.end)} {s.caption}")
     return EXIT_OK
 
 
-def _check_output_suffix(path: Path) -> None:
-    if path.suffix.lower() not in (".wav", ".flac", ".ogg", ".mp3"):
-        raise InputError(f"The output file must end in .wav, .flac, .ogg or .mp3, not {path.suffix or 'nothing'!r}.")
+def _compose(args: argparse.Namespace, settings: Settings) -> int:
+    from .instruction import check_instruction
+    from .pipeline import Pipeline
+
+    _check_files(args.input, args.image)
+    _check_output_path(args.output)
+    _check_save_folder(args.save)
+    pipeline = Pipeline(settings)
+    clip = pipeline.read_clip(args.input) if args.input is not None else None
+    if args.image is not None:
+        pipeline.read_image(args.image)
+    duration = pipeline.output_duration(clip, args.duration)
+    instruction = check_instruction(args.instruction)
+    pipeline.check_weights()
+    with _ProgressBar() as bar:
+        result = pipeline.compose(clip, instruction, duration, seed=args.seed, progress=bar.update,
+                                  image=args.image)
+    return _deliver(args, result, instruction, clip, args.input)
+
+
+# Each derived command's pipeline entry point, given its arguments and the kept result it starts from.
+_DERIVATIONS: dict[str, Callable[..., ComposeResult]] = {
+    "reroll": lambda pipeline, args, kept, **run: pipeline.reroll(kept, **run),
+    "extend": lambda pipeline, args, kept, **run: pipeline.extend(kept, args.seconds, **run),
+    "remix": lambda pipeline, args, kept, **run: pipeline.remix(kept, args.instruction, **run),
+    "redo": lambda pipeline, args, kept, **run: pipeline.redo(kept, args.start, **run),
+}
+
+
+def _derive(args: argparse.Namespace, settings: Settings) -> int:
+    """reroll, extend, remix, redo: a new track from the result kept in DIR."""
+    from .kept import Kept
+    from .pipeline import Pipeline
+
+    source = _saved_result(args.folder)
+    _check_output_path(args.output)
+    _check_save_folder(args.save)
+    if args.command == "redo":
+        from .timecode import parse_time
+
+        args.start = parse_time(args.start)
+    if args.command == "remix":
+        from .instruction import check_instruction
+
+        args.instruction = check_instruction(args.instruction)
+    pipeline = Pipeline(settings)
+    kept = Kept.load(source, pipeline.read_clip)
+    seed = args.seed if args.seed is not None else _default_seed(settings)
+    pipeline.check_weights()
+    with _ProgressBar() as bar:
+        # The pipeline refuses an extension past the output limit, or a redo not from a block start,
+        # before it loads a model.
+        result = _DERIVATIONS[args.command](pipeline, args, kept, seed=seed, progress=bar.update)
+    instruction = args.instruction if args.command == "remix" else kept.instruction
+    return _deliver(args, result, instruction, kept.clip, source.clip)
+
+
+def _midi(args: argparse.Namespace, settings: Settings) -> int:
+    from .pipeline import Pipeline
+
+    _check_output_suffix(args.output, MIDI_SUFFIXES)
+    if args.source.is_dir():
+        track = _saved_track(args.source)
+    else:
+        _check_files(args.source)
+        track = args.source
+    # No progress line: a broken track is refused inside transcribe, and its error stays the only line.
+    transcription = Pipeline(settings).transcribe(track)
+    args.output.write_bytes(transcription.midi_bytes())
+    count = len(transcription.notes)
+    if count:
+        print(f"wrote {args.output} ({count} note{'s' if count > 1 else ''} from {transcription.duration:.1f} s)",
+              file=sys.stderr)
+    else:
+        print(f"wrote {args.output}: no notes were found in the track, so the MIDI file holds none",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+# Helpers -------------------------------------------------------------------------------------------
+
+def _deliver(args: argparse.Namespace, result: ComposeResult, instruction: str, clip: Audio | None,
+             clip_file: Path | None) -> int:
+    """Write the track, keep it in --save DIR if asked, and report it."""
+    from .audio import write
+
+    write(result.audio, args.output)
+    if args.save is not None:
+        _save(args.save, result.kept(instruction, clip), clip_file)
+    if args.json:
+        saved = str(args.save) if args.save is not None else None
+        print(json.dumps({"output": str(args.output), "saved": saved, **result.to_json()}, ensure_ascii=False,
+                         indent=2))
+    else:
+        print("\n".join(result.caption_lines()))
+        print(f"wrote {args.output} ({result.audio.duration:.1f} s, seed {result.seed})", file=sys.stderr)
+        if args.save is not None:
+            print(f"kept in {args.save}: reroll, extend, remix, redo or midi can start from it", file=sys.stderr)
+    return EXIT_OK
+
+
+def _save(folder: Path, kept: Kept, clip_file: Path | None) -> None:
+    from .kept import KeptFiles, keep_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if clip_file is not None:  # first: KeptFiles.in_folder finds the clip by its name
+        keep_clip(clip_file, folder)
+    kept.save(KeptFiles.in_folder(folder))
+
+
+def _check_output_path(path: Path) -> None:
+    from .kept import KeptFiles
+
+    _check_output_suffix(path, AUDIO_SUFFIXES)
+    kept = KeptFiles.in_folder(path.parent)
+    if kept.exist() and path.resolve() in {kept.track.resolve(), kept.state.resolve()}:
+        raise InputError(f"{path} is part of the result saved in {path.parent}; write the output elsewhere.")
+
+
+def _check_save_folder(folder: Path | None) -> None:
+    """--save never overwrites a kept result (a user's earlier work); nor does -o (_check_output_path)."""
+    from .kept import KeptFiles
+
+    if folder is None:
+        return
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--save needs a folder, and {folder} is a file.")
+    files = KeptFiles.in_folder(folder)
+    if files.track.exists() or files.state.exists() or files.clip is not None:
+        raise InputError(f"{folder} already holds a saved result; save into a new or empty folder "
+                         f"(nothing is overwritten).")
+
+
+def _saved_result(folder: Path) -> KeptFiles:
+    from .kept import KeptFiles
+
+    files = KeptFiles.in_folder(folder)
+    if not (folder.is_dir() and files.exist()):
+        raise InputError(_no_saved_result(folder))
+    return files
+
+
+def _saved_track(folder: Path) -> Path:
+    from .kept import KeptFiles
+
+    track = KeptFiles.in_folder(folder).track
+    if not track.is_file():
+        raise InputError(_no_saved_result(folder))
+    return track
+
+
+def _no_saved_result(folder: Path) -> str:
+    return f"{folder} holds no saved result; make one with `compose ... --save {folder}`."
+
+
+def _default_seed(settings: Settings) -> int:
+    return settings.seed if settings.seed is not None else random.randrange(2**31)
+
+
+def _check_files(*paths: Path | None) -> None:
+    for path in paths:
+        if path is not None and not path.is_file():
+            raise InputError(f"There is no file at {path}.")
+
+
+def _check_output_suffix(path: Path, suffixes: tuple[str, ...]) -> None:
+    if path.suffix.lower() not in suffixes:
+        allowed = ", ".join(suffixes[:-1]) + " or " + suffixes[-1]
+        raise InputError(f"The output file must end in {allowed}, not {path.suffix or 'nothing'!r}.")
 
 
 def _download(settings: Settings) -> int:
@@ -169,6 +360,12 @@ def _fetch(repo: str, fetch: Callable[[], object]) -> None:
                                f"again; finished files are kept.") from err
     except HfHubHTTPError as err:
         raise ModelUnavailable(f"The download of {repo} failed: {err}") from err
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "compose": _compose, "caption": _caption, "midi": _midi, "download": lambda args, settings: _download(settings),
+    **{name: _derive for name in _DERIVATIONS},
+}
 
 
 def _fail(code: int, message: str) -> int:

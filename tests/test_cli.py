@@ -1,4 +1,5 @@
-"""The command line as a user runs it: `python -m mtm_bot compose|caption ...` with the tiny profile."""
+"""The command line as a user runs it: `python -m mtm_bot compose|caption|reroll|extend|remix|redo|midi ...`
+with the tiny profile."""
 import json
 import os
 import subprocess
@@ -6,10 +7,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pretty_midi
 import pytest
 import soundfile as sf
+import torch
 
 from mtm_bot.cli import main
+from mtm_bot.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
+from mtm_bot.kept import Kept, KeptFiles
+from mtm_bot.pipeline import Pipeline
+from mtm_bot.settings import Settings
 from synth import bad_files, write_music
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,3 +145,189 @@ def test_full_profile_without_weights_names_every_missing_checkpoint_before_impo
         assert repo in done.stderr
     assert "python -m mtm_bot download" in done.stderr
     assert imported == [], f"the missing weights were named only after importing {imported}"
+
+
+# Starting from a kept result: compose --save DIR, then reroll/extend/remix/redo/midi DIR ------------------
+
+SEAM_SAMPLES = round((EDGE_SECONDS + CROSSFADE_SECONDS) * SAMPLE_RATE)  # the crossfade ends this far before a seam
+
+
+def tiny(command: str, *args: str) -> int:
+    return main([command, *args, "--profile", "tiny"])
+
+
+def load_kept(folder: Path) -> Kept:
+    return Kept.load(KeptFiles.in_folder(folder), read_clip=Pipeline(Settings(profile="tiny")).read_clip)
+
+
+def track(path: Path) -> np.ndarray:
+    return sf.read(path, dtype="int16")[0]
+
+
+def midi_notes(path: Path) -> list[pretty_midi.Note]:
+    return [n for instrument in pretty_midi.PrettyMIDI(str(path)).instruments for n in instrument.notes]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """A 20 s track (two blocks) from a 14 s clip (two segments), kept with compose --save."""
+    root = tmp_path_factory.mktemp("saved")
+    clip = write_music(root / "hum.flac", 14.0, rate=22050)
+    folder = root / "new" / "kept"  # created, parents too
+    assert tiny("compose", str(clip), "-i", "a cosy jazz carol", "-o", str(root / "out.wav"), "--duration", "20",
+                "--seed", "3", "--save", str(folder)) == 0
+    return folder
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    """Every model stage fails the test if it is loaded (or the transcriber run): bad input must be refused
+    before."""
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for stage in ("captioner", "refiner", "generator", "image_captioner"):
+        monkeypatch.setattr(Pipeline, stage, property(load))
+    monkeypatch.setattr(Pipeline, "transcribe", load)
+
+
+def test_compose_save_keeps_the_track_its_codes_and_the_clip(saved):
+    assert sorted(p.name for p in saved.iterdir()) == ["clip.flac", "state.npz", "track.wav"]
+    kept = load_kept(saved)
+    assert (kept.instruction, kept.seed, kept.duration) == ("a cosy jazz carol", 3, 20.0)
+    assert [b.start for b in kept.blocks] == [0.0, 10.0] and len(kept.segments) == 2
+    assert kept.rendered.codes.shape[-1] == 20 * 50
+    np.testing.assert_array_equal(track(saved / "track.wav"), track(saved.parent.parent / "out.wav"))
+
+
+def test_reroll_is_another_take_of_the_same_length_and_can_be_kept_again(saved, tmp_path, capsys):
+    out, again = tmp_path / "reroll.wav", tmp_path / "again"
+    assert tiny("reroll", str(saved), "-o", str(out), "--seed", "99", "--save", str(again), "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["seed"], result["saved"], result["duration"]) == (99, str(again), 20.0)
+    assert [b["range"] for b in result["blocks"]] == ["0:00\u20130:10", "0:10\u20130:20"]
+    assert sf.info(out).frames == 20 * SAMPLE_RATE
+    assert not np.array_equal(track(out), track(saved / "track.wav"))
+    # The new folder starts the next command: the clip came along, the instruction is the original's.
+    assert (again / "clip.flac").read_bytes() == (saved / "clip.flac").read_bytes()
+    kept = load_kept(again)
+    assert (kept.seed, kept.instruction) == (99, "a cosy jazz carol")
+
+
+def test_extend_adds_the_seconds_and_keeps_the_original_up_to_the_seam(saved, tmp_path, capsys):
+    out = tmp_path / "longer.wav"
+    assert tiny("extend", str(saved), "--seconds", "10", "-o", str(out), "--seed", "8") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["0:00\u20130:10", "0:10\u20130:20", "0:20\u20130:30"]
+    longer, original = track(out), track(saved / "track.wav")
+    assert len(longer) == len(original) + 10 * SAMPLE_RATE
+    cut = len(original) - SEAM_SAMPLES
+    np.testing.assert_array_equal(longer[:cut], original[:cut])
+
+
+def test_remix_keeps_the_new_instruction_for_the_next_command(saved, tmp_path):
+    out, remixed = tmp_path / "remix.ogg", tmp_path / "remixed"
+    assert tiny("remix", str(saved), "-i", "  a heavy metal anthem ", "-o", str(out), "--save", str(remixed)) == 0
+    assert sf.info(out).duration == pytest.approx(20.0, abs=0.01)
+    kept, original = load_kept(remixed), load_kept(saved)
+    assert kept.instruction == "a heavy metal anthem"
+    assert kept.segments == original.segments  # the clip's captions, not captioned again
+
+
+def test_redo_keeps_the_codes_and_samples_before_the_block(saved, tmp_path):
+    out, redone = tmp_path / "redo.wav", tmp_path / "redone"
+    assert tiny("redo", str(saved), "--from", "0:10", "-o", str(out), "--seed", "21", "--save", str(redone)) == 0
+    kept, original = load_kept(redone), load_kept(saved)
+    assert torch.equal(kept.rendered.codes[..., :500], original.rendered.codes[..., :500])
+    assert not torch.equal(kept.rendered.codes[..., 500:], original.rendered.codes[..., 500:])
+    new, old = track(out), track(saved / "track.wav")
+    assert len(new) == len(old)
+    cut = 10 * SAMPLE_RATE - SEAM_SAMPLES
+    np.testing.assert_array_equal(new[:cut], old[:cut])
+
+
+def test_redo_takes_plain_seconds_too(saved, tmp_path):
+    out = tmp_path / "redo.flac"
+    assert tiny("redo", str(saved), "--from", "10", "-o", str(out)) == 0
+    assert sf.info(out).frames == 20 * SAMPLE_RATE
+
+
+def test_a_track_from_words_alone_can_be_remixed_and_extended(tmp_path):
+    first, remixed = tmp_path / "first", tmp_path / "remixed"
+    assert tiny("compose", "-i", "a slow waltz for strings", "-o", str(tmp_path / "a.wav"), "--duration", "10",
+                "--save", str(first)) == 0
+    assert tiny("remix", str(first), "-i", "a fast polka", "-o", str(tmp_path / "b.wav"), "--save", str(remixed)) == 0
+    out = tmp_path / "c.wav"
+    assert tiny("extend", str(remixed), "--seconds", "10", "-o", str(out)) == 0
+    assert sf.info(out).frames == 20 * SAMPLE_RATE
+    assert sorted(p.name for p in remixed.iterdir()) == ["state.npz", "track.wav"]  # no clip: no melody
+    assert load_kept(remixed).clip is None
+
+
+def test_midi_writes_a_file_a_midi_library_reads_and_reports_the_note_count(tmp_path, capsys):
+    tune = write_music(tmp_path / "tune.ogg", 6.0)
+    out = tmp_path / "tune.mid"
+    assert tiny("midi", str(tune), "-o", str(out)) == 0
+    notes = midi_notes(out)
+    assert len(notes) > 1 and f"({len(notes)} notes from 6.0 s)" in capsys.readouterr().err
+
+
+def test_midi_of_a_kept_folder_transcribes_its_track(saved, tmp_path):
+    from_folder, from_track = tmp_path / "folder.mid", tmp_path / "track.midi"
+    assert tiny("midi", str(saved), "-o", str(from_folder)) == 0
+    assert tiny("midi", str(saved / "track.wav"), "-o", str(from_track)) == 0
+    assert from_folder.read_bytes() == from_track.read_bytes()
+    midi_notes(from_folder)  # parses
+
+
+def test_midi_says_so_when_a_track_holds_no_notes(tmp_path, capsys):
+    blip = write_music(tmp_path / "blip.wav", 0.1)  # shorter than the shortest note the transcriber reports
+    out = tmp_path / "blip.mid"
+    assert tiny("midi", str(blip), "-o", str(out)) == 0
+    assert "no notes" in capsys.readouterr().err
+    assert midi_notes(out) == []
+
+
+def test_midi_of_a_file_that_is_not_audio_exits_2_with_one_line(tmp_path, capsys):
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF but not really a WAV file")
+    assert tiny("midi", str(broken), "-o", str(tmp_path / "out.mid")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and not (tmp_path / "out.mid").exists()
+
+
+# Refused with exit 2 and one sentence: arguments ({saved}: the kept folder, {tmp}: a fresh folder holding an
+# empty folder and a clip) and a fragment of the sentence.
+REFUSALS = {
+    "DIR without a kept result": (["reroll", "{tmp}/empty", "-o", "{tmp}/out.wav"],
+                                  "holds no saved result; make one with `compose ... --save"),
+    "DIR that does not exist": (["extend", "{tmp}/nope", "--seconds", "10", "-o", "{tmp}/out.wav"],
+                                "holds no saved result"),
+    "midi from a DIR without a track": (["midi", "{tmp}/empty", "-o", "{tmp}/out.mid"], "holds no saved result"),
+    "compose --save into a kept result": (["compose", "{tmp}/clip.wav", "-i", "carol", "-o", "{tmp}/out.wav",
+                                           "--save", "{saved}"], "already holds a saved result"),
+    "reroll --save into its own DIR": (["reroll", "{saved}", "-o", "{tmp}/out.wav", "--save", "{saved}"],
+                                       "already holds a saved result"),
+    "-o onto a kept track": (["reroll", "{saved}", "-o", "{saved}/track.wav"], "is part of the result saved in"),
+    "--from garbage": (["redo", "{saved}", "--from", "half past", "-o", "{tmp}/out.wav"], "is not a time"),
+    "--from not a block start": (["redo", "{saved}", "--from", "0:05", "-o", "{tmp}/out.wav"], "pick one of 0:10"),
+    "--from the first block": (["redo", "{saved}", "--from", "0:00", "-o", "{tmp}/out.wav"], "pick one of 0:10"),
+    "extend past the output limit": (["extend", "{saved}", "--seconds", "30", "-o", "{tmp}/out.wav"], "40 s limit"),
+    "extend by too little": (["extend", "{saved}", "--seconds", "5", "-o", "{tmp}/out.wav"], "10 to 60 seconds"),
+    "midi into a WAV": (["midi", "{saved}", "-o", "{tmp}/out.wav"], ".mid or .midi"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_bad_derived_input_exits_2_with_one_sentence_before_any_model_loads(case, saved, tmp_path, capsys,
+                                                                            monkeypatch, no_model_loads):
+    monkeypatch.setenv("MTM_MAX_OUTPUT_SECONDS", "40")
+    (tmp_path / "empty").mkdir()
+    write_music(tmp_path / "clip.wav", 3.0)
+    kept_before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    args, fragment = REFUSALS[case]
+    code = tiny(*(a.format(saved=saved, tmp=tmp_path) for a in args))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert not list(tmp_path.glob("out.*"))
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == kept_before  # nothing overwritten
