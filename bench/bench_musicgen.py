@@ -1,14 +1,19 @@
 """Benchmark: transformers' MusicGen `generate` vs the fast decode loop, timed in the same run.
 
     python -m bench.bench_musicgen --arch small --seconds 10 --prompt-seconds 0 --device cuda
+    python -m bench.bench_musicgen --arch tiny --device cpu --threads 1 --batch 4
 
 Prints one JSON object. Full-size architectures (musicgen-small, musicgen-melody) are built from
 their published configs with random weights, so nothing is downloaded; the timing of a decoder
-does not depend on its weights. Both paths do the same work: CFG 3, top-k 250 sampling, the same
-number of decode steps; neither decodes audio with EnCodec. Each path is warmed up, then timed
-`--repeats` times, interleaved; wall times are medians. `rtf` is wall time / audio time (below 1
-is faster than real time). Peak memory: torch.cuda.max_memory_allocated per path on
-CUDA; on the CPU the process's peak RSS so far (the fast path runs first).
+does not depend on its weights. `--batch N` decodes N blocks (each its own description, seed and
+generator) three ways: `fast`, all N in one batched loop (generate_batch, as the bot batches jobs);
+`fast_one_at_a_time`, the same N blocks one after another; `transformers`, its `generate` over the
+N rows. All do the same work: CFG 3, top-k 250 sampling, the same number of decode steps; none
+decodes audio with EnCodec. Each path is warmed up, then timed `--repeats` times, interleaved;
+wall times are medians. `s_per_block_per_sequence` is wall time / N; `rtf` is wall time / audio
+time (below 1 is faster than real time); `batch_speedup` is one-at-a-time wall time / batched wall
+time, `speedup` transformers' / batched. Peak memory: torch.cuda.max_memory_allocated per path on
+CUDA; on the CPU the process's peak RSS so far (the fast paths run first).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import torch
 
 from bench.reference import reference_codes
 from mtm_bot.generator import FRAME_RATE, MAX_TEXT_TOKENS, cache_frames
-from mtm_bot.musicgen_decode import MusicgenDecoder, Sampling
+from mtm_bot.musicgen_decode import BlockRequest, MusicgenDecoder, Sampling
 from mtm_bot.pipeline import BLOCK_SECONDS
 
 CHROMA_RATE = 32000 / 4096  # musicgen-melody chroma frames per second (hop 4096)
@@ -87,6 +92,16 @@ def bench_inputs(model, batch: int, seconds: float, prompt_seconds: float, devic
     return kw
 
 
+def block_requests(kw: dict, frames: int, device: torch.device) -> list[BlockRequest]:
+    """The rows of `kw` as separate blocks, each with its own generator (as jobs are batched)."""
+    def row(name: str, i: int):
+        return None if kw.get(name) is None else kw[name][i:i + 1]
+
+    return [BlockRequest(row("input_ids", i), row("attention_mask", i), frames, row("input_features", i),
+                         row("prompt_codes", i), torch.Generator(device).manual_seed(i))
+            for i in range(kw["input_ids"].shape[0])]
+
+
 def gemms_per_step(decoder: MusicgenDecoder, kw: dict) -> int:
     """Matrix products one eager decode step runs: a count of the step's largest kernels that holds
     on any device (torch.compile fuses elementwise work around them, not the products themselves)."""
@@ -94,7 +109,7 @@ def gemms_per_step(decoder: MusicgenDecoder, kw: dict) -> int:
 
     def gemms(frames: int) -> int:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            decoder.generate_codes(**kw, new_frames=frames, sampling=Sampling())
+            decoder.generate_batch(block_requests(kw, frames, decoder.device))
         return sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::bmm"))
 
     compiled_step, decoder.step = decoder.step, decoder.decode_one_token
@@ -105,17 +120,18 @@ def gemms_per_step(decoder: MusicgenDecoder, kw: dict) -> int:
 
 
 def captured_step_reads(decoder: MusicgenDecoder) -> dict:
-    """MiB a captured step must read: the decoder's weights (but the token embeddings, of which it reads
-    4 rows, and the cross-attention K/V projections, applied once per block) and every slot of its
-    caches (a CUDA graph has one shape, so it reads the empty ones too). With the step time, this
-    gives the memory bandwidth the step achieves."""
+    """MiB a captured step of the last batch's bucket must read: the decoder's weights (but the token
+    embeddings, of which it reads 4 rows per row, and the cross-attention K/V projections, applied once
+    per block) and every slot of the bucket's caches (a CUDA graph has one shape, so it reads the empty
+    ones too). With the step time, this gives the memory bandwidth the step achieves."""
     unread = [*decoder.stack.embed_tokens.parameters()]
     if not decoder.prefix_conditioning:
         unread += [p for layer in decoder.stack.layers for p in (layer.encoder_attn.k_proj.weight,
                                                                   layer.encoder_attn.v_proj.weight)]
     unread_ids = {id(p) for p in unread}
     weights = sum(p.nbytes for p in decoder.model.decoder.parameters() if id(p) not in unread_ids)
-    caches = [decoder.k_cache, decoder.v_cache] + ([] if decoder.prefix_conditioning else [decoder.cross_k, decoder.cross_v])
+    batch = decoder.batch
+    caches = [batch.k_cache, batch.v_cache] + ([] if decoder.prefix_conditioning else [batch.cross_k, batch.cross_v])
     return {"weights_mib": round(weights / 2**20, 1), "kv_cache_mib": round(sum(t.nbytes for t in caches) / 2**20, 1)}
 
 
@@ -164,29 +180,35 @@ def main() -> None:
     kw = bench_inputs(model, args.batch, args.seconds, args.prompt_seconds, device)
     audio_seconds = args.batch * new_frames / FRAME_RATE
 
-    def report(wall: float, memory: float) -> dict:
-        return {"wall_s": round(wall, 3), "steps_per_s": round(steps / wall, 2), "rtf": round(wall / audio_seconds, 4),
+    def report(wall: float, memory: float, loop_steps: int) -> dict:
+        return {"wall_s": round(wall, 3), "s_per_block_per_sequence": round(wall / args.batch, 3),
+                "steps_per_s": round(loop_steps / wall, 2), "rtf": round(wall / audio_seconds, 4),
                 "peak_memory_mib": round(memory, 1)}
 
     compile = {"auto": None, "on": True, "off": False}[args.compile]
     max_frames = args.max_frames or max(cache_frames(BLOCK_SECONDS), new_frames + round(args.prompt_seconds * FRAME_RATE))
     decoder = MusicgenDecoder(model, max_frames=max_frames, compile=compile)
     start = time.perf_counter()
-    decoder.warmup(text_tokens=MAX_TEXT_TOKENS)  # buffers sized as the bot sizes them
+    decoder.warmup(text_tokens=MAX_TEXT_TOKENS, max_batch=args.batch)  # buffers sized as the bot sizes them
     warmup_s = time.perf_counter() - start
-    generator = torch.Generator(device).manual_seed(0)
 
     def run_fast(frames: int) -> None:
-        decoder.generate_codes(**kw, new_frames=frames, sampling=Sampling(), generator=generator)
+        decoder.generate_batch(block_requests(kw, frames, device))
+
+    def run_one_at_a_time(frames: int) -> None:
+        for block in block_requests(kw, frames, device):
+            decoder.generate_batch([block])
 
     def run_reference(frames: int) -> None:
         reference_codes(model, **kw, new_frames=frames, greedy=False, top_k=250, guidance_scale=3.0)
 
-    paths = {"fast": run_fast} if args.skip_reference else {"fast": run_fast, "transformers": run_reference}
+    paths = {"fast": run_fast, "fast_one_at_a_time": run_one_at_a_time}
+    if not args.skip_reference:
+        paths["transformers"] = run_reference
     for run in paths.values():
         run(2)  # warm: lazy initialisation and first-touch memory are not decode speed
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
-    for _ in range(args.repeats):  # interleaved, so a noisy neighbour slows both paths alike
+    for _ in range(args.repeats):  # interleaved, so a noisy neighbour slows all paths alike
         for name, run in paths.items():
             runs[name].append(timed(lambda: run(new_frames), device))
     result = {
@@ -196,14 +218,16 @@ def main() -> None:
         "repeats": args.repeats, "build_s": round(build_s, 1), "compiled": decoder.compiled, "max_frames": max_frames,
     }
     for name, measured in runs.items():
-        result[name] = report(statistics.median(w for w, _ in measured), max(m for _, m in measured))
+        loop_steps = steps * (args.batch if name == "fast_one_at_a_time" else 1)  # decode-loop steps it ran
+        result[name] = report(statistics.median(w for w, _ in measured), max(m for _, m in measured), loop_steps)
     result["fast"]["warmup_s"] = round(warmup_s, 2)
-    result["fast"]["gemms_per_step"] = gemms_per_step(decoder, kw)
+    result["fast"]["gemms_per_step"] = gemms_per_step(decoder, kw)  # runs the batch last: its bucket is read
     reads = captured_step_reads(decoder)
     result["fast"]["captured_step_reads"] = reads
     if decoder.compiled:  # an eager step reads only the filled cache slots
         step_s = result["fast"]["wall_s"] / steps
         result["fast"]["achieved_gb_per_s"] = round(sum(reads.values()) * 2**20 / step_s / 1e9, 1)
+    result["batch_speedup"] = round(result["fast_one_at_a_time"]["wall_s"] / result["fast"]["wall_s"], 2)
     if "transformers" in result:
         result["speedup"] = round(result["transformers"]["wall_s"] / result["fast"]["wall_s"], 2)
     print(json.dumps(result, indent=2))

@@ -2,37 +2,51 @@
 
 transformers' `generate` grows a dynamic KV cache, rebuilds masks and runs a dozen logits processors
 in Python on every step. Here the same decoder runs as plain PyTorch over a static KV cache that is
-allocated once per block shape, so one decode step is a fixed sequence of kernels: on CUDA it is
-compiled with `mode="reduce-overhead"` (one CUDA graph per step); on the CPU it runs eager.
+allocated once, so one decode step is a fixed sequence of kernels: on CUDA it is compiled with
+`mode="reduce-overhead"` (one CUDA graph per batch-size bucket); on the CPU it runs eager.
 
-What the loop does for one block (B clips, K codebooks, classifier-free guidance on):
-1. conditioning, computed once: T5 states of the description (and, for musicgen-melody, the
-   projected chroma), plus the null conditioning, stacked as one batch of 2B rows;
-2. `prefill`: one forward pass over [melody prefix] + start token + audio prompt, which fills the
-   self-attention cache (and, for musicgen-small, the cross-attention K/V over the T5 states);
-3. `decode_one_token` per step: feed the last token of every codebook, guide, sample, and write the
-   next token into the delay-pattern buffer; no host sync anywhere in the loop.
+Several blocks (of different jobs) decode in one loop, `generate_batch`; block i decodes in *slot* i:
+its own rows of the caches (with classifier-free guidance, a conditional row and a null-conditioned
+row beside it), its own row of the delay-pattern buffer and its own position. The loop:
+1. per block, once: `condition` (T5 states of its description and, for musicgen-melody, its projected
+   chroma or the null melody), then `prefill`: one forward pass over [melody prefix] + start token +
+   audio prompt, which fills the slot's caches from cache slot 0 and picks its first tokens;
+2. per step, all slots at once, `decode_one_token`: each slot feeds its newest token at its own
+   position, attends to its own filled cache slots and writes its next tokens; no host sync.
+A block that has all its frames, or whose `on_step` raised, leaves the batch; the others go on.
+
+Same result batched or not: every slot's sequence starts at cache slot 0 and has exactly the
+positions it has alone, so there is no padding to mask, and each block draws its noise from its own
+generator on its own steps only. What remains is rounding: a row's numbers must not depend on how
+many rows share a kernel. On the CPU they do not for matrix products of 4 or more rows (MKL computes
+products of 1-3 rows differently) and for attention that reads the cache in whole blocks of 64 slots
+(the attention kernel sums a partial block in another order). So a batch has at least 4 rows and an
+eager step reads whole blocks: a block's codes are bit for bit the same decoded alone or in any
+batch (tests/test_musicgen_decode.py). On CUDA the same layout holds, but whether cuBLAS and the
+attention kernels compute a row alike in every bucket is not verified.
 
 The delay pattern (codebook k runs k steps behind codebook 0) lives in one buffer `codes` of shape
-(B, K, capacity): positions the model must not choose (start/end padding, the audio prompt) hold
+(slots, K, capacity): positions the model must not choose (start/end padding, the audio prompt) hold
 their fixed value, positions to sample hold -1. Greedy decoding reproduces transformers'
-`generate(do_sample=False)` token for token (tests/test_musicgen_decode.py).
+`generate(do_sample=False)` token for token, for every block of a batch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 FREE = -1  # a delay-pattern slot the model samples; every other value is forced
 TEXT_BUCKET = 128  # text lengths are rounded up to this, so one captured graph serves every caption
+KEY_BLOCK = 64  # eager steps read the KV cache in whole blocks of this many slots (see the module doc)
+MIN_CPU_ROWS = 4  # MKL computes a row of a product of 1-3 rows differently from one of 4 or more
 
 
 @dataclass(frozen=True)
 class Sampling:
-    guidance_scale: float = 3.0  # classifier-free guidance; <= 1 turns it off (no null batch)
+    guidance_scale: float = 3.0  # classifier-free guidance; <= 1 turns it off (no null rows)
     top_k: int = 250  # 0 = no top-k filter
     top_p: float = 0.0  # 0 = no nucleus filter
     temperature: float = 1.0
@@ -43,11 +57,68 @@ class Sampling:
             raise ValueError(f"invalid sampling settings: {self}")
 
 
+@dataclass(frozen=True)
+class BlockRequest:
+    """One block to decode, alone or batched with others; its codes depend on nothing else."""
+
+    input_ids: torch.Tensor  # (1, T) its tokenized description; padding (attention_mask 0) is dropped
+    attention_mask: torch.Tensor  # (1, T)
+    new_frames: int
+    input_features: torch.Tensor | None = None  # (1, frames, 12) chroma, melody model only; None: null melody
+    prompt_codes: torch.Tensor | None = None  # (1, K, P) EnCodec codes to continue; the result includes them
+    generator: torch.Generator | None = None  # its noise, on the decoder's device; None: torch's default one
+    on_step: Callable[[int, int], None] | None = None  # (frames_done, new_frames) after each finished frame
+
+    @property
+    def prompt_frames(self) -> int:
+        return 0 if self.prompt_codes is None else self.prompt_codes.shape[-1]
+
+
 @dataclass
 class _Conditioning:
     prefix: torch.Tensor | None  # (R, L, d) states prepended to the decoder sequence (melody)
     cross_states: torch.Tensor | None  # (R, T, d) states the decoder cross-attends to (small)
     cross_mask: torch.Tensor | None  # (R, T) bool, True where a cross-attention key may be used
+
+
+@dataclass
+class _Slots:
+    """The static buffers one batch-size bucket decodes in: views of the first rows of the allocation.
+
+    Each bucket has its own views, marked static (address and shape), so a compiled step specialises
+    on each bucket's shapes (one CUDA graph per bucket) instead of turning the batch size dynamic.
+    """
+
+    k_cache: torch.Tensor  # (layers, rows, heads, key capacity, head dim)
+    v_cache: torch.Tensor
+    codes: torch.Tensor  # (slots, K, token capacity) the delay-pattern buffer
+    pos: torch.Tensor  # (slots,) position of each slot's newest token (fed to the next step)
+    cache_pos: torch.Tensor  # (slots,) its KV cache slot: pos + the slot's prefix length
+    active: torch.Tensor  # (slots,) 1 while a block decodes in the slot, else 0 (its position stays 0)
+    noise: torch.Tensor  # (slots, K, V) this step's exponential noise, drawn per slot from its generator
+    cross_k: torch.Tensor | None  # (layers, rows, heads, text capacity, head dim), musicgen-small only
+    cross_v: torch.Tensor | None
+    cross_mask: torch.Tensor | None  # (rows, 1, 1, text capacity)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in vars(self).values() if t is not None]
+
+
+@dataclass
+class _Block:
+    """A request while it decodes in its slot."""
+
+    slot: int
+    request: BlockRequest
+    done: Done  # gets its codes, or the exception its on_step raised
+    steps: int  # decode steps it needs: new_frames + K - 1 (the last codebook runs K - 1 steps behind)
+    cache_pos: int  # the KV slot of the token its next step feeds (the host's copy)
+    step: int = 1  # steps done; its prefill was step 1
+
+
+Done = Callable[["torch.Tensor | Exception"], None]
+# Asked between steps with the number of idle slots; hands in up to that many more blocks to decode.
+Admit = Callable[[int], Sequence[tuple[BlockRequest, Done]]]
 
 
 class MusicgenDecoder:
@@ -81,8 +152,10 @@ class MusicgenDecoder:
         self.step = self.decode_one_token
         if compile:
             self.step = torch.compile(self.decode_one_token, mode="reduce-overhead", fullgraph=True)
-        self._shape: tuple[int, bool, int] | None = None  # (batch, cfg, text capacity) of the buffers
-        self.cfg = False  # whether the buffers hold null-conditioned rows
+        self._allocated: tuple[int, bool, int] | None = None  # (slots, cfg, text capacity) of the buffers
+        self._buckets: dict[int, _Slots] = {}  # slots -> that bucket's views of the buffers
+        self.batch: _Slots | None = None  # the bucket the current batch decodes in
+        self.cfg = False  # whether each slot has a null-conditioned row
 
     def run_eager(self) -> None:
         """Decode with the plain step from now on (the fallback when compiling or capturing fails)."""
@@ -93,74 +166,199 @@ class MusicgenDecoder:
     # Public interface
 
     @torch.no_grad()
+    def generate_batch(self, requests: Sequence[BlockRequest],
+                       sampling: Sampling = Sampling()) -> list[torch.Tensor | Exception]:
+        """Decode the blocks together; per request, its codes (1, K, P + new_frames), delay pattern
+        undone, the prompt's P frames included, or the exception its `on_step` raised (see decode_blocks)."""
+        results: list[torch.Tensor | Exception | None] = [None] * len(requests)
+
+        def keep(i: int) -> Done:
+            return lambda result: results.__setitem__(i, result)
+
+        self.decode_blocks([(request, keep(i)) for i, request in enumerate(requests)], sampling)
+        return results
+
+    @torch.no_grad()
+    def decode_blocks(self, blocks: Sequence[tuple[BlockRequest, Done]], sampling: Sampling = Sampling(),
+                      slots: int = 1, admit: Admit | None = None) -> None:
+        """Decode the blocks in one loop, each handing its result to its `done`; with `admit`, blocks that
+        arrive meanwhile join idle slots between steps (continuous batching) until none is left.
+
+        A block's codes are those it gets decoded alone, and its generator ends in the same state,
+        whoever shares the loop and whenever it joined. `on_step(frames_done, new_frames)` runs after
+        every step that completes one of its frames (`new_frames` calls); if it raises (e.g. Cancelled),
+        that block leaves the loop and draws no more noise, and the others decode on undisturbed. Any
+        other error (e.g. out of memory) fails the whole call; the decoder stays usable. `slots`: room
+        for at least this many blocks (the buffers and the captured graph of its bucket).
+        """
+        for request, _ in blocks:
+            self._check(request)
+        if not blocks:
+            return
+        cfg = sampling.guidance_scale > 1
+        bucket = self._bucket(max(len(blocks), slots), cfg)
+        self._allocate(bucket, cfg, max(int(r.attention_mask.sum()) for r, _ in blocks))
+        self.cfg = cfg
+        self.batch = self._buckets[bucket]
+        for slot in range(bucket):
+            self._release(slot)  # bucket padding stays idle
+
+        waiting, running = list(blocks), []
+        while True:
+            idle = sorted(set(range(bucket)) - {block.slot for block in running})
+            if not waiting and admit is not None and idle:
+                waiting = [(r, done) for r, done in admit(len(idle)) if self._joins(r, done)]
+            for slot, (request, done) in zip(idle, waiting):
+                running.append(self._admit(slot, request, done, sampling))  # its step 1
+            waiting = waiting[len(idle):]
+            running = [block for block in running if self._report(block)]
+            if not running:
+                return
+            for block in running:
+                self._draw_noise(block.slot, block.request.generator, sampling)
+            self.step(self._keys_to_read(max(block.cache_pos for block in running) + 1), sampling)
+            self.batch.pos.add_(self.batch.active)  # idle slots stay at position 0
+            self.batch.cache_pos.add_(self.batch.active)
+            for block in running:
+                block.cache_pos += 1
+                block.step += 1
+
+    @torch.no_grad()
     def generate_codes(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        input_features: torch.Tensor | None = None, prompt_codes: torch.Tensor | None = None,
                        new_frames: int, sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
                        on_step: Callable[[int, int], None] | None = None) -> torch.LongTensor:
-        """Codes (B, K, P + new_frames), delay pattern undone, the prompt's P frames included.
+        """One block (see BlockRequest for the arguments): codes (1, K, P + new_frames), delay pattern undone,
+        the prompt's P frames included. An exception `on_step` raises stops the block and propagates."""
+        request = BlockRequest(input_ids, attention_mask, new_frames, input_features, prompt_codes, generator, on_step)
+        (result,) = self.generate_batch([request], sampling)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-        `input_ids`/`attention_mask`: the tokenized descriptions (B, T). `input_features`: chroma
-        (B, frames, 12), melody model only. `prompt_codes`: (B, K, P) EnCodec codes to continue.
-        `on_step(frames_done, new_frames)` runs after every step that completes a frame (exactly
-        `new_frames` calls); an exception it raises stops the loop and propagates.
+    def warmup(self, text_tokens: int = 32, frames: int = 8, max_batch: int = 1) -> None:
+        """Allocate the buffers for `max_batch` blocks and descriptions of `text_tokens`, and, when
+        compiled, compile and capture the step of every batch-size bucket up to there (default
+        sampling), so that no request compiles or captures.
+
+        Melody-conditioned and continued blocks use the same step graph: the buffers are sized by
+        max_frames and the text bucket, not by the block.
         """
-        batch, K = input_ids.shape[0], self.num_codebooks
-        prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[-1]
-        if new_frames < 1 or prompt_frames + new_frames > self.max_frames:
-            raise ValueError(f"prompt + new frames must be 1..{self.max_frames}, got {prompt_frames} + {new_frames}")
-        if input_features is not None and not self.prefix_conditioning:
-            raise ValueError("input_features (chroma) need a musicgen-melody model")
-        if generator is not None and generator.device.type != self.device.type:
-            raise ValueError(f"the generator must live on {self.device} (the noise is drawn there, per step)")
-        steps = new_frames + K - 1  # the last codebook finishes K - 1 steps after the first
-        cfg = sampling.guidance_scale > 1
-        cond = self.condition(input_ids.to(self.device), attention_mask.to(self.device),
-                              None if input_features is None else input_features.to(self.device), cfg)
-        self._allocate(batch, cfg, input_ids.shape[1])
-        self._fill_delay_pattern(prompt_codes, steps)
-        noise = self._noise(batch, sampling, generator)
-
-        start = 1 + prompt_frames  # start token + prompt: the first sampled position
-        prefix_len = 0 if cond.prefix is None else cond.prefix.shape[1]
-        self.prefill(self.codes[:, :, :start], cond, noise, sampling)
-        pos = torch.tensor([start], device=self.device)  # the newest token, fed to the next step
-        cache_pos = pos + prefix_len  # ... and its slot in the KV cache
-        for step in range(1, steps + 1):  # prefill was step 1
-            if step > 1:
-                noise = self._noise(batch, sampling, generator)
-                self.step(pos, cache_pos, noise, sampling, self._keys_to_read(prefix_len + start + step - 1))
-                pos += 1
-                cache_pos += 1
-            if on_step is not None and step >= K:  # frame `step - K + 1` now has all K codebooks
-                on_step(step - K + 1, new_frames)
-
-        codes = self.codes[:, :, : start + steps]
-        frames = prompt_frames + new_frames
-        return torch.stack([codes[:, k, k + 1: k + 1 + frames] for k in range(K)], dim=1).clone()
-
-    def warmup(self, text_tokens: int = 32, frames: int = 8) -> None:
-        """Compile and capture the decode step for the bot's shapes (batch 1, CFG, default sampling).
-
-        Both a melody-conditioned and a continued block use the same step graph: the buffers are
-        sized by max_frames and the text bucket, not by the block.
-        """
+        cfg = Sampling().guidance_scale > 1
+        largest = self._bucket(max_batch, cfg)
+        self._allocate(largest, cfg, text_tokens)  # the largest first: every bucket is a view of it
         input_ids = torch.zeros((1, text_tokens), dtype=torch.long, device=self.device)
         features = None
         if self.prefix_conditioning:
             features = torch.zeros(1, frames, self.model.config.num_chroma, device=self.device)
         generator = torch.Generator(self.device).manual_seed(0)
-        for _ in range(3 if self.compiled else 1):  # compile, warm up, record the CUDA graph
-            self.generate_codes(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                input_features=features, new_frames=frames, generator=generator)
+        request = BlockRequest(input_ids, torch.ones_like(input_ids), frames, features, generator=generator)
+        buckets = sorted({self._bucket(n, cfg) for n in range(1, largest + 1)}) if self.compiled else [largest]
+        for bucket in buckets:
+            for _ in range(3 if self.compiled else 1):  # compile, warm up, record the CUDA graph
+                self.generate_batch([request] * bucket)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    # ----------------------------------------------------------------------------------------------
+    # Blocks entering and leaving the batch
+
+    def _check(self, request: BlockRequest) -> None:
+        """Refuse a malformed request before any block of the batch starts."""
+        rows = [t.shape[0] for t in (request.input_ids, request.attention_mask, request.input_features,
+                                     request.prompt_codes) if t is not None]
+        if request.input_ids.dim() != 2 or rows != [1] * len(rows):
+            raise ValueError("a request holds one block: input_ids (1, T), input_features (1, frames, 12), "
+                             "prompt_codes (1, K, P); decode several together with generate_batch")
+        if request.new_frames < 1 or request.prompt_frames + request.new_frames > self.max_frames:
+            raise ValueError(f"prompt + new frames must be 1..{self.max_frames}, "
+                             f"got {request.prompt_frames} + {request.new_frames}")
+        if request.input_features is not None and not self.prefix_conditioning:
+            raise ValueError("input_features (chroma) need a musicgen-melody model")
+        if request.generator is not None and request.generator.device.type != self.device.type:
+            raise ValueError(f"the generator must live on {self.device} (the noise is drawn there, per step)")
+
+    def _bucket(self, requests: int, cfg: bool) -> int:
+        """Slots for a batch: the next power of two (one captured graph per bucket), and on the CPU enough
+        for MIN_CPU_ROWS rows (else a block alone would round differently from the same block batched)."""
+        slots = 1 << (requests - 1).bit_length()
+        if self.device.type == "cpu":
+            slots = max(slots, MIN_CPU_ROWS // (2 if cfg else 1))
+        return slots
+
+    def _joins(self, request: BlockRequest, done: Done) -> bool:
+        """Whether a block handed in between steps can join the loop; one that cannot hears why at once."""
+        try:
+            self._check(request)
+            if int(request.attention_mask.sum()) > self._allocated[2]:
+                raise ValueError("this description outgrows the text buffers sized at warm-up (MAX_TEXT_TOKENS)")
+        except ValueError as error:
+            done(error)
+            return False
+        return True
+
+    def _admit(self, slot: int, request: BlockRequest, done: Done, sampling: Sampling) -> _Block:
+        """Condition the slot on the request, lay out its delay pattern and prefill it (its step 1)."""
+        # Padding dropped: a description padded to share a tokenizer call decodes as it does alone.
+        input_ids = request.input_ids[request.attention_mask.bool()][None].to(self.device)
+        features = None if request.input_features is None else request.input_features.to(self.device)
+        cond = self.condition(input_ids, torch.ones_like(input_ids), features, self.cfg)
+        steps = request.new_frames + self.num_codebooks - 1
+        self._fill_delay_pattern(slot, request.prompt_codes, steps)
+        start = 1 + request.prompt_frames  # start token + prompt: the first sampled position
+        self._draw_noise(slot, request.generator, sampling)
+        self.prefill(slot, cond, start, sampling)
+        cache_pos = start + (0 if cond.prefix is None else cond.prefix.shape[1])
+        self.batch.pos[slot] = start  # the newest token, fed to the next step ...
+        self.batch.cache_pos[slot] = cache_pos  # ... and its slot in the KV cache
+        self.batch.active[slot] = 1
+        return _Block(slot, request, done, steps, cache_pos)
+
+    def _report(self, block: _Block) -> bool:
+        """After the block's latest step: tell its `on_step` about a finished frame; False once the block
+        is done (its codes, or the exception its `on_step` raised, handed to its `done`)."""
+        request, K, step = block.request, self.num_codebooks, block.step
+        if request.on_step is not None and step >= K:  # frame `step - K + 1` now has all K codebooks
+            try:
+                request.on_step(step - K + 1, request.new_frames)
+            except Exception as error:  # e.g. Cancelled: this block leaves, the others decode on
+                self._release(block.slot)
+                block.done(error)
+                return False
+        if step < block.steps:
+            return True
+        codes = self._take_codes(block.slot, request.prompt_frames + request.new_frames)
+        self._release(block.slot)
+        block.done(codes)
+        return False
+
+    def _take_codes(self, slot: int, frames: int) -> torch.Tensor:
+        """The slot's frames (1, K, frames), delay pattern undone."""
+        codes = self.batch.codes[slot]
+        return torch.stack([codes[k, k + 1: k + 1 + frames] for k in range(self.num_codebooks)])[None]
+
+    def _release(self, slot: int) -> None:
+        """Idle the slot: it keeps decoding its start token at position 0 (a captured graph runs every
+        slot), writing only into its own rows, which the next block in the slot overwrites."""
+        batch = self.batch
+        batch.codes[slot].fill_(self.pad_token_id)
+        batch.pos[slot] = 0
+        batch.cache_pos[slot] = 0
+        batch.active[slot] = 0
+        batch.noise[slot].fill_(1)
+
+    def _draw_noise(self, slot: int, generator: torch.Generator | None, sampling: Sampling) -> None:
+        """Exponential noise for the slot's next step (sample = argmax(probs / noise)), from its own generator."""
+        if not sampling.greedy:
+            self.batch.noise[slot].exponential_(generator=generator)
 
     # ----------------------------------------------------------------------------------------------
     # Conditioning, buffers
 
     def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   input_features: torch.Tensor | None, cfg: bool) -> _Conditioning:
-        """The conditional rows and, with CFG, the null rows after them (what transformers builds)."""
+        """The conditional rows and, with CFG, the null rows after them (what transformers builds); for
+        one block, the rows of its slot."""
         model = self.model
         text = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if hasattr(model, "enc_to_dec_proj"):
@@ -189,10 +387,12 @@ class MusicgenDecoder:
         chroma = chroma.repeat(1, repeats, 1)[:, : self.chroma_length]
         return _Conditioning(torch.cat([chroma, text], dim=1), None, None)
 
-    def _allocate(self, batch: int, cfg: bool, text_tokens: int) -> None:
-        """Static buffers for one block shape; reused while batch and CFG match and the text fits its bucket."""
-        if self._shape is not None and self._shape[:2] == (batch, cfg) and text_tokens <= self._shape[2]:
-            return
+    def _allocate(self, slots: int, cfg: bool, text_tokens: int) -> None:
+        """Static buffers for `slots` blocks; kept (never shrunk) while CFG matches and the text fits its bucket."""
+        if self._allocated is not None and self._allocated[1] == cfg:
+            if slots <= self._allocated[0] and text_tokens <= self._allocated[2]:
+                return
+            slots, text_tokens = max(slots, self._allocated[0]), max(text_tokens, self._allocated[2])
         text_capacity = -(-text_tokens // TEXT_BUCKET) * TEXT_BUCKET
         token_capacity = self.max_frames + self.num_codebooks  # start token + frames + delay tail
         prefix_capacity = self.chroma_length + text_capacity if self.prefix_conditioning else 0
@@ -200,117 +400,152 @@ class MusicgenDecoder:
         if prefix_capacity + token_capacity > positions:
             raise ValueError(f"{text_tokens} text tokens + max_frames={self.max_frames} exceed the model's "
                              f"{positions} positions; truncate the description")
-        capacity = -(-(prefix_capacity + token_capacity) // 64) * 64  # aligned for the fused SDPA kernels
-        rows = batch * (2 if cfg else 1)  # CFG: conditional rows, then null rows
+        capacity = -(-(prefix_capacity + token_capacity) // KEY_BLOCK) * KEY_BLOCK  # whole blocks, aligned
+        rows = slots * (2 if cfg else 1)  # CFG: each slot's conditional row, then its null row
         layers, shape = len(self.stack.layers), (rows, self.num_heads, capacity, self.head_dim)
         kw = dict(device=self.device, dtype=self.dtype)
         self.k_cache = torch.zeros(layers, *shape, **kw)
         self.v_cache = torch.zeros(layers, *shape, **kw)
         self.key_positions = torch.arange(capacity, device=self.device)
-        self.codes = torch.full((batch, self.num_codebooks, token_capacity), FREE, dtype=torch.long, device=self.device)
-        static = [self.k_cache, self.v_cache, self.codes, self.key_positions]
+        self.codes = torch.full((slots, self.num_codebooks, token_capacity), self.pad_token_id, dtype=torch.long,
+                                device=self.device)
+        self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.cache_pos = torch.zeros_like(self.pos)
+        self.active = torch.zeros_like(self.pos)
+        self.noise = torch.ones(slots, self.num_codebooks, self.heads[0].out_features, device=self.device)
+        self.cross_k = self.cross_v = self.cross_mask = None
         if not self.prefix_conditioning:
             cross_shape = (rows, self.num_heads, text_capacity, self.head_dim)
             self.cross_k = torch.zeros(layers, *cross_shape, **kw)
             self.cross_v = torch.zeros(layers, *cross_shape, **kw)
-            self.cross_mask = torch.zeros(rows, 1, 1, text_capacity, dtype=torch.bool, device=self.device)
-            static += [self.cross_k, self.cross_v, self.cross_mask]
+            # An idle slot attends to all-zero keys and values: output zero, not the NaN of an all-masked row.
+            self.cross_mask = torch.ones(rows, 1, 1, text_capacity, dtype=torch.bool, device=self.device)
         # These keep their address for the decoder's life: marked static, a CUDA graph reads and writes them
-        # in place instead of copying them in and out on every replay (as it does the per-step inputs).
-        for tensor in static:
-            torch._dynamo.mark_static_address(tensor)
-        self._shape = (batch, cfg, text_capacity)
-        self.cfg = cfg
+        # in place instead of copying them in and out on every replay.
+        torch._dynamo.mark_static_address(self.key_positions)
+        self._buckets = {}
+        bucket = 1
+        while bucket <= slots:
+            self._buckets[bucket] = self._views(bucket, bucket * (2 if cfg else 1))
+            bucket *= 2
+        self._allocated = (slots, cfg, text_capacity)
 
-    def _fill_delay_pattern(self, prompt_codes: torch.Tensor | None, steps: int) -> None:
+    def _views(self, slots: int, rows: int) -> _Slots:
+        cross = (None, None, None) if self.prefix_conditioning else (
+            self.cross_k[:, :rows], self.cross_v[:, :rows], self.cross_mask[:rows])
+        views = _Slots(self.k_cache[:, :rows], self.v_cache[:, :rows], self.codes[:slots], self.pos[:slots],
+                       self.cache_pos[:slots], self.active[:slots], self.noise[:slots], *cross)
+        for tensor in views.tensors():
+            torch._dynamo.mark_static_address(tensor)
+            torch._dynamo.mark_static(tensor)
+        return views
+
+    def _fill_delay_pattern(self, slot: int, prompt_codes: torch.Tensor | None, steps: int) -> None:
         """Codebook k: k + 1 start pads, the prompt, free slots, then pads to the end (as transformers)."""
-        K, pad, codes = self.num_codebooks, self.pad_token_id, self.codes
+        K, pad, codes = self.num_codebooks, self.pad_token_id, self.batch.codes[slot]
         prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[-1]
         end = 1 + prompt_frames + steps  # sequence length, start token included
         codes.fill_(FREE)
         for k in range(K):
-            codes[:, k, : k + 1] = pad
+            codes[k, : k + 1] = pad
             if prompt_codes is not None:
-                codes[:, k, k + 1: k + 1 + prompt_frames] = prompt_codes[:, k].to(self.device)
-            codes[:, k, end - K + 1 + k: end] = pad
-
-    def _noise(self, batch: int, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor | None:
-        """Exponential noise for one step (sample = argmax(probs / noise)), drawn from `generator`."""
-        if sampling.greedy:
-            return None
-        shape = (batch, self.num_codebooks, self.heads[0].out_features)
-        return torch.empty(shape, device=self.device).exponential_(generator=generator)
+                codes[k, k + 1: k + 1 + prompt_frames] = prompt_codes[0, k].to(self.device)
+            codes[k, end - K + 1 + k: end] = pad
 
     # ----------------------------------------------------------------------------------------------
     # The model
 
-    def prefill(self, tokens: torch.Tensor, cond: _Conditioning, noise: torch.Tensor | None,
-                sampling: Sampling) -> None:
-        """One pass over [prefix] + start token + prompt: fills the caches, picks the next tokens."""
+    def prefill(self, slot: int, cond: _Conditioning, start: int, sampling: Sampling) -> None:
+        """One pass over the slot's [prefix] + start token + prompt (its first `start` tokens): fills its
+        caches from slot 0, picks its next tokens."""
+        batch, rows = self.batch, self._rows_of(slot)
         if cond.cross_states is not None:  # cross-attention K/V over the text, computed once per block
             text_len = cond.cross_states.shape[1]
-            for buffer in (self.cross_k, self.cross_v, self.cross_mask):
-                buffer.zero_()
-            self.cross_mask[:, 0, 0, :text_len] = cond.cross_mask
+            for buffer in (batch.cross_k, batch.cross_v):
+                buffer[:, rows] = 0
+            batch.cross_mask[rows] = False
+            batch.cross_mask[rows, 0, 0, :text_len] = cond.cross_mask
             for i, layer in enumerate(self.stack.layers):
-                self.cross_k[i, :, :, :text_len] = self._split_heads(layer.encoder_attn.k_proj(cond.cross_states))
-                self.cross_v[i, :, :, :text_len] = self._split_heads(layer.encoder_attn.v_proj(cond.cross_states))
-        hidden = self._embed(self._with_null_rows(tokens))
+                batch.cross_k[i, rows, :, :text_len] = self._split_heads(layer.encoder_attn.k_proj(cond.cross_states))
+                batch.cross_v[i, rows, :, :text_len] = self._split_heads(layer.encoder_attn.v_proj(cond.cross_states))
+        hidden = self._embed(self._with_null_rows(batch.codes[slot: slot + 1, :, :start]))
         if cond.prefix is not None:
             hidden = torch.cat([cond.prefix, hidden], dim=1)
         positions = torch.arange(hidden.shape[1], device=self.device)
-        hidden = self._forward(hidden + self.stack.embed_positions.weights[positions], positions, None)
-        self._choose(self._logits(hidden), torch.tensor([tokens.shape[-1]], device=self.device), noise, sampling)
+        hidden = self._forward(hidden + self.stack.embed_positions.weights[positions], rows, None, None)
+        noise = None if sampling.greedy else batch.noise[slot: slot + 1]
+        self._choose(self._logits(hidden), slice(slot, slot + 1), torch.tensor([start], device=self.device),
+                     noise, sampling)
 
-    def decode_one_token(self, pos: torch.Tensor, cache_pos: torch.Tensor, noise: torch.Tensor | None,
-                         sampling: Sampling, keys: int) -> None:
-        """Feed the tokens at `pos` (KV slot `cache_pos`), attend to the first `keys` slots of the
-        cache, and write the chosen next tokens at pos + 1."""
-        hidden = self._embed(self._with_null_rows(self.codes.index_select(2, pos)))
-        mask = (self.key_positions[:keys] <= cache_pos).view(1, 1, 1, -1)
-        hidden = self._forward(hidden + self.stack.embed_positions.weights[cache_pos], cache_pos, mask)
-        self._choose(self._logits(hidden), pos + 1, noise, sampling)
+    def decode_one_token(self, keys: int, sampling: Sampling) -> None:
+        """For every slot of the batch: feed its token at `pos` (KV slot `cache_pos`), attend to the first
+        `keys` slots of its own cache (masked past its own position), and write its next tokens at pos + 1."""
+        batch, K = self.batch, self.num_codebooks
+        tokens = batch.codes.gather(2, batch.pos.view(-1, 1, 1).expand(-1, K, 1))  # (slots, K, 1)
+        cache_pos = self._with_null_rows(batch.cache_pos)  # per row
+        mask = (self.key_positions[:keys] <= cache_pos[:, None]).view(-1, 1, 1, keys)
+        hidden = self._embed(self._with_null_rows(tokens)) + self.stack.embed_positions.weights[cache_pos][:, None]
+        hidden = self._forward(hidden, slice(None), cache_pos, mask)
+        self._choose(self._logits(hidden), slice(None), batch.pos + 1, None if sampling.greedy else batch.noise,
+                     sampling)
 
     def _keys_to_read(self, filled: int) -> int:
-        """A captured graph has one static shape: it reads every slot (masked). Eager steps read only
-        the `filled` slots, which on the CPU saves reading the whole cache per step."""
-        return self.k_cache.shape[3] if self.compiled else filled
+        """A captured graph has one static shape: it reads every slot (masked). Eager steps read only the
+        blocks holding the `filled` slots, which on the CPU saves reading the whole cache per step; whole
+        blocks, because the attention kernel rounds a partial block differently (see the module doc)."""
+        if self.compiled:
+            return self.k_cache.shape[3]
+        return min(-(-filled // KEY_BLOCK) * KEY_BLOCK, self.k_cache.shape[3])
 
-    def _with_null_rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The null-conditioned rows see the same audio tokens as the conditional ones."""
-        return torch.cat([tokens, tokens]) if self.cfg else tokens
+    def _rows_of(self, slot: int) -> slice:
+        """The cache rows of a slot: its conditional row and, with CFG, its null row right after it."""
+        rows = 2 if self.cfg else 1
+        return slice(slot * rows, (slot + 1) * rows)
+
+    def _with_null_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-slot values per row: the null-conditioned row sees what its conditional row sees."""
+        return x.repeat_interleave(2, dim=0) if self.cfg else x
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Sum of the K codebook embeddings (in transformers' order, for identical rounding)."""
         return sum(self.stack.embed_tokens[k](tokens[:, k]) for k in range(self.num_codebooks))
 
-    def _forward(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Pre-norm decoder layers; `mask` None means causal attention over a prefill from slot 0."""
+    def _forward(self, hidden: torch.Tensor, rows: slice, cache_pos: torch.Tensor | None,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        """Pre-norm decoder layers over the cache rows `rows`. A prefill (`cache_pos` None) is causal
+        attention over its own sequence from cache slot 0; a step writes each row's one token at its
+        `cache_pos` and attends to the cache under `mask`."""
         for i, layer in enumerate(self.stack.layers):
-            hidden = hidden + self._self_attention(i, layer.self_attn, layer.self_attn_layer_norm(hidden),
-                                                   positions, mask)
+            hidden = hidden + self._self_attention(i, layer.self_attn, layer.self_attn_layer_norm(hidden), rows,
+                                                   cache_pos, mask)
             if not self.prefix_conditioning:
-                hidden = hidden + self._cross_attention(i, layer.encoder_attn, layer.encoder_attn_layer_norm(hidden))
+                hidden = hidden + self._cross_attention(i, layer.encoder_attn, layer.encoder_attn_layer_norm(hidden),
+                                                        rows)
             hidden = hidden + layer.fc2(self.activation(layer.fc1(layer.final_layer_norm(hidden))))
         return self.stack.layer_norm(hidden)
 
-    def _self_attention(self, i: int, attn, x: torch.Tensor, positions: torch.Tensor,
+    def _self_attention(self, i: int, attn, x: torch.Tensor, rows: slice, cache_pos: torch.Tensor | None,
                         mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = (self._split_heads(part) for part in F.linear(x, self.qkv_weights[i]).chunk(3, dim=-1))
-        self.k_cache[i].index_copy_(2, positions, k)
-        self.v_cache[i].index_copy_(2, positions, v)
-        if mask is None:
+        k_cache, v_cache = self.batch.k_cache[i, rows], self.batch.v_cache[i, rows]
+        if cache_pos is None:
+            k_cache[:, :, : k.shape[2]] = k
+            v_cache[:, :, : v.shape[2]] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
         else:
+            index = cache_pos.view(-1, 1, 1, 1).expand_as(k)  # each row's own cache slot
+            k_cache.scatter_(2, index, k)
+            v_cache.scatter_(2, index, v)
             keys = mask.shape[-1]
-            out = F.scaled_dot_product_attention(q, self.k_cache[i, :, :, :keys], self.v_cache[i, :, :, :keys],
-                                                 attn_mask=mask, scale=attn.scaling)
+            out = F.scaled_dot_product_attention(q, k_cache[:, :, :keys], v_cache[:, :, :keys], attn_mask=mask,
+                                                 scale=attn.scaling)
         return attn.out_proj(self._merge_heads(out))
 
-    def _cross_attention(self, i: int, attn, x: torch.Tensor) -> torch.Tensor:
+    def _cross_attention(self, i: int, attn, x: torch.Tensor, rows: slice) -> torch.Tensor:
         q = self._split_heads(attn.q_proj(x))
-        out = F.scaled_dot_product_attention(q, self.cross_k[i], self.cross_v[i], attn_mask=self.cross_mask,
-                                             scale=attn.scaling)
+        batch = self.batch
+        out = F.scaled_dot_product_attention(q, batch.cross_k[i, rows], batch.cross_v[i, rows],
+                                             attn_mask=batch.cross_mask[rows], scale=attn.scaling)
         return attn.out_proj(self._merge_heads(out))
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (R, S, d) -> (R, H, S, D)
@@ -319,17 +554,18 @@ class MusicgenDecoder:
     def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:  # (R, H, S, D) -> (R, S, d)
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (R, 1, d) -> (R, K, V), float32 like generate
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (R, S, d) -> (R, K, V), float32 like generate
         return F.linear(hidden[:, -1], self.heads_weight).view(hidden.shape[0], self.num_codebooks, -1).float()
 
     # ----------------------------------------------------------------------------------------------
     # Guidance and sampling
 
-    def _choose(self, logits: torch.Tensor, write_pos: torch.Tensor, noise: torch.Tensor | None,
+    def _choose(self, logits: torch.Tensor, slots: slice, write_pos: torch.Tensor, noise: torch.Tensor | None,
                 sampling: Sampling) -> None:
-        """Guide, filter and sample the next tokens; keep forced delay-pattern values; write them to `codes`."""
-        if self.cfg:
-            cond, uncond = logits.split(logits.shape[0] // 2)
+        """Guide, filter and sample the next tokens of `slots`; keep forced delay-pattern values; write them
+        to `codes` at each slot's `write_pos`."""
+        if self.cfg:  # rows come in (conditional, null) pairs
+            cond, uncond = logits.view(-1, 2, *logits.shape[1:]).unbind(1)
             logits = uncond + (cond - uncond) * sampling.guidance_scale
         if sampling.greedy:
             chosen = logits.argmax(dim=-1)
@@ -341,8 +577,10 @@ class MusicgenDecoder:
             if 0 < sampling.top_p < 1:
                 logits = _top_p_filter(logits, sampling.top_p)
             chosen = (logits.softmax(dim=-1) / noise).argmax(dim=-1)  # exponential race = a categorical sample
-        forced = self.codes.index_select(2, write_pos).squeeze(2)
-        self.codes.index_copy_(2, write_pos, torch.where(forced == FREE, chosen, forced).unsqueeze(2))
+        codes = self.batch.codes[slots]
+        index = write_pos.view(-1, 1, 1).expand(-1, self.num_codebooks, 1)
+        forced = codes.gather(2, index)
+        codes.scatter_(2, index, torch.where(forced == FREE, chosen.unsqueeze(2), forced))
 
 
 def _fuse_projections(layers, heads) -> tuple[list[torch.nn.Parameter], torch.nn.Parameter]:

@@ -1,11 +1,13 @@
 """The fast MusicGen decode loop against transformers' `generate`, on tiny offline models (CPU)."""
+import dataclasses
+
 import pytest
 import torch
 
 from bench.reference import reference_codes
 from mtm_bot.errors import Cancelled
 from mtm_bot.generator import MAX_TEXT_TOKENS, build_tiny_musicgen
-from mtm_bot.musicgen_decode import MusicgenDecoder, Sampling
+from mtm_bot.musicgen_decode import BlockRequest, MusicgenDecoder, Sampling
 from tests.graph_inputs import copied_graph_inputs
 
 GREEDY = Sampling(greedy=True)
@@ -72,13 +74,97 @@ def test_greedy_codes_equal_transformers_generate(tiny, prompt_frames):
     assert ours[..., prompt_frames:].unique().numel() > 8  # real music codes, not a constant
 
 
-def test_greedy_equal_for_a_padded_batch_and_without_guidance(tiny):
+def request(kind, tokenizer, caption=CAPTION, prompt_frames=0, new_frames=30, melody=True, seed=0, on_step=None):
+    """One block's request (seeded melody, prompt and generator) and the inputs transformers takes for it."""
+    kw = inputs(kind, tokenizer, captions=(caption,), prompt_frames=prompt_frames, seed=seed)
+    if not melody:
+        kw["input_features"] = None
+    block = BlockRequest(kw["input_ids"], kw["attention_mask"], new_frames, kw["input_features"], kw["prompt_codes"],
+                         torch.Generator().manual_seed(seed), on_step)
+    return block, kw
+
+
+def mixed_batch(kind, tokenizer, on_step=None):
+    """Different descriptions (one past the 128-token text bucket), a first block and continuations (one
+    from the bot's 160-frame prompt), with and without melody, different lengths; `on_step` on the second."""
+    specs = [dict(caption=CAPTION, new_frames=40, seed=1),
+             dict(caption="lo-fi piano", prompt_frames=160, new_frames=25, melody=False, seed=2, on_step=on_step),
+             dict(caption=", ".join([CAPTION] * 6), prompt_frames=13, new_frames=33, seed=3)]
+    return [request(kind, tokenizer, **spec) for spec in specs]
+
+
+def with_own_generator(block: BlockRequest) -> BlockRequest:
+    """The same request with a copy of its generator, to decode it a second time."""
+    return dataclasses.replace(block, generator=torch.Generator().set_state(block.generator.get_state()))
+
+
+def decode_recording_logits(decoder, blocks, sampling=Sampling()):
+    """generate_batch's results and, per block, the logits of its rows at each of its steps (prefill first)."""
+    calls = []
+    logits = decoder._logits
+
+    def record(hidden):
+        out = logits(hidden)
+        calls.append(out.clone())
+        return out
+
+    decoder._logits = record  # an instance attribute over the method
+    results = decoder.generate_batch(blocks, sampling)
+    del decoder._logits
+    rows = 2 if sampling.guidance_scale > 1 else 1
+    prefills, steps = calls[: len(blocks)], calls[len(blocks):]  # a prefill per block, then the batch's steps
+    per_block = []
+    for slot, (block, prefill) in enumerate(zip(blocks, prefills)):
+        decode_steps = block.new_frames + decoder.num_codebooks - 2  # all its steps but the prefill
+        own_rows = [step[slot * rows:(slot + 1) * rows] for step in steps[:decode_steps]]
+        per_block.append(torch.stack([prefill] + own_rows))
+    return results, per_block
+
+
+def test_greedy_blocks_of_a_mixed_batch_equal_transformers_generate_alone(tiny):
     kind, model, tokenizer = tiny
-    kw = inputs(kind, tokenizer, captions=(CAPTION, "lo-fi piano"), prompt_frames=5)
     decoder = MusicgenDecoder(model, max_frames=200)
     for scale in (3.0, 1.0):
-        ours = decoder.generate_codes(**kw, new_frames=25, sampling=Sampling(guidance_scale=scale, greedy=True))
-        assert torch.equal(ours, reference_codes(model, **kw, new_frames=25, guidance_scale=scale))
+        batch = mixed_batch(kind, tokenizer)
+        codes = decoder.generate_batch([block for block, _ in batch], Sampling(guidance_scale=scale, greedy=True))
+        for ours, (block, kw) in zip(codes, batch):
+            assert torch.equal(ours, reference_codes(model, **kw, new_frames=block.new_frames, guidance_scale=scale))
+
+
+def test_sampled_blocks_decode_to_the_same_bits_alone_and_batched(tiny):
+    """Same codes and generator state as alone, and underneath the same logits to the last bit: on the CPU
+    a block rounds alike alone and batched (see the module doc), not merely samples alike."""
+    kind, model, tokenizer = tiny
+    batch = [block for block, _ in mixed_batch(kind, tokenizer)]
+    alone = [with_own_generator(block) for block in batch]
+    expected = [decode_recording_logits(MusicgenDecoder(model, max_frames=200), [block]) for block in alone]
+    codes, logits = decode_recording_logits(MusicgenDecoder(model, max_frames=200), batch)
+    for i, ((solo_codes,), (solo_logits,)) in enumerate(expected):
+        assert codes[i].shape == (1, 4, batch[i].prompt_frames + batch[i].new_frames)
+        assert torch.equal(codes[i], solo_codes)
+        assert torch.equal(logits[i], solo_logits)
+        assert torch.equal(batch[i].generator.get_state(), alone[i].generator.get_state())  # no step drew more
+
+
+def test_a_cancelled_block_leaves_the_batch_and_the_others_decode_on(tiny):
+    kind, model, tokenizer = tiny
+    calls = []
+
+    def cancel_at_five(done, total):
+        calls.append((done, total))
+        if done == 5:
+            raise Cancelled("The job was cancelled.")
+
+    batch = [block for block, _ in mixed_batch(kind, tokenizer, on_step=cancel_at_five)]
+    alone = [with_own_generator(block) for block in batch]
+    expected = [MusicgenDecoder(model, max_frames=200).generate_batch([block])[0] for block in alone]
+    calls.clear()
+    results = MusicgenDecoder(model, max_frames=200).generate_batch(batch)
+    assert isinstance(results[1], Cancelled) and isinstance(expected[1], Cancelled)
+    assert calls == [(i, 25) for i in range(1, 6)]
+    assert torch.equal(results[0], expected[0]) and torch.equal(results[2], expected[2])
+    for block, solo in zip(batch, alone):  # the cancelled block drew no noise after its cancel
+        assert torch.equal(block.generator.get_state(), solo.generator.get_state())
 
 
 def test_caption_and_melody_change_the_codes(tiny):
@@ -147,47 +233,76 @@ def test_a_reused_decoder_gives_what_a_fresh_one_gives(tiny):
                        fresh.generate_codes(**short, new_frames=20, sampling=GREEDY))
 
 
-def test_block_longer_than_the_context_is_refused(tiny):
+def test_a_malformed_request_is_refused_before_any_block_starts(tiny):
     kind, model, tokenizer = tiny
     decoder = MusicgenDecoder(model, max_frames=50)
     with pytest.raises(ValueError, match="1..50"):
         decoder.generate_codes(**inputs(kind, tokenizer, prompt_frames=20), new_frames=31)
+    calls = []
+    good = request(kind, tokenizer, new_frames=10, on_step=lambda done, total: calls.append(done))[0]
+    too_long = request(kind, tokenizer, prompt_frames=20, new_frames=31)[0]
+    with pytest.raises(ValueError, match="1..50"):
+        decoder.generate_batch([good, too_long])
+    two_rows = inputs(kind, tokenizer, captions=(CAPTION, "lo-fi piano"))
+    with pytest.raises(ValueError, match="one block"):
+        decoder.generate_batch([good, BlockRequest(two_rows["input_ids"], two_rows["attention_mask"], 10)])
+    assert calls == []
 
 
-def test_decode_step_traces_as_one_graph(tiny):
-    """What CUDA graph capture needs: torch.compile(fullgraph=True) traces the step without breaks."""
-    kind, model, tokenizer = tiny
-    kw = inputs(kind, tokenizer, prompt_frames=2)
-    eager = MusicgenDecoder(model, max_frames=100)
-    traced = MusicgenDecoder(model, max_frames=100, compile=True)  # the CUDA configuration ...
-    traced.step = torch.compile(traced.decode_one_token, backend="eager", fullgraph=True)  # ... without inductor
+def recording_compile(decoder, graphs: list):
+    """The CUDA configuration's torch.compile of the step, with a backend that records each graph's
+    inputs and runs it eagerly (no inductor)."""
+    def record(graph_module, example_inputs):
+        graphs.append(example_inputs)
+        return graph_module.forward
+
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    return torch.compile(decoder.decode_one_token, backend=record, fullgraph=True)
+
+
+def test_decode_step_traces_as_one_static_graph_per_bucket(tiny):
+    """What CUDA graph capture needs: torch.compile(fullgraph=True) traces the step without breaks, and
+    each batch-size bucket gets a graph of its own static shapes, not one graph with a symbolic batch."""
+    kind, model, tokenizer = tiny
+    eager = MusicgenDecoder(model, max_frames=100)
+    traced = MusicgenDecoder(model, max_frames=100, compile=True)
+    graphs = []
+    traced.step = recording_compile(traced, graphs)
     for sampling in (GREEDY, Sampling()):
-        runs = [d.generate_codes(**kw, new_frames=12, sampling=sampling, generator=torch.Generator().manual_seed(3))
-                for d in (eager, traced)]
-        assert torch.equal(*runs)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per sampling mode, none per step
+        for blocks in (1, 3):  # buckets of 2 and 4 slots (a CPU batch has at least 4 rows)
+            runs = [decoder.generate_batch([request(kind, tokenizer, prompt_frames=2, new_frames=12, seed=i)[0]
+                                            for i in range(blocks)], sampling) for decoder in (eager, traced)]
+            assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert len(graphs) == 4  # per sampling mode, one per bucket, none per step
+    assert all(isinstance(value, torch.Tensor) for inputs in graphs for value in inputs)  # no SymInt
 
 
-def test_warming_up_at_the_longest_description_leaves_no_reallocation_for_shorter_ones():
-    model, _ = build_tiny_musicgen("melody")
-    decoder = MusicgenDecoder(model, max_frames=64, compile=False)
-    decoder.warmup(text_tokens=MAX_TEXT_TOKENS)
+def test_warmup_sizes_and_captures_every_bucket_so_no_request_recompiles():
+    model, tokenizer = build_tiny_musicgen("melody")
+    decoder = MusicgenDecoder(model, max_frames=64, compile=True)
+    graphs = []
+    decoder.step = recording_compile(decoder, graphs)
+    decoder.warmup(text_tokens=MAX_TEXT_TOKENS, max_batch=4)
+    assert len(graphs) == 2  # the buckets of 2 and 4 slots
     cache = decoder.k_cache
-    ids = torch.ones(1, 40, dtype=torch.long)
-    decoder.generate_codes(input_ids=ids, attention_mask=torch.ones_like(ids), new_frames=4)
-    assert decoder.k_cache is cache  # same buffers: a captured CUDA graph would stay valid
+    for blocks in (1, 3, 4):
+        decoder.generate_batch([request("melody", tokenizer, new_frames=4, seed=i)[0] for i in range(blocks)])
+    assert len(graphs) == 2
+    assert decoder.k_cache is cache  # same buffers: the captured CUDA graphs stay valid
 
 
-def test_the_captured_step_copies_only_its_per_step_inputs(tiny):
-    """The weights and caches must be static for a CUDA graph, or each replay would copy them all."""
+def test_the_captured_step_copies_none_of_its_inputs(tiny):
+    """The weights, caches and per-step inputs (positions, noise) must be static for a CUDA graph, or each
+    replay would copy them."""
     kind, model, tokenizer = tiny
     decoder = MusicgenDecoder(model, max_frames=64, compile=True)
     decoder.step = torch.compile(decoder.decode_one_token, backend="aot_eager", fullgraph=True)
     with copied_graph_inputs() as copied:
-        decoder.generate_codes(**inputs(kind, tokenizer), new_frames=3, generator=torch.Generator().manual_seed(0))
-    assert sorted(copied) == ["L['cache_pos']", "L['noise']", "L['pos']"]
+        decoder.generate_batch([request(kind, tokenizer, new_frames=3, seed=i)[0] for i in range(3)])
+    assert copied == []
+    with copied_graph_inputs() as control:  # the check sees a copied input where there is one
+        torch.compile(lambda noise: noise * 2, backend="aot_eager", fullgraph=True)(torch.ones(3))
+    assert control == ["L['noise']"]
 
 
 def test_fusing_the_projections_stores_no_weight_twice(tiny):
