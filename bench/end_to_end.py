@@ -21,6 +21,7 @@ import json
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -60,16 +61,18 @@ class TransformersDecoder:
     def __init__(self, model) -> None:
         self.model = model
 
-    def generate_codes(self, *, input_ids, attention_mask, input_features=None, prompt_codes=None, new_frames,
-                       sampling: Sampling = Sampling(), generator=None, on_step=None):
-        return reference_codes(self.model, input_ids=input_ids, attention_mask=attention_mask,
-                               input_features=input_features, prompt_codes=prompt_codes, new_frames=new_frames,
-                               guidance_scale=sampling.guidance_scale, greedy=sampling.greedy, top_k=sampling.top_k)
+    def generate_batch(self, requests, sampling: Sampling = Sampling()):
+        """One request at a time: transformers' generate cannot mix prompts and melodies in one batch."""
+        return [reference_codes(self.model, input_ids=r.input_ids, attention_mask=r.attention_mask,
+                                input_features=r.input_features, prompt_codes=r.prompt_codes, new_frames=r.new_frames,
+                                guidance_scale=sampling.guidance_scale, greedy=sampling.greedy, top_k=sampling.top_k)
+                for r in requests]
 
 
-def build_stages(profile: str, device: torch.device) -> tuple[Captioner, Refiner, Generator]:
+def build_stages(profile: str, device: torch.device, max_batch: int = 1) -> tuple[Captioner, Refiner, Generator]:
     if profile == "tiny":
-        return (Captioner.tiny(device), Refiner.load("tiny", "", device), Generator.load("tiny", "", device, BLOCK_SECONDS))
+        return (Captioner.tiny(device), Refiner.load("tiny", "", device),
+                Generator.load("tiny", "", device, BLOCK_SECONDS, max_batch=max_batch))
     from bench.bench_musicgen import build_random_musicgen
     from bench.bench_refiner import build_random_llama_3b
 
@@ -79,9 +82,9 @@ def build_stages(profile: str, device: torch.device) -> tuple[Captioner, Refiner
     refiner = Refiner(build_random_llama_3b(tokenizer, dtype, device), tokenizer, device)
     musicgen = build_random_musicgen("melody").to(device, dtype)
     musicgen.audio_encoder.float()
-    generator = Generator(musicgen, build_tiny_musicgen("melody")[1], device, BLOCK_SECONDS)
-    if device.type == "cuda":
-        generator.decoder.warmup(text_tokens=MAX_TEXT_TOKENS)
+    generator = Generator(musicgen, build_tiny_musicgen("melody")[1], device, BLOCK_SECONDS, max_batch=max_batch)
+    if device.type == "cuda":  # on the decode thread, where the graphs will replay
+        generator.batcher.call(lambda: generator.decoder.warmup(text_tokens=MAX_TEXT_TOKENS, max_batch=max_batch))
     return captioner, refiner, generator
 
 
@@ -103,6 +106,32 @@ def run(pipeline: Pipeline, clip: Audio, device: torch.device) -> dict:
             "output_s": result.audio.duration, "blocks": len(result.blocks)}
 
 
+def concurrent(pipeline: Pipeline, clip: Audio, jobs: int, device: torch.device) -> dict:
+    """`jobs` composes submitted at once, as the worker runs them: one at a time (today's queue with
+    MTM_MAX_BATCH=1), then all together, their MusicGen blocks batched."""
+    def jobs_per_minute(run_all) -> dict:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run_all()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+        return {"wall_s": round(wall, 2), "jobs_per_minute": round(60 * jobs / wall, 2)}
+
+    batcher = pipeline.generator.batcher
+    one_at_a_time = jobs_per_minute(lambda: [pipeline.compose(clip, INSTRUCTION, seed=i) for i in range(jobs)])
+    loops, joined = len(batcher.batch_sizes), batcher.joined
+    with ThreadPoolExecutor(jobs) as pool:
+        batched = jobs_per_minute(lambda: list(pool.map(lambda i: pipeline.compose(clip, INSTRUCTION, seed=i),
+                                                        range(jobs))))
+    loops_run = batcher.batch_sizes[loops:]
+    batched["decode_loops"] = len(loops_run)
+    batched["blocks_per_loop"] = round((sum(loops_run) + batcher.joined - joined) / len(loops_run), 2)
+    return {"jobs": jobs, "max_batch": batcher.max_batch, "one_at_a_time": one_at_a_time, "batched": batched,
+            "batch_speedup": round(batched["jobs_per_minute"] / one_at_a_time["jobs_per_minute"], 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=["tiny", "full-size"], default="tiny")
@@ -111,13 +140,15 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, help="an audio file instead of the synthetic clip")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="also time this many concurrent jobs, batched vs one at a time (ours only)")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     start = time.perf_counter()
-    captioner, refiner, generator = build_stages(args.profile, device)
+    captioner, refiner, generator = build_stages(args.profile, device, max_batch=max(1, args.jobs))
     build_s = time.perf_counter() - start
     settings = Settings(profile="tiny", device=str(device))
     clip = load_clip(args.clip, max_seconds=600) if args.clip else synth_clip(args.seconds)
@@ -144,6 +175,9 @@ def main() -> None:
             result[name]["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if "transformers" in result:
         result["speedup"] = round(result["transformers"]["wall_s"] / result["ours"]["wall_s"], 2)
+    if args.jobs > 1:
+        generator.decoder = paths["ours"][1]
+        result["concurrent"] = concurrent(paths["ours"][0], clip, args.jobs, device)
     if device.type == "cpu":
         result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print(json.dumps(result, indent=2))

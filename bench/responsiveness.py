@@ -80,7 +80,7 @@ async def measure(args: argparse.Namespace, storage: Path) -> dict:
         composer, prober = emulator.user("composer"), emulator.user("prober")
         compose = await emulator.slash(composer, "compose", {"instruction": "a cosy jazz carol", "duration": args.duration},
                                        attachment=(wav_bytes(args.clip_seconds), "clip.wav", "audio/wav"))
-        await emulator.wait_for(lambda: bot.queue.running is not None or has_result(emulator, composer), 120,
+        await emulator.wait_for(lambda: bot.queue.running or has_result(emulator, composer), 120,
                                 "the job to start")
         lateness: list[float] = []
         watcher = asyncio.create_task(record_loop_lateness(lateness))

@@ -21,16 +21,16 @@ class Queue(commands.Cog):
     def __init__(self, bot: commands.Bot) -> None:
         self.bot = bot
 
-    @app_commands.command(name="queue", description="Show the running job, the queue and your jobs")
+    @app_commands.command(name="queue", description="Show the running jobs, the queue and your jobs")
     async def queue(self, interaction: discord.Interaction) -> None:
         snapshot = self.bot.queue.snapshot()
         lines = []
-        if snapshot.running is None:
+        if not snapshot.running:
             lines.append("**Running:** nothing, the next job starts at once.")
-        else:
-            stage = self.bot.delivery.stage_of(snapshot.running.id)
-            left = f" · about {minutes(snapshot.running_left)} left" if snapshot.running_left is not None else ""
-            lines.append(f"**Running:** {describe(snapshot.running)}" + (f" · {stage}" if stage else "") + left)
+        for job, running_left in zip(snapshot.running, snapshot.running_left):
+            stage = self.bot.delivery.stage_of(job.id)
+            left = f" · about {minutes(running_left)} left" if running_left is not None else ""
+            lines.append(f"**Running:** {describe(job)}" + (f" · {stage}" if stage else "") + left)
         lines.append(f"**Queued:** {len(snapshot.queued)}")
         for entry in snapshot.queued[:QUEUE_LINES_SHOWN]:
             eta = f" · starts in about {minutes(entry.starts_in)}" if entry.starts_in is not None else ""

@@ -24,7 +24,8 @@ import torch
 from .audio import Audio, resample
 from .compiling import CompilePlan, warm_up_or_run_eager
 from .melody import has_bass_line, remove_bass
-from .musicgen_decode import MusicgenDecoder, Sampling
+from .batcher import BlockBatcher
+from .musicgen_decode import BlockRequest, MusicgenDecoder
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .runtime import cast_for_inference, from_hub, model_dtype
 
@@ -166,7 +167,7 @@ class Generator:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model, tokenizer, device: torch.device, block_seconds: float,
-                 melody_on_continuations: bool = True, compile: bool | None = None) -> None:
+                 melody_on_continuations: bool = True, compile: bool | None = None, max_batch: int = 1) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -174,10 +175,14 @@ class Generator:
         self.melody_on_continuations = melody_on_continuations
         self.block_seconds = block_seconds
         self.decoder = MusicgenDecoder(model, max_frames=cache_frames(block_seconds), compile=compile)
+        # Jobs generating at the same time share decode loops (mtm_bot.batcher); `generate` may be called
+        # from several threads at once.
+        self.batcher = BlockBatcher(lambda blocks, slots, admit: self.decoder.decode_blocks(
+            blocks, slots=slots, admit=admit), max_batch)
 
     @classmethod
     def load(cls, profile: str, model_id: str, device: torch.device, block_seconds: float,
-             dtype: torch.dtype | None = None, compile: CompilePlan | None = None) -> "Generator":
+             dtype: torch.dtype | None = None, compile: CompilePlan | None = None, max_batch: int = 1) -> "Generator":
         """The model for `profile`, resident on `device` (half precision on CUDA), its decode step compiled.
 
         Weights load in float32; the text encoder, the projections and the decoder are then cast to
@@ -191,11 +196,13 @@ class Generator:
             model, tokenizer = _load_pretrained(model_id)
         model = cast_for_inference(model.to(device), dtype, keep_fp32=["audio_encoder"])
         plan = compile or CompilePlan.from_setting("auto", device)
-        generator = cls(model, tokenizer, device, block_seconds, compile=plan.enabled)
-        # Compile and capture now, not on a user's first request. Warming up at the longest
-        # description sizes the text buffers once, so no later caption forces a recompile.
+        generator = cls(model, tokenizer, device, block_seconds, compile=plan.enabled, max_batch=max_batch)
+        # Compile and capture now (one graph per batch size bucket), on the thread that will decode, not on a
+        # user's first request. Warming up at the longest description sizes the text buffers once, so no
+        # later caption forces a recompile.
         warm_up_or_run_eager("MusicGen's decode step", plan,
-                             lambda: generator.decoder.warmup(text_tokens=MAX_TEXT_TOKENS),
+                             lambda: generator.batcher.call(lambda: generator.decoder.warmup(
+                                 text_tokens=MAX_TEXT_TOKENS, max_batch=max_batch)),
                              generator.decoder.run_eager)
         return generator
 
@@ -215,6 +222,11 @@ class Generator:
         cancel = cancel or CancelToken()
         melody = resample(clip, SAMPLE_RATE).samples if self.uses_melody and clip is not None else None
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        with self.batcher.generating():
+            return self._generate(melody, blocks, generator, progress, cancel, start, gain)
+
+    def _generate(self, melody: np.ndarray | None, blocks: list[Block], generator: torch.Generator,
+                  progress: ProgressCallback, cancel: CancelToken, start: Rendered | None, gain: float) -> Rendered:
         track = np.zeros(0, dtype=np.float32) if start is None else start.audio.samples
         # every code so far, (1, K, frames); frame f is output samples [f, f + 1) * SAMPLES_PER_FRAME
         codes = None if start is None else start.codes.to(self.device)
@@ -260,10 +272,8 @@ class Generator:
             chroma = chroma[None].to(self.device)
         text = self.tokenizer([block.description], return_tensors="pt", padding=True, truncation=True,
                               max_length=MAX_TEXT_TOKENS).to(self.device)
-        return self.decoder.generate_codes(
-            input_ids=text.input_ids, attention_mask=text.attention_mask, input_features=chroma, prompt_codes=prompt,
-            new_frames=new_frames, sampling=Sampling(), generator=seed_generator, on_step=on_step,
-        )
+        return self.batcher.decode(BlockRequest(text.input_ids, text.attention_mask, new_frames, chroma, prompt,
+                                                seed_generator, on_step))
 
     @torch.inference_mode()
     def _decode(self, codes: torch.Tensor) -> np.ndarray:

@@ -360,7 +360,10 @@ class JobStore:
             for path in folder.iterdir():
                 job = await self.get(path.name.split(".")[0])
                 if job is None:
-                    old = path.stat().st_mtime < before  # orphan: a refused upload or a crash before add()
+                    try:  # orphan: a refused upload or a crash before add(); or an upload being written right now
+                        old = path.stat().st_mtime < before
+                    except FileNotFoundError:  # ... and renamed meanwhile
+                        continue
                 else:
                     old = job.finished and job.finished_at is not None and job.finished_at < before
                 if old:
@@ -422,26 +425,28 @@ class QueueEntry:
 
 @dataclass(frozen=True)
 class QueueSnapshot:
-    running: Job | None
-    running_left: float | None  # estimated seconds until the running job finishes
+    running: list[Job]  # oldest first
+    running_left: list[float | None]  # estimated seconds until each running job finishes
     queued: list[QueueEntry] = field(default_factory=list)
 
 
 class JobQueue:
-    """Which job runs next: round-robin across users, FIFO within a user.
+    """Which job runs next: round-robin across users, FIFO within a user; up to `capacity` at once.
 
     The next job belongs to the waiting user who was served least recently (never served first; ties go
     to the older job), so a user with three jobs does not starve the others. In-memory only: the store is
-    the durable copy, and the worker refills the queue from it after a restart.
+    the durable copy, and the worker refills the queue from it after a restart. The worker runs up to
+    `capacity` jobs at once (settings.max_batch), their MusicGen blocks batched together.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.max_length = settings.max_queue_length
         self.max_per_user = settings.max_jobs_per_user
+        self.capacity = settings.max_batch
         # Unknown output length = the longest clip rounded up to whole blocks: ETAs err on the long side.
         default_output = min(settings.max_output_seconds, 10 * math.ceil(settings.max_clip_seconds / 10))
         self.estimate = DurationEstimate(default_output)
-        self.running: Job | None = None
+        self.running: list[Job] = []
         self._waiting: dict[int, deque[Job]] = {}  # user id -> that user's jobs, oldest first
         self._last_served: dict[int, int] = {}  # user id -> serve counter when their last job started
         self._served = 0
@@ -459,7 +464,8 @@ class JobQueue:
                 f"per user. Wait until one finishes, or stop one with /cancel, then try again."
             )
         if len(self) >= self.max_length:
-            wait = self._running_left()  # a slot frees up when the running job ends and the next one starts
+            lefts = [left for left in map(self._left, self.running) if left is not None]
+            wait = min(lefts) if lefts else None  # a slot frees up when a running job ends and the next one starts
             minutes = math.ceil(max(wait, 60) / 60) if wait is not None else None
             when = f"in about {minutes} minute{'s' * (minutes != 1)}" if minutes else "in a few minutes"
             raise QueueFull(f"The queue is full ({len(self)} jobs waiting; the limit is {self.max_length}). "
@@ -477,7 +483,7 @@ class JobQueue:
         return self.position(job.id)
 
     async def next(self) -> Job:
-        """Wait for a job, mark it running and return it."""
+        """Wait for a job, mark it running and return it (the worker asks only while it has a free slot)."""
         while not self._waiting:
             self._changed.clear()
             await self._changed.wait()
@@ -487,20 +493,19 @@ class JobQueue:
         if not self._waiting:  # nobody waits: forget older history, it only grew with every user ever served
             self._last_served.clear()
         self._last_served[job.user_id] = self._served
-        self.running = job
+        self.running.append(job)
         return job
 
     def finish(self, job: Job, wall_seconds: float | None = None) -> None:
-        """The running job ended; a successful job's duration (`wall_seconds`) feeds the ETA."""
-        if self.running is not None and self.running.id == job.id:
-            self.running = None
+        """A running job ended; a successful job's duration (`wall_seconds`) feeds the ETA."""
+        self.running = [j for j in self.running if j.id != job.id]
         if wall_seconds is not None:
             self.estimate.record(job, wall_seconds)
 
     def remove(self, job_id: str) -> Job | None:
         """Take a queued job out (cancel); positions of the jobs behind it shift up."""
         job = self.get(job_id)
-        if job is None or job is self.running:
+        if job is None or job in self.running:
             return None
         self._pop(job)
         return job
@@ -508,16 +513,12 @@ class JobQueue:
     def get(self, job_id: str) -> Job | None:
         """A queued or running job by id (case-insensitive)."""
         job_id = job_id.strip().lower()
-        if self.running is not None and self.running.id == job_id:
-            return self.running
-        return next((j for jobs in self._waiting.values() for j in jobs if j.id == job_id), None)
+        return next((j for j in [*self.running, *(j for jobs in self._waiting.values() for j in jobs)]
+                     if j.id == job_id), None)
 
     def unfinished_of(self, user_id: int) -> list[Job]:
         """The user's running and queued jobs, oldest first."""
-        mine = list(self._waiting.get(user_id, ()))
-        if self.running is not None and self.running.user_id == user_id:
-            mine.insert(0, self.running)
-        return mine
+        return [j for j in self.running if j.user_id == user_id] + list(self._waiting.get(user_id, ()))
 
     def position(self, job_id: str) -> int | None:
         """1-based place among the queued jobs (1 = next to run); None if not queued."""
@@ -525,20 +526,29 @@ class JobQueue:
 
     def eta(self, job_id: str) -> float | None:
         """Seconds until the job starts (0 if running); None if unknown."""
-        if self.running is not None and self.running.id == job_id:
+        if any(j.id == job_id for j in self.running):
             return 0.0
         return next((e.starts_in for e in self.snapshot().queued if e.job.id == job_id), None)
 
     def snapshot(self) -> QueueSnapshot:
-        """The running job and the queued jobs in the order they will run, with start estimates."""
-        left = self._running_left()
-        clock = left if self.running is not None else 0.0
+        """The running jobs and the queued jobs in the order they will run, with start estimates: each
+        queued job takes the slot that frees up first."""
+        lefts = [self._left(job) for job in self.running]
+        slots = lefts + [0.0] * max(0, self.capacity - len(self.running))  # when each slot frees up
         entries = []
         for position, job in enumerate(self._run_order(), 1):
-            entries.append(QueueEntry(job, position, clock))
+            start = None
+            if slots is not None:
+                known = [t for t in slots if t is not None]
+                if known and (len(known) == len(slots) or min(known) == 0.0):  # a free slot needs no estimate
+                    start = min(known)
+            entries.append(QueueEntry(job, position, start))
+            if start is None:
+                slots = None  # one unknown start makes every later one unknown
+                continue
             needed = self.estimate.seconds(job)
-            clock = None if clock is None or needed is None else clock + needed
-        return QueueSnapshot(self.running, left, entries)
+            slots[slots.index(start)] = None if needed is None else start + needed
+        return QueueSnapshot(list(self.running), lefts, entries)
 
     def _run_order(self) -> list[Job]:
         """Simulate the round-robin to list the queued jobs in the order they will start."""
@@ -559,10 +569,9 @@ class JobQueue:
         if not jobs:
             del self._waiting[job.user_id]
 
-    def _running_left(self) -> float | None:
-        if self.running is None:
-            return None
-        needed = self.estimate.seconds(self.running)
+    def _left(self, job: Job) -> float | None:
+        """Estimated seconds until a running job finishes; None without an estimate."""
+        needed = self.estimate.seconds(job)
         if needed is None:
             return None
-        return max(0.0, needed - (time.time() - (self.running.started_at or time.time())))
+        return max(0.0, needed - (time.time() - (job.started_at or time.time())))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,10 @@ class Pipeline:
         self._refiner = refiner
         self._generator = generator
         self._image_captioner = image_captioner
+        # Several jobs run at once (their MusicGen blocks share decode loops: mtm_bot.batcher); the
+        # captioner, the LLM and the image captioner keep per-call state (static caches), so they take
+        # one job at a time. Another job's blocks decode meanwhile.
+        self._one_job_at_a_time = threading.RLock()
 
     def load(self) -> "Pipeline":
         """Load all five models now (at start-up), not on a user's first request."""
@@ -158,7 +163,7 @@ class Pipeline:
             from .generator import Generator
 
             self._generator = Generator.load(self.settings.profile, self.settings.musicgen_id, self.device,
-                                             BLOCK_SECONDS, compile=self.compile_plan)
+                                             BLOCK_SECONDS, compile=self.compile_plan, max_batch=self.settings.max_batch)
         return self._generator
 
     @property
@@ -184,7 +189,9 @@ class Pipeline:
 
     def describe_image(self, path: str | Path) -> str:
         """One sentence about the picture at `path` (/compose's image; /library image:)."""
-        return self.image_captioner.describe(self.read_image(path))
+        picture = self.read_image(path)
+        with self._one_job_at_a_time:
+            return self.image_captioner.describe(picture)
 
     def read_clip(self, path: str | Path) -> Audio:
         """Decode and validate an uploaded clip against the configured limits (typed errors)."""
@@ -209,7 +216,8 @@ class Pipeline:
     def caption(self, clip: Audio, progress: ProgressCallback = ignore_progress,
                 cancel: CancelToken | None = None) -> list[Segment]:
         progress(Progress("captioning"))
-        return self.captioner.caption(clip, cancel=cancel)
+        with self._one_job_at_a_time:
+            return self.captioner.caption(clip, cancel=cancel)
 
     def compose(self, clip: Audio | None, instruction: str, duration: int | None = None, seed: int | None = None,
                 progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None,
@@ -240,11 +248,13 @@ class Pipeline:
             cancel.check()
             progress(Progress("refining"))
             t0 = time.perf_counter()
-            refinement = self.refiner.refine(segments, instruction, cancel=cancel, seed=seed, picture=picture)
+            with self._one_job_at_a_time:
+                refinement = self.refiner.refine(segments, instruction, cancel=cancel, seed=seed, picture=picture)
         else:
             progress(Progress("writing the captions from your words"))
-            refinement = self.refiner.write(output_ranges(seconds), instruction, cancel=cancel, seed=seed,
-                                            picture=picture)
+            with self._one_job_at_a_time:
+                refinement = self.refiner.write(output_ranges(seconds), instruction, cancel=cancel, seed=seed,
+                                                picture=picture)
         timings["refine"] = time.perf_counter() - t0
 
         from .generator import plan_blocks
@@ -271,12 +281,13 @@ class Pipeline:
         cancel = cancel or CancelToken()
         progress(Progress("refining"))
         t0 = time.perf_counter()
-        if kept.segments:
-            refinement = self.refiner.refine(kept.segments, instruction, cancel=cancel, seed=seed,
-                                             picture=kept.picture)
-        else:
-            refinement = self.refiner.write(_parts(kept.refinement), instruction, cancel=cancel, seed=seed,
-                                            picture=kept.picture)
+        with self._one_job_at_a_time:
+            if kept.segments:
+                refinement = self.refiner.refine(kept.segments, instruction, cancel=cancel, seed=seed,
+                                                 picture=kept.picture)
+            else:
+                refinement = self.refiner.write(_parts(kept.refinement), instruction, cancel=cancel, seed=seed,
+                                                picture=kept.picture)
         timings = {"refine": time.perf_counter() - t0}
         return self._generate(kept.clip, kept.segments, refinement, kept.blocks, seed, progress, cancel,
                               on_captions, timings, kept.picture)

@@ -49,6 +49,9 @@ class Settings:
     library_days: float = 365.0  # /library keeps a track findable this long, its audio files gone or not
     embedder_id: str = "sentence-transformers/all-MiniLM-L6-v2"  # /library's text embedder (ships in a package)
     seed: int | None = None  # fixed seed for every job (reproducible runs); None = random per job
+    # Jobs generating at the same time share MusicGen decode loops, this many blocks per loop; 1 turns
+    # batching off. The worker runs this many jobs at once (bench.bench_musicgen --batch N).
+    max_batch: int = 4
 
     @property
     def max_upload_bytes(self) -> int:
@@ -92,7 +95,7 @@ class Settings:
             raise SettingsError("MTM_MAX_OUTPUT_SECONDS must be at least 10.")
         if self.library_days <= 0:
             raise SettingsError("MTM_LIBRARY_DAYS must be positive.")
-        for name in ("max_queue_length", "max_jobs_per_user", "submissions_per_minute"):
+        for name in ("max_queue_length", "max_jobs_per_user", "submissions_per_minute", "max_batch"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"MTM_{name.upper()} must be at least 1.")
 

@@ -1,4 +1,5 @@
-"""The GPU worker: one job at a time from the JobQueue, the pipeline in its own thread.
+"""The GPU worker: up to settings.max_batch jobs at once from the JobQueue, each in its own thread; their
+MusicGen blocks are decoded together (mtm_bot.batcher), the other stages take one job at a time.
 
     worker = Worker(settings, pipeline, store, queue, listener)
     await worker.start()        # recovery first: queued/running jobs run again from their start
@@ -91,10 +92,12 @@ class Worker:
         self.store = store
         self.queue = queue
         self.listener = listener
-        # One dedicated thread: model state (CUDA context, torch thread settings) stays on one thread,
-        # and the default executor stays free for file and network helpers.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtm-gpu")
-        self._running: _Running | None = None
+        # One thread per job running at once (settings.max_batch): their MusicGen blocks meet in the
+        # generator's decode thread (mtm_bot.batcher); the default executor stays free for file and network helpers.
+        self._executor = ThreadPoolExecutor(max_workers=settings.max_batch, thread_name_prefix="mtm-job")
+        self._running: dict[str, _Running] = {}  # job id -> its cancel token
+        self._slot_freed = asyncio.Event()
+        self._jobs: set[asyncio.Task] = set()
         self._stopping = False
         self._serve_task: asyncio.Task | None = None
         self._cleanup_task: asyncio.Task | None = None
@@ -111,13 +114,13 @@ class Worker:
     async def stop(self) -> None:
         """Stop serving. A running job is interrupted and left unfinished in the store: it resumes on the next start."""
         self._stopping = True
-        if self._running is not None:
-            self._running.token.cancel()
-        elif self._serve_task is not None:
-            self._serve_task.cancel()  # waiting for a job: nothing to interrupt
-        if self._cleanup_task is not None:
-            self._cleanup_task.cancel()
-        await asyncio.gather(*(t for t in (self._serve_task, self._cleanup_task) if t), return_exceptions=True)
+        for running in self._running.values():
+            running.token.cancel()
+        for task in (self._serve_task, self._cleanup_task):  # waiting for a job or a free slot: nothing to interrupt
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._serve_task, self._cleanup_task) if t), *self._jobs,
+                             return_exceptions=True)
         if self._deliveries:
             await asyncio.wait(self._deliveries, timeout=self.STOP_GRACE_SECONDS)
         for task in [*self._deliveries, *(t for tasks in self._notifications.values() for t in tasks)]:
@@ -179,8 +182,8 @@ class Worker:
         if job.user_id != user_id and not (is_manager and guild_id is not None and guild_id == job.guild_id):
             raise NotCancellable(f"Job {job.id} is someone else's; only its requester or a server manager can cancel it.")
 
-        running = self._running
-        if running is not None and running.job is job:
+        running = self._running.get(job.id)
+        if running is not None:
             running.cancelled_by_user = True
             running.token.cancel()
             return job
@@ -193,16 +196,26 @@ class Worker:
     # Serving ------------------------------------------------------------------------------------
 
     async def _serve(self) -> None:
+        """Start the queue's next job whenever a slot is free (settings.max_batch jobs run at once)."""
         while not self._stopping:
+            while len(self._running) >= self.queue.capacity:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
             job = await self.queue.next()
-            self._running = _Running(job, CancelToken())  # no await since next(): cancel() sees it at once
-            try:
-                await self._run(self._running)
-            except Exception:  # e.g. the database went away: log it, keep serving the next job
-                log.exception("The worker failed around job %s", job.id)
-                self.queue.finish(job)
-            finally:
-                self._running = None
+            running = self._running[job.id] = _Running(job, CancelToken())  # no await since next(): cancel() sees it
+            task = asyncio.create_task(self._run_one(running), name=f"job-{job.id}")
+            self._jobs.add(task)
+            task.add_done_callback(self._jobs.discard)
+
+    async def _run_one(self, running: _Running) -> None:
+        try:
+            await self._run(running)
+        except Exception:  # e.g. the database went away: log it, keep serving the next job
+            log.exception("The worker failed around job %s", running.job.id)
+            self.queue.finish(running.job)
+        finally:
+            del self._running[running.job.id]
+            self._slot_freed.set()
 
     async def _run(self, running: _Running) -> None:
         job = running.job

@@ -140,10 +140,15 @@ class Recorder:
     def __init__(self, decoder):
         self.decoder, self.calls = decoder, []
 
-    def generate_codes(self, **kwargs):
-        codes = self.decoder.generate_codes(**kwargs)
-        self.calls.append((kwargs, codes))
-        return codes
+    def decode_blocks(self, blocks, *args, admit=None, **kwargs):
+        def recorded(request, done):
+            def record(codes):
+                self.calls.append(({f.name: getattr(request, f.name) for f in dataclasses.fields(request)}, codes))
+                done(codes)
+            return request, record
+
+        newcomers = None if admit is None else (lambda idle: [recorded(*block) for block in admit(idle)])
+        return self.decoder.decode_blocks([recorded(*block) for block in blocks], *args, admit=newcomers, **kwargs)
 
 
 def _blocks(duration, block_seconds, segments=SEGMENTS_2, caption="warm jazz carol with sleigh bells"):

@@ -168,7 +168,7 @@ async def test_queue_length_limit_names_the_limit_and_when_to_retry():
 
 
 async def test_remove_shifts_positions_and_eta_follows_the_estimate():
-    queue = queue_of()
+    queue = queue_of(max_batch=1)
     first, second, third = make_job(1), make_job(2), make_job(3)
     for job in (first, second, third):
         queue.submit(job)
@@ -179,3 +179,22 @@ async def test_remove_shifts_positions_and_eta_follows_the_estimate():
     assert queue.position(third.id) == 2
     assert queue.eta(third.id) == pytest.approx(20.0)
     assert [e.job for e in queue.snapshot().queued] == [first, third]
+
+
+async def test_with_room_for_two_jobs_each_waiting_job_takes_the_slot_that_frees_first():
+    queue = queue_of(max_batch=2)
+    queue.estimate.seconds_per_output_second = 1.0
+    long, short = make_job(1, duration=60), make_job(2, duration=20)
+    for job in (long, short):
+        queue.submit(job)
+        (await queue.next()).started_at = time.time()
+    assert queue.running == [long, short]
+    third, fourth, fifth = make_job(3, duration=30), make_job(4, duration=10), make_job(5)
+    for job in (third, fourth, fifth):
+        queue.submit(job)
+    starts = [e.starts_in for e in queue.snapshot().queued]
+    assert starts == [pytest.approx(20, abs=1), pytest.approx(50, abs=1), pytest.approx(60, abs=1)]
+    assert queue.eta(short.id) == 0.0
+    queue.max_per_user = 1
+    with pytest.raises(TooManyJobs):  # a running job counts towards its user's limit, as before
+        queue.check(long.user_id)

@@ -134,12 +134,12 @@ def test_without_a_clip_every_block_has_no_melody_and_later_blocks_continue_the_
     decoder = pipeline.generator.decoder
     calls = []
 
-    def recording(**kwargs):
-        calls.append((kwargs["input_features"], kwargs["prompt_codes"]))
-        return generate_codes(**kwargs)
+    def recording(blocks, *args, **kwargs):  # one job: every block is its own loop's first
+        calls.extend((request.input_features, request.prompt_codes) for request, _ in blocks)
+        return decode_blocks(blocks, *args, **kwargs)
 
-    generate_codes = decoder.generate_codes
-    monkeypatch.setattr(decoder, "generate_codes", recording)
+    decode_blocks = decoder.decode_blocks
+    monkeypatch.setattr(decoder, "decode_blocks", recording)
     result = pipeline.compose(None, "ambient drone", duration=30, seed=9)
     assert len(calls) == 3 and all(chroma is None for chroma, _ in calls)  # musicgen's null-melody path
     assert calls[0][1] is None and all(prompt is not None for _, prompt in calls[1:])

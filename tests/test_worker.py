@@ -120,7 +120,8 @@ async def eventually(condition, timeout: float = 20.0) -> None:
 
 class Harness:
     def __init__(self, tmp_path, pipeline=None, listener=None, **settings):
-        self.settings = Settings(storage_dir=tmp_path, **{"max_jobs_per_user": 5, **settings})
+        # One job at a time unless a test asks for more (max_batch): the order tests read simply.
+        self.settings = Settings(storage_dir=tmp_path, **{"max_jobs_per_user": 5, "max_batch": 1, **settings})
         self.pipeline = pipeline or FakePipeline()
         self.listener = listener or Recorder()
         self.clip = tmp_path / "clip.wav"
@@ -164,7 +165,7 @@ async def test_compose_job_runs_in_a_worker_thread_and_delivers_a_wav(tmp_path):
         assert [e[2] for e in h.listener.of("progress")] == [1, 2, 3]
         assert h.listener.of("captions") == [("captions", job.id, ["0:00\u20130:10 a cosy jazz carol"])]
         assert h.outcomes() == [("finished", job.id, False)]
-        assert h.pipeline.threads and all(name.startswith("mtm-gpu") for name in h.pipeline.threads)
+        assert h.pipeline.threads and all(name.startswith("mtm-job") for name in h.pipeline.threads)
         stored = await h.store.get(job.id)
         assert stored.state is JobState.DONE and stored.delivered and stored.seed is not None
         assert stored.result_path == h.store.outputs_dir / f"{job.id}.wav"
@@ -445,7 +446,7 @@ async def _serve_until_delivered(storage: Path, log: Path, mode: str) -> None:
     class LoggingPipeline(FakePipeline):
         def compose(self, clip, instruction, duration=None, seed=None, **kw):
             with log.open("a") as out:
-                out.write(f"ran {h.queue.running.id} {seed}\n")
+                out.write(f"ran {h.queue.running[0].id} {seed}\n")  # one job at a time (max_batch 1)
             return super().compose(clip, instruction, duration, seed, **kw)
 
     async with Harness(storage, LoggingPipeline(steps=100, step=step), _LoggingListener(log)) as h:
@@ -456,3 +457,49 @@ async def _serve_until_delivered(storage: Path, log: Path, mode: str) -> None:
 
 if __name__ == "__main__":
     asyncio.run(_serve_until_delivered(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]))
+
+
+# --- several jobs at once (settings.max_batch) ----------------------------------------------------
+
+async def test_with_two_slots_jobs_run_together_and_the_order_stays_fair(tmp_path):
+    release = threading.Event()
+    started = []
+
+    def step(instruction, i):
+        started.append(instruction) if i == 0 else None
+        release.wait(10)
+
+    async with Harness(tmp_path, FakePipeline(step=step), max_batch=2) as h:
+        await h.worker.start()
+        for i in range(3):
+            await h.submit(1, f"A{i}")
+        await eventually(lambda: len(started) == 2)  # both slots busy, neither job finished
+        await h.submit(2, "B0")
+        assert [j.id for j in h.queue.snapshot().running] == [j.id for j in h.queue.running] and len(h.queue.running) == 2
+        assert [e.job.instruction for e in h.queue.snapshot().queued] == ["B0", "A2"]
+        release.set()
+        await eventually(lambda: len(h.outcomes()) == 4)
+    assert started[:2] == ["A0", "A1"] and [i for i, _ in h.pipeline.ran][2:] == ["B0", "A2"]
+
+
+async def test_cancelling_one_of_two_running_jobs_leaves_the_other_running(tmp_path):
+    release = threading.Event()
+    async with Harness(tmp_path, FakePipeline(steps=50, step=lambda instruction, i: release.wait(0.05)),
+                       max_batch=2) as h:
+        await h.worker.start()
+        keep, stop = await h.submit(1, "keep"), await h.submit(2, "stop")
+        await eventually(lambda: len(h.queue.running) == 2)
+        await h.worker.cancel(stop.id, 2)
+        await eventually(lambda: len(h.outcomes()) == 2)
+    assert sorted(h.outcomes()) == sorted([("cancelled", stop.id), ("finished", keep.id, False)])
+
+
+async def test_stopping_leaves_every_running_job_to_resume(tmp_path):
+    release = threading.Event()
+    async with Harness(tmp_path, FakePipeline(step=lambda instruction, i: release.wait(0.05), steps=200),
+                       max_batch=2) as h:
+        await h.worker.start()
+        jobs = [await h.submit(1, "one"), await h.submit(2, "two")]
+        await eventually(lambda: len(h.queue.running) == 2)
+    async with Harness(tmp_path) as h:
+        assert {j.id for j in await h.store.unfinished()} == {j.id for j in jobs}

@@ -1,0 +1,162 @@
+"""Several jobs' MusicGen blocks in one decode loop.
+
+A MusicGen step is bound by reading the weights, not by arithmetic, so a step for four blocks costs
+little more than a step for one. Every job's thread hands its next block to `BlockBatcher.decode` and
+waits; one decode thread takes every block waiting (up to `max_batch`, oldest first) into one
+`MusicgenDecoder.decode_blocks` loop, sized for the jobs generating at the time, and a block that
+arrives while the loop runs joins it between two steps as soon as a slot is free. A job's codes depend
+only on its own request (its noise comes from its own generator), never on who shared the loop.
+
+The decode thread is also where the decoder is warmed up (`call`): compiled steps and captured CUDA
+graphs stay on the thread that made them.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from .musicgen_decode import Admit, BlockRequest, Done
+
+T = TypeVar("T")
+# MusicgenDecoder.decode_blocks(blocks, slots=..., admit=...)
+DecodeBlocks = Callable[[Sequence[tuple[BlockRequest, Done]], int, Admit | None], None]
+
+
+@dataclass(eq=False)  # compared by identity: a request holds tensors
+class _Waiting:
+    request: BlockRequest | None  # None: a call to run on the decode thread
+    result: Future = field(default_factory=Future)
+    call: Callable[[], object] | None = None
+    state: torch.Tensor | None = None  # its generator's state when its loop took it
+
+
+class BlockBatcher:
+    def __init__(self, decode: DecodeBlocks, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self.decode_blocks = decode
+        self.max_batch = max_batch
+        self._waiting: deque[_Waiting] = deque()
+        self._changed = threading.Condition()
+        self._generating = 0  # jobs inside Generator.generate: their next blocks are coming
+        self.batch_sizes: list[int] = []  # blocks each decode loop started with, for tests and benchmarks
+        self.joined = 0  # blocks that joined a loop already running
+        self._thread = threading.Thread(target=self._serve, name="mtm-decode", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def generating(self) -> Iterator[None]:
+        """Around one job's blocks: while it generates, decode loops keep a slot's room for it."""
+        with self._changed:
+            self._generating += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._generating -= 1
+
+    def decode(self, request: BlockRequest) -> torch.Tensor:
+        """The codes of one block, decoded with whatever other blocks are waiting or decoding (it joins a
+        running loop between two steps when a slot is free); raises what its on_step raised (a cancel)
+        or what decoding raised."""
+        return self._submit(_Waiting(request)).result()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the decode thread (warm-up, compile, capture) and return its result."""
+        return self._submit(_Waiting(None, call=fn)).result()
+
+    def _submit(self, waiting: _Waiting) -> Future:
+        with self._changed:
+            self._waiting.append(waiting)
+            self._changed.notify()
+        return waiting.result
+
+    def _serve(self) -> None:
+        while True:
+            with self._changed:
+                while not self._waiting:
+                    self._changed.wait()
+                if self._waiting[0].request is None:
+                    call = self._waiting.popleft()
+                else:
+                    call = None
+                    first = self._take(self.max_batch)
+                    slots = min(self.max_batch, max(len(first), self._generating))
+            if call is not None:
+                _settle(call.result, call.call)
+            else:
+                self._decode(first, slots, admit=self.max_batch > 1)
+
+    def _take(self, most: int) -> list[_Waiting]:
+        """Up to `most` waiting blocks, oldest first, stopping at a call (it runs between loops); each
+        remembers its generator's state in case its loop runs out of memory. Hold `_changed`."""
+        taken = []
+        while self._waiting and self._waiting[0].request is not None and len(taken) < most:
+            waiting = self._waiting.popleft()
+            waiting.state = _state_of(waiting.request.generator)
+            taken.append(waiting)
+        return taken
+
+    def _decode(self, first: list[_Waiting], slots: int, admit: bool) -> None:
+        """One decode loop for `first` and (with `admit`) every block that arrives while it runs. Out of
+        memory, the blocks not yet done run again in halves, without newcomers, from the same noise
+        (each generator's state is restored), so no job fails for sharing a loop."""
+        in_loop = list(first)
+
+        def done(waiting: _Waiting) -> Done:
+            def finish(result: torch.Tensor | Exception) -> None:
+                in_loop.remove(waiting)
+                if isinstance(result, BaseException):
+                    waiting.result.set_exception(result)
+                else:
+                    waiting.result.set_result(result)
+            return finish
+
+        def newcomers(idle: int) -> list[tuple[BlockRequest, Done]]:
+            with self._changed:
+                joining = self._take(idle)
+            in_loop.extend(joining)
+            self.joined += len(joining)
+            return [(w.request, done(w)) for w in joining]
+
+        try:
+            self.decode_blocks([(w.request, done(w)) for w in first], slots, newcomers if admit else None)
+            self.batch_sizes.append(len(first))
+        except torch.OutOfMemoryError as error:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            left = list(in_loop)
+            if len(left) == 1:
+                left[0].result.set_exception(error)
+                return
+            for waiting in left:
+                _restore(waiting.request.generator, waiting.state)
+            half = len(left) // 2
+            self._decode(left[:half], half, admit=False)
+            self._decode(left[half:], len(left) - half, admit=False)
+        except BaseException as error:  # a bug: every job of the loop hears of it
+            for waiting in in_loop:
+                waiting.result.set_exception(error)
+
+
+def _settle(result: Future, fn: Callable[[], object]) -> None:
+    try:
+        result.set_result(fn())
+    except BaseException as error:
+        result.set_exception(error)
+
+
+def _state_of(generator: torch.Generator | None) -> torch.Tensor | None:
+    return None if generator is None else generator.get_state()
+
+
+def _restore(generator: torch.Generator | None, state: torch.Tensor | None) -> None:
+    if generator is not None:
+        generator.set_state(state)

@@ -1,0 +1,144 @@
+"""Several jobs' MusicGen blocks decoded together (mtm_bot.batcher through the generator), tiny model, CPU.
+
+A job's track depends only on its inputs and its seed: run alone or batched with others, the codes are
+identical. Batches form from the blocks waiting when the decode thread is free; the tests hold that
+thread until every job has handed in its first block, so the first batch really is shared.
+"""
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+
+from mtm_bot.audio import Audio
+from mtm_bot.errors import Cancelled
+from mtm_bot.generator import Generator, plan_blocks
+from mtm_bot.progress import CancelToken
+from tests.synth import music
+
+SEGMENTS = [(0.0, 1.0), (1.0, 2.0)]
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"), 10, max_batch=4)
+
+
+def blocks(duration, caption):
+    return [dataclasses.replace(b, description=f"{caption} {b.segment}") for b in plan_blocks(duration, SEGMENTS, 1)]
+
+
+# Different descriptions, with and without a melody, different lengths (the last one ends mid-block).
+JOBS = [
+    dict(clip=Audio(music(2.0, 32000, seed=1), 32000), blocks=blocks(3, "a cosy jazz carol"), seed=1),
+    dict(clip=None, blocks=blocks(2, "an ambient drone with choir and a very long description " * 3), seed=2),
+    dict(clip=Audio(music(2.0, 22050, seed=5), 22050), blocks=blocks(2.5, "brass"), seed=3),
+]
+
+
+def run_together(generator, jobs, cancel_tokens=None):
+    """Each job in its own thread, as the worker runs them; the decode thread waits until every first
+    block is in, so they start as one batch."""
+    results: list = [None] * len(jobs)
+    holding, hold = threading.Event(), threading.Event()
+
+    def hold_the_decode_thread():
+        holding.set()
+        hold.wait()
+
+    holder = threading.Thread(target=generator.batcher.call, args=(hold_the_decode_thread,))
+    holder.start()
+    holding.wait(60)
+
+    def run(i, job):
+        try:
+            cancel = cancel_tokens[i] if cancel_tokens else None
+            results[i] = generator.generate(job["clip"], job["blocks"], seed=job["seed"], cancel=cancel).codes
+        except Exception as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(generator.batcher._waiting) < len(jobs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hold.set()
+    for thread in [holder, *threads]:
+        thread.join(120)
+    return results
+
+
+@pytest.fixture(scope="module")
+def alone(generator):
+    return [generator.generate(job["clip"], job["blocks"], seed=job["seed"]).codes for job in JOBS]
+
+
+def test_jobs_batched_together_get_the_codes_they_get_alone(generator, alone):
+    generator.batcher.batch_sizes.clear()
+    together = run_together(generator, JOBS)
+    assert generator.batcher.batch_sizes[0] == 3  # the first blocks really shared one decode loop
+    assert len(generator.batcher.batch_sizes) < sum(len(job["blocks"]) for job in JOBS)  # later ones joined loops
+    for mine, theirs in zip(together, alone):
+        assert torch.equal(mine, theirs)
+
+
+def test_a_cancelled_job_leaves_the_batch_without_disturbing_the_others(generator, alone):
+    class CancelAfter(CancelToken):
+        def __init__(self, checks):
+            super().__init__()
+            self.checks = checks
+
+        def check(self):
+            self.checks -= 1
+            if self.checks == 0:
+                self.cancel()
+            super().check()
+
+    together = run_together(generator, JOBS, cancel_tokens=[None, CancelAfter(10), None])
+    assert isinstance(together[1], Cancelled)
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[2], alone[2])
+
+
+def test_out_of_memory_on_a_batch_retries_smaller_with_the_same_noise(generator, alone, monkeypatch):
+    decoder = generator.decoder
+
+    class SmallMemory:
+        """The decoder, running out of memory on any loop of more than one block."""
+
+        def decode_blocks(self, blocks, slots=1, admit=None, **kwargs):
+            if len(blocks) > 1:
+                for request, _ in blocks:  # a real OOM strikes mid-loop, after some noise was drawn
+                    torch.empty(4).exponential_(generator=request.generator)
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return decoder.decode_blocks(blocks, slots=slots, admit=admit, **kwargs)
+
+    monkeypatch.setattr(generator, "decoder", SmallMemory())
+    together = run_together(generator, JOBS)
+    for mine, theirs in zip(together, alone):
+        assert torch.equal(mine, theirs)
+
+
+def test_a_job_that_arrives_mid_block_joins_the_running_loop_at_once(generator, alone):
+    """Continuous batching: the newcomer's first frame is out before the running block's last one."""
+    events, results = [], {}
+    first, second = JOBS[0], JOBS[2]
+
+    def progress(name):
+        def report(p):
+            events.append((name, p.block, p.step, p.steps))
+            if name == "first" and (p.block, p.step) == (1, 5):
+                threading.Thread(target=run, args=("second", second)).start()
+        return report
+
+    def run(name, job):
+        results[name] = generator.generate(job["clip"], job["blocks"], seed=job["seed"], progress=progress(name)).codes
+
+    run("first", first)
+    while "second" not in results:
+        time.sleep(0.05)
+    first_block_done = events.index(("first", 1, 50, 50))
+    second_starts = next(i for i, e in enumerate(events) if e[0] == "second")
+    assert second_starts < first_block_done
+    assert torch.equal(results["first"], alone[0]) and torch.equal(results["second"], alone[2])
