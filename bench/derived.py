@@ -2,7 +2,8 @@
 
     python -m bench.derived --profile tiny --device cpu [--seconds 30] [--repeats 3]
 
-Prints one JSON object: the best wall time of each path over `--repeats` runs, and how much shorter
+Prints one JSON object: the best wall time of each path over `--repeats` runs (after one warm-up run
+each), and how much shorter
 Reroll (no captioning, no LLM) and Remix (no captioning) are than a fresh compose of the same clip and
 length. Extend and Redo generate a different amount of music, so they are reported per second of new
 music beside compose's. `full-size` is bench.end_to_end's random-weight build of the real architectures.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -19,16 +19,8 @@ from mtm_bot.pipeline import Pipeline
 from mtm_bot.runtime import resolve_device
 from mtm_bot.settings import Settings
 
+from bench.bench_refiner import best_of
 from bench.end_to_end import INSTRUCTION, build_stages, synth_clip
-
-
-def best_of(repeats: int, run) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def main() -> None:
@@ -44,9 +36,7 @@ def main() -> None:
     pipeline = Pipeline(Settings(profile="tiny", device=str(device)), captioner=captioner, refiner=refiner,
                         generator=generator)
     clip = synth_clip(args.seconds)
-    pipeline.compose(clip, INSTRUCTION, seed=0, duration=10)  # warm-up
-
-    compose_s, composed = best_of(args.repeats, lambda: pipeline.compose(clip, INSTRUCTION, args.seconds, seed=1))
+    composed, compose_s = best_of(args.repeats, lambda: pipeline.compose(clip, INSTRUCTION, args.seconds, seed=1))
     kept = composed.kept(INSTRUCTION, clip)
     paths = {
         "reroll": lambda: pipeline.reroll(kept, seed=2),
@@ -59,7 +49,7 @@ def main() -> None:
               "compose_s": round(compose_s, 3),
               "compose_stages_s": {k: round(v, 3) for k, v in composed.timings.items()}}
     for name, run in paths.items():
-        wall, _ = best_of(args.repeats, run)
+        _, wall = best_of(args.repeats, run)
         report[f"{name}_s"] = round(wall, 3)
     for name in ("reroll", "remix"):
         report[f"{name}_saves"] = f"{100 * (1 - report[f'{name}_s'] / compose_s):.0f}%"

@@ -18,6 +18,7 @@ import contextlib
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import discord
@@ -211,45 +212,37 @@ class Delivery:
             await self._add_to_library(job, message.id)
 
     async def _midi_file(self, job: Job) -> None:
-        """The MIDI file goes to whoever clicked, privately (or, once the interaction is gone, to the
-        channel with a ping)."""
+        """The MIDI file goes to whoever clicked."""
         notes = job.result_json["notes"]
         content = (f"🎹 The notes of job `{job.parent_id}`: {notes} note{'s' * (notes != 1)}, as a MIDI file."
                    if notes else f"🎹 I found no notes in job `{job.parent_id}`; the MIDI file is empty.")
-        live = await self._finish_status(job, "done ✅")
-
-        def file() -> discord.File:
-            return discord.File(str(job.result_path), filename=f"mtm-{job.parent_id}.mid")
-
-        if live is not None:
-            try:
-                await live.interaction.followup.send(content, file=file(), ephemeral=True,
-                                                     allowed_mentions=discord.AllowedMentions.none())
-                return
-            except discord.HTTPException as err:
-                if err.status not in (401, 404):
-                    raise
-        ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
-        await self._channel(job).send(f"<@{job.user_id}> {content}", file=file(), allowed_mentions=ping)
+        await self._answer_privately(job, content, lambda: [discord.File(str(job.result_path),
+                                                                        filename=f"mtm-{job.parent_id}.mid")])
 
     async def _library_matches(self, job: Job) -> None:
-        """/library image: search this server's library with the picture's description, and answer the
-        requester privately (or, once the interaction is gone, in the channel with a ping)."""
+        """/library image: search this server's library with the picture's description."""
         assert self.library is not None, "the library is set up before the worker starts delivering"
         picture = job.result_json["picture"]
         content = library_reply(f"your picture, as I see it: {quote(picture)}",
                                 await self.library.search(job.guild_id, picture, limit=RESULTS_SHOWN))
+        await self._answer_privately(job, content)
+
+    async def _answer_privately(self, job: Job, content: str,
+                                files: Callable[[], list[discord.File]] = list) -> None:
+        """A result for the requester alone (ephemeral), or, once the interaction is gone, in the channel
+        with a ping. `files` makes fresh Files per attempt: discord.py closes what it sent."""
         live = await self._finish_status(job, "done ✅")
         if live is not None:
             try:
-                await live.interaction.followup.send(content, ephemeral=True,
+                await live.interaction.followup.send(content, files=files(), ephemeral=True,
                                                      allowed_mentions=discord.AllowedMentions.none())
                 return
             except discord.HTTPException as err:
                 if err.status not in (401, 404):
                     raise
         ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
-        await self._channel(job).send(shorten(f"<@{job.user_id}> {content}", CONTENT_LIMIT), allowed_mentions=ping)
+        await self._channel(job).send(shorten(f"<@{job.user_id}> {content}", CONTENT_LIMIT), files=files(),
+                                      allowed_mentions=ping)
 
     async def _add_to_library(self, job: Job, message_id: int) -> None:
         """Make a posted track findable with /library. The result is already out: a failure here is

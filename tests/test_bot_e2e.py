@@ -40,8 +40,9 @@ async def connect_bot(emulator: DiscordEmulator, storage: Path, guild_commands: 
                       **env: str) -> tuple[MTMBot, asyncio.Task]:
     """The real bot (tiny pipeline) started in this process and connected to `emulator`; commands synced to
     the emulator's guild, or globally (as for a bot in many servers) with guild_commands=False."""
+    # One job at a time unless a module asks for more (MTM_MAX_BATCH): these tests watch jobs wait in the queue.
     env = {**emulator.env(), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu", "MTM_STORAGE_DIR": str(storage),
-           "MTM_SUBMISSIONS_PER_MINUTE": "100", "MTM_SEED": "1", **env}
+           "MTM_SUBMISSIONS_PER_MINUTE": "100", "MTM_SEED": "1", "MTM_MAX_BATCH": "1", **env}
     if not guild_commands:
         del env["MTM_GUILD_ID"]
     settings = Settings.from_env({k: v for k, v in env.items() if v}, env_file=None)
