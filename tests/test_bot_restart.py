@@ -45,8 +45,9 @@ async def test_refuses_a_wrong_token_with_a_clear_message(tmp_path):
 
 
 async def start_bot(emulator: DiscordEmulator, storage: Path, log: Path) -> asyncio.subprocess.Process:
+    # One job at a time: the test kills the bot with one job running and one queued.
     env = bot_env(**emulator.env(TOKEN), MTM_PROFILE="tiny", MTM_DEVICE="cpu", MTM_STORAGE_DIR=str(storage),
-                  MTM_SEED="1")
+                  MTM_SEED="1", MTM_MAX_BATCH="1")
     identified = emulator.identifies
     with open(log, "ab") as out:
         process = await asyncio.create_subprocess_exec(*BOT, cwd=storage.parent, env=env, stdout=out,
