@@ -23,7 +23,7 @@ def help_text(max_output_seconds: int, max_clip_seconds: float, max_upload_mb: f
         "`/library query` or `/library image`: this server's past tracks closest to your words or picture.\n"
         "`/queue`: what is running and where your jobs are.\n"
         "`/cancel [job]`: stop your newest job, or the one with that id.\n"
-        "Jobs run one at a time; you are pinged when your track is ready. "
+        "Jobs are served in turn, a few at once, fairly across users; you are pinged when your track is ready. "
         "The models (LP-MusicCaps, MusicGen) are licensed for non-commercial use only."
     )
 
