@@ -36,7 +36,7 @@ from mtm_bot.refiner import Refiner, build_tiny_tokenizer
 from mtm_bot.runtime import model_dtype, resolve_device
 from mtm_bot.settings import Settings
 
-from bench.bench_refiner import ReplyLogitsProcessor
+from bench.bench_refiner import ReplyLogitsProcessor, timed
 from bench.reference import reference_codes
 
 INSTRUCTION = "a cosy jazz carol with sleigh bells"
@@ -106,17 +106,11 @@ def run(pipeline: Pipeline, clip: Audio, device: torch.device) -> dict:
             "output_s": result.audio.duration, "blocks": len(result.blocks)}
 
 
-def concurrent(pipeline: Pipeline, clip: Audio, jobs: int, device: torch.device) -> dict:
+def concurrent(pipeline: Pipeline, clip: Audio, jobs: int) -> dict:
     """`jobs` composes submitted at once, as the worker runs them: one at a time (today's queue with
     MTM_MAX_BATCH=1), then all together, their MusicGen blocks batched."""
     def jobs_per_minute(run_all) -> dict:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run_all()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        wall = time.perf_counter() - start
+        _, wall = timed(run_all)
         return {"wall_s": round(wall, 2), "jobs_per_minute": round(60 * jobs / wall, 2)}
 
     batcher = pipeline.generator.batcher
@@ -177,7 +171,7 @@ def main() -> None:
         result["speedup"] = round(result["transformers"]["wall_s"] / result["ours"]["wall_s"], 2)
     if args.jobs > 1:
         generator.decoder = paths["ours"][1]
-        result["concurrent"] = concurrent(paths["ours"][0], clip, args.jobs, device)
+        result["concurrent"] = concurrent(paths["ours"][0], clip, args.jobs)
     if device.type == "cpu":
         result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print(json.dumps(result, indent=2))

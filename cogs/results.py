@@ -106,7 +106,7 @@ class ExtendModal(discord.ui.Modal, title="Extend the track"):
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
         text = self.seconds.value.strip().removesuffix("s").strip()
-        if not text.isdigit() or not MIN_EXTEND_SECONDS <= int(text) <= MAX_EXTEND_SECONDS:
+        if not text.isdigit():  # the range is Extend's own rule (check_extension), asked before queueing
             await reply_error(interaction, f"Please give a whole number of seconds from {MIN_EXTEND_SECONDS} to "
                                            f"{MAX_EXTEND_SECONDS}, not “{discord.utils.escape_markdown(text[:20])}”.")
             return

@@ -21,7 +21,7 @@ from mtm_bot.audio import megabytes
 from mtm_bot.errors import FileTooLarge, ImageFileTooLarge, InputError, NotAnImage, NotAudio
 from mtm_bot.image_captioner import IMAGE_EXTENSIONS
 from mtm_bot.jobs import Job, JobKind
-from mtm_bot.timecode import format_time
+from mtm_bot.pipeline import check_extension
 
 from .errors import THINKING
 
@@ -160,9 +160,7 @@ def _generated_seconds(parent: Job, kind: JobKind, seconds: int | None, redo_fro
     """Seconds of music the derived job generates (for the queue's ETA); refuses what cannot fit."""
     length = round(parent.result_json["duration"])
     if kind is JobKind.EXTEND:
-        if length + seconds > max_output_seconds:
-            raise InputError(f"This track is already {format_time(length)} long; {seconds} s more would pass the "
-                             f"{format_time(max_output_seconds)} limit.")
+        check_extension(length, seconds, max_output_seconds)
         return seconds
     if kind is JobKind.REDO:
         return length - redo_from

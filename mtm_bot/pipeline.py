@@ -300,12 +300,7 @@ class Pipeline:
         from .generator import plan_blocks
 
         end = kept.duration
-        if not MIN_EXTEND_SECONDS <= seconds <= MAX_EXTEND_SECONDS:
-            raise InputError(f"A track can be extended by {MIN_EXTEND_SECONDS} to {MAX_EXTEND_SECONDS} seconds, "
-                             f"not {seconds}.")
-        if end + seconds > self.settings.max_output_seconds:
-            raise InputError(f"This track is {end:.0f} s long; with {seconds} s more it would pass the "
-                             f"{self.settings.max_output_seconds} s limit.")
+        check_extension(end, seconds, self.settings.max_output_seconds)
         blocks = plan_blocks(end + seconds, _parts(kept.refinement), BLOCK_SECONDS, start=end,
                              first_index=len(kept.blocks))
         return self._generate(kept.clip, kept.segments, kept.refinement, blocks, seed, progress, cancel,
@@ -351,6 +346,17 @@ class Pipeline:
 
 
 MIN_EXTEND_SECONDS, MAX_EXTEND_SECONDS = 10, 60
+
+
+def check_extension(length: float, seconds: int, max_output_seconds: int) -> None:
+    """Refuse (InputError) an extension of a `length`-second track by `seconds` that Extend cannot make;
+    the bot asks before queueing the job, the pipeline again before generating."""
+    if not MIN_EXTEND_SECONDS <= seconds <= MAX_EXTEND_SECONDS:
+        raise InputError(f"A track can be extended by {MIN_EXTEND_SECONDS} to {MAX_EXTEND_SECONDS} seconds, "
+                         f"not {seconds}.")
+    if length + seconds > max_output_seconds:
+        raise InputError(f"This track is {length:.0f} s long; with {seconds} s more it would pass the "
+                         f"{max_output_seconds} s limit.")
 
 
 def _parts(refinement: Refinement) -> list[tuple[float, float]]:
