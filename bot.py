@@ -23,10 +23,12 @@ from discord.ext import commands
 
 from cogs.delivery import Delivery
 from cogs.errors import answer_error
+from mtm_bot import metrics
 from mtm_bot.errors import InputError, MTMError
 from mtm_bot.jobs import JobQueue, JobStore
 from mtm_bot.library import Embedder, Library
 from mtm_bot.settings import Settings
+from mtm_bot.runner import JobRunner, LocalRunner
 from mtm_bot.worker import Worker
 
 if TYPE_CHECKING:
@@ -85,13 +87,21 @@ class MTMBot(commands.Bot):
         self.store = await JobStore.open(self.settings)
         from mtm_bot.pipeline import Pipeline  # transformers is slow to import: only once we have a token
 
-        log.info("loading the %s models (once; they stay resident)", self.settings.profile)
-        self.pipeline = await asyncio.to_thread(lambda: Pipeline(self.settings).load())
+        if self.settings.broker_url:  # distributed: the GPU workers hold the models; here they only check uploads
+            from mtm_bot.distributed import RemoteRunner
+
+            self.pipeline = Pipeline(self.settings)
+            runner = RemoteRunner(self.settings, self.store)
+        else:
+            log.info("loading the %s models (once; they stay resident)", self.settings.profile)
+            self.pipeline = await asyncio.to_thread(lambda: Pipeline(self.settings).load())
+            runner = LocalRunner(JobRunner(self.pipeline, self.store), self.settings.max_batch)
         # The text embedder answers /library directly, on the CPU of this process (no GPU, no queue).
         embedder = await asyncio.to_thread(Embedder.load, self.settings.embedder_id)
         self.library = self.delivery.library = await Library.open(self.settings, embedder)
-        self.worker = Worker(self.settings, self.pipeline, self.store, self.queue, self.delivery)
+        self.worker = Worker(self.settings, runner, self.store, self.queue, self.delivery)
         await self.worker.start()  # resumes jobs a restart interrupted; their results go to their channels
+        metrics.serve(self.settings.metrics_port)
 
     async def sync_commands(self) -> None:
         if self.settings.guild_id is not None:
@@ -181,6 +191,11 @@ async def serve(settings: Settings) -> None:
         # SIGTERM (docker stop, systemd) closes cleanly like Ctrl-C: a running job resumes on the next start.
         with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows event loops
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
+        if settings.broker_url:  # distributed mode: one sentence per try while Redis cannot be reached
+            from mtm_bot.protocol import wait_for_redis
+
+            if not await wait_for_redis(settings, "bot", stopping):
+                return
         await log_in(bot, settings, stopping)
         await bot.connect()  # what bot.start does after login; reconnects on its own
 

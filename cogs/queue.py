@@ -27,10 +27,18 @@ class Queue(commands.Cog):
         lines = []
         if not snapshot.running:
             lines.append("**Running:** nothing, the next job starts at once.")
+        workers = self.bot.worker.runner.workers()  # GPU worker processes (distributed mode)
+        if self.bot.worker.runner.keeps_running and not workers:
+            lines.append("**GPU workers:** none connected; queued jobs start as soon as one is.")
+        if workers:
+            lines.append(f"**GPU workers:** {len(workers)} · " + ", ".join(
+                f"{shorten(w.name, 40)} ({len(w.running)}/{w.capacity} busy)" for w in workers))
         for job, running_left in zip(snapshot.running, snapshot.running_left):
             stage = self.bot.delivery.stage_of(job.id)
+            worker = self.bot.worker.where(job.id)
             left = f" · about {minutes(running_left)} left" if running_left is not None else ""
-            lines.append(f"**Running:** {describe(job)}" + (f" · {stage}" if stage else "") + left)
+            lines.append(f"**Running:** {describe(job)}" + (f" on {shorten(worker, 40)}" if worker else "")
+                         + (f" · {stage}" if stage else "") + left)
         lines.append(f"**Queued:** {len(snapshot.queued)}")
         for entry in snapshot.queued[:QUEUE_LINES_SHOWN]:
             eta = f" · starts in about {minutes(entry.starts_in)}" if entry.starts_in is not None else ""

@@ -9,6 +9,7 @@
     python -m mtm_bot midi   DIR|TRACK -o OUT.mid
     python -m mtm_bot caption INPUT [--profile ...] [--json]
     python -m mtm_bot download
+    python -m mtm_bot worker [--profile ...] [--device cuda:N]    one GPU worker (needs MTM_BROKER_URL)
 
 `--save DIR` keeps what the next command starts from in DIR (track.wav, state.npz and the clip); reroll,
 extend, remix, redo and midi start from such a DIR. Every command that makes a track takes --profile,
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     options(caption, seed=False)
 
     commands.add_parser("download", help="fetch the full profile's checkpoints into the Hugging Face cache")
+    worker = commands.add_parser("worker", help="distributed mode: one GPU worker taking the bot's jobs from Redis "
+                                                "(MTM_BROKER_URL)")
+    options(worker, seed=False, as_json=False)
     return parser
 
 
@@ -362,8 +366,15 @@ def _fetch(repo: str, fetch: Callable[[], object]) -> None:
         raise ModelUnavailable(f"The download of {repo} failed: {err}") from err
 
 
+def _worker(settings: Settings) -> int:
+    from .gpu_worker import main
+
+    return main(settings)
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "compose": _compose, "caption": _caption, "midi": _midi, "download": lambda args, settings: _download(settings),
+    "worker": lambda args, settings: _worker(settings),
     **{name: _derive for name in _DERIVATIONS},
 }
 

@@ -133,6 +133,7 @@ class Job:
     image_path: Path | None = None  # a compose job's picture (stored like the clip)
     parent_id: str | None = None  # a derived job's parent: the finished track it builds on
     redo_from: int | None = None  # a redo: the output second the regenerated part starts at
+    attempt: int = 0  # times handed to a GPU worker (distributed mode): a result of an older attempt is stale
 
     @classmethod
     def new(cls, kind: JobKind | str, *, user_id: int, guild_id: int | None, channel_id: int,
@@ -173,7 +174,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_json TEXT,
     image_path TEXT,
     parent_id TEXT,
-    redo_from INTEGER
+    redo_from INTEGER,
+    attempt INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_at);
@@ -181,7 +183,8 @@ CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_at);
 
 _COLUMNS = [f.name for f in fields(Job)]
 # Columns added after the first release: a database created before them gets them at open().
-_ADDED_COLUMNS = {"image_path": "TEXT", "parent_id": "TEXT", "redo_from": "INTEGER"}
+_ADDED_COLUMNS = {"image_path": "TEXT", "parent_id": "TEXT", "redo_from": "INTEGER",
+                  "attempt": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def _to_row(job: Job) -> tuple:
@@ -216,21 +219,50 @@ def _from_row(row: aiosqlite.Row) -> Job:
 _AUDIO_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
 
 
-class JobStore:
+class JobFiles:
+    """Where a job's files live under a storage folder: the bot's storage, or a GPU worker's scratch folder."""
+
+    def __init__(self, storage_dir: Path) -> None:
+        self.storage_dir = storage_dir
+        self.inputs_dir = storage_dir / "inputs"
+        self.outputs_dir = storage_dir / "outputs"
+
+    def make_folders(self) -> None:
+        for folder in (self.storage_dir, self.inputs_dir, self.outputs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def output_path(self, job_id: str, suffix: str = ".wav") -> Path:
+        return self.outputs_dir / f"{job_id}{suffix}"
+
+    def result_files(self, job: Job) -> dict[str, Path]:
+        """What a finished job leaves for delivery, by suffix: the track and its kept state, or a MIDI file."""
+        if job.kind in MAKES_TRACK:
+            return {suffix: self.output_path(job.id, suffix) for suffix in (".wav", ".kept.npz")}
+        if job.kind is JobKind.MIDI:
+            return {".mid": self.output_path(job.id, ".mid")}
+        return {}
+
+    def kept_files(self, job: Job) -> KeptFiles:
+        """What a finished track keeps for the jobs derived from it (mtm_bot.kept), beside its files."""
+        return KeptFiles(self.output_path(job.id), self.output_path(job.id, ".kept.npz"), job.input_path)
+
+    def parent_files(self, job: Job) -> KeptFiles:
+        """A derived job's own links to its parent's kept files (JobStore.link_parent)."""
+        return KeptFiles(self.inputs_dir / f"{job.id}.from.wav", self.inputs_dir / f"{job.id}.from.npz",
+                         job.input_path)
+
+
+class JobStore(JobFiles):
     """Jobs in SQLite (committed on every write, so a crash loses nothing) and their files on disk."""
 
     def __init__(self, storage_dir: Path, db: aiosqlite.Connection, retention_hours: float) -> None:
-        self.storage_dir = storage_dir
+        super().__init__(storage_dir)
         self.retention_hours = retention_hours
-        self.inputs_dir = storage_dir / "inputs"
-        self.outputs_dir = storage_dir / "outputs"
         self._db = db
 
     @classmethod
     async def open(cls, settings: Settings) -> "JobStore":
-        storage_dir = Path(settings.storage_dir)
-        for folder in (storage_dir, storage_dir / "inputs", storage_dir / "outputs"):
-            folder.mkdir(parents=True, exist_ok=True)
+        JobFiles(Path(settings.storage_dir)).make_folders()
         db = await aiosqlite.connect(settings.database_path)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.executescript(_SCHEMA)
@@ -240,7 +272,7 @@ class JobStore:
             if name not in present:
                 await db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         await db.commit()
-        return cls(storage_dir, db, settings.retention_hours)
+        return cls(Path(settings.storage_dir), db, settings.retention_hours)
 
     async def close(self) -> None:
         await self._db.close()
@@ -300,18 +332,6 @@ class JobStore:
             await out.write(data)
         await aiofiles.os.replace(partial, path)
         return path
-
-    def output_path(self, job_id: str, suffix: str = ".wav") -> Path:
-        return self.outputs_dir / f"{job_id}{suffix}"
-
-    def kept_files(self, job: Job) -> KeptFiles:
-        """What a finished track keeps for the jobs derived from it (mtm_bot.kept), beside its files."""
-        return KeptFiles(self.output_path(job.id), self.output_path(job.id, ".kept.npz"), job.input_path)
-
-    def parent_files(self, job: Job) -> KeptFiles:
-        """A derived job's own links to its parent's kept files (link_parent)."""
-        return KeptFiles(self.inputs_dir / f"{job.id}.from.wav", self.inputs_dir / f"{job.id}.from.npz",
-                         job.input_path)
 
     async def parent_for(self, job_id: str) -> Job:
         """The finished track a derived job builds on; ResultExpired once it is no longer kept."""
@@ -495,6 +515,10 @@ class JobQueue:
         self._last_served[job.user_id] = self._served
         self.running.append(job)
         return job
+
+    def adopt(self, job: Job) -> None:
+        """A job a GPU worker was already running when the bot restarted: running again, without a turn."""
+        self.running.append(job)
 
     def finish(self, job: Job, wall_seconds: float | None = None) -> None:
         """A running job ended; a successful job's duration (`wall_seconds`) feeds the ETA."""

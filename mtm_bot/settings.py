@@ -53,6 +53,14 @@ class Settings:
     # batching off. The worker runs this many jobs at once (bench.bench_musicgen --batch N).
     max_batch: int = 4
 
+    # Distributed mode (mtm_bot.distributed, mtm_bot.gpu_worker): unset = one process, as always.
+    broker_url: str | None = field(default=None, repr=False)  # redis://host:6379/0 or rediss://:password@host; may hold a password
+    broker_prefix: str = "mtm"  # every Redis key and stream of this bot starts with it (several bots, one Redis)
+    heartbeat_seconds: float = 2.0  # a GPU worker silent for 3 heartbeats is dead: its jobs run again elsewhere
+    blob_ttl_hours: float = 24.0  # clips and results in transit through Redis expire after this
+    worker_name: str = ""  # a GPU worker's name in /queue; default: host name and process id
+    metrics_port: int = 0  # Prometheus /metrics on this port (bot and each GPU worker); 0 = off
+
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * MIB)
@@ -95,6 +103,12 @@ class Settings:
             raise SettingsError("MTM_MAX_OUTPUT_SECONDS must be at least 10.")
         if self.library_days <= 0:
             raise SettingsError("MTM_LIBRARY_DAYS must be positive.")
+        if self.broker_url is not None and not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("MTM_BROKER_URL must be a Redis URL (redis://host:6379/0 or rediss://:password@host:6380/0).")
+        if self.heartbeat_seconds <= 0 or self.blob_ttl_hours <= 0:
+            raise SettingsError("MTM_HEARTBEAT_SECONDS and MTM_BLOB_TTL_HOURS must be positive.")
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError("MTM_METRICS_PORT must be a port number (0 turns the metrics off).")
         for name in ("max_queue_length", "max_jobs_per_user", "submissions_per_minute", "max_batch"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"MTM_{name.upper()} must be at least 1.")

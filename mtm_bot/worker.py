@@ -1,7 +1,7 @@
-"""The GPU worker: up to settings.max_batch jobs at once from the JobQueue, each in its own thread; their
-MusicGen blocks are decoded together (mtm_bot.batcher), the other stages take one job at a time.
+"""The job scheduler: runs up to the runner's capacity of jobs at once, in the queue's fair order, and
+delivers their outcomes.
 
-    worker = Worker(settings, pipeline, store, queue, listener)
+    worker = Worker(settings, runner, store, queue, listener)
     await worker.start()        # recovery first: queued/running jobs run again from their start
                                 # (job.resumed=True), finished-but-undelivered jobs are delivered
                                 # without recomputing; then serving, and hourly cleanup of files
@@ -9,6 +9,11 @@ MusicGen blocks are decoded together (mtm_bot.batcher), the other stages take on
     position = await worker.submit(job)      # see mtm_bot.jobs for the whole flow
     job = await worker.cancel(job_id, user_id, guild_id=..., is_manager=...)
     await worker.stop()         # a running job is interrupted and resumes on the next start
+
+The runner is the transport that runs a job and streams its events back: `LocalRunner`
+(mtm_bot.runner: threads of this process, the embedded default) or `RemoteRunner` (mtm_bot.distributed:
+GPU worker processes through taskiq + Redis; their jobs keep running while the bot restarts, and the
+bot takes them up again). The store, fairness, limits, ETA and delivery stay here for both.
 
 The listener (the bot's delivery cog) implements JobListener; every call runs on the event loop, never
 in the model thread: keep heavy work (encoding a track) off the loop with asyncio.to_thread. Progress
@@ -21,40 +26,20 @@ Failures reach the user as a one-sentence message (job.error), never a traceback
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
-import torch
-
-from .errors import Cancelled, InputError, MTMError
-from .jobs import MAKES_TRACK, Job, JobKind, JobNotFound, JobQueue, JobState, JobStore, NotCancellable
-from .kept import Kept
-from .progress import CancelToken, Progress, ProgressCallback
+from . import metrics
+from .errors import InputError
+from .jobs import MAKES_TRACK, Job, JobNotFound, JobQueue, JobState, JobStore, NotCancellable
+from .progress import Progress
+from .runner import UNEXPECTED_MESSAGE, JobEvents, Outcome
 from .settings import Settings
-from .timecode import format_range
-
-if TYPE_CHECKING:
-    from .audio import Audio
-    from .pipeline import ComposeResult, Pipeline
 
 log = logging.getLogger(__name__)
-
-OOM_MESSAGE = ("The GPU ran out of memory on this job. Try a shorter duration or a shorter clip, "
-               "or try again when the server is less busy.")
-UNEXPECTED_MESSAGE = ("Something went wrong while working on job {id}; the error was logged for the "
-                      "server's admins. Please try again later.")
-
-
-class ClipMissing(InputError):
-    pass
-
 
 class JobListener(Protocol):
     async def job_started(self, job: Job) -> None: ...
@@ -72,10 +57,38 @@ class JobListener(Protocol):
     async def job_cancelled(self, job: Job) -> None: ...
 
 
+class Runner(Protocol):
+    """A transport that runs jobs and streams their events back (mtm_bot.runner.LocalRunner,
+    mtm_bot.distributed.RemoteRunner)."""
+
+    capacity: int  # jobs it can run at once now (the live GPU workers' slots in distributed mode)
+    keeps_running: bool  # its jobs go on while this process restarts (then `run(adopt=True)` takes them up)
+
+    async def start(self, capacity_changed: Callable[[], None]) -> None: ...
+
+    async def run(self, job: Job, events: JobEvents, *, adopt: bool = False) -> Outcome:
+        """Run the job (or, adopting, await the run already under way) to its outcome."""
+
+    async def settled(self, job: Job) -> None:
+        """The outcome is stored: let go of what carried it."""
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a running job at its next decode step (run then returns a CANCELLED outcome)."""
+
+    def where(self, job_id: str) -> str | None:
+        """The GPU worker running the job; None in this process."""
+
+    def workers(self) -> list: ...
+
+    def interrupt(self) -> None:
+        """Shutdown of this process: its own jobs stop at their next step."""
+
+    async def close(self) -> None: ...
+
+
 @dataclass
 class _Running:
     job: Job
-    token: CancelToken
     cancelled_by_user: bool = False
 
 
@@ -85,17 +98,14 @@ class Worker:
     CLEANUP_INTERVAL_SECONDS = 3600.0
     STOP_GRACE_SECONDS = 10.0  # deliveries in flight may finish before stop() cuts them off
 
-    def __init__(self, settings: Settings, pipeline: "Pipeline", store: JobStore, queue: JobQueue,
+    def __init__(self, settings: Settings, runner: Runner, store: JobStore, queue: JobQueue,
                  listener: JobListener) -> None:
         self.settings = settings
-        self.pipeline = pipeline
+        self.runner = runner
         self.store = store
         self.queue = queue
         self.listener = listener
-        # One thread per job running at once (settings.max_batch): their MusicGen blocks meet in the
-        # generator's decode thread (mtm_bot.batcher); the default executor stays free for file and network helpers.
-        self._executor = ThreadPoolExecutor(max_workers=settings.max_batch, thread_name_prefix="mtm-job")
-        self._running: dict[str, _Running] = {}  # job id -> its cancel token
+        self._running: dict[str, _Running] = {}  # job id -> the job and who stopped it
         self._slot_freed = asyncio.Event()
         self._jobs: set[asyncio.Task] = set()
         self._stopping = False
@@ -103,21 +113,29 @@ class Worker:
         self._cleanup_task: asyncio.Task | None = None
         self._deliveries: set[asyncio.Task] = set()
         self._notifications: dict[str, set[asyncio.Task]] = {}  # job id -> listener calls in flight
+        metrics.QUEUE_LENGTH.set_function(lambda: len(self.queue))
+        metrics.JOBS.labels("queued").set_function(lambda: len(self.queue))
+        metrics.JOBS.labels("running").set_function(lambda: len(self._running))
 
     # Life cycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._recover()
+        await self.runner.start(self._capacity_changed)
+        self._capacity_changed()
         self._serve_task = asyncio.create_task(self._serve(), name="mtm-worker")
         self._cleanup_task = asyncio.create_task(self._clean_periodically(), name="mtm-cleanup")
 
     async def stop(self) -> None:
-        """Stop serving. A running job is interrupted and left unfinished in the store: it resumes on the next start."""
+        """Stop serving. A job this process runs is interrupted and left unfinished in the store: it resumes on
+        the next start. A job on a GPU worker (distributed mode) runs on and is taken up at the next start."""
         self._stopping = True
-        for running in self._running.values():
-            running.token.cancel()
+        self.runner.interrupt()
         for task in (self._serve_task, self._cleanup_task):  # waiting for a job or a free slot: nothing to interrupt
             if task is not None:
+                task.cancel()
+        if self.runner.keeps_running:
+            for task in self._jobs:
                 task.cancel()
         await asyncio.gather(*(t for t in (self._serve_task, self._cleanup_task) if t), *self._jobs,
                              return_exceptions=True)
@@ -126,13 +144,18 @@ class Worker:
         for task in [*self._deliveries, *(t for tasks in self._notifications.values() for t in tasks)]:
             task.cancel()  # an undelivered job is delivered at the next start
         await asyncio.gather(*self._deliveries, return_exceptions=True)
-        self._executor.shutdown(wait=False)
+        await self.runner.close()
 
     async def _recover(self) -> None:
         for job in reversed(await self.store.recent_done()):  # oldest first, so the newest weigh most
             if job.started_at is not None and job.finished_at is not None:
                 self.queue.estimate.record(job, job.finished_at - job.started_at)
         for job in await self.store.unfinished():
+            if job.state is JobState.RUNNING and self.runner.keeps_running:
+                log.info("Taking up job %s, handed to a GPU worker before the restart", job.id)
+                self.queue.adopt(job)
+                self._start(job, adopt=True)
+                continue
             job.state, job.started_at, job.resumed = JobState.QUEUED, None, True
             await self.store.update(job)
             self.queue.restore(job)
@@ -185,7 +208,7 @@ class Worker:
         running = self._running.get(job.id)
         if running is not None:
             running.cancelled_by_user = True
-            running.token.cancel()
+            self.runner.cancel(job.id)
             return job
         self.queue.remove(job.id)
         job.state, job.finished_at = JobState.CANCELLED, time.time()
@@ -195,21 +218,33 @@ class Worker:
 
     # Serving ------------------------------------------------------------------------------------
 
+    def where(self, job_id: str) -> str | None:
+        """/queue: the GPU worker running a job (distributed mode), else None."""
+        return self.runner.where(job_id)
+
+    def _capacity_changed(self) -> None:
+        self.queue.capacity = self.runner.capacity  # the ETA counts the live slots
+        self._slot_freed.set()
+
     async def _serve(self) -> None:
-        """Start the queue's next job whenever a slot is free (settings.max_batch jobs run at once)."""
+        """Start the queue's next job whenever the runner has a free slot: a job is handed out only then, so
+        the queue's round-robin alone decides the order."""
         while not self._stopping:
-            while len(self._running) >= self.queue.capacity:
+            while len(self._running) >= self.runner.capacity:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
             job = await self.queue.next()
-            running = self._running[job.id] = _Running(job, CancelToken())  # no await since next(): cancel() sees it
-            task = asyncio.create_task(self._run_one(running), name=f"job-{job.id}")
-            self._jobs.add(task)
-            task.add_done_callback(self._jobs.discard)
+            self._start(job)
 
-    async def _run_one(self, running: _Running) -> None:
+    def _start(self, job: Job, *, adopt: bool = False) -> None:
+        running = self._running[job.id] = _Running(job)  # no await since queue.next(): cancel() sees it
+        task = asyncio.create_task(self._run_one(running, adopt), name=f"job-{job.id}")
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    async def _run_one(self, running: _Running, adopt: bool) -> None:
         try:
-            await self._run(running)
+            await self._run(running, adopt)
         except Exception:  # e.g. the database went away: log it, keep serving the next job
             log.exception("The worker failed around job %s", running.job.id)
             self.queue.finish(running.job)
@@ -217,110 +252,30 @@ class Worker:
             del self._running[running.job.id]
             self._slot_freed.set()
 
-    async def _run(self, running: _Running) -> None:
+    async def _run(self, running: _Running, adopt: bool) -> None:
         job = running.job
-        job.state, job.started_at, job.error = JobState.RUNNING, time.time(), None
-        if job.kind in MAKES_TRACK and job.seed is None:
-            job.seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
-        await self.store.update(job)  # the seed is on disk before any model work: a resumed job sounds the same
-        self._notify(job, self.listener.job_started, job)
-        loop = asyncio.get_running_loop()
-        try:
-            job.result_json = await loop.run_in_executor(self._executor, self._compute, job, running.token, loop)
-        except Cancelled:
-            if self._stopping and not running.cancelled_by_user:
-                self.queue.finish(job)
-                log.info("Job %s interrupted by shutdown; it resumes on the next start", job.id)
-                return  # still RUNNING in the store
-            job.state = JobState.CANCELLED
-        except torch.OutOfMemoryError:
-            log.exception("Job %s ran out of GPU memory", job.id)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # give the next job the memory this one held
-            job.state, job.error = JobState.FAILED, OOM_MESSAGE
-        except InputError as err:
-            log.warning("Job %s refused: %s", job.id, err)
-            job.state, job.error = JobState.FAILED, str(err)
-        except MTMError as err:  # ModelUnavailable, OutputTooLarge: their messages are written for users
-            log.exception("Job %s failed", job.id)
-            job.state, job.error = JobState.FAILED, str(err)
-        except Exception:
-            log.exception("Job %s failed", job.id)
-            job.state, job.error = JobState.FAILED, UNEXPECTED_MESSAGE.format(id=job.id)
-        else:
-            job.state = JobState.DONE
-            if job.kind in MAKES_TRACK:
-                job.result_path = self.store.output_path(job.id)
-            elif job.kind is JobKind.MIDI:
-                job.result_path = self.store.output_path(job.id, ".mid")
+        if not adopt:
+            job.state, job.started_at, job.error = JobState.RUNNING, time.time(), None
+            if job.kind in MAKES_TRACK and job.seed is None:
+                job.seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
+            await self.store.update(job)  # the seed is on disk before any model work: a resumed job sounds the same
+            self._notify(job, self.listener.job_started, job)
+        events = JobEvents(progress=lambda progress: self._notify(job, self.listener.job_progress, job, progress),
+                           captions=lambda lines: self._notify(job, self.listener.job_captions, job, lines))
+        outcome = await self.runner.run(job, events, adopt=adopt)
+        if outcome.state is JobState.CANCELLED and self._stopping and not running.cancelled_by_user:
+            self.queue.finish(job)
+            log.info("Job %s interrupted by shutdown; it resumes on the next start", job.id)
+            return  # still RUNNING in the store
+        job.state, job.error, job.result_json = outcome.state, outcome.error, outcome.result_json
+        if job.state is JobState.DONE:
+            job.result_path = next(iter(self.store.result_files(job).values()), None)
         job.finished_at = time.time()
         self.queue.finish(job, job.finished_at - job.started_at if job.state is JobState.DONE else None)
         await self.store.update(job)
+        await self.runner.settled(job)
+        metrics.JOBS_FINISHED.labels(job.state.value).inc()
         self._deliver_soon(job)
-
-    def _compute(self, job: Job, cancel: CancelToken, loop: asyncio.AbstractEventLoop) -> dict:
-        """Runs in the model thread; returns the job's result_json."""
-
-        def forward(method: Callable[..., Awaitable[None]], *args) -> None:
-            loop.call_soon_threadsafe(self._notify, job, method, job, *args)
-
-        def report(progress: Progress) -> None:
-            forward(self.listener.job_progress, progress)
-
-        def captions(lines: list[str]) -> None:
-            forward(self.listener.job_captions, lines)
-
-        entry_points = {JobKind.CAPTION: self._caption, JobKind.COMPOSE: self._compose,
-                        JobKind.LIBRARY_IMAGE: self._describe_image, JobKind.MIDI: self._midi,
-                        JobKind.REROLL: self._derive, JobKind.EXTEND: self._derive, JobKind.REMIX: self._derive,
-                        JobKind.REDO: self._derive}
-        result_json = entry_points[job.kind](job, report, cancel, captions)
-        # The store keeps JSON text: a result that cannot be stored fails here, as this job's error.
-        return json.loads(json.dumps(result_json))
-
-    def _caption(self, job: Job, report: ProgressCallback, cancel: CancelToken,
-                 captions: Callable[[list[str]], None]) -> dict:
-        segments = self.pipeline.caption(self.pipeline.read_clip(_stored(job.input_path, "clip")), report, cancel)
-        return {"input_captions": [dataclasses.asdict(s) for s in segments],
-                "lines": [f"{format_range(s.start, s.end)} {s.caption}" for s in segments]}
-
-    def _compose(self, job: Job, report: ProgressCallback, cancel: CancelToken,
-                 captions: Callable[[list[str]], None]) -> dict:
-        """From a clip, a picture, both, or the instruction alone: whichever the job stored."""
-        clip = None if job.input_path is None else self.pipeline.read_clip(_stored(job.input_path, "clip"))
-        image = None if job.image_path is None else _stored(job.image_path, "picture")
-        result = self.pipeline.compose(clip, job.instruction, job.duration, seed=job.seed, progress=report,
-                                       cancel=cancel, on_captions=captions, image=image)
-        return self._keep(job, result, clip)
-
-    def _derive(self, job: Job, report: ProgressCallback, cancel: CancelToken,
-                captions: Callable[[list[str]], None]) -> dict:
-        """Reroll, Extend, Remix, Redo: from the parent's kept track, which the job holds links to."""
-        kept = Kept.load(self.store.parent_files(job), self.pipeline.read_clip)
-        result = _DERIVATIONS[job.kind](self.pipeline, job, kept, seed=job.seed, progress=report, cancel=cancel,
-                                        on_captions=captions)
-        return self._keep(job, result, kept.clip)
-
-    def _keep(self, job: Job, result: ComposeResult, clip: Audio | None) -> dict:
-        """Write the track and what the next job starts from; the result_json to deliver."""
-        result.kept(job.instruction, clip).save(self.store.kept_files(job))
-        return {**result.to_json(), "lines": result.caption_lines()}
-
-    def _midi(self, job: Job, report: ProgressCallback, cancel: CancelToken,
-              captions: Callable[[list[str]], None]) -> dict:
-        report(Progress("transcribing the notes"))
-        transcription = self.pipeline.transcribe(self.store.parent_files(job).track)
-        self.store.output_path(job.id, ".mid").write_bytes(transcription.midi_bytes())
-        return {"notes": len(transcription.notes), "lines": []}
-
-    def _describe_image(self, job: Job, report: ProgressCallback, cancel: CancelToken,
-                        captions: Callable[[list[str]], None]) -> dict:
-        """/library image: the picture in words; delivery searches the server's library with them."""
-        report(Progress("describing the picture"))
-        picture = self.pipeline.describe_image(_stored(job.image_path, "picture")).strip()
-        if not picture:
-            raise InputError("I could not put this picture into words; please try another one.")
-        return {"picture": picture, "lines": []}
 
     # Talking to the listener ----------------------------------------------------------------------
 
@@ -367,22 +322,6 @@ class Worker:
             except Exception:
                 log.exception("Cleaning up old job files failed")
             await asyncio.sleep(self.CLEANUP_INTERVAL_SECONDS)
-
-
-# Each derived kind's pipeline entry point, given the job and its parent's kept track.
-_DERIVATIONS = {
-    JobKind.REROLL: lambda pipeline, job, kept, **run: pipeline.reroll(kept, **run),
-    JobKind.EXTEND: lambda pipeline, job, kept, **run: pipeline.extend(kept, job.duration, **run),
-    JobKind.REMIX: lambda pipeline, job, kept, **run: pipeline.remix(kept, job.instruction, **run),
-    JobKind.REDO: lambda pipeline, job, kept, **run: pipeline.redo(kept, job.redo_from, **run),
-}
-
-
-def _stored(path: Path | None, what: str) -> Path:
-    """An upload the job stored; refused with a sentence if it is gone (cleaned up, deleted by hand)."""
-    if path is None or not path.exists():
-        raise ClipMissing(f"The {what} of this job is no longer stored; please submit it again.")
-    return path
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -16,7 +16,8 @@ from mtm_bot.jobs import Job, JobKind, JobNotFound, JobQueue, JobState, JobStore
 from mtm_bot.pipeline import Pipeline
 from mtm_bot.progress import Progress
 from mtm_bot.settings import Settings
-from mtm_bot.worker import OOM_MESSAGE, Worker
+from mtm_bot.runner import OOM_MESSAGE, JobRunner, LocalRunner
+from mtm_bot.worker import Worker
 from tests.synth import write_music
 
 RATE = 32000
@@ -131,7 +132,8 @@ class Harness:
     async def __aenter__(self):
         self.store = await JobStore.open(self.settings)
         self.queue = JobQueue(self.settings)
-        self.worker = Worker(self.settings, self.pipeline, self.store, self.queue, self.listener)
+        runner = LocalRunner(JobRunner(self.pipeline, self.store), self.settings.max_batch)
+        self.worker = Worker(self.settings, runner, self.store, self.queue, self.listener)
         self.worker.DELIVERY_RETRY_SECONDS = 0.01
         return self
 
