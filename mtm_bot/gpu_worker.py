@@ -197,6 +197,7 @@ class GpuWorker:
                 results = await self._upload_results(job, attempt)
             await self.post(outcome.state.value, job.id, attempt, wait=True, result_json=outcome.result_json,
                             error=outcome.error, results=results)
+            log.info("Finished job %s (attempt %d): %s", job.id, attempt, outcome.state.value)
         except Exception:
             log.exception("Job %s attempt %d broke this worker's side; handing it back", job.id, attempt)
             await self.post("released", job.id, attempt, wait=True)

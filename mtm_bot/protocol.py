@@ -154,8 +154,8 @@ class JobStream(RedisStreamBroker):
     - no redelivery by idle time: taskiq-redis#101 reports XAUTOCLAIM giving a job whose worker is alive
       to another worker once it runs past idle_timeout. The bot hands out a dead worker's jobs again by
       its heartbeat instead (mtm_bot.distributed), so a slow 3-minute track never runs twice;
-    - a listener that outlives Redis: a lost connection or an emptied Redis (the stream and its group
-      gone) is one log line and a retry, and the group is created again.
+    - a listener and acknowledgements that outlive Redis: a lost connection or an emptied Redis (the
+      stream and its group gone) is one log line and a retry, and the group is created again.
     """
 
     NEVER_MS = 30 * 24 * 3600 * 1000
@@ -167,6 +167,18 @@ class JobStream(RedisStreamBroker):
                          idle_timeout=self.NEVER_MS, unacknowledged_batch_size=1, unacknowledged_lock_timeout=5,
                          maxlen=10_000, socket_connect_timeout=5)
         self.with_serializer(JSONSerializer())  # never pickle: a message from the broker is data, not code
+
+    def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Any]:
+        """taskiq-redis's XACK, retried while Redis is away (the receiver would leave the error unretrieved)."""
+        ack = super()._ack_generator(id, queue_name)
+
+        async def ack_surely() -> None:
+            try:
+                await retrying("acknowledging a finished job", ack)
+            except ResponseError:  # NOGROUP: Redis was emptied, and the message went with it
+                pass
+
+        return ack_surely
 
     async def declare(self) -> None:
         await self._declare_consumer_group()

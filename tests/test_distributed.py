@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -68,9 +69,9 @@ class Workers:
         return self.tmp_path / f"{name}.log"
 
     async def start(self, name: str, wait: bool = True, **env: str) -> asyncio.subprocess.Process:
-        settings = dict(MTM_PROFILE="tiny", MTM_DEVICE="cpu", MTM_BROKER_URL=self.broker_url,
-                        MTM_BROKER_PREFIX=self.prefix, MTM_MAX_BATCH="1", MTM_HEARTBEAT_SECONDS=HEARTBEAT,
-                        MTM_WORKER_NAME=name, OMP_NUM_THREADS="1", **env)
+        settings = {**dict(MTM_PROFILE="tiny", MTM_DEVICE="cpu", MTM_BROKER_URL=self.broker_url,
+                           MTM_BROKER_PREFIX=self.prefix, MTM_MAX_BATCH="1", MTM_HEARTBEAT_SECONDS=HEARTBEAT,
+                           MTM_WORKER_NAME=name, OMP_NUM_THREADS="1"), **env}
         with open(self.log(name), "ab") as out:
             process = await asyncio.create_subprocess_exec(sys.executable, "-m", "mtm_bot", "worker", cwd=ROOT,
                                                            env=clean_env(**settings), stdout=out,
@@ -140,8 +141,18 @@ def delivered_once(emulator: DiscordEmulator, users: list[FakeUser], job_ids: li
         assert LINE.search(mine[0].text()) and len(mine[0].files) == 1
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
 async def test_two_workers_serve_six_jobs_of_three_users_round_robin_each_delivered_once(tmp_path, prefix):
-    async with distributed(tmp_path, prefix) as (emulator, bot, workers):
+    bot_port, worker_port = free_port(), free_port()
+    async with distributed(tmp_path, prefix, MTM_METRICS_PORT=str(bot_port)) as (emulator, bot, workers):
         assert bot.pipeline._generator is None and bot.pipeline._captioner is None  # the bot loads no model
         users = [emulator.user(name) for name in ("alice", "bob", "carol")]
         # Every job is queued before a worker exists: the order they start in is the bot's alone.
@@ -149,9 +160,15 @@ async def test_two_workers_serve_six_jobs_of_three_users_round_robin_each_delive
         queue = await emulator.slash(users[0], "queue")
         await emulator.wait_for(lambda: queue.visible_messages(), 30, "/queue")
         assert "none connected" in queue.visible_messages()[-1].content
-        await asyncio.gather(workers.start("gpu-a"), workers.start("gpu-b"))
+        assert metric(scrape(bot_port), "mtm_queue_length") == 6 and metric(scrape(bot_port), "mtm_live_workers") == 0
+        await asyncio.gather(workers.start("gpu-a", MTM_METRICS_PORT=str(worker_port)), workers.start("gpu-b"))
         await every_job_settled(bot.store)
         delivered_once(emulator, users, jobs)
+        bot_metrics, worker_metrics = scrape(bot_port), scrape(worker_port)
+        assert metric(bot_metrics, "mtm_live_workers") == 2 and metric(bot_metrics, "mtm_queue_length") == 0
+        assert metric(bot_metrics, 'mtm_jobs_finished_total{state="done"}') >= 6
+        assert metric(worker_metrics, 'mtm_stage_seconds_count{stage="generating"}') == len(workers.ran("gpu-a"))
+        assert "mtm_gpu_memory_bytes" in worker_metrics
         started = sorted([await bot.store.get(j) for j in jobs], key=lambda job: job.started_at)
         owners = {job.id: job.user_id for job in started}
         assert [owners[j.id] for j in started] == [u.id for u in users] * 2, "round-robin across users"
@@ -161,3 +178,265 @@ async def test_two_workers_serve_six_jobs_of_three_users_round_robin_each_delive
         await emulator.wait_for(lambda: queue.visible_messages(), 30, "/queue")
         text = queue.visible_messages()[-1].content
         assert "GPU workers:** 2" in text and "gpu-a (0/1 busy)" in text and "gpu-b (0/1 busy)" in text
+
+
+async def until(condition, timeout: float, what: str) -> None:
+    """Poll a condition that no emulator event announces."""
+    async def reached() -> None:
+        while not condition():
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(reached(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
+
+
+def running_on(workers: Workers, job_id: str) -> str | None:
+    return next((name for name in workers.processes if job_id in workers.ran(name)), None)
+
+
+async def test_a_killed_worker_s_job_runs_again_on_a_live_worker_within_heartbeats_and_is_delivered_once(tmp_path,
+                                                                                                        prefix):
+    async with distributed(tmp_path, prefix) as (emulator, bot, workers):
+        await asyncio.gather(workers.start("gpu-a"), workers.start("gpu-b"))
+        alice, bob = emulator.user("alice"), emulator.user("bob")
+        doomed = await compose(emulator, alice, seed=1, duration=120)
+        other = await compose(emulator, bob, seed=2, duration=120)  # outlives many heartbeats: must run once
+        await until(lambda: running_on(workers, doomed) and running_on(workers, other), 120, "both running")
+        victim = running_on(workers, doomed)
+        await asyncio.sleep(1.0)  # well into the track
+        killed_at = asyncio.get_running_loop().time()
+        await workers.kill(victim)
+        survivor = next(name for name in workers.processes if name != victim)
+        await until(lambda: doomed in workers.ran(survivor), 60, "the job on the live worker")
+        recovered_in = asyncio.get_running_loop().time() - killed_at
+        await every_job_settled(bot.store)
+        delivered_once(emulator, [alice, bob], [doomed, other])
+        # bounded by 3 heartbeats (1.5 s) plus one check, and the survivor finishing its own job first
+        assert recovered_in < 60, recovered_in
+        assert workers.ran(survivor).count(other) + workers.ran(victim).count(other) == 1, "a live worker's job ran once"
+        assert (await bot.store.get(doomed)).attempt == 2 and (await bot.store.get(other)).attempt == 1
+
+
+async def test_cancel_reaches_a_job_running_on_a_worker(tmp_path, prefix):
+    async with distributed(tmp_path, prefix) as (emulator, bot, workers):
+        await workers.start("gpu-a")
+        alice = emulator.user("alice")
+        job_id = await compose(emulator, alice, seed=3, duration=180)
+        await until(lambda: running_on(workers, job_id), 120, "running")
+        await until(lambda: (bot.delivery.stage_of(job_id) or "").startswith("generating"), 120, "generating")
+        cancel = await emulator.slash(alice, "cancel", {"job": job_id})
+        await emulator.wait_for(lambda: cancel.visible_messages(), 30, "/cancel")
+        assert "stopping" in cancel.visible_messages()[-1].content
+        await every_job_settled(bot.store, timeout=30)  # not the whole 3-minute track
+        job = await bot.store.get(job_id)
+        assert job.state is JobState.CANCELLED and job.delivered
+        assert "Finished job " + job_id in workers.log("gpu-a").read_text()
+        # the worker is free again: the next job runs
+        second = await compose(emulator, alice, seed=4)
+        await every_job_settled(bot.store)
+        delivered_once(emulator, [alice], [second])
+
+
+async def test_a_worker_that_cannot_load_its_models_takes_no_job(tmp_path, prefix):
+    workers = Workers(tmp_path, REDIS_URL, prefix)
+    process = await workers.start("broken", wait=False, MTM_PROFILE="full", HF_HOME=str(tmp_path / "empty-cache"),
+                                  HF_HUB_OFFLINE="1")
+    assert await asyncio.wait_for(process.wait(), 120) == 1
+    log = workers.log("broken").read_text()
+    assert "cannot load its models, so it takes no job" in log and "Traceback" not in log
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert not list(client.scan_iter(match=f"{prefix}:*")), "it never announced itself nor read a job"
+    finally:
+        client.close()
+
+
+async def test_worker_without_a_broker_url_exits_2_saying_what_to_set():
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mtm_bot", "worker"], cwd=ROOT,
+                                   env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "MTM_BROKER_URL is not set" in done.stderr and "redis://" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+async def test_a_worker_of_another_protocol_version_refuses_the_order_and_hands_it_back(tmp_path, prefix):
+    from taskiq.kicker import AsyncKicker
+
+    from mtm_bot.protocol import TASK_NAME, JobStream
+
+    async with distributed(tmp_path, prefix) as (emulator, bot, workers):
+        await workers.start("gpu-a")
+        broker = JobStream(Settings(broker_url=REDIS_URL, broker_prefix=prefix), consumer_name="test")
+        await AsyncKicker(task_name=TASK_NAME, broker=broker, labels={}).kiq(
+            {"v": 999, "attempt": 1, "job": {"id": "0123abcd", "kind": "compose", "fields": "of a future release"}})
+        await broker.shutdown()
+        await until(lambda: "Refusing job 0123abcd" in workers.log("gpu-a").read_text(), 60, "refusal")
+        assert "protocol version 999, this worker version 1" in workers.log("gpu-a").read_text()
+        alice = emulator.user("alice")
+        job_id = await compose(emulator, alice, seed=5)  # it goes on serving
+        await every_job_settled(bot.store)
+        delivered_once(emulator, [alice], [job_id])
+
+
+BOT = [sys.executable, str(ROOT / "bot.py")]
+TOKEN = "secret-emulator-token-4d3c2b"
+
+
+async def start_bot_process(emulator: DiscordEmulator, storage: Path, log: Path, broker_url: str, prefix: str,
+                            connected: bool = True) -> asyncio.subprocess.Process:
+    """`python bot.py` in distributed mode (a process of its own, so that a test can kill it)."""
+    env = clean_env(**emulator.env(TOKEN), MTM_PROFILE="tiny", MTM_DEVICE="cpu", MTM_STORAGE_DIR=str(storage),
+                    MTM_SEED="1", MTM_BROKER_URL=broker_url, MTM_BROKER_PREFIX=prefix, MTM_HEARTBEAT_SECONDS=HEARTBEAT)
+    identified = emulator.identifies
+    with open(log, "ab") as out:
+        process = await asyncio.create_subprocess_exec(*BOT, cwd=storage.parent, env=env, stdout=out,
+                                                       stderr=subprocess.STDOUT)
+    if connected:
+        try:
+            await emulator.wait_for(lambda: process.returncode is not None or emulator.identifies > identified,
+                                    300, "the bot to connect")
+        except AssertionError:
+            process.kill()
+            raise AssertionError(log.read_text()[-3000:]) from None
+        assert process.returncode is None, log.read_text()[-3000:]
+    return process
+
+
+async def wait_for_state(storage: Path, job_id: str, state: JobState, timeout: float = JOB_SECONDS) -> None:
+    store = await JobStore.open(Settings(storage_dir=storage))  # a second reader of the bot's database
+    try:
+        async def reached() -> None:
+            while (job := await store.get(job_id)) is None or job.state is not state:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(reached(), timeout)
+    finally:
+        await store.close()
+
+
+async def settled_and_stored(storage: Path, job_ids: list[str]) -> None:
+    store = await JobStore.open(Settings(storage_dir=storage))
+    try:
+        await every_job_settled(store)
+        for job_id in job_ids:
+            assert (await store.get(job_id)).state is JobState.DONE
+    finally:
+        await store.close()
+
+
+async def test_results_made_while_the_bot_was_killed_are_delivered_once_after_its_restart(tmp_path, prefix):
+    emulator = await DiscordEmulator().start()
+    storage, log = tmp_path / "storage", tmp_path / "bot.log"
+    workers = Workers(tmp_path, REDIS_URL, prefix)
+    processes = []
+    try:
+        await workers.start("gpu-a")
+        processes.append(await start_bot_process(emulator, storage, log, REDIS_URL, prefix))
+        await emulator.wait_for(lambda: emulator.commands, 60, "command sync")
+        alice = emulator.user("alice")
+        job_id = await compose(emulator, alice, seed=6, duration=60)
+        await until(lambda: running_on(workers, job_id), 120, "running on the worker")
+        processes[0].send_signal(signal.SIGKILL)
+        assert await processes[0].wait() == -signal.SIGKILL
+        await until(lambda: f"Finished job {job_id}" in workers.log("gpu-a").read_text(), JOB_SECONDS,
+                                "the worker to finish while the bot is down")
+        assert not results_for(emulator, alice)
+        processes.append(await start_bot_process(emulator, storage, log, REDIS_URL, prefix))
+        await emulator.wait_for(lambda: results_for(emulator, alice), JOB_SECONDS, "the result after the restart")
+        later = await compose(emulator, alice, seed=7)  # anything delivered twice would be on record by then
+        await settled_and_stored(storage, [job_id, later])
+        delivered_once(emulator, [alice], [job_id, later])
+        assert workers.ran("gpu-a").count(job_id) == 1, "taken up, not run again"
+        processes[1].send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(processes[1].wait(), 60) == 0
+        assert "Traceback" not in log.read_text() and TOKEN not in log.read_text()
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        await workers.stop_all()
+        await emulator.stop()
+
+
+class PrivateRedis:
+    """A redis-server of this test's own on a free port, keeping nothing on disk (like the machines' own)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port, self.dir = free_port(), tmp_path
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        assert server, "redis-server is not installed (.ci/run installs it)"
+        self.process = subprocess.Popen([server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(self.dir)], stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    break
+            import time
+            time.sleep(0.05)
+        client.close()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+async def test_redis_restarted_empty_loses_no_job_and_everyone_reconnects(tmp_path, prefix):
+    private = PrivateRedis(tmp_path)
+    private.start()
+    try:
+        async with distributed(tmp_path, prefix, broker_url=private.url) as (emulator, bot, workers):
+            await workers.start("gpu-a")
+            alice, bob = emulator.user("alice"), emulator.user("bob")
+            running = await compose(emulator, alice, seed=8, duration=60)
+            await until(lambda: running_on(workers, running), 120, "running")
+            private.kill()
+            queued = await compose(emulator, bob, seed=9)  # accepted while Redis is down: SQLite holds it
+            private.start()  # empty
+            await every_job_settled(bot.store)
+            delivered_once(emulator, [alice, bob], [running, queued])
+            later = await compose(emulator, alice, seed=10)  # the worker reconnected on its own
+            await every_job_settled(bot.store)
+            delivered_once(emulator, [alice], [later])
+            assert "Traceback" not in workers.log("gpu-a").read_text()
+    finally:
+        private.kill()
+
+
+async def test_unreachable_redis_at_start_is_one_sentence_and_retries_until_it_answers(tmp_path, prefix):
+    private = PrivateRedis(tmp_path)  # not started yet
+    emulator = await DiscordEmulator().start()
+    storage, log = tmp_path / "storage", tmp_path / "bot.log"
+    workers = Workers(tmp_path, private.url, prefix)
+    bot = None
+    try:
+        bot = await start_bot_process(emulator, storage, log, private.url, prefix, connected=False)
+        await workers.start("gpu-a", wait=False)
+        await until(lambda: "cannot reach Redis" in log.read_text()
+                    and "cannot reach Redis" in workers.log("gpu-a").read_text(), 300, "the complaints")
+        private.start()
+        await emulator.wait_for(lambda: emulator.identifies, 300, "the bot to connect once Redis answers")
+        await workers.ready("gpu-a", timeout=120)
+        for text in (log.read_text(), workers.log("gpu-a").read_text()):
+            assert "Traceback" not in text
+            assert f"cannot reach Redis at {private.url}" in text
+        await emulator.wait_for(lambda: emulator.commands, 60, "command sync")
+        alice = emulator.user("alice")
+        job_id = await compose(emulator, alice, seed=11)
+        await settled_and_stored(storage, [job_id])
+        delivered_once(emulator, [alice], [job_id])
+    finally:
+        if bot is not None and bot.returncode is None:
+            bot.kill()
+            await bot.wait()
+        await workers.stop_all()
+        await emulator.stop()
+        private.kill()
