@@ -164,7 +164,13 @@ class RemoteRunner:
         return worker.name if worker else None
 
     def workers(self) -> list[WorkerInfo]:
-        return sorted(self._workers.values(), key=lambda w: w.name)
+        """The live workers, each with what it runs: its last heartbeat's jobs and those it said it started since."""
+        held: dict[str, set[str]] = {}
+        for job_id, flight in self._flights.items():
+            if flight.holder is not None:
+                held.setdefault(flight.holder, set()).add(job_id)
+        return sorted((WorkerInfo(w.id, w.name, w.capacity, sorted(set(w.running) | held.get(w.id, set())),
+                                  w.compatible) for w in self._workers.values()), key=lambda w: w.name)
 
     # Handing out ------------------------------------------------------------------------------
 

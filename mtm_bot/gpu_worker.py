@@ -92,16 +92,17 @@ class GpuWorker:
     async def stop(self, receiver: asyncio.Task, tasks: list[asyncio.Task]) -> None:
         """Hand the running jobs back (released: the bot gives them to another worker) and leave."""
         self._stopping = True
+        receiver.cancel()  # first: a job handed back must not come straight back here
+        await asyncio.gather(receiver, return_exceptions=True)
         for taken in self._taken.values():
             taken.token.cancel()
         deadline = time.monotonic() + 30
-        while self._taken and time.monotonic() < deadline:
+        while self._taken and time.monotonic() < deadline:  # each job posts "released" (run_job)
             await asyncio.sleep(0.05)
         await self._outbox.join()
-        receiver.cancel()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(receiver, *tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(*UNREACHABLE):
             await self.redis.delete(self.keys.worker(self.id))
         await self.broker.shutdown()
@@ -190,7 +191,8 @@ class GpuWorker:
                 taken.token.cancel()
             outcome = await self._execute(job, attempt, order, taken)
             if outcome is None or (outcome.state is JobState.CANCELLED and not taken.cancelled_by_user):
-                await self.post("released", job.id, attempt, wait=True)  # stopping: another worker runs it
+                log.info("Handing job %s back (%s)", job.id, "its files expired" if outcome is None else "stopping")
+                await self.post("released", job.id, attempt, wait=True)  # another worker runs it
                 return
             results = {}
             if outcome.state is JobState.DONE:

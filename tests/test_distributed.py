@@ -196,8 +196,9 @@ def running_on(workers: Workers, job_id: str) -> str | None:
     return next((name for name in workers.processes if job_id in workers.ran(name)), None)
 
 
-async def test_a_killed_worker_s_job_runs_again_on_a_live_worker_within_heartbeats_and_is_delivered_once(tmp_path,
-                                                                                                        prefix):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "term"])
+async def test_a_stopped_worker_s_job_runs_again_on_a_live_worker_and_is_delivered_once(tmp_path, prefix, signum):
+    """SIGKILL: the bot notices within 3 heartbeats. SIGTERM: the worker hands its job back at once."""
     async with distributed(tmp_path, prefix) as (emulator, bot, workers):
         await asyncio.gather(workers.start("gpu-a"), workers.start("gpu-b"))
         alice, bob = emulator.user("alice"), emulator.user("bob")
@@ -207,7 +208,7 @@ async def test_a_killed_worker_s_job_runs_again_on_a_live_worker_within_heartbea
         victim = running_on(workers, doomed)
         await asyncio.sleep(1.0)  # well into the track
         killed_at = asyncio.get_running_loop().time()
-        await workers.kill(victim)
+        await workers.kill(victim, signum)
         survivor = next(name for name in workers.processes if name != victim)
         await until(lambda: doomed in workers.ran(survivor), 60, "the job on the live worker")
         recovered_in = asyncio.get_running_loop().time() - killed_at
@@ -226,6 +227,10 @@ async def test_cancel_reaches_a_job_running_on_a_worker(tmp_path, prefix):
         job_id = await compose(emulator, alice, seed=3, duration=180)
         await until(lambda: running_on(workers, job_id), 120, "running")
         await until(lambda: (bot.delivery.stage_of(job_id) or "").startswith("generating"), 120, "generating")
+        queue = await emulator.slash(alice, "queue")
+        await emulator.wait_for(lambda: queue.visible_messages(), 30, "/queue")
+        assert f"`{job_id}` compose by {alice.mention}" in queue.visible_messages()[-1].content
+        assert "on gpu-a" in queue.visible_messages()[-1].content and "gpu-a (1/1 busy)" in queue.visible_messages()[-1].content
         cancel = await emulator.slash(alice, "cancel", {"job": job_id})
         await emulator.wait_for(lambda: cancel.visible_messages(), 30, "/cancel")
         assert "stopping" in cancel.visible_messages()[-1].content
@@ -440,3 +445,12 @@ async def test_unreachable_redis_at_start_is_one_sentence_and_retries_until_it_a
         await workers.stop_all()
         await emulator.stop()
         private.kill()
+
+
+async def test_the_embedded_default_imports_no_redis_and_no_taskiq():
+    code = ("import sys, bot, cogs.queue, mtm_bot.worker, mtm_bot.runner; "
+            "print(sorted(m for m in ('redis', 'taskiq', 'taskiq_redis') if m in sys.modules))")
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=ROOT, env=clean_env(),
+                                   capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
