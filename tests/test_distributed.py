@@ -486,3 +486,39 @@ async def test_a_job_that_lost_its_worker_four_times_fails_with_a_sentence(tmp_p
     finally:
         await disconnect_bot(bot, runner)
         await emulator.stop()
+
+
+async def test_jobs_built_on_a_result_get_its_kept_files_through_redis(tmp_path, prefix):
+    """Reroll and MIDI on a worker: the parent's track, state and clip travel as blobs, no shared disk."""
+    import io
+
+    import mido
+    import numpy as np
+    import soundfile as sf
+
+    from mtm_bot.audio import Audio, write
+    from synth import music
+    from test_bot_results import caption_lines, result_of
+
+    async with distributed(tmp_path, prefix, MTM_SEED="") as (emulator, bot, workers):  # a reroll takes a new seed
+        await workers.start("gpu-a")
+        alice, bob, carol = emulator.user("alice"), emulator.user("bob"), emulator.user("carol")
+        original = await result_of(emulator, await emulator.slash(
+            alice, "compose", {"instruction": "a cosy jazz carol", "duration": 20},
+            attachment=(wav_bytes(14.0), "hum.wav", "audio/wav")), alice)
+        reroll = await result_of(emulator, await emulator.click(bob, original, "Reroll"), bob)
+        assert caption_lines(reroll) == caption_lines(original) and len(caption_lines(reroll)) == 2
+
+        def samples(message):
+            return sf.read(io.BytesIO(message.files[0].data), dtype="float32")[0]
+
+        assert len(samples(reroll)) == len(samples(original)) and not np.array_equal(samples(reroll), samples(original))
+        # real notes in the kept track (the tiny models make noise), so that the worker has something to transcribe
+        parent_id = original.content.split("(job `")[1][:8]
+        write(Audio(music(20.0, 32000, seed=3), 32000), bot.store.output_path(parent_id))
+        clicked = await emulator.click(carol, original, "MIDI")
+        sent = await emulator.wait_for(lambda: next((m for m in clicked.visible_messages() if m.files), None),
+                                       JOB_SECONDS, "the MIDI file")
+        notes = [m for m in mido.MidiFile(file=io.BytesIO(sent.files[0].data)) if m.type == "note_on" and m.velocity]
+        assert sent.ephemeral and notes
+        assert len(workers.ran("gpu-a")) == 3
