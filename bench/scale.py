@@ -175,7 +175,6 @@ async def main() -> None:
         embedded = Settings(**{**base.__dict__, "storage_dir": folder / "embedded"})
         report["embedded"] = await run_round(embedded, clip, args.jobs, args.seconds,
                                              lambda store: LocalRunner(JobRunner(pipeline, store), 1))
-        del pipeline
 
         for workers in (1, 2):
             prefix = f"mtm-bench-{secrets.token_hex(4)}"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import math
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -44,14 +44,18 @@ async def test_refuses_a_wrong_token_with_a_clear_message(tmp_path):
     assert "a-wrong-token" not in (out + err).decode()
 
 
-async def start_bot(emulator: DiscordEmulator, storage: Path, log: Path) -> asyncio.subprocess.Process:
-    # One job at a time: the test kills the bot with one job running and one queued.
-    env = bot_env(**emulator.env(TOKEN), MTM_PROFILE="tiny", MTM_DEVICE="cpu", MTM_STORAGE_DIR=str(storage),
-                  MTM_SEED="1", MTM_MAX_BATCH="1")
+async def start_bot(emulator: DiscordEmulator, storage: Path, log: Path, connected: bool = True,
+                    **extra: str) -> asyncio.subprocess.Process:
+    """`python bot.py` on the tiny profile, connected to the emulator (unless `connected` is False: it may be
+    waiting for something first). One job at a time unless `extra` says otherwise."""
+    env = bot_env(**{**emulator.env(TOKEN), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu",
+                     "MTM_STORAGE_DIR": str(storage), "MTM_SEED": "1", "MTM_MAX_BATCH": "1", **extra})
     identified = emulator.identifies
     with open(log, "ab") as out:
         process = await asyncio.create_subprocess_exec(*BOT, cwd=storage.parent, env=env, stdout=out,
                                                        stderr=subprocess.STDOUT)
+    if not connected:
+        return process
     try:
         await emulator.wait_for(lambda: process.returncode is not None or emulator.identifies > identified,
                                 300, "the bot to connect")

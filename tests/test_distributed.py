@@ -24,6 +24,7 @@ import redis
 from discord_emulator import DiscordEmulator, FakeUser
 from mtm_bot.jobs import JobState, JobStore
 from mtm_bot.settings import Settings
+from test_bot_restart import TOKEN, bot_env, start_bot
 from test_bot_e2e import JOB_SECONDS, LINE, accepted, connect_bot, disconnect_bot, every_job_settled, results_for, \
     wav_bytes
 
@@ -32,11 +33,6 @@ REDIS_URL = os.environ.get("MTM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 HEARTBEAT = "0.5"  # seconds: a killed worker is noticed within 1.5 s
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "MTM_"))}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
 @pytest.fixture
@@ -74,7 +70,7 @@ class Workers:
                            MTM_WORKER_NAME=name, OMP_NUM_THREADS="1"), **env}
         with open(self.log(name), "ab") as out:
             process = await asyncio.create_subprocess_exec(sys.executable, "-m", "mtm_bot", "worker", cwd=ROOT,
-                                                           env=clean_env(**settings), stdout=out,
+                                                           env=bot_env(**settings), stdout=out,
                                                            stderr=subprocess.STDOUT)
         self.processes[name] = process
         if wait:
@@ -260,7 +256,7 @@ async def test_a_worker_that_cannot_load_its_models_takes_no_job(tmp_path, prefi
 
 async def test_worker_without_a_broker_url_exits_2_saying_what_to_set():
     done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mtm_bot", "worker"], cwd=ROOT,
-                                   env=clean_env(), capture_output=True, text=True, timeout=120)
+                                   env=bot_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "MTM_BROKER_URL is not set" in done.stderr and "redis://" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
@@ -292,40 +288,11 @@ async def test_a_worker_of_another_protocol_version_refuses_the_order_and_hands_
         delivered_once(emulator, [alice], [job_id])
 
 
-BOT = [sys.executable, str(ROOT / "bot.py")]
-TOKEN = "secret-emulator-token-4d3c2b"
-
-
 async def start_bot_process(emulator: DiscordEmulator, storage: Path, log: Path, broker_url: str, prefix: str,
                             connected: bool = True) -> asyncio.subprocess.Process:
     """`python bot.py` in distributed mode (a process of its own, so that a test can kill it)."""
-    env = clean_env(**emulator.env(TOKEN), MTM_PROFILE="tiny", MTM_DEVICE="cpu", MTM_STORAGE_DIR=str(storage),
-                    MTM_SEED="1", MTM_BROKER_URL=broker_url, MTM_BROKER_PREFIX=prefix, MTM_HEARTBEAT_SECONDS=HEARTBEAT)
-    identified = emulator.identifies
-    with open(log, "ab") as out:
-        process = await asyncio.create_subprocess_exec(*BOT, cwd=storage.parent, env=env, stdout=out,
-                                                       stderr=subprocess.STDOUT)
-    if connected:
-        try:
-            await emulator.wait_for(lambda: process.returncode is not None or emulator.identifies > identified,
-                                    300, "the bot to connect")
-        except AssertionError:
-            process.kill()
-            raise AssertionError(log.read_text()[-3000:]) from None
-        assert process.returncode is None, log.read_text()[-3000:]
-    return process
-
-
-async def wait_for_state(storage: Path, job_id: str, state: JobState, timeout: float = JOB_SECONDS) -> None:
-    store = await JobStore.open(Settings(storage_dir=storage))  # a second reader of the bot's database
-    try:
-        async def reached() -> None:
-            while (job := await store.get(job_id)) is None or job.state is not state:
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(reached(), timeout)
-    finally:
-        await store.close()
+    return await start_bot(emulator, storage, log, connected, MTM_BROKER_URL=broker_url, MTM_BROKER_PREFIX=prefix,
+                           MTM_HEARTBEAT_SECONDS=HEARTBEAT)
 
 
 async def settled_and_stored(storage: Path, job_ids: list[str]) -> None:
@@ -457,7 +424,7 @@ async def test_unreachable_redis_at_start_is_one_sentence_and_retries_until_it_a
 async def test_the_embedded_default_imports_no_redis_and_no_taskiq():
     code = ("import sys, bot, cogs.queue, mtm_bot.worker, mtm_bot.runner; "
             "print(sorted(m for m in ('redis', 'taskiq', 'taskiq_redis') if m in sys.modules))")
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=ROOT, env=clean_env(),
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=ROOT, env=bot_env(),
                                    capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
