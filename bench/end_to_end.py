@@ -61,12 +61,13 @@ class TransformersDecoder:
     def __init__(self, model) -> None:
         self.model = model
 
-    def generate_batch(self, requests, sampling: Sampling = Sampling()):
-        """One request at a time: transformers' generate cannot mix prompts and melodies in one batch."""
-        return [reference_codes(self.model, input_ids=r.input_ids, attention_mask=r.attention_mask,
-                                input_features=r.input_features, prompt_codes=r.prompt_codes, new_frames=r.new_frames,
-                                guidance_scale=sampling.guidance_scale, greedy=sampling.greedy, top_k=sampling.top_k)
-                for r in requests]
+    def decode_blocks(self, blocks, sampling: Sampling = Sampling(), slots: int = 1, admit=None) -> None:
+        """The generator's batcher calls this: one block at a time, each handed to its `done` (transformers'
+        generate cannot mix prompts and melodies in one batch, nor let a block join between steps)."""
+        for r, done in blocks:
+            done(reference_codes(self.model, input_ids=r.input_ids, attention_mask=r.attention_mask,
+                                 input_features=r.input_features, prompt_codes=r.prompt_codes, new_frames=r.new_frames,
+                                 guidance_scale=sampling.guidance_scale, greedy=sampling.greedy, top_k=sampling.top_k))
 
 
 def build_stages(profile: str, device: torch.device, max_batch: int = 1) -> tuple[Captioner, Refiner, Generator]:
