@@ -34,7 +34,7 @@ from .jobs import Job, JobState, JobStore
 from .progress import Progress
 from .protocol import (HEARTBEATS_TO_DEATH, MAX_ATTEMPTS, PROTOCOL_VERSION, RESULT_SUFFIXES, TASK_NAME, UNREACHABLE,
                        JobStream, Keys, connect, retrying, why)
-from .runner import JobEvents, Outcome
+from .runner import UNEXPECTED_MESSAGE, JobEvents, Outcome
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -326,13 +326,19 @@ class RemoteRunner:
             if start == "0" and not entries:
                 start = ">"
             for event_id, fields in entries:
+                message = None
                 try:
-                    await self._apply(event_id.decode(), json.loads(fields[b"data"]))
+                    message = json.loads(fields[b"data"])
+                    await self._apply(event_id.decode(), message)
                 except UNREACHABLE:
                     raise
-                except Exception:
-                    log.exception("Dropping an event the bot could not read")
+                except Exception:  # e.g. the disk is full: this job fails with a sentence, the others go on
+                    log.exception("Dropping an event the bot could not apply")
                     await self.redis.xack(self.keys.events, self.keys.bot_group, event_id)
+                    flight = self._flights.get(str(message.get("job"))) if isinstance(message, dict) else None
+                    if flight is not None and not flight.outcome.done():
+                        flight.outcome.set_result(Outcome(JobState.FAILED,
+                                                          error=UNEXPECTED_MESSAGE.format(id=flight.job.id)))
             if start == "0" and entries:
                 start = entries[-1][0].decode()  # page through the backlog
 

@@ -176,7 +176,11 @@ class GpuWorker:
             await self.post("released", str(job.get("id", "")), int(order.get("attempt", 0)), wait=True,
                             reason=f"protocol version {PROTOCOL_VERSION}")
             return
-        job, attempt = self._job(order), int(order["attempt"])
+        try:
+            job, attempt = self._job(order), int(order["attempt"])
+        except (KeyError, TypeError, ValueError) as err:
+            log.error("Refusing a malformed job order (%s)", why(err))
+            return
         current = await retrying("checking a job", lambda: self.redis.get(self.keys.attempt(job.id)))
         if current is None or int(current) != attempt:
             log.info("Skipping job %s attempt %d: the bot has handed it out again since", job.id, attempt)

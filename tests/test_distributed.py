@@ -218,7 +218,8 @@ async def test_a_stopped_worker_s_job_runs_again_on_a_live_worker_and_is_deliver
 
 async def test_cancel_reaches_a_job_running_on_a_worker(tmp_path, prefix):
     async with distributed(tmp_path, prefix) as (emulator, bot, workers):
-        await workers.start("gpu-a")
+        # A slow heartbeat: the cancel must come through Redis pub/sub, not the heartbeat's check
+        await workers.start("gpu-a", MTM_HEARTBEAT_SECONDS="30")
         alice = emulator.user("alice")
         job_id = await compose(emulator, alice, seed=3, duration=180)
         await until(lambda: running_on(workers, job_id), 120, "running")
@@ -230,7 +231,7 @@ async def test_cancel_reaches_a_job_running_on_a_worker(tmp_path, prefix):
         cancel = await emulator.slash(alice, "cancel", {"job": job_id})
         await emulator.wait_for(lambda: cancel.visible_messages(), 30, "/cancel")
         assert "stopping" in cancel.visible_messages()[-1].content
-        await every_job_settled(bot.store, timeout=30)  # not the whole 3-minute track
+        await every_job_settled(bot.store, timeout=10)  # not the whole 3-minute track, nor a heartbeat
         job = await bot.store.get(job_id)
         assert job.state is JobState.CANCELLED and job.delivered
         assert "Finished job " + job_id in workers.log("gpu-a").read_text()
