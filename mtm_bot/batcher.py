@@ -1,4 +1,5 @@
-"""Several jobs' MusicGen blocks in one decode loop.
+"""Several jobs' work for one model in one batch: MusicGen blocks in one decode loop (`BlockBatcher`),
+captioning in one beam search (`CallBatcher`).
 
 A MusicGen step is bound by reading the weights, not by arithmetic, so a step for four blocks costs
 little more than a step for one. Every job's thread hands its next block to `BlockBatcher.decode` and
@@ -9,6 +10,10 @@ only on its own request (its noise comes from its own generator), never on who s
 
 The decode thread is also where the decoder is warmed up (`call`): compiled steps and captured CUDA
 graphs stay on the thread that made them.
+
+`CallBatcher` is the same idea for a model that runs whole requests (the captioner's beam search): no
+thread of its own; while one batch runs, the calls that arrive wait, and when it ends one of them runs
+every waiting call in the next batch.
 """
 from __future__ import annotations
 
@@ -18,13 +23,17 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
+from .errors import Cancelled
 from .musicgen_decode import Admit, BlockRequest, Done
+from .progress import CancelToken
 
 T = TypeVar("T")
+In = TypeVar("In")
+Out = TypeVar("Out")
 # MusicgenDecoder.decode_blocks(blocks, slots=..., admit=...)
 DecodeBlocks = Callable[[Sequence[tuple[BlockRequest, Done]], int, Admit | None], None]
 
@@ -144,6 +153,69 @@ class BlockBatcher:
         except BaseException as error:  # a bug: every job of the loop hears of it
             for waiting in in_loop:
                 waiting.result.set_exception(error)
+
+
+@dataclass(eq=False)
+class _Call(Generic[In]):
+    item: In
+    cancel: CancelToken | None
+    result: Future = field(default_factory=Future)
+
+
+class CallBatcher(Generic[In, Out]):
+    """Calls from several job threads to one model, run together: `run(items, cancels)` returns one result
+    per item. Up to `max_batch` waiting calls, oldest first, go into each batch; a batch that fails (out of
+    memory, one bad item) runs again one call at a time, so a call fails only for its own reasons. A call
+    whose job is cancelled while it waits leaves at once; `run` gets the cancel tokens of its batch."""
+
+    POLL_SECONDS = 0.05  # how often a waiting call looks at its cancel token
+
+    def __init__(self, run: Callable[[list[In], list[CancelToken | None]], list[Out]], max_batch: int) -> None:
+        self.run = run
+        self.max_batch = max_batch
+        self._waiting: deque[_Call] = deque()
+        self._busy = False
+        self._changed = threading.Condition()
+        self.batch_sizes: list[int] = []  # calls per batch, for tests and benchmarks
+
+    def __call__(self, item: In, cancel: CancelToken | None = None) -> Out:
+        call = _Call(item, cancel)
+        with self._changed:
+            self._waiting.append(call)
+        while not call.result.done():
+            with self._changed:
+                if self._busy or not self._waiting:
+                    self._changed.wait(self.POLL_SECONDS)
+                    if cancel is not None and cancel.cancelled and call in self._waiting:
+                        self._waiting.remove(call)
+                        raise Cancelled("The job was cancelled.")
+                    continue
+                self._busy = True
+                batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+            try:
+                self._run(batch)
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
+        return call.result.result()
+
+    def _run(self, batch: list[_Call]) -> None:
+        self.batch_sizes.append(len(batch))
+        try:
+            results = self.run([c.item for c in batch], [c.cancel for c in batch])
+        except Exception as error:
+            if len(batch) == 1 or isinstance(error, Cancelled):  # Cancelled: every job of the batch was
+                for c in batch:
+                    c.result.set_exception(error)
+                return
+            if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            for c in batch:
+                self._run([c])
+            return
+        for c, result in zip(batch, results):
+            c.result.set_result(result)
 
 
 def _settle(result: Future, fn: Callable[[], object]) -> None:

@@ -26,6 +26,7 @@ from transformers.audio_utils import mel_filter_bank
 from transformers.modeling_outputs import BaseModelOutput
 
 from .audio import Audio, resample
+from .batcher import CallBatcher
 from .checkpoints import BART_REPO, LP_MUSICCAPS_FILE as CHECKPOINT_FILE, LP_MUSICCAPS_REPO as CHECKPOINT_REPO
 from .errors import ClipTooShort
 from .progress import CancelToken
@@ -139,21 +140,24 @@ class LPMusicCaps(nn.Module):
     def encode(self, waves: Tensor) -> BaseModelOutput:
         return self.bart.model.encoder(inputs_embeds=self.audio_encoder(waves), return_dict=True)
 
-    def generate(self, waves: Tensor, generation: GenerationConfig, cancel: CancelToken | None = None) -> Tensor:
-        """Beam-search token ids for a batch of 10 s waveforms, all in one batch."""
-        stopping = StoppingCriteriaList([_CheckCancel(cancel)] if cancel is not None else [])
+    def generate(self, waves: Tensor, generation: GenerationConfig, cancels: list[CancelToken] = ()) -> Tensor:
+        """Beam-search token ids for a batch of 10 s waveforms, all in one batch; it stops (Cancelled) once
+        every one of `cancels` is cancelled."""
+        stopping = StoppingCriteriaList([_CheckCancel(list(cancels))] if cancels else [])
         return self.bart.generate(encoder_outputs=self.encode(waves), generation_config=generation,
                                   stopping_criteria=stopping)
 
 
 class _CheckCancel(StoppingCriteria):
-    """Raises `Cancelled` at the next decode step once the job is cancelled; never stops by itself."""
+    """Raises `Cancelled` at the next decode step once every job of the batch is cancelled (a job cancelled
+    alone leaves its batch at once, CallBatcher); never stops by itself."""
 
-    def __init__(self, cancel: CancelToken) -> None:
-        self.cancel = cancel
+    def __init__(self, cancels: list[CancelToken]) -> None:
+        self.cancels = cancels
 
     def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
-        self.cancel.check()
+        if all(cancel.cancelled for cancel in self.cancels):
+            self.cancels[0].check()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -197,19 +201,22 @@ def split_segments(samples: np.ndarray, duration: float) -> tuple[Tensor, list[t
 
 class Captioner:
     def __init__(self, model: LPMusicCaps, tokenizer: PreTrainedTokenizerBase, device: torch.device,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, max_batch: int = 4) -> None:
         """`model` in float32; all but the mel front end (window, filter bank, STFT, dB) is cast to `dtype`
-        (default: half precision on CUDA), so the front end never passes through half-precision rounding."""
+        (default: half precision on CUDA), so the front end never passes through half-precision rounding.
+        Clips of up to `max_batch` jobs captioning at the same time go through the model as one batch."""
         self.model = cast_for_inference(model.to(device), dtype or model_dtype(device), keep_fp32=["mel_encoder"])
         self.model.eval()
         self.tokenizer = tokenizer
         self.device = device
         self.generation = generation_config(model.bart.config)
+        self.batches = CallBatcher(self._caption_batch, max_batch)
 
     @classmethod
-    def load(cls, profile: str, device: torch.device, dtype: torch.dtype | None = None) -> "Captioner":
+    def load(cls, profile: str, device: torch.device, dtype: torch.dtype | None = None,
+             max_batch: int = 4) -> "Captioner":
         if profile == "tiny":
-            return cls.tiny(device, dtype)
+            return cls.tiny(device, dtype, max_batch)
         if profile != "full":
             raise ValueError(f"unknown profile {profile!r}")
         from huggingface_hub import hf_hub_download
@@ -218,11 +225,11 @@ class Captioner:
         path = from_hub(CHECKPOINT_REPO, lambda: hf_hub_download(CHECKPOINT_REPO, CHECKPOINT_FILE))
         config = from_hub(BART_REPO, lambda: BartConfig.from_pretrained(BART_REPO))
         tokenizer = from_hub(BART_REPO, lambda: AutoTokenizer.from_pretrained(BART_REPO))
-        return cls.from_checkpoint(path, config, tokenizer, device, dtype)
+        return cls.from_checkpoint(path, config, tokenizer, device, dtype, max_batch)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: BartConfig, tokenizer: PreTrainedTokenizerBase,
-                        device: torch.device, dtype: torch.dtype | None = None) -> "Captioner":
+                        device: torch.device, dtype: torch.dtype | None = None, max_batch: int = 4) -> "Captioner":
         """Build the architecture from `config` and load a reference-layout checkpoint strictly.
 
         The file is a dict whose `state_dict` holds every weight and buffer (it also carries the
@@ -231,10 +238,10 @@ class Captioner:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         model = LPMusicCaps(config)
         model.load_state_dict(checkpoint["state_dict"], strict=True)
-        return cls(model, tokenizer, device, dtype)
+        return cls(model, tokenizer, device, dtype, max_batch)
 
     @classmethod
-    def tiny(cls, device: torch.device, dtype: torch.dtype | None = None) -> "Captioner":
+    def tiny(cls, device: torch.device, dtype: torch.dtype | None = None, max_batch: int = 4) -> "Captioner":
         """Same architecture and front end at toy width, random weights, built offline (tests, CI)."""
         from transformers import PreTrainedTokenizerFast
 
@@ -248,18 +255,25 @@ class Captioner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same toy model every time
             model = LPMusicCaps(config)
-        return cls(model, tokenizer, device, dtype)
+        return cls(model, tokenizer, device, dtype, max_batch)
 
-    @torch.inference_mode()
     def caption(self, audio: Audio, cancel: CancelToken | None = None) -> list[Segment]:
-        """Caption every 10 s segment of the clip; all segments go through the model as one batch."""
+        """Caption every 10 s segment of the clip; all segments go through the model as one batch, with
+        those of the other jobs captioning at the same time (any thread may call this)."""
         clip = resample(audio, SAMPLE_RATE)
         waves, bounds = split_segments(clip.samples, audio.duration)
         if cancel is not None:
             cancel.check()
-        ids = self.model.generate(waves.to(self.device), self.generation, cancel)
-        captions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        captions = self.batches(waves, cancel)
         return [Segment(start, end, text.strip()) for (start, end), text in zip(bounds, captions)]
+
+    @torch.inference_mode()
+    def _caption_batch(self, clips: list[Tensor], cancels: list[CancelToken | None]) -> list[list[str]]:
+        """Each clip's segments (n_i, 160 000) -> its n_i captions, every segment in one beam search."""
+        ids = self.model.generate(torch.cat(clips).to(self.device), self.generation,
+                                  [c if c is not None else CancelToken() for c in cancels] if any(cancels) else [])
+        captions = iter(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+        return [[next(captions) for _ in range(len(waves))] for waves in clips]
 
 
 def bart_base_config() -> BartConfig:

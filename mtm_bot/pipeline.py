@@ -100,9 +100,9 @@ class Pipeline:
         self._refiner = refiner
         self._generator = generator
         self._image_captioner = image_captioner
-        # Several jobs run at once (their MusicGen blocks share decode loops: mtm_bot.batcher); the
-        # captioner, the LLM and the image captioner keep per-call state (static caches), so they take
-        # one job at a time. Another job's blocks decode meanwhile.
+        # Several jobs run at once: their MusicGen blocks share decode loops and their clips are captioned
+        # in one batch (mtm_bot.batcher); the LLM and the image captioner keep per-call state (static
+        # caches), so they take one job at a time. Other jobs' blocks decode meanwhile.
         self._one_job_at_a_time = threading.RLock()
 
     def load(self) -> "Pipeline":
@@ -140,7 +140,7 @@ class Pipeline:
         if self._captioner is None:
             from .captioner import Captioner
 
-            self._captioner = Captioner.load(self.settings.profile, self.device)
+            self._captioner = Captioner.load(self.settings.profile, self.device, max_batch=self.settings.max_batch)
         return self._captioner
 
     @property
@@ -216,8 +216,7 @@ class Pipeline:
     def caption(self, clip: Audio, progress: ProgressCallback = ignore_progress,
                 cancel: CancelToken | None = None) -> list[Segment]:
         progress(Progress("captioning"))
-        with self._one_job_at_a_time:
-            return self.captioner.caption(clip, cancel=cancel)
+        return self.captioner.caption(clip, cancel=cancel)  # with the clips of other jobs captioning now
 
     def compose(self, clip: Audio | None, instruction: str, duration: int | None = None, seed: int | None = None,
                 progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None,

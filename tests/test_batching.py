@@ -1,4 +1,5 @@
-"""Several jobs' MusicGen blocks decoded together (mtm_bot.batcher through the generator), tiny model, CPU.
+"""Several jobs' MusicGen blocks decoded together, and their clips captioned together (mtm_bot.batcher
+through the generator and the captioner), tiny models, CPU.
 
 A job's track depends only on its inputs and its seed: run alone or batched with others, the codes are
 identical. Batches form from the blocks waiting when the decode thread is free; the tests hold that
@@ -142,3 +143,117 @@ def test_a_job_that_arrives_mid_block_joins_the_running_loop_at_once(generator, 
     second_starts = next(i for i, e in enumerate(events) if e[0] == "second")
     assert second_starts < first_block_done
     assert torch.equal(results["first"], alone[0]) and torch.equal(results["second"], alone[2])
+
+
+# Captioning: the clips of jobs captioning at the same time go through the captioner in one beam search.
+
+CLIPS = [Audio(music(seconds, 16000, seed=seed), 16000) for seconds, seed in ((12.0, 1), (5.0, 2), (21.0, 3))]
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    from mtm_bot.captioner import Captioner
+
+    return Captioner.load("tiny", torch.device("cpu"), max_batch=4)
+
+
+def held_first_batch(captioner):
+    """Hold the captioner's next batch until the test releases it: (it started, release, restore)."""
+    release, run = threading.Event(), captioner.batches.run
+    first = threading.Event()
+
+    def holding(items, cancels):
+        if not first.is_set():
+            first.set()
+            release.wait(30)
+        return run(items, cancels)
+
+    captioner.batches.run = holding
+    return first, release, lambda: setattr(captioner.batches, "run", run)
+
+
+def test_clips_captioned_together_get_the_captions_they_get_alone(captioner):
+    alone = [captioner.caption(clip) for clip in CLIPS]
+    first, release, restore = held_first_batch(captioner)
+    sizes = len(captioner.batches.batch_sizes)
+    results = [None] * (len(CLIPS) + 1)
+
+    def caption(i, clip):
+        results[i] = captioner.caption(clip)
+
+    threads = [threading.Thread(target=caption, args=(0, CLIPS[0]))]
+    threads[0].start()
+    assert first.wait(30)
+    threads += [threading.Thread(target=caption, args=(i + 1, clip)) for i, clip in enumerate(CLIPS)]
+    for thread in threads[1:]:
+        thread.start()
+    while len(captioner.batches._waiting) < len(CLIPS):
+        time.sleep(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    restore()
+    assert captioner.batches.batch_sizes[sizes:] == [1, 3]  # the three that waited: one batch of 10 segments
+    assert results == [alone[0], *alone]
+
+
+def test_a_cancelled_caption_leaves_at_once_and_the_rest_of_its_batch_goes_on(captioner):
+    alone = captioner.caption(CLIPS[1])
+    first, release, restore = held_first_batch(captioner)
+    token, outcomes = CancelToken(), {}
+
+    def caption(name, clip, cancel=None):
+        try:
+            outcomes[name] = captioner.caption(clip, cancel)
+        except Cancelled:
+            outcomes[name] = "cancelled"
+
+    running = threading.Thread(target=caption, args=("running", CLIPS[0]))
+    running.start()
+    assert first.wait(30)
+    waiting = [threading.Thread(target=caption, args=("cancelled", CLIPS[2], token)),
+               threading.Thread(target=caption, args=("kept", CLIPS[1]))]
+    for thread in waiting:
+        thread.start()
+    while len(captioner.batches._waiting) < 2:
+        time.sleep(0.01)
+    token.cancel()
+    waiting[0].join(5)
+    assert outcomes == {"cancelled": "cancelled"}  # while the batch ahead of it still runs
+    release.set()
+    for thread in (running, waiting[1]):
+        thread.join(60)
+    restore()
+    assert outcomes["kept"] == alone
+
+
+def test_a_batch_that_fails_runs_again_one_call_at_a_time():
+    from mtm_bot.batcher import CallBatcher
+
+    def run(items, cancels):
+        if 13 in items:
+            raise ValueError("unlucky")
+        return [item * 2 for item in items]
+
+    batcher = CallBatcher(run, max_batch=4)
+    batcher._busy = True  # as if a batch were running: the calls queue up behind it
+    results = {}
+
+    def call(item):
+        try:
+            results[item] = batcher(item)
+        except ValueError as error:
+            results[item] = str(error)
+
+    threads = [threading.Thread(target=call, args=(item,)) for item in (1, 13, 2)]
+    for thread in threads:
+        thread.start()
+    while len(batcher._waiting) < 3:
+        time.sleep(0.01)
+    with batcher._changed:
+        batcher._busy = False
+        batcher._changed.notify_all()
+    for thread in threads:
+        thread.join(10)
+    assert results == {1: 2, 13: "unlucky", 2: 4}
+    assert batcher.batch_sizes == [3, 1, 1, 1]
