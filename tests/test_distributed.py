@@ -490,3 +490,17 @@ async def test_jobs_built_on_a_result_get_its_kept_files_through_redis(tmp_path,
         notes = [m for m in mido.MidiFile(file=io.BytesIO(sent.files[0].data)) if m.type == "note_on" and m.velocity]
         assert sent.ephemeral and notes
         assert len(workers.ran("gpu-a")) == 3
+
+
+async def test_a_worker_takes_as_many_jobs_as_its_batch_size(tmp_path, prefix):
+    async with distributed(tmp_path, prefix) as (emulator, bot, workers):
+        await workers.start("gpu-a", MTM_MAX_BATCH="2")
+        await until(lambda: bot.worker.runner.capacity == 2, 30, "two slots")
+        users = [emulator.user(name) for name in ("alice", "bob", "carol")]
+        jobs = [await compose(emulator, user, seed=20 + i, duration=60) for i, user in enumerate(users)]
+        await until(lambda: len(workers.ran("gpu-a")) >= 2, 120, "two jobs running")
+        log = workers.log("gpu-a").read_text()
+        assert "Finished job" not in log.split(f"Running job {workers.ran('gpu-a')[1]}")[0], "both at once"
+        assert bot.queue.position(jobs[2]) == 1  # the third waits for a free slot: not handed out yet
+        await every_job_settled(bot.store)
+        delivered_once(emulator, users, jobs)
