@@ -8,7 +8,7 @@ of what the next job starts from: mtm_bot.kept). A compose job without a clip (i
 from its instruction (and picture) alone. A job derived from a finished track (Reroll, Extend, Remix,
 Redo, MIDI: `parent_id`) holds hard links to that track's kept files (`inputs/<id>.from.*` and its clip),
 so it does not depend on how long the parent is kept.
-`JobQueue` is the in-memory order in which the single worker (mtm_bot.worker) takes jobs:
+`JobQueue` is the in-memory order in which the scheduler (mtm_bot.worker) starts jobs:
 round-robin across users, FIFO within a user, with the limits from Settings.
 
 How the bot uses it (see mtm_bot.worker for the Worker and the JobListener it calls back):
@@ -456,7 +456,8 @@ class JobQueue:
     The next job belongs to the waiting user who was served least recently (never served first; ties go
     to the older job), so a user with three jobs does not starve the others. In-memory only: the store is
     the durable copy, and the worker refills the queue from it after a restart. The worker runs up to
-    `capacity` jobs at once (settings.max_batch), their MusicGen blocks batched together.
+    `capacity` jobs at once: settings.max_batch in one process (their MusicGen blocks batched together),
+    the live GPU workers' slots together in distributed mode.
     """
 
     def __init__(self, settings: Settings) -> None:
