@@ -504,3 +504,16 @@ async def test_a_worker_takes_as_many_jobs_as_its_batch_size(tmp_path, prefix):
         assert bot.queue.position(jobs[2]) == 1  # the third waits for a free slot: not handed out yet
         await every_job_settled(bot.store)
         delivered_once(emulator, users, jobs)
+
+
+async def test_the_broker_password_never_reaches_a_log_and_a_wrong_url_is_refused():
+    from mtm_bot.protocol import safe_url
+    from mtm_bot.settings import SettingsError
+
+    url = "rediss://:s3cret-pass@redis.example.org:6380/2"
+    assert safe_url(url) == "rediss://:***@redis.example.org:6380/2"
+    assert safe_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    settings = Settings.from_env({"MTM_BROKER_URL": url}, env_file=None)
+    assert "s3cret" not in repr(settings)
+    with pytest.raises(SettingsError, match="MTM_BROKER_URL must be a Redis URL"):
+        Settings.from_env({"MTM_BROKER_URL": "amqp://guest@localhost"}, env_file=None)
