@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test bench bench-gpu clean
+.PHONY: install run test redis bench bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -17,8 +17,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-data.txt
 run: install
 	$(BIN)/python bot.py
 
-test: install
+test: install redis
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+
+# The distributed-mode tests talk to a real Redis at 127.0.0.1:6379: start one (keeping nothing on disk) if none answers.
+redis:
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 \
+		--port 6379 --save "" --appendonly no --dir /tmp --logfile /tmp/mtm-redis.log
 
 bench: install
 	$(BIN)/python -m bench.end_to_end --profile tiny --device cpu

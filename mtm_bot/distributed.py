@@ -164,12 +164,14 @@ class RemoteRunner:
         return worker.name if worker else None
 
     def workers(self) -> list[WorkerInfo]:
-        """The live workers, each with what it runs: its last heartbeat's jobs and those it said it started since."""
+        """The live workers, each with what it runs: the unfinished jobs its last heartbeat listed (a heartbeat
+        may be older than the job's end) and those it said it started since."""
         held: dict[str, set[str]] = {}
         for job_id, flight in self._flights.items():
             if flight.holder is not None:
                 held.setdefault(flight.holder, set()).add(job_id)
-        return sorted((WorkerInfo(w.id, w.name, w.capacity, sorted(set(w.running) | held.get(w.id, set())),
+        return sorted((WorkerInfo(w.id, w.name, w.capacity,
+                                  sorted({j for j in w.running if j in self._flights} | held.get(w.id, set())),
                                   w.compatible) for w in self._workers.values()), key=lambda w: w.name)
 
     # Handing out ------------------------------------------------------------------------------

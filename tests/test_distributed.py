@@ -38,9 +38,14 @@ pytestmark = pytest.mark.asyncio(loop_scope="function")
 @pytest.fixture
 def prefix():
     """A key prefix of this test's own in the shared Redis; its keys are deleted afterwards."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"No Redis answers at {REDIS_URL}: these tests need a real one. Start it with `redis-server "
+                    "--daemonize yes --save '' --appendonly no` (.ci/run does), or point MTM_TEST_REDIS_URL at one.")
     name = f"mtm-test-{secrets.token_hex(4)}"
     yield name
-    client = redis.Redis.from_url(REDIS_URL)
     with contextlib.suppress(redis.ConnectionError):
         keys = list(client.scan_iter(match=f"{name}:*", count=1000))
         if keys:
