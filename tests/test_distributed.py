@@ -522,3 +522,30 @@ async def test_the_broker_password_never_reaches_a_log_and_a_wrong_url_is_refuse
     assert "s3cret" not in repr(settings)
     with pytest.raises(SettingsError, match="MTM_BROKER_URL must be a Redis URL"):
         Settings.from_env({"MTM_BROKER_URL": "amqp://guest@localhost"}, env_file=None)
+
+
+async def test_a_job_handed_out_but_lost_with_an_emptied_redis_is_handed_out_again_from_sqlite(tmp_path, prefix):
+    """The worker freezes (SIGSTOP) mid-job, so the bot declares it dead and hands the job out again; that order
+    waits in Redis for a free worker, and Redis restarts empty, losing it. The worker comes back and
+    finishes its stale attempt: the bot takes nothing of it, hands the job out from SQLite once more, and
+    delivers that one result."""
+    private = PrivateRedis(tmp_path)
+    private.start()
+    try:
+        async with distributed(tmp_path, prefix, broker_url=private.url) as (emulator, bot, workers):
+            await workers.start("gpu-a")
+            alice = emulator.user("alice")
+            job_id = await compose(emulator, alice, seed=12, duration=30)
+            await until(lambda: running_on(workers, job_id), 120, "running")
+            workers.processes["gpu-a"].send_signal(signal.SIGSTOP)
+            await until(lambda: bot.queue.get(job_id).attempt == 2, 30, "handed out again after 3 heartbeats")
+            private.kill()
+            private.start()  # empty: the waiting order is gone
+            workers.processes["gpu-a"].send_signal(signal.SIGCONT)
+            await every_job_settled(bot.store)
+            delivered_once(emulator, [alice], [job_id])
+            job = await bot.store.get(job_id)
+            assert job.state is JobState.DONE and job.attempt == 3
+            assert f"Running job {job_id} (attempt 3)" in workers.log("gpu-a").read_text()
+    finally:
+        private.kill()
