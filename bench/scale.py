@@ -65,11 +65,12 @@ async def run_round(settings, clip: Path, jobs: int, seconds: int, runner_factor
     worker = Worker(settings, runner_factory(store), store, queue, outcomes)
     await worker.start()
     try:
+        data = clip.read_bytes()
         began = time.perf_counter()
         for i in range(jobs):
             job = Job.new(JobKind.COMPOSE, user_id=i % 4, guild_id=1, channel_id=1, instruction=f"carol {i}",
                           duration=seconds, attachment_size_limit=25 << 20, application_id=1, interaction_token="")
-            job.input_path = await store.save_input(job.id, clip.read_bytes(), "clip.wav")
+            job.input_path = await store.save_input(job.id, data, "clip.wav")
             await worker.submit(job)
         while len(outcomes.done) < jobs:
             outcomes.changed.clear()

@@ -35,7 +35,7 @@ class Queue(commands.Cog):
                 f"{shorten(w.name, 40)} ({len(w.running)}/{w.capacity} busy)" for w in workers))
         for job, running_left in zip(snapshot.running, snapshot.running_left):
             stage = self.bot.delivery.stage_of(job.id)
-            worker = self.bot.worker.where(job.id)
+            worker = self.bot.worker.runner.where(job.id)
             left = f" · about {minutes(running_left)} left" if running_left is not None else ""
             lines.append(f"**Running:** {describe(job)}" + (f" on {shorten(worker, 40)}" if worker else "")
                          + (f" · {stage}" if stage else "") + left)

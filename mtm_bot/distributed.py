@@ -23,7 +23,6 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from redis.exceptions import ResponseError
@@ -55,6 +54,16 @@ class WorkerInfo:
 
 
 @dataclass
+class _Beat:
+    """A worker's last heartbeat."""
+    id: str
+    name: str
+    capacity: int
+    running: dict[str, int]  # job id -> the attempt it runs
+    compatible: bool
+
+
+@dataclass
 class _Flight:
     """A job handed to the GPU workers, until its outcome is stored."""
     job: Job
@@ -78,7 +87,7 @@ class RemoteRunner:
         self.kicker = AsyncKicker(task_name=TASK_NAME, broker=self.broker, labels={})
         self.grace_seconds = (HEARTBEATS_TO_DEATH + 1) * settings.heartbeat_seconds
         self._flights: dict[str, _Flight] = {}
-        self._workers: dict[str, WorkerInfo] = {}
+        self._workers: dict[str, _Beat] = {}
         self._told_incompatible: set[str] = set()
         self._epoch: str | None = None
         self._capacity_changed: Callable[[], None] = lambda: None
@@ -182,7 +191,7 @@ class RemoteRunner:
             log.error("Job %s lost its worker %d times; failing it", job.id, job.attempt)
             flight.outcome.set_result(Outcome(JobState.FAILED, error=LOST_TOO_OFTEN.format(id=job.id, n=job.attempt)))
             return
-        inputs = self._inputs(job)
+        inputs = self.store.input_files(job)
         if any(not path.exists() for path in inputs.values()):
             flight.outcome.set_result(Outcome(JobState.FAILED, error=FILES_GONE.format(id=job.id)))
             return
@@ -196,7 +205,7 @@ class RemoteRunner:
                  "job": {"id": job.id, "kind": job.kind.value, "instruction": job.instruction,
                          "duration": job.duration, "seed": job.seed, "redo_from": job.redo_from,
                          "parent_id": job.parent_id},
-                 "inputs": {role: _suffix(job, role, path) for role, path in inputs.items()}}
+                 "inputs": {role: path.suffix.lower() for role, path in inputs.items()}}
 
         async def send() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -210,13 +219,6 @@ class RemoteRunner:
         if previous:
             await self._delete_blobs(job.id, previous)
         log.info("Handed out job %s (attempt %d)", job.id, job.attempt)
-
-    def _inputs(self, job: Job) -> dict[str, Path]:
-        inputs = {"clip": job.input_path, "image": job.image_path}
-        if job.parent_id is not None:
-            parent = self.store.parent_files(job)
-            inputs.update(parent_track=parent.track, parent_state=parent.state)
-        return {role: path for role, path in inputs.items() if path is not None}
 
     def _lose(self, flight: _Flight, why_lost: str) -> None:
         if not flight.outcome.done() and not flight.lost.is_set():
@@ -248,7 +250,7 @@ class RemoteRunner:
         self._workers = await self._read_heartbeats()
         metrics.LIVE_WORKERS.set(len(self._workers))
         held = {job_id: (worker.id, attempt) for worker in self._workers.values()
-                for job_id, attempt in worker.running_attempts}
+                for job_id, attempt in worker.running.items()}
         now = time.monotonic()
         for job_id, flight in self._flights.items():
             holder = held.get(job_id)
@@ -271,8 +273,7 @@ class RemoteRunner:
                 continue
             beat = json.loads(raw)
             info = _Beat(str(beat["id"]), str(beat.get("name", beat["id"])), int(beat.get("capacity", 1)),
-                         [str(j) for j, _ in beat.get("running", [])], beat.get("v") == PROTOCOL_VERSION,
-                         [(str(j), int(a)) for j, a in beat.get("running", [])])
+                         {str(j): int(a) for j, a in beat.get("running", [])}, beat.get("v") == PROTOCOL_VERSION)
             if not info.compatible and info.id not in self._told_incompatible:
                 self._told_incompatible.add(info.id)
                 log.error("GPU worker %s speaks protocol version %s, this bot version %d: it gets no jobs. Run the "
@@ -403,15 +404,3 @@ class RemoteRunner:
         if not results_only:
             names += ["clip", "image", "parent_track", "parent_state"]
         await self.redis.delete(*(self.keys.blob(job_id, attempt, name) for name in names))
-
-
-@dataclass
-class _Beat(WorkerInfo):
-    running_attempts: list[tuple[str, int]] = field(default_factory=list)
-
-
-def _suffix(job: Job, role: str, path: Path) -> str:
-    """The file suffix a worker gives an input: the clip's and picture's own; the parent's are fixed."""
-    if role in ("clip", "image"):
-        return path.suffix.lower()
-    return ""

@@ -31,7 +31,7 @@ from . import metrics
 from .errors import MTMError
 from .jobs import Job, JobFiles, JobKind, JobState
 from .progress import CancelToken, Progress
-from .protocol import (HEARTBEATS_TO_DEATH, INPUT_ROLES, PROTOCOL_VERSION, RETRY_FIRST_S, RETRY_MAX_S, TASK_NAME,
+from .protocol import (HEARTBEATS_TO_DEATH, PROTOCOL_VERSION, RETRY_FIRST_S, RETRY_MAX_S, TASK_NAME,
                        UNREACHABLE, JobStream, Keys, check_suffix, connect, dumps, event, retrying, safe_url,
                        wait_for_redis, why)
 from .runner import JobRunner, Outcome
@@ -231,16 +231,11 @@ class GpuWorker:
             job.image_path = self.files.inputs_dir / f"{job.id}.image{check_suffix(inputs['image'])}"
         return job
 
-    def _input_paths(self, job: Job) -> dict[str, Path | None]:
-        parent = self.files.parent_files(job)
-        return {"clip": job.input_path, "image": job.image_path, "parent_track": parent.track,
-                "parent_state": parent.state}
-
     async def _execute(self, job: Job, attempt: int, order: dict, taken: _Taken) -> Outcome | None:
         """Fetch the inputs, run the job in a job thread; None if its inputs are gone from Redis."""
-        paths = self._input_paths(job)
+        paths = self.files.input_files(job)
         for role in order.get("inputs", {}):
-            if role not in INPUT_ROLES:
+            if role not in paths:
                 raise ValueError(f"unknown input {role[:20]!r}")
             data = await retrying("fetching a job's files", lambda: self.redis.get(self.keys.blob(job.id, attempt, role)))
             if data is None:

@@ -242,6 +242,15 @@ class JobFiles:
             return {".mid": self.output_path(job.id, ".mid")}
         return {}
 
+    def input_files(self, job: Job) -> dict[str, Path]:
+        """What a job reads, by role: its clip, its picture, and a derived job's links to its parent's kept
+        track and state (what travels to a GPU worker in distributed mode)."""
+        files = {"clip": job.input_path, "image": job.image_path}
+        if job.parent_id is not None:
+            parent = self.parent_files(job)
+            files.update(parent_track=parent.track, parent_state=parent.state)
+        return {role: path for role, path in files.items() if path is not None}
+
     def kept_files(self, job: Job) -> KeptFiles:
         """What a finished track keeps for the jobs derived from it (mtm_bot.kept), beside its files."""
         return KeptFiles(self.output_path(job.id), self.output_path(job.id, ".kept.npz"), job.input_path)

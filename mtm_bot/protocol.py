@@ -46,8 +46,7 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
 HEARTBEATS_TO_DEATH = 3  # a worker whose heartbeat is this many intervals old is dead
 MAX_ATTEMPTS = 4  # a job that loses its worker this often fails instead of killing a fifth
-# File roles a job order may carry; what a result may carry (JobFiles.result_files).
-INPUT_ROLES = ("clip", "image", "parent_track", "parent_state")
+# What a result may carry (JobFiles.result_files); an order carries JobFiles.input_files.
 RESULT_SUFFIXES = (".wav", ".kept.npz", ".mid")
 _SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
 

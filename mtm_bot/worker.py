@@ -218,10 +218,6 @@ class Worker:
 
     # Serving ------------------------------------------------------------------------------------
 
-    def where(self, job_id: str) -> str | None:
-        """/queue: the GPU worker running a job (distributed mode), else None."""
-        return self.runner.where(job_id)
-
     def _capacity_changed(self) -> None:
         self.queue.capacity = self.runner.capacity  # the ETA counts the live slots
         self._slot_freed.set()
