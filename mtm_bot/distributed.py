@@ -212,12 +212,12 @@ class RemoteRunner:
                 for role, data in blobs.items():
                     pipe.set(self.keys.blob(job.id, job.attempt, role), data, px=ttl_ms)
                 pipe.set(self.keys.attempt(job.id), job.attempt)
+                if previous:  # the earlier attempt's files and results: nobody takes them any more
+                    pipe.delete(*self._blob_keys(job.id, previous))
                 await pipe.execute()
             await self.kicker.kiq(order)
 
         await retrying(f"handing out job {job.id}", send, lambda: self._closing)
-        if previous:
-            await self._delete_blobs(job.id, previous)
         log.info("Handed out job %s (attempt %d)", job.id, job.attempt)
 
     def _lose(self, flight: _Flight, why_lost: str) -> None:
@@ -308,7 +308,9 @@ class RemoteRunner:
     # Events from the workers --------------------------------------------------------------------
 
     async def _read_events(self) -> None:
-        start = "0"  # first what this bot read before a crash and never acknowledged, then new events
+        """Apply the workers' events. First (and again after Redis went away mid-way) this consumer's pending
+        ones, those read but never acknowledged, page by page; then new ones (">")."""
+        start = "0"
         delay = 1.0
         while True:
             try:
@@ -326,15 +328,19 @@ class RemoteRunner:
                 await asyncio.sleep(self.settings.heartbeat_seconds)  # _check_workers creates it again
                 continue
             entries = [entry for _, stream_entries in reply for entry in stream_entries]
-            if start == "0" and not entries:
+            backlog = start != ">"
+            if backlog and not entries:
                 start = ">"
             for event_id, fields in entries:
                 message = None
                 try:
                     message = json.loads(fields[b"data"])
                     await self._apply(event_id.decode(), message)
-                except UNREACHABLE:
-                    raise
+                except UNREACHABLE as err:  # applied again from the pending ones: _apply repeats harmlessly
+                    log.warning("Lost Redis while applying events (%s); retrying in %.0f s.", why(err), delay)
+                    await asyncio.sleep(delay)
+                    start = "0"
+                    break
                 except Exception:  # e.g. the disk is full: this job fails with a sentence, the others go on
                     log.exception("Dropping an event the bot could not apply")
                     await self.redis.xack(self.keys.events, self.keys.bot_group, event_id)
@@ -342,8 +348,9 @@ class RemoteRunner:
                     if flight is not None and not flight.outcome.done():
                         flight.outcome.set_result(Outcome(JobState.FAILED,
                                                           error=UNEXPECTED_MESSAGE.format(id=flight.job.id)))
-            if start == "0" and entries:
-                start = entries[-1][0].decode()  # page through the backlog
+            else:
+                if backlog and entries:
+                    start = entries[-1][0].decode()  # page through the backlog
 
     async def _apply(self, event_id: str, message: dict) -> None:
         job_id, attempt, kind = str(message.get("job")), int(message.get("attempt", 0)), message.get("type")
@@ -400,7 +407,10 @@ class RemoteRunner:
         await retrying("tidying up a finished job", clean, lambda: self._closing)
 
     async def _delete_blobs(self, job_id: str, attempt: int, results_only: bool = False) -> None:
+        await self.redis.delete(*self._blob_keys(job_id, attempt, results_only))
+
+    def _blob_keys(self, job_id: str, attempt: int, results_only: bool = False) -> list[str]:
         names = [f"result{suffix}" for suffix in RESULT_SUFFIXES]
         if not results_only:
             names += ["clip", "image", "parent_track", "parent_state"]
-        await self.redis.delete(*(self.keys.blob(job_id, attempt, name) for name in names))
+        return [self.keys.blob(job_id, attempt, name) for name in names]
