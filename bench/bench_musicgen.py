@@ -27,7 +27,7 @@ import time
 import torch
 
 from bench.reference import reference_codes
-from mtm_bot.generator import FRAME_RATE, MAX_TEXT_TOKENS, cache_frames
+from mtm_bot.generator import FRAME_RATE, cache_frames
 from mtm_bot.musicgen_decode import BlockRequest, MusicgenDecoder, Sampling
 from mtm_bot.pipeline import BLOCK_SECONDS
 
@@ -189,7 +189,7 @@ def main() -> None:
     max_frames = args.max_frames or max(cache_frames(BLOCK_SECONDS), new_frames + round(args.prompt_seconds * FRAME_RATE))
     decoder = MusicgenDecoder(model, max_frames=max_frames, compile=compile)
     start = time.perf_counter()
-    decoder.warmup(text_tokens=MAX_TEXT_TOKENS, max_batch=args.batch)  # buffers sized as the bot sizes them
+    decoder.warmup(max_batch=args.batch)  # buffers sized as the bot sizes them
     warmup_s = time.perf_counter() - start
 
     def run_fast(frames: int) -> None:

@@ -29,7 +29,7 @@ import torch
 from mtm_bot.audio import Audio, load_clip
 from mtm_bot.captioner import Captioner, LPMusicCaps, bart_base_config
 from mtm_bot.compiling import EAGER
-from mtm_bot.generator import MAX_TEXT_TOKENS, Generator, build_tiny_musicgen
+from mtm_bot.generator import Generator, build_tiny_musicgen
 from mtm_bot.musicgen_decode import Sampling
 from mtm_bot.pipeline import BLOCK_SECONDS, Pipeline
 from mtm_bot.refiner import Refiner, build_tiny_tokenizer
@@ -61,7 +61,7 @@ class TransformersDecoder:
     def __init__(self, model) -> None:
         self.model = model
 
-    def decode_blocks(self, blocks, sampling: Sampling = Sampling(), slots: int = 1, admit=None) -> None:
+    def decode_blocks(self, blocks, sampling: Sampling = Sampling(), max_blocks: int = 1, admit=None) -> None:
         """The generator's batcher calls this: one block at a time, each handed to its `done` (transformers'
         generate cannot mix prompts and melodies in one batch, nor let a block join between steps)."""
         for r, done in blocks:
@@ -85,7 +85,7 @@ def build_stages(profile: str, device: torch.device, max_batch: int = 1) -> tupl
     musicgen.audio_encoder.float()
     generator = Generator(musicgen, build_tiny_musicgen("melody")[1], device, BLOCK_SECONDS, max_batch=max_batch)
     if device.type == "cuda":  # on the decode thread, where the graphs will replay
-        generator.batcher.call(lambda: generator.decoder.warmup(text_tokens=MAX_TEXT_TOKENS, max_batch=max_batch))
+        generator.batcher.call(lambda: generator.decoder.warmup(max_batch=max_batch))
     return captioner, refiner, generator
 
 

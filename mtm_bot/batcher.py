@@ -4,8 +4,8 @@ captioning in one beam search (`CallBatcher`).
 A MusicGen step is bound by reading the weights, not by arithmetic, so a step for four blocks costs
 little more than a step for one. Every job's thread hands its next block to `BlockBatcher.decode` and
 waits; one decode thread takes every block waiting (up to `max_batch`, oldest first) into one
-`MusicgenDecoder.decode_blocks` loop, sized for the jobs generating at the time, and a block that
-arrives while the loop runs joins it between two steps as soon as a slot is free. A job's codes depend
+`MusicgenDecoder.decode_blocks` loop, and a block that arrives while the loop runs joins it between two
+steps while fewer than `max_batch` decode (the loop moves to a larger batch-size bucket as needed). A job's codes depend
 only on its own request (its noise comes from its own generator), never on who shared the loop.
 
 The decode thread is also where the decoder is warmed up (`call`): compiled steps and captured CUDA
@@ -18,10 +18,11 @@ every waiting call in the next batch.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -34,8 +35,10 @@ from .progress import CancelToken
 T = TypeVar("T")
 In = TypeVar("In")
 Out = TypeVar("Out")
-# MusicgenDecoder.decode_blocks(blocks, slots=..., admit=...)
+# MusicgenDecoder.decode_blocks(blocks, max_blocks, admit)
 DecodeBlocks = Callable[[Sequence[tuple[BlockRequest, Done]], int, Admit | None], None]
+
+POLL_SECONDS = 0.05  # how often a call waiting for its batch looks at its cancel token
 
 
 @dataclass(eq=False)  # compared by identity: a request holds tensors
@@ -46,62 +49,75 @@ class _Waiting:
     state: torch.Tensor | None = None  # its generator's state when its loop took it
 
 
+class _Inbox:
+    """What the decode thread waits on. The thread holds this and only a weak reference to its batcher,
+    so a batcher nobody uses any more (and the model its decode function holds) can be freed; then the
+    thread ends."""
+
+    def __init__(self) -> None:
+        self.waiting: deque[_Waiting] = deque()
+        self.changed = threading.Condition()
+        self.closed = False
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
 class BlockBatcher:
     def __init__(self, decode: DecodeBlocks, max_batch: int) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.decode_blocks = decode
         self.max_batch = max_batch
-        self._waiting: deque[_Waiting] = deque()
-        self._changed = threading.Condition()
-        self._generating = 0  # jobs inside Generator.generate: their next blocks are coming
+        self._inbox = _Inbox()
+        self._waiting = self._inbox.waiting
+        self._changed = self._inbox.changed
         self.batch_sizes: list[int] = []  # blocks each decode loop started with, for tests and benchmarks
         self.joined = 0  # blocks that joined a loop already running
-        self._thread = threading.Thread(target=self._serve, name="mtm-decode", daemon=True)
+        self._thread = threading.Thread(target=_serve, args=(self._inbox, weakref.ref(self)), name="mtm-decode",
+                                        daemon=True)
         self._thread.start()
+        weakref.finalize(self, self._inbox.close)
 
-    @contextmanager
-    def generating(self) -> Iterator[None]:
-        """Around one job's blocks: while it generates, decode loops keep a slot's room for it."""
-        with self._changed:
-            self._generating += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._generating -= 1
-
-    def decode(self, request: BlockRequest) -> torch.Tensor:
+    def decode(self, request: BlockRequest, cancel: CancelToken | None = None) -> torch.Tensor:
         """The codes of one block, decoded with whatever other blocks are waiting or decoding (it joins a
         running loop between two steps when a slot is free); raises what its on_step raised (a cancel)
-        or what decoding raised."""
-        return self._submit(_Waiting(request)).result()
+        or what decoding raised. A block whose job is cancelled while it waits for a slot leaves at once."""
+        waiting = self._submit(_Waiting(request))
+        while True:
+            try:
+                return waiting.result.result(timeout=POLL_SECONDS)
+            except FutureTimeout:
+                if cancel is None or not cancel.cancelled:
+                    continue
+            with self._changed:
+                if waiting in self._waiting:  # not yet in a loop; once in one, its on_step stops it
+                    self._waiting.remove(waiting)
+                    raise Cancelled("The job was cancelled.")
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the decode thread (warm-up, compile, capture) and return its result."""
-        return self._submit(_Waiting(None, call=fn)).result()
+        return self._submit(_Waiting(None, call=fn)).result.result()
 
-    def _submit(self, waiting: _Waiting) -> Future:
+    def _submit(self, waiting: _Waiting) -> _Waiting:
         with self._changed:
             self._waiting.append(waiting)
             self._changed.notify()
-        return waiting.result
+        return waiting
 
-    def _serve(self) -> None:
-        while True:
-            with self._changed:
-                while not self._waiting:
-                    self._changed.wait()
-                if self._waiting[0].request is None:
-                    call = self._waiting.popleft()
-                else:
-                    call = None
-                    first = self._take(self.max_batch)
-                    slots = min(self.max_batch, max(len(first), self._generating))
-            if call is not None:
-                _settle(call.result, call.call)
+    def _serve_one(self) -> None:
+        """Run what waits first: a call, or a decode loop for up to max_batch waiting blocks."""
+        with self._changed:
+            if self._waiting[0].request is None:
+                call, first = self._waiting.popleft(), []
             else:
-                self._decode(first, slots, admit=self.max_batch > 1)
+                call, first = None, self._take(self.max_batch)
+        if call is not None:
+            _settle(call.result, call.call)
+        else:
+            self._decode(first, admit=self.max_batch > 1)
 
     def _take(self, most: int) -> list[_Waiting]:
         """Up to `most` waiting blocks, oldest first, stopping at a call (it runs between loops); each
@@ -113,10 +129,10 @@ class BlockBatcher:
             taken.append(waiting)
         return taken
 
-    def _decode(self, first: list[_Waiting], slots: int, admit: bool) -> None:
-        """One decode loop for `first` and (with `admit`) every block that arrives while it runs. Out of
-        memory, the blocks not yet done run again in halves, without newcomers, from the same noise
-        (each generator's state is restored), so no job fails for sharing a loop."""
+    def _decode(self, first: list[_Waiting], admit: bool) -> None:
+        """One decode loop for `first` and (with `admit`) every block that arrives while it runs, up to
+        max_batch at once. Out of memory, the blocks not yet done run again in halves, without newcomers,
+        from the same noise (each generator's state is restored), so no job fails for sharing a loop."""
         in_loop = list(first)
 
         def done(waiting: _Waiting) -> Done:
@@ -128,15 +144,16 @@ class BlockBatcher:
                     waiting.result.set_result(result)
             return finish
 
-        def newcomers(idle: int) -> list[tuple[BlockRequest, Done]]:
+        def newcomers(room: int) -> list[tuple[BlockRequest, Done]]:
             with self._changed:
-                joining = self._take(idle)
+                joining = self._take(room)
             in_loop.extend(joining)
             self.joined += len(joining)
             return [(w.request, done(w)) for w in joining]
 
         try:
-            self.decode_blocks([(w.request, done(w)) for w in first], slots, newcomers if admit else None)
+            most = self.max_batch if admit else len(first)
+            self.decode_blocks([(w.request, done(w)) for w in first], most, newcomers if admit else None)
             self.batch_sizes.append(len(first))
         except torch.OutOfMemoryError as error:
             if torch.cuda.is_available():
@@ -148,11 +165,26 @@ class BlockBatcher:
             for waiting in left:
                 _restore(waiting.request.generator, waiting.state)
             half = len(left) // 2
-            self._decode(left[:half], half, admit=False)
-            self._decode(left[half:], len(left) - half, admit=False)
+            self._decode(left[:half], admit=False)
+            self._decode(left[half:], admit=False)
         except BaseException as error:  # a bug: every job of the loop hears of it
             for waiting in in_loop:
                 waiting.result.set_exception(error)
+
+
+def _serve(inbox: _Inbox, batcher: "weakref.ref[BlockBatcher]") -> None:
+    """The decode thread: serve the batcher while it lives."""
+    while True:
+        with inbox.changed:
+            while not inbox.waiting and not inbox.closed:
+                inbox.changed.wait()
+            if inbox.closed:
+                return
+        serving = batcher()
+        if serving is None:
+            return
+        serving._serve_one()
+        del serving  # hold no reference while waiting
 
 
 @dataclass(eq=False)
@@ -167,8 +199,6 @@ class CallBatcher(Generic[In, Out]):
     per item. Up to `max_batch` waiting calls, oldest first, go into each batch; a batch that fails (out of
     memory, one bad item) runs again one call at a time, so a call fails only for its own reasons. A call
     whose job is cancelled while it waits leaves at once; `run` gets the cancel tokens of its batch."""
-
-    POLL_SECONDS = 0.05  # how often a waiting call looks at its cancel token
 
     def __init__(self, run: Callable[[list[In], list[CancelToken | None]], list[Out]], max_batch: int) -> None:
         self.run = run
@@ -185,7 +215,7 @@ class CallBatcher(Generic[In, Out]):
         while not call.result.done():
             with self._changed:
                 if self._busy or not self._waiting:
-                    self._changed.wait(self.POLL_SECONDS)
+                    self._changed.wait(POLL_SECONDS)
                     if cancel is not None and cancel.cancelled and call in self._waiting:
                         self._waiting.remove(call)
                         raise Cancelled("The job was cancelled.")

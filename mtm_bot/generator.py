@@ -25,7 +25,7 @@ from .audio import Audio, resample
 from .compiling import CompilePlan, warm_up_or_run_eager
 from .melody import has_bass_line, remove_bass
 from .batcher import BlockBatcher
-from .musicgen_decode import BlockRequest, MusicgenDecoder
+from .musicgen_decode import MAX_TEXT_TOKENS, BlockRequest, MusicgenDecoder
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .runtime import cast_for_inference, from_hub, model_dtype
 
@@ -41,9 +41,6 @@ CROSSFADE_SECONDS = 0.05
 # EnCodec-32kHz's decoder is non-causal: the last ~80 ms of a decode lack their right context and differ
 # from a continuous decode. Seams fade this far before the end of the earlier block, where both decodes agree.
 EDGE_SECONDS = 0.1
-# Melody conditioning is a decoder prefix of chroma + text sharing the 2048 positions with the 1500
-# frames; 256 text tokens (~1000 characters of caption) always fit.
-MAX_TEXT_TOKENS = 256
 
 # Chroma as MusicgenMelodyFeatureExtractor computes it (transformers 5.23).
 CHROMA_N_FFT = 16384
@@ -177,8 +174,8 @@ class Generator:
         self.decoder = MusicgenDecoder(model, max_frames=cache_frames(block_seconds), compile=compile)
         # Jobs generating at the same time share decode loops (mtm_bot.batcher); `generate` may be called
         # from several threads at once.
-        self.batcher = BlockBatcher(lambda blocks, slots, admit: self.decoder.decode_blocks(
-            blocks, slots=slots, admit=admit), max_batch)
+        self.batcher = BlockBatcher(lambda blocks, max_blocks, admit: self.decoder.decode_blocks(
+            blocks, max_blocks=max_blocks, admit=admit), max_batch)
 
     @classmethod
     def load(cls, profile: str, model_id: str, device: torch.device, block_seconds: float,
@@ -197,13 +194,13 @@ class Generator:
         model = cast_for_inference(model.to(device), dtype, keep_fp32=["audio_encoder"])
         plan = compile or CompilePlan.from_setting("auto", device)
         generator = cls(model, tokenizer, device, block_seconds, compile=plan.enabled, max_batch=max_batch)
-        # Compile and capture now (one graph per batch size bucket), on the thread that will decode, not on a
-        # user's first request. Warming up at the longest description sizes the text buffers once, so no
-        # later caption forces a recompile.
-        warm_up_or_run_eager("MusicGen's decode step", plan,
-                             lambda: generator.batcher.call(lambda: generator.decoder.warmup(
-                                 text_tokens=MAX_TEXT_TOKENS, max_batch=max_batch)),
-                             generator.decoder.run_eager)
+        # Allocate the buffers for max_batch blocks and compile and capture now (one graph per batch-size
+        # bucket), on the thread that will decode, not on a user's first request.
+        def warm_up() -> None:
+            generator.batcher.call(lambda: generator.decoder.warmup(max_batch=max_batch))
+
+        if not warm_up_or_run_eager("MusicGen's decode step", plan, warm_up, generator.decoder.run_eager):
+            warm_up()  # eager: allocation only
         return generator
 
     def generate(self, clip: Audio | None, blocks: list[Block], seed: int,
@@ -222,8 +219,7 @@ class Generator:
         cancel = cancel or CancelToken()
         melody = resample(clip, SAMPLE_RATE).samples if self.uses_melody and clip is not None else None
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        with self.batcher.generating():
-            return self._generate(melody, blocks, generator, progress, cancel, start, gain)
+        return self._generate(melody, blocks, generator, progress, cancel, start, gain)
 
     def _generate(self, melody: np.ndarray | None, blocks: list[Block], generator: torch.Generator,
                   progress: ProgressCallback, cancel: CancelToken, start: Rendered | None, gain: float) -> Rendered:
@@ -237,7 +233,7 @@ class Generator:
 
             prompt = None if codes is None else codes[..., -PROMPT_FRAMES:]
             prompt_audio = None if prompt is None else track[len(track) - prompt.shape[-1] * SAMPLES_PER_FRAME:]
-            block_codes = self._generate_block(block, melody, prompt, prompt_audio, generator, on_step)
+            block_codes = self._generate_block(block, melody, prompt, prompt_audio, generator, on_step, cancel)
             audio = self._decode(block_codes) * np.float32(gain)
             if codes is None:
                 track, codes = audio, block_codes
@@ -252,7 +248,8 @@ class Generator:
         return Rendered(Audio(track[: round(blocks[-1].end * SAMPLE_RATE)], SAMPLE_RATE), codes.cpu())
 
     def _generate_block(self, block: Block, melody: np.ndarray | None, prompt: torch.Tensor | None,
-                        prompt_audio: np.ndarray | None, seed_generator: torch.Generator, on_step) -> torch.Tensor:
+                        prompt_audio: np.ndarray | None, seed_generator: torch.Generator, on_step,
+                        cancel: CancelToken) -> torch.Tensor:
         """Codes (1, K, prompt + new frames) for one block: its description, its segment's chroma, the prompt.
 
         The model reads chroma frame by frame alongside the audio frames (as in training, where both come
@@ -273,7 +270,7 @@ class Generator:
         text = self.tokenizer([block.description], return_tensors="pt", padding=True, truncation=True,
                               max_length=MAX_TEXT_TOKENS).to(self.device)
         return self.batcher.decode(BlockRequest(text.input_ids, text.attention_mask, new_frames, chroma, prompt,
-                                                seed_generator, on_step))
+                                                seed_generator, on_step), cancel)
 
     @torch.inference_mode()
     def _decode(self, codes: torch.Tensor) -> np.ndarray:

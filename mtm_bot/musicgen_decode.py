@@ -39,7 +39,11 @@ import torch
 import torch.nn.functional as F
 
 FREE = -1  # a delay-pattern slot the model samples; every other value is forced
-TEXT_BUCKET = 128  # text lengths are rounded up to this, so one captured graph serves every caption
+# Melody conditioning is a decoder prefix of chroma + text sharing the 2048 positions with the 1500
+# frames; 256 text tokens (~1000 characters of caption) always fit. The text buffers are sized for this
+# many tokens when they are allocated, so a block with any description up to it can join a running loop.
+MAX_TEXT_TOKENS = 256
+TEXT_BUCKET = 128  # text capacity is a whole number of these
 KEY_BLOCK = 64  # eager steps read the KV cache in whole blocks of this many slots (see the module doc)
 MIN_CPU_ROWS = 4  # MKL computes a row of a product of 1-3 rows differently from one of 4 or more
 
@@ -124,7 +128,8 @@ Admit = Callable[[int], Sequence[tuple[BlockRequest, Done]]]
 class MusicgenDecoder:
     """Decodes MusicGen codes for MusicgenMelodyForConditionalGeneration and MusicgenForConditionalGeneration."""
 
-    def __init__(self, model, max_frames: int = 1500, compile: bool | None = None) -> None:
+    def __init__(self, model, max_frames: int = 1500, compile: bool | None = None,
+                 max_text_tokens: int = MAX_TEXT_TOKENS) -> None:
         self.model = model
         decoder = model.decoder  # MusicgenForCausalLM / MusicgenMelodyForCausalLM
         self.stack = decoder.model.decoder  # embeddings, layers, final layer norm
@@ -143,6 +148,7 @@ class MusicgenDecoder:
         self.prefix_conditioning = not hasattr(self.stack.layers[0], "encoder_attn")
         self.chroma_length = model.config.chroma_length if self.prefix_conditioning else 0
         self.max_frames = max_frames
+        self.max_text_tokens = max_text_tokens
         self.device = decoder.lm_heads[0].weight.device
         self.dtype = decoder.lm_heads[0].weight.dtype
         self.qkv_weights, self.heads_weight = _fuse_projections(self.stack.layers, self.heads)
@@ -152,7 +158,7 @@ class MusicgenDecoder:
         self.step = self.decode_one_token
         if compile:
             self.step = torch.compile(self.decode_one_token, mode="reduce-overhead", fullgraph=True)
-        self._allocated: tuple[int, bool, int] | None = None  # (slots, cfg, text capacity) of the buffers
+        self._allocated: tuple[int, bool] | None = None  # (slots, cfg) of the buffers
         self._buckets: dict[int, _Slots] = {}  # slots -> that bucket's views of the buffers
         self.batch: _Slots | None = None  # the bucket the current batch decodes in
         self.cfg = False  # whether each slot has a null-conditioned row
@@ -180,37 +186,40 @@ class MusicgenDecoder:
 
     @torch.no_grad()
     def decode_blocks(self, blocks: Sequence[tuple[BlockRequest, Done]], sampling: Sampling = Sampling(),
-                      slots: int = 1, admit: Admit | None = None) -> None:
+                      max_blocks: int = 1, admit: Admit | None = None) -> None:
         """Decode the blocks in one loop, each handing its result to its `done`; with `admit`, blocks that
-        arrive meanwhile join idle slots between steps (continuous batching) until none is left.
+        arrive meanwhile join between steps (continuous batching), up to `max_blocks` decoding at once,
+        until none is left.
 
         A block's codes are those it gets decoded alone, and its generator ends in the same state,
         whoever shares the loop and whenever it joined. `on_step(frames_done, new_frames)` runs after
         every step that completes one of its frames (`new_frames` calls); if it raises (e.g. Cancelled),
         that block leaves the loop and draws no more noise, and the others decode on undisturbed. Any
-        other error (e.g. out of memory) fails the whole call; the decoder stays usable. `slots`: room
-        for at least this many blocks (the buffers and the captured graph of its bucket).
+        other error (e.g. out of memory) fails the whole call; the decoder stays usable.
+        The loop decodes in the smallest bucket its blocks fit and moves to a larger one when blocks
+        join: the buckets are views of one allocation, so the running blocks keep their slots.
         """
         for request, _ in blocks:
             self._check(request)
         if not blocks:
             return
         cfg = sampling.guidance_scale > 1
-        bucket = self._bucket(max(len(blocks), slots), cfg)
-        self._allocate(bucket, cfg, max(int(r.attention_mask.sum()) for r, _ in blocks))
+        most = max(len(blocks), max_blocks)
+        self._allocate(self._bucket(most, cfg), cfg)
         self.cfg = cfg
-        self.batch = self._buckets[bucket]
-        for slot in range(bucket):
-            self._release(slot)  # bucket padding stays idle
+        bucket = 0  # slots of the bucket the loop decodes in; none yet
 
         waiting, running = list(blocks), []
         while True:
+            room = most - len(running) - len(waiting)
+            if admit is not None and room > 0:
+                waiting += [(r, done) for r, done in admit(room) if self._joins(r, done)]
+            if len(running) + len(waiting) > bucket:
+                bucket = self._grow(bucket, len(running) + len(waiting), cfg)
             idle = sorted(set(range(bucket)) - {block.slot for block in running})
-            if not waiting and admit is not None and idle:
-                waiting = [(r, done) for r, done in admit(len(idle)) if self._joins(r, done)]
             for slot, (request, done) in zip(idle, waiting):
                 running.append(self._admit(slot, request, done, sampling))  # its step 1
-            waiting = waiting[len(idle):]
+            waiting = []
             running = [block for block in running if self._report(block)]
             if not running:
                 return
@@ -236,26 +245,26 @@ class MusicgenDecoder:
             raise result
         return result
 
-    def warmup(self, text_tokens: int = 32, frames: int = 8, max_batch: int = 1) -> None:
-        """Allocate the buffers for `max_batch` blocks and descriptions of `text_tokens`, and, when
-        compiled, compile and capture the step of every batch-size bucket up to there (default
-        sampling), so that no request compiles or captures.
+    def warmup(self, frames: int = 8, max_batch: int = 1) -> None:
+        """Allocate the buffers for `max_batch` blocks and, when compiled, compile and capture the step of
+        every batch-size bucket up to there (default sampling), so that no request compiles or captures.
 
         Melody-conditioned and continued blocks use the same step graph: the buffers are sized by
-        max_frames and the text bucket, not by the block.
+        max_frames and max_text_tokens, not by the block.
         """
         cfg = Sampling().guidance_scale > 1
         largest = self._bucket(max_batch, cfg)
-        self._allocate(largest, cfg, text_tokens)  # the largest first: every bucket is a view of it
-        input_ids = torch.zeros((1, text_tokens), dtype=torch.long, device=self.device)
+        self._allocate(largest, cfg)  # the largest first: every bucket is a view of it
+        if not self.compiled:
+            return
+        input_ids = torch.zeros((1, self.max_text_tokens), dtype=torch.long, device=self.device)
         features = None
         if self.prefix_conditioning:
             features = torch.zeros(1, frames, self.model.config.num_chroma, device=self.device)
         generator = torch.Generator(self.device).manual_seed(0)
         request = BlockRequest(input_ids, torch.ones_like(input_ids), frames, features, generator=generator)
-        buckets = sorted({self._bucket(n, cfg) for n in range(1, largest + 1)}) if self.compiled else [largest]
-        for bucket in buckets:
-            for _ in range(3 if self.compiled else 1):  # compile, warm up, record the CUDA graph
+        for bucket in sorted({self._bucket(n, cfg) for n in range(1, largest + 1)}):
+            for _ in range(3):  # compile, warm up, record the CUDA graph
                 self.generate_batch([request] * bucket)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -270,6 +279,9 @@ class MusicgenDecoder:
         if request.input_ids.dim() != 2 or rows != [1] * len(rows):
             raise ValueError("a request holds one block: input_ids (1, T), input_features (1, frames, 12), "
                              "prompt_codes (1, K, P); decode several together with generate_batch")
+        if int(request.attention_mask.sum()) > self.max_text_tokens:
+            raise ValueError(f"the description has {int(request.attention_mask.sum())} tokens, more than the "
+                             f"{self.max_text_tokens} the decoder is sized for; truncate it")
         if request.new_frames < 1 or request.prompt_frames + request.new_frames > self.max_frames:
             raise ValueError(f"prompt + new frames must be 1..{self.max_frames}, "
                              f"got {request.prompt_frames} + {request.new_frames}")
@@ -290,12 +302,19 @@ class MusicgenDecoder:
         """Whether a block handed in between steps can join the loop; one that cannot hears why at once."""
         try:
             self._check(request)
-            if int(request.attention_mask.sum()) > self._allocated[2]:
-                raise ValueError("this description outgrows the text buffers sized at warm-up (MAX_TEXT_TOKENS)")
         except ValueError as error:
             done(error)
             return False
         return True
+
+    def _grow(self, bucket: int, blocks: int, cfg: bool) -> int:
+        """Move the loop to the bucket for `blocks` (a view of the same buffers: the running blocks keep
+        their slots, rows and positions); its new slots start idle. Returns its slots."""
+        grown = self._bucket(blocks, cfg)
+        self.batch = self._buckets[grown]
+        for slot in range(bucket, grown):
+            self._release(slot)
+        return grown
 
     def _admit(self, slot: int, request: BlockRequest, done: Done, sampling: Sampling) -> _Block:
         """Condition the slot on the request, lay out its delay pattern and prefill it (its step 1)."""
@@ -387,19 +406,18 @@ class MusicgenDecoder:
         chroma = chroma.repeat(1, repeats, 1)[:, : self.chroma_length]
         return _Conditioning(torch.cat([chroma, text], dim=1), None, None)
 
-    def _allocate(self, slots: int, cfg: bool, text_tokens: int) -> None:
-        """Static buffers for `slots` blocks; kept (never shrunk) while CFG matches and the text fits its bucket."""
-        if self._allocated is not None and self._allocated[1] == cfg:
-            if slots <= self._allocated[0] and text_tokens <= self._allocated[2]:
-                return
-            slots, text_tokens = max(slots, self._allocated[0]), max(text_tokens, self._allocated[2])
-        text_capacity = -(-text_tokens // TEXT_BUCKET) * TEXT_BUCKET
+    def _allocate(self, slots: int, cfg: bool) -> None:
+        """Static buffers for `slots` blocks and descriptions up to max_text_tokens; kept (never shrunk)
+        while CFG matches. Reallocating drops the buffers' contents: only between loops."""
+        if self._allocated is not None and self._allocated[1] == cfg and slots <= self._allocated[0]:
+            return
+        text_capacity = -(-self.max_text_tokens // TEXT_BUCKET) * TEXT_BUCKET
         token_capacity = self.max_frames + self.num_codebooks  # start token + frames + delay tail
         prefix_capacity = self.chroma_length + text_capacity if self.prefix_conditioning else 0
         positions = self.stack.embed_positions.weights.shape[0]
         if prefix_capacity + token_capacity > positions:
-            raise ValueError(f"{text_tokens} text tokens + max_frames={self.max_frames} exceed the model's "
-                             f"{positions} positions; truncate the description")
+            raise ValueError(f"{self.max_text_tokens} text tokens + max_frames={self.max_frames} exceed the model's "
+                             f"{positions} positions; lower max_text_tokens or max_frames")
         capacity = -(-(prefix_capacity + token_capacity) // KEY_BLOCK) * KEY_BLOCK  # whole blocks, aligned
         rows = slots * (2 if cfg else 1)  # CFG: each slot's conditional row, then its null row
         layers, shape = len(self.stack.layers), (rows, self.num_heads, capacity, self.head_dim)
@@ -428,7 +446,7 @@ class MusicgenDecoder:
         while bucket <= slots:
             self._buckets[bucket] = self._views(bucket, bucket * (2 if cfg else 1))
             bucket *= 2
-        self._allocated = (slots, cfg, text_capacity)
+        self._allocated = (slots, cfg)
 
     def _views(self, slots: int, rows: int) -> _Slots:
         cross = (None, None, None) if self.prefix_conditioning else (

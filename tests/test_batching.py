@@ -6,8 +6,10 @@ identical. Batches form from the blocks waiting when the decode thread is free; 
 thread until every job has handed in its first block, so the first batch really is shared.
 """
 import dataclasses
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -108,12 +110,12 @@ def test_out_of_memory_on_a_batch_retries_smaller_with_the_same_noise(generator,
     class SmallMemory:
         """The decoder, running out of memory on any loop of more than one block."""
 
-        def decode_blocks(self, blocks, slots=1, admit=None, **kwargs):
+        def decode_blocks(self, blocks, max_blocks=1, admit=None, **kwargs):
             if len(blocks) > 1:
                 for request, _ in blocks:  # a real OOM strikes mid-loop, after some noise was drawn
                     torch.empty(4).exponential_(generator=request.generator)
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return decoder.decode_blocks(blocks, slots=slots, admit=admit, **kwargs)
+            return decoder.decode_blocks(blocks, max_blocks=max_blocks, admit=admit, **kwargs)
 
     monkeypatch.setattr(generator, "decoder", SmallMemory())
     together = run_together(generator, JOBS)
@@ -257,3 +259,84 @@ def test_a_batch_that_fails_runs_again_one_call_at_a_time():
         thread.join(10)
     assert results == {1: 2, 13: "unlucky", 2: 4}
     assert batcher.batch_sizes == [3, 1, 1, 1]
+
+
+# Jobs arriving one after another, on a batcher of their own (no loop has run on it before).
+
+LONG = "an ambient drone with choir, sleigh bells and a slow brass chorale under falling snow, " * 4  # 181 tokens
+
+
+def test_staggered_jobs_all_decode_together_and_a_long_description_joins():
+    """Four jobs, each arriving while the others generate: the running loop takes every one of them (its
+    bucket grows) instead of staying at the size it started with, and the last job's 181-token description
+    joins it (the text buffers hold MAX_TEXT_TOKENS whatever the first loop's descriptions were)."""
+    generator = Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"), 10, max_batch=4)
+    jobs = [dict(clip=None, blocks=blocks(2, caption), seed=i)
+            for i, caption in enumerate(["a carol", "brass", "a choir", LONG])]
+    alone = [generator.generate(job["clip"], job["blocks"], seed=job["seed"]).codes for job in jobs]
+    generator.batcher.batch_sizes.clear()
+    decoding, step = [], generator.decoder.step
+
+    def counting(*args):
+        decoding.append(int(generator.decoder.batch.active.sum()))
+        return step(*args)
+
+    generator.decoder.step = counting
+    results, threads = {}, []
+
+    def run(i):
+        def report(p):
+            if (p.block, p.step) == (1, 5) and i + 1 < len(jobs):  # the next job arrives mid-block
+                threads.append(threading.Thread(target=run, args=(i + 1,)))
+                threads[-1].start()
+        try:
+            results[i] = generator.generate(jobs[i]["clip"], jobs[i]["blocks"], seed=jobs[i]["seed"],
+                                            progress=report).codes
+        except Exception as error:
+            results[i] = error
+
+    run(0)
+    while len(threads) < len(jobs) - 1:
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join(120)
+    assert max(decoding) == 4  # all four jobs' blocks in one loop at once
+    for mine, theirs in zip([results[i] for i in range(len(jobs))], alone):
+        assert torch.equal(mine, theirs)
+
+
+def test_a_job_cancelled_while_its_block_waits_for_a_slot_leaves_at_once(generator):
+    """Its block waits behind a busy decode thread; cancelling the job ends its wait, not the next loop."""
+    holding, hold = threading.Event(), threading.Event()
+    holder = threading.Thread(target=generator.batcher.call, args=(lambda: (holding.set(), hold.wait(60)),))
+    holder.start()
+    holding.wait(60)
+    token, outcome = CancelToken(), {}
+
+    def run():
+        try:
+            generator.generate(None, blocks(2, "a carol"), seed=1, cancel=token)
+        except Cancelled:
+            outcome["when"] = time.monotonic()
+
+    job = threading.Thread(target=run)
+    job.start()
+    while not generator.batcher._waiting:
+        time.sleep(0.01)
+    cancelled_at = time.monotonic()
+    token.cancel()
+    job.join(5)
+    assert "when" in outcome and outcome["when"] - cancelled_at < 1.0  # while the decode thread is still busy
+    assert not generator.batcher._waiting and holder.is_alive()
+    hold.set()
+    holder.join(60)
+
+
+def test_a_generator_nobody_holds_is_freed_with_its_decode_thread():
+    generator = Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"), 10, max_batch=2)
+    generator.generate(None, blocks(1, "a carol"), seed=1)
+    model, thread = weakref.ref(generator.model), generator.batcher._thread
+    del generator
+    gc.collect()
+    thread.join(5)
+    assert model() is None and not thread.is_alive()

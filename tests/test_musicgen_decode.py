@@ -6,7 +6,7 @@ import torch
 
 from bench.reference import reference_codes
 from mtm_bot.errors import Cancelled
-from mtm_bot.generator import MAX_TEXT_TOKENS, build_tiny_musicgen
+from mtm_bot.generator import build_tiny_musicgen
 from mtm_bot.musicgen_decode import BlockRequest, MusicgenDecoder, Sampling
 from tests.graph_inputs import copied_graph_inputs
 
@@ -282,7 +282,7 @@ def test_warmup_sizes_and_captures_every_bucket_so_no_request_recompiles():
     decoder = MusicgenDecoder(model, max_frames=64, compile=True)
     graphs = []
     decoder.step = recording_compile(decoder, graphs)
-    decoder.warmup(text_tokens=MAX_TEXT_TOKENS, max_batch=4)
+    decoder.warmup(max_batch=4)
     assert len(graphs) == 2  # the buckets of 2 and 4 slots
     cache = decoder.k_cache
     for blocks in (1, 3, 4):
@@ -318,3 +318,58 @@ def test_fusing_the_projections_stores_no_weight_twice(tiny):
     assert weight_bytes(*decoder.qkv_weights, decoder.heads_weight) == before
     reference = reference_codes(model, **inputs(kind, tokenizer), new_frames=8, greedy=True, guidance_scale=3.0)
     assert torch.equal(decoder.generate_codes(**inputs(kind, tokenizer), new_frames=8, sampling=GREEDY), reference)
+
+
+def decode_staggered(decoder, arrivals, max_blocks):
+    """decode_blocks with the blocks of `arrivals[0]` at first and the others handed in once the loop has run
+    the steps their key says, as jobs arriving one after another hand them to a running loop; returns their
+    codes in arrival order and how many blocks decoded at each step."""
+    order = [block for at in sorted(arrivals) for block in arrivals[at]]
+    later = [(at, block) for at in sorted(arrivals) if at > 0 for block in arrivals[at]]
+    results, running = {}, []
+    step = decoder.step
+
+    def counting(*args):
+        running.append(int(decoder.batch.active.sum()))
+        return step(*args)
+
+    def handed(block):
+        index = next(i for i, b in enumerate(order) if b is block)
+        return block, lambda codes: results.__setitem__(index, codes)
+
+    def admit(room):
+        taken = []
+        while later and later[0][0] <= len(running) and len(taken) < room:
+            taken.append(handed(later.pop(0)[1]))
+        return taken
+
+    decoder.step = counting
+    try:
+        decoder.decode_blocks([handed(block) for block in arrivals[0]], max_blocks=max_blocks, admit=admit)
+    finally:
+        decoder.step = step
+    return [results[i] for i in range(len(order))], running
+
+
+def test_a_running_loop_grows_to_take_every_block_its_limit_allows(tiny):
+    """Jobs arriving one after another: the loop started for one block takes the second, third and fourth
+    between steps (moving to larger buckets), and each block's codes are still those it gets alone."""
+    kind, model, tokenizer = tiny
+    blocks = [request(kind, tokenizer, caption=f"{CAPTION} {i}", new_frames=30, seed=i)[0] for i in range(4)]
+    alone = [MusicgenDecoder(model, max_frames=200).generate_batch([with_own_generator(b)])[0] for b in blocks]
+    codes, running = decode_staggered(MusicgenDecoder(model, max_frames=200),
+                                      {0: blocks[:1], 3: blocks[1:2], 6: blocks[2:3], 9: blocks[3:]}, max_blocks=4)
+    assert max(running) == 4  # all four decoded together once the last had joined
+    assert running[:3] == [1, 1, 1] and running[10] == 4
+    for ours, theirs in zip(codes, alone):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_loop_never_decodes_more_blocks_than_its_limit(tiny):
+    """max_batch 3 decodes in the bucket of 4 slots, but never runs a fourth block: it waits for a slot."""
+    kind, model, tokenizer = tiny
+    blocks = [request(kind, tokenizer, new_frames=20, seed=i)[0] for i in range(4)]
+    codes, running = decode_staggered(MusicgenDecoder(model, max_frames=200), {0: blocks[:1], 2: blocks[1:]},
+                                      max_blocks=3)
+    assert max(running) == 3 and len(codes) == 4
+    assert running.index(3) < running.index(1, running.index(3))  # the fourth ran alone after the others
