@@ -112,7 +112,8 @@ def melody_chroma(samples: np.ndarray, prompt_samples: int = 0, filter_bass: boo
 
     MusicGen-melody was trained on the chroma of the mix without drums and bass (demucs stems); we
     approximate that with a high-pass (mtm_bot.melody.remove_bass; `filter_bass=False` skips it), applied
-    only where the low band carries a line of its own (mtm_bot.melody.has_bass_line): it raises the frames
+    only where the low band of the melody (after the prompt) carries a line of its own
+    (mtm_bot.melody.has_bass_line): it raises the frames
     showing the melody's pitch class on band renderings of Bach chorales, and would cut the fundamentals
     of a hummed or sung tune (bench/melody_agreement.py).
     Then the definition of transformers' MusicgenMelodyFeatureExtractor:
@@ -125,7 +126,9 @@ def melody_chroma(samples: np.ndarray, prompt_samples: int = 0, filter_bass: boo
     reference melody (tiling both would bring the prompt's pitches back inside the new frames).
     """
     wave = np.asarray(samples, dtype=np.float32)[:CHROMA_MAX_SAMPLES]
-    if filter_bass and has_bass_line(wave, SAMPLE_RATE):
+    # Judged on the user's melody alone, as for a first block: MusicGen's own bass in a continuation's
+    # prompt must not decide that a hum's low fundamentals be cut.
+    if filter_bass and has_bass_line(wave[prompt_samples:], SAMPLE_RATE):
         wave = remove_bass(wave, SAMPLE_RATE)
     wave = torch.as_tensor(wave)
     if wave.numel() < CHROMA_N_FFT:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtm_bot.generator import CHROMA_HOP, CHROMA_N_FFT, SAMPLE_RATE, melody_chroma
+from mtm_bot.generator import CHROMA_HOP, CHROMA_N_FFT, PROMPT_SECONDS, SAMPLE_RATE, melody_chroma
 from mtm_bot.melody import has_bass_line, remove_bass
 
 NOTE_SECONDS = 1.0
@@ -88,3 +88,16 @@ def test_remove_bass_keeps_the_melody_and_drops_the_bass():
     assert np.sqrt(np.mean((out[middle] - melody[middle]) ** 2)) < 0.01  # bass gone, melody untouched
     short = remove_bass(melody[:100], SAMPLE_RATE)  # shorter than the filter's edge padding
     assert short.shape == (100,)
+
+
+def test_a_continuation_keeps_a_hum_after_a_prompt_of_held_bass_notes():
+    """Block 2 on: its chroma is taken over MusicGen's 3.2 s prompt, then the user's hum. The prompt's own
+    bass (held A1 and E2 here) must not decide that the hum's low fundamentals are cut."""
+    hum = _hum(MALE_HUM)
+    prompt = np.concatenate([_note(midi, PROMPT_SECONDS / 2, 8) for midi in (33, 40)]).astype(np.float32)
+    joined = np.concatenate([prompt, hum])
+    assert has_bass_line(joined, SAMPLE_RATE) and not has_bass_line(hum, SAMPLE_RATE)  # judged together it would be cut
+    chroma = melody_chroma(joined, prompt_samples=len(prompt)).numpy()
+    after_prompt = chroma[-(-len(prompt) // CHROMA_HOP):]
+    agreement = _melody_agreement(after_prompt, MALE_HUM)
+    assert agreement >= 0.95, f"as a continuation the chroma shows the hummed tune on only {agreement:.0%} of frames"
