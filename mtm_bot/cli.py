@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from .errors import InputError, ModelUnavailable, MTMError
 from .progress import Progress
+from .seeds import choose_seed
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -202,7 +202,8 @@ def _derive(args: argparse.Namespace, settings: Settings) -> int:
         args.instruction = check_instruction(args.instruction)
     pipeline = Pipeline(settings)
     kept = Kept.load(source, pipeline.read_clip)
-    seed = args.seed if args.seed is not None else _default_seed(settings)
+    # A fixed MTM_SEED gives each command on a kept result its own seed: the kept one would repeat it.
+    seed = args.seed if args.seed is not None else choose_seed(settings.seed, f"{args.command} {kept.seed}")
     pipeline.check_weights()
     with _ProgressBar() as bar:
         # The pipeline refuses an extension past the output limit, or a redo not from a block start,
@@ -308,10 +309,6 @@ def _saved_track(folder: Path) -> Path:
 
 def _no_saved_result(folder: Path) -> str:
     return f"{folder} holds no saved result; make one with `compose ... --save {folder}`."
-
-
-def _default_seed(settings: Settings) -> int:
-    return settings.seed if settings.seed is not None else random.randrange(2**31)
 
 
 def _check_files(*paths: Path | None) -> None:

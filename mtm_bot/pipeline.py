@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import numpy as np
 from .audio import Audio, load_clip, loudness_gain
 from .errors import InputError
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
+from .seeds import choose_seed
 from .settings import Settings
 from .timecode import format_range, format_time
 
@@ -228,7 +228,7 @@ class Pipeline:
         cancel = cancel or CancelToken()
         seconds = self.output_duration(clip, duration)
         if seed is None:
-            seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
+            seed = choose_seed(self.settings.seed)
         timings: dict[str, float] = {}
 
         picture = None

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
@@ -37,6 +36,7 @@ from .errors import InputError
 from .jobs import MAKES_TRACK, Job, JobNotFound, JobQueue, JobState, JobStore, NotCancellable
 from .progress import Progress
 from .runner import UNEXPECTED_MESSAGE, JobEvents, Outcome
+from .seeds import choose_seed
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ class Worker:
         if not adopt:
             job.state, job.started_at, job.error = JobState.RUNNING, time.time(), None
             if job.kind in MAKES_TRACK and job.seed is None:
-                job.seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
+                job.seed = choose_seed(self.settings.seed, job.id if job.parent_id is not None else None)
             await self.store.update(job)  # the seed is on disk before any model work: a resumed job sounds the same
             self._notify(job, self.listener.job_started, job)
         events = JobEvents(progress=lambda progress: self._notify(job, self.listener.job_progress, job, progress),

@@ -513,3 +513,24 @@ async def test_stopping_leaves_every_running_job_to_resume(tmp_path):
         await eventually(lambda: len(h.queue.running) == 2)
     async with Harness(tmp_path) as h:
         assert {j.id for j in await h.store.unfinished()} == {j.id for j in jobs}
+
+
+async def test_a_fixed_seed_gives_every_job_built_on_a_track_a_seed_of_its_own(tmp_path):
+    """MTM_SEED: a compose job takes it; a Reroll or Redo takes one drawn from it and its own job id, so
+    each is a new take (the fixed seed would repeat the track), and a resumed one replays the same."""
+    from mtm_bot.seeds import choose_seed
+
+    async with Harness(tmp_path, seed=7) as h:
+        await h.worker.start()
+        compose = await h.submit(1)
+        derived = []
+        for kind in (JobKind.REROLL, JobKind.REROLL, JobKind.REDO):
+            job = await h.job(1, kind=kind)
+            job.parent_id = compose.id
+            await h.worker.submit(job)
+            derived.append(job)
+        await eventually(lambda: len(h.outcomes()) == 4)
+        seeds = [(await h.store.get(job.id)).seed for job in (compose, *derived)]
+    assert seeds[0] == 7
+    assert len(set(seeds)) == 4
+    assert seeds[1:] == [choose_seed(7, job.id) for job in derived]
