@@ -31,6 +31,8 @@ from .errors import (ClipTooLong, ClipTooShort, EmptyAudio, FileTooLarge, NotAud
 from .settings import MIB
 
 SILENCE_DBFS = -80.0
+TARGET_LUFS = -14.0  # delivered tracks' integrated loudness (what streaming services normalise to)
+PEAK_DBFS = -1.0  # their true-peak ceiling: room for a lossy encoder's overshoot
 # A decode may come up this much short of the header's length (MP3 files without a Xing/LAME tag
 # only estimate their length) before we call the file truncated.
 LENGTH_TOLERANCE_SECONDS = 0.1
@@ -168,9 +170,10 @@ def resample(audio: Audio, rate: int) -> Audio:
 
 
 def true_peak_dbfs(audio: Audio) -> float:
-    """Peak of the 4x oversampled signal (BS.1770 true-peak estimate), in dBFS."""
+    """Peak of the 4x oversampled signal (BS.1770 true-peak estimate), in dBFS; never below the sample peak
+    (soxr's anti-alias filter takes out the top of the band, where noisy audio can hold its peaks)."""
     oversampled = soxr.resample(audio.samples, audio.sample_rate, 4 * audio.sample_rate, quality="HQ")
-    peak = float(np.abs(oversampled).max(initial=0.0))
+    peak = float(max(np.abs(oversampled).max(initial=0.0), np.abs(audio.samples).max(initial=0.0)))
     return 20 * math.log10(peak) if peak > 0 else -math.inf
 
 
@@ -181,20 +184,24 @@ def integrated_loudness(audio: Audio) -> float:
     return float(pyloudnorm.Meter(audio.sample_rate).integrated_loudness(audio.samples.astype(np.float64)))
 
 
-def loudness_gain(audio: Audio, target_lufs: float = -14.0, peak_dbfs: float = -1.0) -> float:
+def loudness_gain(audio: Audio, target_lufs: float = TARGET_LUFS, peak_dbfs: float = PEAK_DBFS) -> float:
     """The gain that brings integrated loudness to `target_lufs`, lowered where the true peak would exceed
     `peak_dbfs`. Silent or sub-400-ms audio has no defined loudness: gain 1."""
     loudness = integrated_loudness(audio)
     if not math.isfinite(loudness):
         return 1.0
-    gain = 10 ** ((target_lufs - loudness) / 20)
+    return peak_limited_gain(audio, 10 ** ((target_lufs - loudness) / 20), peak_dbfs)
+
+
+def peak_limited_gain(audio: Audio, gain: float, peak_dbfs: float = PEAK_DBFS) -> float:
+    """`gain`, lowered as far as needed for the true peak of `audio` scaled by it to stay at `peak_dbfs`."""
     peak = true_peak_dbfs(Audio(audio.samples * gain, audio.sample_rate))
     if peak > peak_dbfs:
         gain *= 10 ** ((peak_dbfs - peak) / 20)
     return gain
 
 
-def loudness_normalize(audio: Audio, target_lufs: float = -14.0, peak_dbfs: float = -1.0) -> Audio:
+def loudness_normalize(audio: Audio, target_lufs: float = TARGET_LUFS, peak_dbfs: float = PEAK_DBFS) -> Audio:
     """Bring integrated loudness to `target_lufs`, then scale down if the true peak would exceed `peak_dbfs`."""
     return Audio(audio.samples * np.float32(loudness_gain(audio, target_lufs, peak_dbfs)), audio.sample_rate)
 

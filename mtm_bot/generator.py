@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .audio import Audio, resample
+from .audio import PEAK_DBFS, Audio, peak_limited_gain, resample
 from .compiling import CompilePlan, warm_up_or_run_eager
 from .melody import has_bass_line, remove_bass
 from .batcher import BlockBatcher
@@ -88,6 +88,7 @@ class Rendered:
 
     audio: Audio  # 32 kHz mono
     codes: torch.Tensor  # (1, K, frames); frame f is samples [f, f + 1) * SAMPLES_PER_FRAME of `audio`
+    gain: float = 1.0  # what the decoded audio of its last generated part was scaled by
 
     def until(self, seconds: float) -> "Rendered":
         """The first `seconds` of the track and their codes (a redo keeps these and generates the rest)."""
@@ -96,7 +97,8 @@ class Rendered:
             raise ValueError(f"{seconds} s does not fall on an EnCodec frame")
         if frames > self.codes.shape[-1]:
             raise ValueError(f"the track has {self.codes.shape[-1]} frames, not {frames}")
-        return Rendered(Audio(self.audio.samples[: frames * SAMPLES_PER_FRAME], SAMPLE_RATE), self.codes[..., :frames])
+        return Rendered(Audio(self.audio.samples[: frames * SAMPLES_PER_FRAME], SAMPLE_RATE), self.codes[..., :frames],
+                        self.gain)
 
 
 @lru_cache(maxsize=None)
@@ -216,7 +218,8 @@ class Generator:
 
         With `start` (a kept track cut at a frame), the blocks continue it: its last codes prompt the first
         block, and the result is `start`'s audio sample for sample up to the seam's crossfade, then the new
-        blocks, whose decoded audio is scaled by `gain` (the loudness gain `start` was delivered at).
+        blocks, whose decoded audio is scaled by `gain` (the loudness gain `start` was delivered at), lowered
+        where that would take the new part's true peak over PEAK_DBFS (the result's `gain` says).
         """
         _check_contiguous(blocks, 0.0 if start is None else start.audio.duration)
         cancel = cancel or CancelToken()
@@ -226,7 +229,11 @@ class Generator:
 
     def _generate(self, melody: np.ndarray | None, blocks: list[Block], generator: torch.Generator,
                   progress: ProgressCallback, cancel: CancelToken, start: Rendered | None, gain: float) -> Rendered:
-        track = np.zeros(0, dtype=np.float32) if start is None else start.audio.samples
+        # `kept`: start's audio, as delivered; `new`: the new blocks' audio at unit gain, from where it fades
+        # in over the end of `kept` (`fade` samples). The new part's gain is chosen once all of it is there.
+        kept = np.zeros(0, dtype=np.float32) if start is None else start.audio.samples
+        new: np.ndarray | None = None
+        fade = 0
         # every code so far, (1, K, frames); frame f is output samples [f, f + 1) * SAMPLES_PER_FRAME
         codes = None if start is None else start.codes.to(self.device)
         for number, block in enumerate(blocks, start=1):
@@ -235,20 +242,29 @@ class Generator:
                 progress(Progress("generating", block=number, blocks=len(blocks), step=step, steps=steps))
 
             prompt = None if codes is None else codes[..., -PROMPT_FRAMES:]
-            prompt_audio = None if prompt is None else track[len(track) - prompt.shape[-1] * SAMPLES_PER_FRAME:]
+            prompt_audio = None
+            if prompt is not None:  # for its chroma, whose frames are max-normalised: the gains do not matter
+                so_far = kept if new is None else np.concatenate([kept[: len(kept) - fade], new])
+                prompt_audio = so_far[len(so_far) - prompt.shape[-1] * SAMPLES_PER_FRAME:]
             block_codes = self._generate_block(block, melody, prompt, prompt_audio, generator, on_step, cancel)
-            audio = self._decode(block_codes) * np.float32(gain)
-            if codes is None:
-                track, codes = audio, block_codes
+            audio = self._decode(block_codes)
+            if prompt is None:
+                new, codes = audio, block_codes
+                continue
+            # The re-decoded prompt replaces the earlier block's edge and fades in just before it; the rest
+            # of the prompt is trimmed.
+            seam = prompt.shape[-1] * SAMPLES_PER_FRAME  # where the new frames start in `audio`
+            edge = min(round(EDGE_SECONDS * SAMPLE_RATE), seam // 2)
+            overlap = min(round(CROSSFADE_SECONDS * SAMPLE_RATE), seam - edge)
+            if new is None:  # the first block after the kept part
+                kept, new, fade = kept[: len(kept) - edge], audio[seam - edge - overlap:], overlap
             else:
-                # The re-decoded prompt replaces the earlier block's edge and fades in just before it;
-                # the rest of the prompt is trimmed.
-                seam = prompt.shape[-1] * SAMPLES_PER_FRAME  # where the new frames start in `audio`
-                edge = min(round(EDGE_SECONDS * SAMPLE_RATE), seam // 2)
-                overlap = min(round(CROSSFADE_SECONDS * SAMPLE_RATE), seam - edge)
-                track = crossfade(track[: len(track) - edge], audio[seam - edge - overlap:], overlap)
-                codes = torch.cat([codes, block_codes[..., prompt.shape[-1]:]], dim=-1)
-        return Rendered(Audio(track[: round(blocks[-1].end * SAMPLE_RATE)], SAMPLE_RATE), codes.cpu())
+                new = crossfade(new[: len(new) - edge], audio[seam - edge - overlap:], overlap)
+            codes = torch.cat([codes, block_codes[..., prompt.shape[-1]:]], dim=-1)
+        if start is not None:
+            gain = peak_limited_gain(Audio(new[fade:], SAMPLE_RATE), gain, PEAK_DBFS)
+        track = crossfade(kept, new * np.float32(gain), fade)
+        return Rendered(Audio(track[: round(blocks[-1].end * SAMPLE_RATE)], SAMPLE_RATE), codes.cpu(), gain)
 
     def _generate_block(self, block: Block, melody: np.ndarray | None, prompt: torch.Tensor | None,
                         prompt_audio: np.ndarray | None, seed_generator: torch.Generator, on_step,

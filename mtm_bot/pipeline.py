@@ -56,7 +56,7 @@ class ComposeResult:
     audio: Audio  # the generated track, 32 kHz mono, loudness-normalised, exact duration
     seed: int
     codes: torch.Tensor  # (1, K, frames): every code `audio` was decoded from
-    gain: float  # the loudness gain applied to the generator's output
+    gain: float  # the loudness gain applied to the generator's output (of the newest part, for a continuation)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     picture: str | None = None  # the image captioner's description of the user's picture, if one was given
 
@@ -334,11 +334,11 @@ class Pipeline:
             gain = loudness_gain(rendered.audio)
             audio = Audio(rendered.audio.samples * np.float32(gain), rendered.audio.sample_rate)
         else:
-            # The kept part was delivered at its own gain; the new part follows at the same level.
-            gain = start.gain
+            # The kept part was delivered at its own gain; the new part follows at the same level (lower
+            # only where that would clip it), and a further continuation at the new part's.
             rendered = self.generator.generate(clip, blocks, seed=seed, progress=progress, cancel=cancel,
-                                               start=start.rendered.until(blocks[0].start), gain=gain)
-            audio = rendered.audio
+                                               start=start.rendered.until(blocks[0].start), gain=start.gain)
+            audio, gain = rendered.audio, rendered.gain
         timings["generate"] = time.perf_counter() - t0
         return ComposeResult(segments, refinement, kept_blocks + blocks, audio, seed, rendered.codes, gain,
                              timings, picture)

@@ -97,8 +97,11 @@ def test_extend_begins_with_the_original_track_sample_for_sample(pipeline, kept)
     assert len(longer.audio.samples) == end + 10 * SAMPLE_RATE
     np.testing.assert_array_equal(longer.audio.samples[:end - SEAM_SAMPLES], kept.rendered.audio.samples[:end - SEAM_SAMPLES])
     assert torch.equal(longer.codes[..., :1000], kept.rendered.codes)
-    assert longer.gain == kept.gain  # the new part at the level the original was delivered at
+    # The new part at the level the original was delivered at: its samples are its codes' decode at that gain.
+    decoded = pipeline.generator._decode(longer.codes)[end:len(longer.audio.samples)]
     new_part = Audio(longer.audio.samples[end:], SAMPLE_RATE)
+    level = float(np.dot(new_part.samples, decoded) / np.dot(decoded, decoded))
+    assert level == pytest.approx(kept.gain, rel=1e-4) and longer.gain == pytest.approx(kept.gain)
     assert abs(integrated_loudness(new_part) - integrated_loudness(kept.rendered.audio)) < 6
     # The captions and the melody keep cycling where the track left off: a 14 s clip has two segments.
     assert [b.segment for b in longer.blocks] == [0, 1, 0]

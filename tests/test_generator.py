@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtm_bot.audio import Audio, resample
+from mtm_bot.audio import Audio, resample, true_peak_dbfs
 from mtm_bot.errors import Cancelled
 from mtm_bot.generator import (
     CHROMA_LENGTH,
@@ -373,3 +373,23 @@ def test_last_short_block_is_guided_by_its_own_segment_only(generator, monkeypat
     pitch = second["input_features"][0].cpu().numpy().argmax(1)
     hops = 160 * 640 // 4096
     assert (pitch[hops + 1:] == 0).mean() > 0.97
+
+
+def test_a_continuation_at_a_gain_that_would_clip_is_limited_to_the_true_peak_ceiling(generator, clip):
+    """Extend/Redo scale new audio by the kept track's gain; where that would take it past -1 dBTP (the
+    original's gain may have been lowered by its own peaks, and new music can be louder), the new part is
+    lowered as far as needed, and the kept part stays sample for sample."""
+    gain = 40.0  # far more than the tiny model's output can take
+    first = generator.generate(clip, _blocks(3, 1), seed=1)
+    kept = first.until(2.0)
+    delivered = Rendered(Audio(kept.audio.samples * 0.5, SAMPLE_RATE), kept.codes)
+    blocks = [dataclasses.replace(b, description="cosy jazz") for b in
+              plan_blocks(4, SEGMENTS_2, 1, start=2.0, first_index=2)]
+    again = generator.generate(clip, blocks, seed=9, start=delivered, gain=gain)
+    seam = 2 * SAMPLE_RATE - round((EDGE_SECONDS + CROSSFADE_SECONDS) * SAMPLE_RATE)
+    np.testing.assert_array_equal(again.audio.samples[:seam], delivered.audio.samples[:seam])
+    new_part = Audio(again.audio.samples[2 * SAMPLE_RATE:], SAMPLE_RATE)
+    assert true_peak_dbfs(new_part) <= -1.0 + 1e-3 and np.abs(new_part.samples).max() < 1.0
+    assert again.gain < gain / 4  # lowered, and reported for the next continuation
+    whole = generator._decode(again.codes.to(generator.device)) * again.gain
+    np.testing.assert_allclose(new_part.samples, whole[2 * SAMPLE_RATE:4 * SAMPLE_RATE], atol=1e-5)
