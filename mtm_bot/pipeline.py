@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from .audio import Audio, load_clip, loudness_gain
 from .errors import InputError
+from .model_thread import ModelThread
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .seeds import choose_seed
 from .settings import Settings
@@ -102,8 +102,10 @@ class Pipeline:
         self._image_captioner = image_captioner
         # Several jobs run at once: their MusicGen blocks share decode loops and their clips are captioned
         # in one batch (mtm_bot.batcher); the LLM and the image captioner keep per-call state (static
-        # caches), so they take one job at a time. Other jobs' blocks decode meanwhile.
-        self._one_job_at_a_time = threading.RLock()
+        # caches), so each takes one job at a time, on a thread of its own where it was loaded and its
+        # compiled step captured. Other jobs' blocks decode meanwhile.
+        self._refiner_thread = ModelThread("mtm-refiner")
+        self._image_captioner_thread = ModelThread("mtm-image")
 
     def load(self) -> "Pipeline":
         """Load all five models now (at start-up), not on a user's first request."""
@@ -153,8 +155,9 @@ class Pipeline:
             # segments, or without a clip the output blocks.
             max_parts = max(math.ceil(self.settings.max_clip_seconds / SEGMENT_SECONDS),
                             math.ceil(self.settings.max_output_seconds / BLOCK_SECONDS))
-            self._refiner = Refiner.load(self.settings.profile, self.settings.llm_id, self.device,
-                                         compile=self.compile_plan, max_segments=max_parts)
+            self._refiner = self._refiner_thread.run(lambda: Refiner.load(
+                self.settings.profile, self.settings.llm_id, self.device, compile=self.compile_plan,
+                max_segments=max_parts))
         return self._refiner
 
     @property
@@ -171,8 +174,8 @@ class Pipeline:
         if self._image_captioner is None:
             from .image_captioner import ImageCaptioner
 
-            self._image_captioner = ImageCaptioner.load(self.settings.profile, self.settings.image_captioner_id,
-                                                        self.device)
+            self._image_captioner = self._image_captioner_thread.run(lambda: ImageCaptioner.load(
+                self.settings.profile, self.settings.image_captioner_id, self.device))
         return self._image_captioner
 
     def transcribe(self, track: str | Path) -> Transcription:
@@ -190,8 +193,8 @@ class Pipeline:
     def describe_image(self, path: str | Path) -> str:
         """One sentence about the picture at `path` (/compose's image; /library image:)."""
         picture = self.read_image(path)
-        with self._one_job_at_a_time:
-            return self.image_captioner.describe(picture)
+        image_captioner = self.image_captioner
+        return self._image_captioner_thread.run(lambda: image_captioner.describe(picture))
 
     def read_clip(self, path: str | Path) -> Audio:
         """Decode and validate an uploaded clip against the configured limits (typed errors)."""
@@ -247,13 +250,12 @@ class Pipeline:
             cancel.check()
             progress(Progress("refining"))
             t0 = time.perf_counter()
-            with self._one_job_at_a_time:
-                refinement = self.refiner.refine(segments, instruction, cancel=cancel, seed=seed, picture=picture)
+            refinement = self._refine(lambda refiner: refiner.refine(segments, instruction, cancel=cancel, seed=seed,
+                                                                     picture=picture), cancel)
         else:
             progress(Progress("writing the captions from your words"))
-            with self._one_job_at_a_time:
-                refinement = self.refiner.write(output_ranges(seconds), instruction, cancel=cancel, seed=seed,
-                                                picture=picture)
+            refinement = self._refine(lambda refiner: refiner.write(output_ranges(seconds), instruction, cancel=cancel,
+                                                                    seed=seed, picture=picture), cancel)
         timings["refine"] = time.perf_counter() - t0
 
         from .generator import plan_blocks
@@ -280,13 +282,13 @@ class Pipeline:
         cancel = cancel or CancelToken()
         progress(Progress("refining"))
         t0 = time.perf_counter()
-        with self._one_job_at_a_time:
-            if kept.segments:
-                refinement = self.refiner.refine(kept.segments, instruction, cancel=cancel, seed=seed,
-                                                 picture=kept.picture)
-            else:
-                refinement = self.refiner.write(_parts(kept.refinement), instruction, cancel=cancel, seed=seed,
-                                                picture=kept.picture)
+        if kept.segments:
+            refinement = self._refine(lambda refiner: refiner.refine(kept.segments, instruction, cancel=cancel,
+                                                                     seed=seed, picture=kept.picture), cancel)
+        else:
+            refinement = self._refine(lambda refiner: refiner.write(_parts(kept.refinement), instruction,
+                                                                    cancel=cancel, seed=seed, picture=kept.picture),
+                                      cancel)
         timings = {"refine": time.perf_counter() - t0}
         return self._generate(kept.clip, kept.segments, refinement, kept.blocks, seed, progress, cancel,
                               on_captions, timings, kept.picture)
@@ -317,6 +319,11 @@ class Pipeline:
         blocks = [b for b in kept.blocks if b.start >= from_seconds]
         return self._generate(kept.clip, kept.segments, kept.refinement, blocks, seed, progress, cancel,
                               on_captions, {}, kept.picture, start=kept)
+
+    def _refine(self, call: Callable[[Refiner], Refinement], cancel: CancelToken) -> Refinement:
+        """Run `call` with the LLM on its own thread, after any other job's refinement."""
+        refiner = self.refiner
+        return self._refiner_thread.run(lambda: call(refiner), cancel)
 
     def _generate(self, clip: Audio | None, segments: list[Segment], refinement: Refinement, blocks: list[Block],
                   seed: int, progress: ProgressCallback, cancel: CancelToken | None,

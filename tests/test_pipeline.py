@@ -82,3 +82,35 @@ def test_cancel_while_refining_stops_the_job_before_generation_starts(pipeline, 
 def test_duration_outside_the_limits_is_refused(pipeline, clip, duration):
     with pytest.raises(InputError, match="between 10 and 180"):
         pipeline.compose(clip, "carol", duration=duration)
+
+
+def test_the_llm_loads_warms_up_and_answers_every_job_on_one_thread_of_its_own(monkeypatch, clip):
+    """Its compiled step is captured at load; torch keeps CUDA graph trees per thread, so a refinement
+    on a job's own thread would record the graph again. Jobs' threads hand their refinements to it."""
+    import threading
+
+    from mtm_bot.refiner import Refiner
+
+    threads = []
+    load = Refiner.load.__func__
+
+    def recording_load(cls, *args, **kwargs):
+        threads.append(("load", threading.get_ident()))
+        refiner = load(cls, *args, **kwargs)
+        for name in ("refine", "write"):
+            method = getattr(refiner, name)
+            setattr(refiner, name, lambda *a, _m=method, _n=name, **kw: (threads.append((_n, threading.get_ident())),
+                                                                          _m(*a, **kw))[1])
+        return refiner
+
+    monkeypatch.setattr(Refiner, "load", classmethod(recording_load))
+    pipeline = Pipeline(Settings(profile="tiny", device="cpu"))
+    jobs = [threading.Thread(target=pipeline.compose, args=(clip, "a carol"), kwargs={"duration": 10}),
+            threading.Thread(target=pipeline.compose, args=(None, "a waltz"), kwargs={"duration": 10})]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(120)
+    assert sorted(name for name, _ in threads) == ["load", "refine", "write"]
+    assert len({ident for _, ident in threads}) == 1
+    assert threads[0][1] not in {job.ident for job in jobs} | {threading.get_ident()}
