@@ -36,13 +36,15 @@ def reference_codes(model, *, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     The audio prompt goes in as `decoder_input_ids` (B * K, P): `generate` prepends the start token
     and lays the prompt out in the delay pattern itself, forcing the prompt's delayed tail. Sampling
-    draws from torch's global generator.
+    draws from torch's global generator. A stereo model's codes come back interleaved (L0 R0 L1 R1 ...),
+    as it generates them; `generate` hands EnCodec the left and the right codebooks one after the other.
     """
-    num_codebooks = model.decoder.num_codebooks
+    channels = model.decoder.config.audio_channels
+    delays = model.decoder.num_codebooks // channels
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, guidance_scale=guidance_scale,
                   do_sample=not greedy,
-                  # the last codebook runs K - 1 steps behind the first
-                  max_new_tokens=new_frames + num_codebooks - 1)
+                  # the last codebooks run delays - 1 steps behind the first
+                  max_new_tokens=new_frames + delays - 1)
     if not greedy:
         kwargs["top_k"] = top_k
     if input_features is not None:
@@ -51,5 +53,8 @@ def reference_codes(model, *, input_ids: torch.Tensor, attention_mask: torch.Ten
         kwargs["decoder_input_ids"] = prompt_codes.reshape(-1, prompt_codes.shape[-1])
     with _recording_codes(model) as recorded:
         model.generate(**kwargs)
-    (codes,) = recorded  # (1, B, K, frames)
-    return codes[0]
+    if channels == 1:
+        (codes,) = recorded  # (1, B, K, frames)
+        return codes[0]
+    left, right = recorded  # (1, B, K / 2, frames) each
+    return torch.stack([left[0], right[0]], dim=2).flatten(1, 2)

@@ -43,13 +43,13 @@ WRITE_BLOCK_FRAMES = 1 << 15
 
 @dataclass(frozen=True)
 class Audio:
-    samples: np.ndarray  # float32, mono, shape (n,)
+    samples: np.ndarray  # float32: mono (n,), or stereo (n, 2) as soundfile, soxr and pyloudnorm take it
     sample_rate: int
 
     def __post_init__(self) -> None:
         samples = np.ascontiguousarray(self.samples, dtype=np.float32)
-        if samples.ndim != 1:
-            raise ValueError(f"Audio is mono: samples must have shape (n,), not {samples.shape}.")
+        if not (samples.ndim == 1 or (samples.ndim == 2 and samples.shape[1] == 2)):
+            raise ValueError(f"Audio samples must have shape (n,) or (n, 2), not {samples.shape}.")
         if self.sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, not {self.sample_rate}.")
         object.__setattr__(self, "samples", samples)
@@ -57,6 +57,14 @@ class Audio:
     @property
     def duration(self) -> float:
         return len(self.samples) / self.sample_rate
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.samples.ndim == 1 else self.samples.shape[1]
+
+    def mono(self) -> "Audio":
+        """The mix of the channels (itself if mono)."""
+        return self if self.channels == 1 else Audio(self.samples.mean(axis=1), self.sample_rate)
 
 
 @dataclass(frozen=True)
@@ -212,11 +220,14 @@ MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 # Standard CBR bitrates: MPEG-1 (32-48 kHz) and MPEG-2/2.5 (below 32 kHz; MPEG-2.5 stops at 64).
 MP3_KBPS_MPEG1 = (320, 256, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 32)
 MP3_KBPS_MPEG2 = (160, 144, 128, 112, 96, 80, 64, 56, 48, 40, 32, 24, 16, 8)
-# Frame header + side information + Xing/LAME tag of a mono MP3, rounded up (measured: 144 is too small).
+# Frame header + side information + Xing/LAME tag of a mono MP3, rounded up (measured: 144 is too small);
+# a stereo frame's side information is 15 bytes longer.
 MP3_MIN_FRAME_BYTES = 180
+MP3_STEREO_SIDE_INFO_BYTES = 15
 # MP3 overhead beyond bitrate x duration: Xing/LAME tag frame plus encoder delay and padding frames.
 MP3_OVERHEAD_SECONDS = 0.15
-# Mono Vorbis at top quality takes 130-155 kbps on music (measured); with less room we do not try it.
+# Vorbis at top quality takes 130-155 kbps on mono music (measured); with less room (per channel) we do not
+# try it.
 OGG_TOP_QUALITY_MIN_KBPS = 96
 # Lossless FLAC of music rarely gets below this fraction of 16-bit PCM; below it we do not try.
 FLAC_BEST_RATIO = 0.3
@@ -249,11 +260,12 @@ def _mp3_table(rate: int) -> tuple[int, ...]:
     return MP3_KBPS_MPEG2 if rate >= 16000 else tuple(b for b in MP3_KBPS_MPEG2 if b <= 64)
 
 
-def mp3_bitrates(rate: int) -> tuple[int, ...]:
+def mp3_bitrates(rate: int, channels: int = 1) -> tuple[int, ...]:
     """CBR bitrates (kbps, best first) for MP3 at this (MP3) sample rate, keeping only those whose frames
     can carry the LAME tag: without it a decoder adds ~50 ms of encoder delay and padding."""
     samples_per_frame = 1152 if rate >= 32000 else 576
-    return tuple(b for b in _mp3_table(rate) if samples_per_frame / 8 * b * 1000 / rate >= MP3_MIN_FRAME_BYTES)
+    least = MP3_MIN_FRAME_BYTES + (channels - 1) * MP3_STEREO_SIDE_INFO_BYTES
+    return tuple(b for b in _mp3_table(rate) if samples_per_frame / 8 * b * 1000 / rate >= least)
 
 
 def encode(audio: Audio, fmt: str, *, bitrate_kbps: int | None = None, quality: float = 1.0) -> bytes:
@@ -272,7 +284,7 @@ def encode(audio: Audio, fmt: str, *, bitrate_kbps: int | None = None, quality: 
         options.update(bitrate_mode="CONSTANT", compression_level=_mp3_compression_level(audio.sample_rate, bitrate_kbps))
     samples = np.clip(audio.samples, -1.0, 1.0)  # libsndfile wraps, rather than clips, out-of-range floats
     buffer = io.BytesIO()
-    with sf.SoundFile(buffer, "w", audio.sample_rate, 1, subtype, format=sf_format, **options) as f:
+    with sf.SoundFile(buffer, "w", audio.sample_rate, audio.channels, subtype, format=sf_format, **options) as f:
         # One big write overflows libvorbis' stack past ~90 s (libsndfile#1095): write in blocks.
         for start in range(0, len(samples), WRITE_BLOCK_FRAMES):
             f.write(samples[start:start + WRITE_BLOCK_FRAMES])
@@ -298,18 +310,18 @@ def write(audio: Audio, path: str | Path) -> None:
 def encode_to_fit(audio: Audio, max_bytes: int) -> Encoded:
     """The best-quality encoding within `max_bytes`: WAV, else FLAC, else Ogg Vorbis at top quality,
     else MP3 at the highest constant bitrate that fits. Sizes are predicted where arithmetic can."""
-    wav_bytes = 44 + 2 * len(audio.samples)
+    wav_bytes = 44 + 2 * audio.samples.size
     if wav_bytes <= max_bytes:
         return _encoded(audio, "wav")
     if wav_bytes * FLAC_BEST_RATIO <= max_bytes:
         flac = _encoded(audio, "flac")
         if len(flac.data) <= max_bytes:
             return flac
-    if max_bytes * 8 >= OGG_TOP_QUALITY_MIN_KBPS * 1000 * audio.duration:
+    if max_bytes * 8 >= OGG_TOP_QUALITY_MIN_KBPS * 1000 * audio.channels * audio.duration:
         ogg = _encoded(audio, "ogg", quality=1.0)
         if len(ogg.data) <= max_bytes:
             return ogg
-    bitrates = mp3_bitrates(mp3_rate(audio.sample_rate))
+    bitrates = mp3_bitrates(mp3_rate(audio.sample_rate), audio.channels)
     for kbps in bitrates:
         if kbps * 125 * (audio.duration + MP3_OVERHEAD_SECONDS) > max_bytes:
             continue

@@ -53,6 +53,38 @@ TINY_CODEBOOK_SIZE = 64
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """The layout of a MusicGen checkpoint: the tiny profile builds the same layout in its place."""
+
+    melody: bool  # chroma-conditioned (the melody family); else text only (cross-attention)
+    stereo: bool  # 8 codebooks, left and right interleaved; else 4, mono
+    large: bool = False  # the 3.3 B decoder (tiny: wider, one more layer, more heads)
+
+
+# Every MusicGen checkpoint MTM_MUSICGEN_ID may name (README: their sizes, memory and what users hear).
+CHECKPOINTS = {
+    "facebook/musicgen-melody": Checkpoint(melody=True, stereo=False),
+    "facebook/musicgen-melody-large": Checkpoint(melody=True, stereo=False, large=True),
+    "facebook/musicgen-stereo-melody": Checkpoint(melody=True, stereo=True),
+    "facebook/musicgen-stereo-melody-large": Checkpoint(melody=True, stereo=True, large=True),
+    "facebook/musicgen-small": Checkpoint(melody=False, stereo=False),
+    "facebook/musicgen-medium": Checkpoint(melody=False, stereo=False),
+    "facebook/musicgen-large": Checkpoint(melody=False, stereo=False, large=True),
+    "facebook/musicgen-stereo-small": Checkpoint(melody=False, stereo=True),
+    "facebook/musicgen-stereo-medium": Checkpoint(melody=False, stereo=True),
+    "facebook/musicgen-stereo-large": Checkpoint(melody=False, stereo=True, large=True),
+}
+
+
+def checkpoint_layout(model_id: str) -> Checkpoint:
+    """The layout of `model_id`: from the table, else read from its name (a fine-tune keeps its base's
+    name parts), which is all the tiny profile needs."""
+    name = model_id.rsplit("/", 1)[-1]
+    return CHECKPOINTS.get(model_id) or Checkpoint(melody="melody" in name, stereo="stereo" in name,
+                                                   large="large" in name)
+
+
+@dataclass(frozen=True)
 class Block:
     index: int
     start: float  # output seconds
@@ -86,7 +118,7 @@ def plan_blocks(duration: float, segments: list[tuple[float, float]], block_seco
 class Rendered:
     """A generated track and every code it was decoded from: what a continuation starts from."""
 
-    audio: Audio  # 32 kHz mono
+    audio: Audio  # 32 kHz, mono or stereo as the checkpoint makes it
     codes: torch.Tensor  # (1, K, frames); frame f is samples [f, f + 1) * SAMPLES_PER_FRAME of `audio`
     gain: float = 1.0  # what the decoded audio of its last generated part was scaled by
 
@@ -159,6 +191,8 @@ def crossfade(head: np.ndarray, tail: np.ndarray, overlap: int) -> np.ndarray:
     if overlap == 0:
         return np.concatenate([head, tail])
     fade_in = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap) ** 2
+    if head.ndim == 2:  # stereo: the same fade on both channels
+        fade_in = fade_in[:, None]
     mixed = head[-overlap:] * (1 - fade_in) + tail[:overlap] * fade_in
     return np.concatenate([head[:-overlap], mixed.astype(head.dtype), tail[overlap:]])
 
@@ -174,6 +208,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.device = device
         self.uses_melody = model.config.model_type == "musicgen_melody"
+        self.channels = model.decoder.config.audio_channels  # 2: a stereo checkpoint
         self.melody_on_continuations = melody_on_continuations
         self.block_seconds = block_seconds
         self.decoder = MusicgenDecoder(model, max_frames=cache_frames(block_seconds), compile=compile)
@@ -193,7 +228,9 @@ class Generator:
         """
         dtype = dtype or model_dtype(device)
         if profile == "tiny":
-            model, tokenizer = build_tiny_musicgen("melody")
+            layout = checkpoint_layout(model_id)
+            model, tokenizer = build_tiny_musicgen("melody" if layout.melody else "small", stereo=layout.stereo,
+                                                   large=layout.large)
         else:
             model, tokenizer = _load_pretrained(model_id)
         model = cast_for_inference(model.to(device), dtype, keep_fp32=["audio_encoder"])
@@ -211,7 +248,8 @@ class Generator:
     def generate(self, clip: Audio | None, blocks: list[Block], seed: int,
                  progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None,
                  start: Rendered | None = None, gain: float = 1.0) -> Rendered:
-        """Render `blocks` in order; the result is 32 kHz mono and exactly as long as the blocks together.
+        """Render `blocks` in order; the result is 32 kHz (stereo from a stereo checkpoint, else mono) and
+        exactly as long as the blocks together.
 
         Without a clip there is no melody: every block takes MusicGen's null-melody conditioning (and its
         description), and later blocks still continue the previous one.
@@ -222,6 +260,9 @@ class Generator:
         where that would take the new part's true peak over PEAK_DBFS (the result's `gain` says).
         """
         _check_contiguous(blocks, 0.0 if start is None else start.audio.duration)
+        if start is not None and start.codes.shape[1] != self.decoder.num_codebooks:
+            raise ValueError(f"the kept track has {start.codes.shape[1]} codebooks, this model "
+                             f"{self.decoder.num_codebooks}: it cannot continue it")
         cancel = cancel or CancelToken()
         melody = resample(clip, SAMPLE_RATE).samples if self.uses_melody and clip is not None else None
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -231,7 +272,8 @@ class Generator:
                   progress: ProgressCallback, cancel: CancelToken, start: Rendered | None, gain: float) -> Rendered:
         # `kept`: start's audio, as delivered; `new`: the new blocks' audio at unit gain, from where it fades
         # in over the end of `kept` (`fade` samples). The new part's gain is chosen once all of it is there.
-        kept = np.zeros(0, dtype=np.float32) if start is None else start.audio.samples
+        empty = np.zeros((0,) if self.channels == 1 else (0, self.channels), dtype=np.float32)
+        kept = empty if start is None else start.audio.samples
         new: np.ndarray | None = None
         fade = 0
         # every code so far, (1, K, frames); frame f is output samples [f, f + 1) * SAMPLES_PER_FRAME
@@ -246,6 +288,8 @@ class Generator:
             if prompt is not None:  # for its chroma, whose frames are max-normalised: the gains do not matter
                 so_far = kept if new is None else np.concatenate([kept[: len(kept) - fade], new])
                 prompt_audio = so_far[len(so_far) - prompt.shape[-1] * SAMPLES_PER_FRAME:]
+                if prompt_audio.ndim == 2:  # the melody of the mix, as the clip's
+                    prompt_audio = prompt_audio.mean(axis=1)
             block_codes = self._generate_block(block, melody, prompt, prompt_audio, generator, on_step, cancel)
             audio = self._decode(block_codes)
             if prompt is None:
@@ -293,12 +337,18 @@ class Generator:
 
     @torch.inference_mode()
     def _decode(self, codes: torch.Tensor) -> np.ndarray:
-        """EnCodec-decode (1, K, frames) codes to frames * SAMPLES_PER_FRAME float32 samples."""
-        audio = self.model.audio_encoder.decode(codes[None], audio_scales=[None]).audio_values
-        samples = audio[0, 0].float().cpu().numpy()
-        if len(samples) < codes.shape[-1] * SAMPLES_PER_FRAME:
-            raise RuntimeError(f"EnCodec returned {len(samples)} samples for {codes.shape[-1]} frames")
-        return samples[: codes.shape[-1] * SAMPLES_PER_FRAME]
+        """EnCodec-decode (1, K, frames) codes to frames * SAMPLES_PER_FRAME float32 samples: (n,), or (n, 2)
+        for a stereo checkpoint, whose interleaved codebooks EnCodec decodes as two mono streams (as
+        transformers: the even codebooks are the left channel, the odd ones the right)."""
+        streams = [codes] if self.channels == 1 else [codes[:, 0::2], codes[:, 1::2]]
+        channels = []
+        for stream in streams:
+            audio = self.model.audio_encoder.decode(stream[None], audio_scales=[None]).audio_values
+            samples = audio[0, 0].float().cpu().numpy()
+            if len(samples) < codes.shape[-1] * SAMPLES_PER_FRAME:
+                raise RuntimeError(f"EnCodec returned {len(samples)} samples for {codes.shape[-1]} frames")
+            channels.append(samples[: codes.shape[-1] * SAMPLES_PER_FRAME])
+        return channels[0] if self.channels == 1 else np.stack(channels, axis=1)
 
 
 def cache_frames(block_seconds: float) -> int:
@@ -341,11 +391,13 @@ def _load_pretrained(model_id: str):
     return model.eval(), tokenizer
 
 
-def build_tiny_musicgen(kind: str = "melody"):
+def build_tiny_musicgen(kind: str = "melody", stereo: bool = False, large: bool = False):
     """A tiny, randomly initialised MusicGen ("melody" or "small") and its tokenizer, built offline.
 
     Same architectures and audio framing as the real checkpoints (32 kHz, EnCodec at 50 frames/s with
-    4 codebooks, one-step delay pattern), small enough to run a 30 s block on a CPU in seconds.
+    4 codebooks per channel, one-step delay pattern; `stereo`: 8 codebooks, left and right interleaved,
+    as the stereo checkpoints), small enough to run a 30 s block on a CPU in seconds. `large`: the
+    decoder a little wider and deeper with more heads, as the 3.3 B checkpoints are beside the others.
     """
     from tokenizers import Tokenizer, processors
     from transformers import (
@@ -380,8 +432,9 @@ def build_tiny_musicgen(kind: str = "melody"):
     )
     decoder_kwargs = dict(
         vocab_size=TINY_CODEBOOK_SIZE, pad_token_id=TINY_CODEBOOK_SIZE, bos_token_id=TINY_CODEBOOK_SIZE,
-        num_codebooks=4, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=2048, dropout=0.0,
+        num_codebooks=8 if stereo else 4, audio_channels=2 if stereo else 1,
+        hidden_size=48 if large else 32, ffn_dim=96 if large else 64, num_hidden_layers=3 if large else 2,
+        num_attention_heads=3 if large else 2, max_position_embeddings=2048, dropout=0.0,
         # Larger than the hub's 0.02: at that scale a tiny random decoder barely hears its conditioning,
         # and the tests must see the melody and the caption steer the codes.
         initializer_factor=0.3,

@@ -25,7 +25,8 @@ eager step reads whole blocks: a block's codes are bit for bit the same decoded 
 batch (tests/test_musicgen_decode.py). On CUDA the same layout holds, but whether cuBLAS and the
 attention kernels compute a row alike in every bucket is not verified.
 
-The delay pattern (codebook k runs k steps behind codebook 0) lives in one buffer `codes` of shape
+The delay pattern (codebook k runs k steps behind codebook 0; in a stereo checkpoint, whose codebooks
+interleave left and right, L0 R0 L1 R1 ..., the pair k runs k steps behind) lives in one buffer `codes` of shape
 (slots, K, capacity): positions the model must not choose (start/end padding, the audio prompt) hold
 their fixed value, positions to sample hold -1. Greedy decoding reproduces transformers'
 `generate(do_sample=False)` token for token, for every block of a batch.
@@ -115,7 +116,7 @@ class _Block:
     slot: int
     request: BlockRequest
     done: Done  # gets its codes, or the exception its on_step raised
-    steps: int  # decode steps it needs: new_frames + K - 1 (the last codebook runs K - 1 steps behind)
+    steps: int  # decode steps it needs: new_frames + D (the last codebook runs D = delays - 1 steps behind)
     cache_pos: int  # the KV slot of the token its next step feeds (the host's copy)
     step: int = 1  # steps done; its prefill was step 1
 
@@ -136,11 +137,13 @@ class MusicgenDecoder:
         self.heads = decoder.lm_heads
         config = decoder.config
         self.num_codebooks = config.num_codebooks
+        # Stereo checkpoints interleave left and right codebooks (L0 R0 L1 R1 ...); a pair shares one delay.
+        self.channels = config.audio_channels
+        self.delays = [k // self.channels for k in range(self.num_codebooks)]  # codebook k runs this far behind
+        self.steps_behind = self.delays[-1]  # the last codebooks' delay: a block's extra decode steps
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.pad_token_id = model.generation_config.pad_token_id  # also the decoder start token
-        if config.audio_channels != 1:
-            raise ValueError("Only mono MusicGen checkpoints are supported.")
         from transformers.activations import ACT2FN
 
         self.activation = ACT2FN[config.activation_function]
@@ -279,6 +282,9 @@ class MusicgenDecoder:
         if request.input_ids.dim() != 2 or rows != [1] * len(rows):
             raise ValueError("a request holds one block: input_ids (1, T), input_features (1, frames, 12), "
                              "prompt_codes (1, K, P); decode several together with generate_batch")
+        if request.prompt_codes is not None and request.prompt_codes.shape[1] != self.num_codebooks:
+            raise ValueError(f"the prompt has {request.prompt_codes.shape[1]} codebooks; this "
+                             f"{'stereo' if self.channels == 2 else 'mono'} model has {self.num_codebooks}")
         if int(request.attention_mask.sum()) > self.max_text_tokens:
             raise ValueError(f"the description has {int(request.attention_mask.sum())} tokens, more than the "
                              f"{self.max_text_tokens} the decoder is sized for; truncate it")
@@ -322,7 +328,7 @@ class MusicgenDecoder:
         input_ids = request.input_ids[request.attention_mask.bool()][None].to(self.device)
         features = None if request.input_features is None else request.input_features.to(self.device)
         cond = self.condition(input_ids, torch.ones_like(input_ids), features, self.cfg)
-        steps = request.new_frames + self.num_codebooks - 1
+        steps = request.new_frames + self.steps_behind
         self._fill_delay_pattern(slot, request.prompt_codes, steps)
         start = 1 + request.prompt_frames  # start token + prompt: the first sampled position
         self._draw_noise(slot, request.generator, sampling)
@@ -336,10 +342,10 @@ class MusicgenDecoder:
     def _report(self, block: _Block) -> bool:
         """After the block's latest step: tell its `on_step` about a finished frame; False once the block
         is done (its codes, or the exception its `on_step` raised, handed to its `done`)."""
-        request, K, step = block.request, self.num_codebooks, block.step
-        if request.on_step is not None and step >= K:  # frame `step - K + 1` now has all K codebooks
+        request, behind, step = block.request, self.steps_behind, block.step
+        if request.on_step is not None and step > behind:  # frame `step - behind` now has all its codebooks
             try:
-                request.on_step(step - K + 1, request.new_frames)
+                request.on_step(step - behind, request.new_frames)
             except Exception as error:  # e.g. Cancelled: this block leaves, the others decode on
                 self._release(block.slot)
                 block.done(error)
@@ -354,7 +360,7 @@ class MusicgenDecoder:
     def _take_codes(self, slot: int, frames: int) -> torch.Tensor:
         """The slot's frames (1, K, frames), delay pattern undone."""
         codes = self.batch.codes[slot]
-        return torch.stack([codes[k, k + 1: k + 1 + frames] for k in range(self.num_codebooks)])[None]
+        return torch.stack([codes[k, d + 1: d + 1 + frames] for k, d in enumerate(self.delays)])[None]
 
     def _release(self, slot: int) -> None:
         """Idle the slot: it keeps decoding its start token at position 0 (a captured graph runs every
@@ -412,7 +418,7 @@ class MusicgenDecoder:
         if self._allocated is not None and self._allocated[1] == cfg and slots <= self._allocated[0]:
             return
         text_capacity = -(-self.max_text_tokens // TEXT_BUCKET) * TEXT_BUCKET
-        token_capacity = self.max_frames + self.num_codebooks  # start token + frames + delay tail
+        token_capacity = self.max_frames + 1 + self.steps_behind  # start token + frames + delay tail
         prefix_capacity = self.chroma_length + text_capacity if self.prefix_conditioning else 0
         positions = self.stack.embed_positions.weights.shape[0]
         if prefix_capacity + token_capacity > positions:
@@ -459,16 +465,17 @@ class MusicgenDecoder:
         return views
 
     def _fill_delay_pattern(self, slot: int, prompt_codes: torch.Tensor | None, steps: int) -> None:
-        """Codebook k: k + 1 start pads, the prompt, free slots, then pads to the end (as transformers)."""
-        K, pad, codes = self.num_codebooks, self.pad_token_id, self.batch.codes[slot]
+        """Codebook k, delayed by d: d + 1 start pads, the prompt, free slots, then pads to the end (as
+        transformers' build_delay_pattern_mask)."""
+        pad, codes = self.pad_token_id, self.batch.codes[slot]
         prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[-1]
         end = 1 + prompt_frames + steps  # sequence length, start token included
         codes.fill_(FREE)
-        for k in range(K):
-            codes[k, : k + 1] = pad
+        for k, d in enumerate(self.delays):
+            codes[k, : d + 1] = pad
             if prompt_codes is not None:
-                codes[k, k + 1: k + 1 + prompt_frames] = prompt_codes[0, k].to(self.device)
-            codes[k, end - K + 1 + k: end] = pad
+                codes[k, d + 1: d + 1 + prompt_frames] = prompt_codes[0, k].to(self.device)
+            codes[k, end - self.steps_behind + d: end] = pad
 
     # ----------------------------------------------------------------------------------------------
     # The model

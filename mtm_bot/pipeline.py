@@ -53,7 +53,7 @@ class ComposeResult:
     segments: list[Segment]  # captions of the input clip; empty for a track made without a clip
     refinement: Refinement  # the LLM's schema-valid JSON, parsed
     blocks: list[Block]  # one per output block, each with its MusicGen description
-    audio: Audio  # the generated track, 32 kHz mono, loudness-normalised, exact duration
+    audio: Audio  # the generated track, 32 kHz (stereo from a stereo checkpoint), loudness-normalised, exact duration
     seed: int
     codes: torch.Tensor  # (1, K, frames): every code `audio` was decoded from
     gain: float  # the loudness gain applied to the generator's output (of the newest part, for a continuation)
@@ -302,6 +302,7 @@ class Pipeline:
 
         end = kept.duration
         check_extension(end, seconds, self.settings.max_output_seconds)
+        self._check_continuable(kept, "extended")
         blocks = plan_blocks(end + seconds, _parts(kept.refinement), BLOCK_SECONDS, start=end,
                              first_index=len(kept.blocks))
         return self._generate(kept.clip, kept.segments, kept.refinement, blocks, seed, progress, cancel,
@@ -316,9 +317,19 @@ class Pipeline:
         if from_seconds not in starts:
             raise InputError(f"{format_time(from_seconds)} is not where a later block of this track starts; "
                              f"pick one of {', '.join(format_time(t) for t in starts) or 'none (one block)'}.")
+        self._check_continuable(kept, "redone from a block")
         blocks = [b for b in kept.blocks if b.start >= from_seconds]
         return self._generate(kept.clip, kept.segments, kept.refinement, blocks, seed, progress, cancel,
                               on_captions, {}, kept.picture, start=kept)
+
+    def _check_continuable(self, kept: Kept, what: str) -> None:
+        """Extend and Redo continue the kept codes: only a model with the same channels can (MTM_MUSICGEN_ID
+        may have changed since the track was made)."""
+        made, now = kept.rendered.audio.channels, self.generator.channels
+        if made != now:
+            names = {1: "mono", 2: "stereo"}
+            raise InputError(f"This track was made in {names[made]}, and this server now makes {names[now]} "
+                             f"tracks, so it cannot be {what}. Reroll or Remix make a new {names[now]} take of it.")
 
     def _refine(self, call: Callable[[Refiner], Refinement], cancel: CancelToken) -> Refinement:
         """Run `call` with the LLM on its own thread, after any other job's refinement."""

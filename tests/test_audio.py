@@ -61,10 +61,14 @@ def test_lossy_files_read_back_with_exact_length_and_close_waveform(tmp_path, su
     assert np.corrcoef(clip.samples, expected)[0, 1] > 0.98
 
 
-def test_audio_is_mono_float32():
+def test_audio_is_float32_mono_or_stereo_in_soundfiles_layout():
     assert Audio(np.zeros(10, np.float64), 8000).samples.dtype == np.float32
-    with pytest.raises(ValueError):
-        Audio(np.zeros((10, 2), np.float32), 8000)
+    stereo = Audio(np.stack([np.ones(10), -np.ones(10)], axis=1), 8000)
+    assert (stereo.channels, stereo.duration) == (2, 10 / 8000)
+    np.testing.assert_array_equal(stereo.mono().samples, np.zeros(10))
+    for shape in ((2, 10), (10, 3), (10, 2, 1)):  # channels first, surround, nonsense
+        with pytest.raises(ValueError):
+            Audio(np.zeros(shape, np.float32), 8000)
 
 
 # ------------------------------------------------------------------------------------------ refusing
@@ -262,6 +266,26 @@ def test_encode_to_fit_steps_down_to_a_compressed_format_within_budget(track, fr
     assert len(calls) <= 4
     samples, rate = _decode(result.data)
     assert len(samples) / rate == pytest.approx(track.duration, abs=1e-3)
+
+
+@pytest.mark.parametrize("fraction,expected", [(1.0, "WAV"), (0.9, "FLAC"), (0.3, "OGG"), (0.1, "MP3"), (0.06, "MP3")])
+def test_a_stereo_track_keeps_both_channels_in_every_format_that_fits(fraction, expected):
+    stereo = Audio(music(8.0, 32000, channels=2), 32000)
+    budget = int(fraction * (44 + 2 * stereo.samples.size))
+    result = encode_to_fit(stereo, budget)
+    assert result.format == expected and len(result.data) <= budget
+    samples, rate = _decode(result.data)
+    assert samples.shape == (len(stereo.samples), 2)  # no encoder delay or padding: the LAME tag fits
+    left, right = (np.corrcoef(samples[:, c], stereo.samples[:, c])[0, 1] for c in (0, 1))
+    assert min(left, right) > 0.9 and np.corrcoef(samples[:, 0], samples[:, 1])[0, 1] < 0.99  # two channels
+
+
+def test_stereo_mp3_offers_only_bitrates_whose_frames_carry_the_lame_tag():
+    assert 40 in mp3_bitrates(32000) and 40 not in mp3_bitrates(32000, channels=2)  # 180-byte frames
+    stereo = Audio(music(4.0, 32000, channels=2), 32000)
+    for kbps in mp3_bitrates(32000, channels=2)[-2:]:
+        samples, rate = _decode(encode(stereo, "mp3", bitrate_kbps=kbps))
+        assert len(samples) == len(stereo.samples), kbps
 
 
 def test_encode_to_fit_takes_the_highest_mp3_bitrate_that_fits(track):

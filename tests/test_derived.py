@@ -131,3 +131,51 @@ def _lines(kept: Kept) -> list[str]:
     from mtm_bot.pipeline import caption_lines
 
     return caption_lines(kept.blocks, kept.refinement)
+
+
+# Stereo checkpoints, and a server that switches between mono and stereo.
+
+@pytest.fixture(scope="module")
+def stereo():
+    return Pipeline(Settings(profile="tiny", device="cpu", max_output_seconds=40,
+                             musicgen_id="facebook/musicgen-stereo-melody")).load()
+
+
+@pytest.fixture(scope="module")
+def stereo_kept(stereo, clip, tmp_path_factory):
+    result = stereo.compose(clip, "a cosy jazz carol", duration=20, seed=3)
+    folder = tmp_path_factory.mktemp("stereo")
+    write(clip, folder / "clip.wav")
+    files = KeptFiles.in_folder(folder)
+    result.kept("a cosy jazz carol", clip).save(files)
+    return Kept.load(files, read_clip=stereo.read_clip)
+
+
+def test_a_stereo_track_keeps_two_distinct_channels_and_its_eight_codebooks(stereo_kept):
+    samples = stereo_kept.rendered.audio.samples
+    assert samples.shape == (20 * SAMPLE_RATE, 2) and stereo_kept.rendered.codes.shape == (1, 8, 1000)
+    assert not np.allclose(samples[:, 0], samples[:, 1])
+
+
+@pytest.mark.parametrize("how", ["extend", "redo"])
+def test_extend_and_redo_keep_a_stereo_track_sample_for_sample_on_both_channels(stereo, stereo_kept, how):
+    result = stereo.extend(stereo_kept, 10, seed=8) if how == "extend" else stereo.redo(stereo_kept, 10, seed=21)
+    seam = (20 if how == "extend" else 10) * SAMPLE_RATE - SEAM_SAMPLES
+    assert result.audio.samples.shape == ((30 if how == "extend" else 20) * SAMPLE_RATE, 2)
+    np.testing.assert_array_equal(result.audio.samples[:seam], stereo_kept.rendered.audio.samples[:seam])
+    frames = seam // 640
+    assert torch.equal(result.codes[..., :frames], stereo_kept.rendered.codes[..., :frames])
+
+
+def test_a_mono_track_on_a_server_now_stereo_rerolls_in_stereo_and_refuses_extend_and_redo(stereo, kept):
+    again = stereo.reroll(kept, seed=99)
+    assert again.audio.samples.shape == (len(kept.rendered.audio.samples), 2)
+    assert again.caption_lines() == _lines(kept)
+    for attempt in (lambda: stereo.extend(kept, 10, seed=1), lambda: stereo.redo(kept, 10, seed=1)):
+        with pytest.raises(InputError, match="made in mono, and this server now makes stereo tracks"):
+            attempt()
+
+
+def test_a_stereo_track_on_a_server_now_mono_refuses_extend_clearly(loaded, stereo_kept):
+    with pytest.raises(InputError, match="made in stereo, and this server now makes mono tracks"):
+        loaded.extend(stereo_kept, 10, seed=1)

@@ -46,7 +46,7 @@ def with_trained_weight_scales(model):
     return model
 
 
-def inputs(kind, tokenizer, captions=(CAPTION,), prompt_frames=0, seed=0):
+def inputs(kind, tokenizer, captions=(CAPTION,), prompt_frames=0, seed=0, codebooks=4):
     """Tokenized captions, a chroma melody (melody model) and an optional audio prompt, seeded."""
     rng = torch.Generator().manual_seed(seed)
     text = tokenizer(list(captions), return_tensors="pt", padding=True)
@@ -55,7 +55,7 @@ def inputs(kind, tokenizer, captions=(CAPTION,), prompt_frames=0, seed=0):
     if kind == "melody":  # a one-hot chroma per frame, like a real melody
         notes = torch.randint(0, 12, (batch, 120), generator=rng)
         features = torch.nn.functional.one_hot(notes, 12).float()
-    prompt = torch.randint(0, 64, (batch, 4, prompt_frames), generator=rng) if prompt_frames else None
+    prompt = torch.randint(0, 64, (batch, codebooks, prompt_frames), generator=rng) if prompt_frames else None
     return dict(input_ids=text.input_ids, attention_mask=text.attention_mask, input_features=features,
                 prompt_codes=prompt)
 
@@ -74,9 +74,10 @@ def test_greedy_codes_equal_transformers_generate(tiny, prompt_frames):
     assert ours[..., prompt_frames:].unique().numel() > 8  # real music codes, not a constant
 
 
-def request(kind, tokenizer, caption=CAPTION, prompt_frames=0, new_frames=30, melody=True, seed=0, on_step=None):
+def request(kind, tokenizer, caption=CAPTION, prompt_frames=0, new_frames=30, melody=True, seed=0, on_step=None,
+            codebooks=4):
     """One block's request (seeded melody, prompt and generator) and the inputs transformers takes for it."""
-    kw = inputs(kind, tokenizer, captions=(caption,), prompt_frames=prompt_frames, seed=seed)
+    kw = inputs(kind, tokenizer, captions=(caption,), prompt_frames=prompt_frames, seed=seed, codebooks=codebooks)
     if not melody:
         kw["input_features"] = None
     block = BlockRequest(kw["input_ids"], kw["attention_mask"], new_frames, kw["input_features"], kw["prompt_codes"],
@@ -373,3 +374,51 @@ def test_a_loop_never_decodes_more_blocks_than_its_limit(tiny):
                                       max_blocks=3)
     assert max(running) == 3 and len(codes) == 4
     assert running.index(3) < running.index(1, running.index(3))  # the fourth ran alone after the others
+
+
+# Stereo checkpoints (8 codebooks, left and right interleaved, a delay per pair) and the large layout.
+
+@pytest.fixture(scope="module", params=[("melody", True, False), ("small", True, False), ("melody", False, True),
+                                        ("melody", True, True)],
+                ids=["stereo-melody", "stereo-small", "melody-large", "stereo-melody-large"])
+def layout(request):
+    kind, stereo, large = request.param
+    model, tokenizer = build_tiny_musicgen(kind, stereo=stereo, large=large)
+    return kind, with_trained_weight_scales(model), tokenizer
+
+
+@pytest.mark.parametrize("prompt_frames", [0, 13])
+@pytest.mark.parametrize("melody", [True, False], ids=["melody", "no melody"])
+def test_stereo_and_large_layouts_decode_what_transformers_generates(layout, prompt_frames, melody):
+    kind, model, tokenizer = layout
+    K = model.decoder.num_codebooks
+    block, kw = request(kind, tokenizer, prompt_frames=prompt_frames, new_frames=40, melody=melody, codebooks=K)
+    ours = MusicgenDecoder(model, max_frames=200).generate_codes(**kw, new_frames=40, sampling=GREEDY)
+    assert ours.shape == (1, K, prompt_frames + 40)
+    assert torch.equal(ours, reference_codes(model, **kw, new_frames=40, guidance_scale=3.0))
+    if prompt_frames:
+        assert torch.equal(ours[..., :prompt_frames], kw["prompt_codes"])
+
+
+def test_stereo_blocks_batched_decode_the_bits_they_decode_alone(layout):
+    kind, model, tokenizer = layout
+    K = model.decoder.num_codebooks
+    specs = [dict(new_frames=30, seed=1), dict(caption="lo-fi piano", prompt_frames=160, new_frames=25, seed=2),
+             dict(caption=", ".join([CAPTION] * 6), prompt_frames=13, new_frames=33, melody=False, seed=3)]
+    batch = [request(kind, tokenizer, codebooks=K, **spec)[0] for spec in specs]
+    alone = [MusicgenDecoder(model, max_frames=200).generate_batch([with_own_generator(b)])[0] for b in batch]
+    for ours, theirs in zip(MusicgenDecoder(model, max_frames=200).generate_batch(batch), alone):
+        assert torch.equal(ours, theirs)
+    frames = []
+    MusicgenDecoder(model, max_frames=200).generate_codes(
+        **inputs(kind, tokenizer, codebooks=K), new_frames=6, on_step=lambda done, total: frames.append(done))
+    assert frames == [1, 2, 3, 4, 5, 6]  # a frame counts once both channels' last codebooks have it
+
+
+def test_a_mono_prompt_is_refused_by_a_stereo_model_before_any_block_starts():
+    model, tokenizer = build_tiny_musicgen("melody", stereo=True)
+    decoder = MusicgenDecoder(model, max_frames=200)
+    mono, _ = request("melody", tokenizer, prompt_frames=10, codebooks=4)
+    stereo, _ = request("melody", tokenizer, prompt_frames=10, codebooks=8, seed=1)
+    with pytest.raises(ValueError, match="the prompt has 4 codebooks; this stereo model has 8"):
+        decoder.generate_batch([stereo, mono])
