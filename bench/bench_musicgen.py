@@ -2,10 +2,12 @@
 
     python -m bench.bench_musicgen --arch small --seconds 10 --prompt-seconds 0 --device cuda
     python -m bench.bench_musicgen --arch tiny --device cpu --threads 1 --batch 4
+    python -m bench.bench_musicgen --arch stereo-melody-large --seconds 10 --device cuda
 
-Prints one JSON object. Full-size architectures (musicgen-small, musicgen-melody) are built from
-their published configs with random weights, so nothing is downloaded; the timing of a decoder
-does not depend on its weights. `--batch N` decodes N blocks (each its own description, seed and
+Prints one JSON object. Full-size architectures (musicgen-small, musicgen-melody, melody-large and
+the stereo ones) are built from their published configs with random weights, so nothing is
+downloaded; the timing of a decoder does not depend on its weights. `tiny` and `tiny-stereo` are the
+test profile's layouts. `--batch N` decodes N blocks (each its own description, seed and
 generator) three ways: `fast`, all N in one batched loop (generate_batch, as the bot batches jobs);
 `fast_one_at_a_time`, the same N blocks one after another; `transformers`, its `generate` over the
 N rows. All do the same work: CFG 3, top-k 250 sampling, the same number of decode steps; none
@@ -50,10 +52,14 @@ def build_random_musicgen(arch: str):
     )
     if arch == "small":
         decoder = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096)
+    elif arch.endswith("large"):
+        decoder = dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, ffn_dim=8192)
     else:
         decoder = dict(hidden_size=1536, num_hidden_layers=48, num_attention_heads=24, ffn_dim=6144)
-    decoder.update(vocab_size=2048, num_codebooks=4, max_position_embeddings=2048, pad_token_id=2048,
-                   bos_token_id=2048, activation_function="gelu", dropout=0.1)
+    stereo = arch.startswith("stereo")
+    decoder.update(vocab_size=2048, num_codebooks=8 if stereo else 4, audio_channels=2 if stereo else 1,
+                   max_position_embeddings=2048, pad_token_id=2048, bos_token_id=2048, activation_function="gelu",
+                   dropout=0.1)
     if arch == "small":
         model = MusicgenForConditionalGeneration(MusicgenConfig(
             text_encoder=t5_base, audio_encoder=encodec_32khz, decoder=MusicgenDecoderConfig(**decoder)))
@@ -68,10 +74,10 @@ def build_random_musicgen(arch: str):
 
 
 def build(arch: str, device: torch.device, dtype: torch.dtype):
-    if arch == "tiny":
+    if arch.startswith("tiny"):
         from mtm_bot.generator import build_tiny_musicgen
 
-        model, _ = build_tiny_musicgen("melody")
+        model, _ = build_tiny_musicgen("melody", stereo=arch == "tiny-stereo")
     else:
         model = build_random_musicgen(arch)
     return model.to(device=device, dtype=dtype)
@@ -88,7 +94,8 @@ def bench_inputs(model, batch: int, seconds: float, prompt_seconds: float, devic
     prompt_frames = round(prompt_seconds * FRAME_RATE)
     if prompt_frames:
         codebook_size = model.decoder.config.vocab_size
-        kw["prompt_codes"] = torch.randint(0, codebook_size, (batch, 4, prompt_frames), generator=rng).to(device)
+        codebooks = model.decoder.num_codebooks
+        kw["prompt_codes"] = torch.randint(0, codebook_size, (batch, codebooks, prompt_frames), generator=rng).to(device)
     return kw
 
 
@@ -152,7 +159,8 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["tiny", "small", "melody"], default="tiny")
+    parser.add_argument("--arch", choices=["tiny", "tiny-stereo", "small", "melody", "melody-large", "stereo-melody",
+                                           "stereo-melody-large"], default="tiny")
     parser.add_argument("--seconds", type=float, default=10.0, help="new audio per block")
     parser.add_argument("--prompt-seconds", type=float, default=0.0, help="audio prompt continued from")
     parser.add_argument("--batch", type=int, default=1)
@@ -176,7 +184,7 @@ def main() -> None:
     model = build(args.arch, device, dtype)
     build_s = time.perf_counter() - start
     new_frames = round(args.seconds * FRAME_RATE)
-    steps = new_frames + model.decoder.num_codebooks - 1
+    steps = new_frames + (model.decoder.num_codebooks // model.decoder.config.audio_channels) - 1
     kw = bench_inputs(model, args.batch, args.seconds, args.prompt_seconds, device)
     audio_seconds = args.batch * new_frames / FRAME_RATE
 

@@ -3,6 +3,7 @@
     python -m bench.gpu_suite [--out gpu_report.json]           # or `make bench-gpu`
     python -m bench.gpu_suite --only musicgen_melody refiner     # a rerun of some of them
     python -m bench.gpu_suite --device cpu --smoke               # tiny models on the CPU: checks the suite
+    python -m bench.gpu_suite --only musicgen_stereo_melody musicgen_melody_large musicgen_stereo_melody_large
 
 Runs MusicGen-melody and MusicGen-small (one 10 s block each), a continuation (MusicGen-small from a
 5 s prompt), the refiner (Llama-3.2-3B), the captioner (LP-MusicCaps on bart-base) and the whole
@@ -11,7 +12,9 @@ with its own time limit: a bench that fails or runs out of time is recorded as s
 numbers are kept. Each bench times the transformers reference beside our path (see its docstring).
 The report holds the card, the versions of torch, CUDA, transformers and xgrammar, each bench's JSON,
 its command and wall time, and the suite's wall time; it is rewritten after every bench, so a suite
-stopped early keeps what it measured. The time limits add up to under 8 minutes.
+stopped early keeps what it measured. The time limits add up to under 8 minutes. The other
+checkpoints MTM_MUSICGEN_ID may name (stereo, large) have benches of their own, run with --only
+(about 5 more minutes together).
 """
 from __future__ import annotations
 
@@ -58,6 +61,12 @@ BENCHES = (
           ("--profile", "tiny", "--seconds", "10", "--jobs", "2"), 150),
 )
 SUITE_LIMIT_S = 8 * 60  # the time limits above add up to less
+# One 10 s block of each other melody checkpoint, batch 4 as the default's: run with --only.
+CHECKPOINT_BENCHES = tuple(
+    Bench(f"musicgen_{arch.replace('-', '_')}", "bench.bench_musicgen",
+          ("--arch", arch, "--seconds", "10", "--repeats", "2", "--batch", "4"),
+          ("--arch", "tiny-stereo" if "stereo" in arch else "tiny", "--seconds", "1", "--repeats", "1"), timeout)
+    for arch, timeout in (("stereo-melody", 90), ("melody-large", 110), ("stereo-melody-large", 110)))
 
 
 def main() -> int:
@@ -65,7 +74,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("gpu_report.json"), help="the report (JSON)")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny models and short runs: checks the suite itself")
-    parser.add_argument("--only", nargs="+", choices=[b.name for b in BENCHES], help="run only these benches")
+    parser.add_argument("--only", nargs="+", choices=[b.name for b in BENCHES + CHECKPOINT_BENCHES],
+                        help="run only these benches")
     args = parser.parse_args()
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -76,7 +86,7 @@ def main() -> int:
         print("The full-size benches on the CPU would take hours; add --smoke for tiny models.", file=sys.stderr)
         return 2
 
-    benches = [b for b in BENCHES if not args.only or b.name in args.only]
+    benches = [b for b in BENCHES + CHECKPOINT_BENCHES if b.name in args.only] if args.only else list(BENCHES)
     started = time.monotonic()
     report = {"machine": machine(args.device), "smoke": args.smoke,
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
