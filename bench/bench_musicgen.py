@@ -30,7 +30,8 @@ import torch
 
 from bench.reference import reference_codes
 from mtm_bot.generator import FRAME_RATE, cache_frames
-from mtm_bot.musicgen_decode import BlockRequest, MusicgenDecoder, Sampling
+from mtm_bot.musicgen_decode import BlockRequest, MusicgenDecoder
+from mtm_bot.sampling import Sampling
 from mtm_bot.pipeline import BLOCK_SECONDS
 
 CHROMA_RATE = 32000 / 4096  # musicgen-melody chroma frames per second (hop 4096)
@@ -131,14 +132,16 @@ def captured_step_reads(decoder: MusicgenDecoder) -> dict:
     embeddings, of which it reads 4 rows per row, and the cross-attention K/V projections, applied once
     per block) and every slot of the bucket's caches (a CUDA graph has one shape, so it reads the empty
     ones too). With the step time, this gives the memory bandwidth the step achieves."""
-    unread = [*decoder.stack.embed_tokens.parameters()]
-    if not decoder.prefix_conditioning:
-        unread += [p for layer in decoder.stack.layers for p in (layer.encoder_attn.k_proj.weight,
-                                                                  layer.encoder_attn.v_proj.weight)]
+    net = decoder.net
+    unread = [*net.stack.embed_tokens.parameters()]
+    if not net.prefix_conditioning:
+        unread += [p for layer in net.stack.layers for p in (layer.encoder_attn.k_proj.weight,
+                                                              layer.encoder_attn.v_proj.weight)]
     unread_ids = {id(p) for p in unread}
     weights = sum(p.nbytes for p in decoder.model.decoder.parameters() if id(p) not in unread_ids)
-    batch = decoder.batch
-    caches = [batch.k_cache, batch.v_cache] + ([] if decoder.prefix_conditioning else [batch.cross_k, batch.cross_v])
+    assert decoder.batch is not None
+    caches = [t for t in (decoder.batch.caches.k, decoder.batch.caches.v, decoder.batch.caches.cross_k,
+                          decoder.batch.caches.cross_v) if t is not None]
     return {"weights_mib": round(weights / 2**20, 1), "kv_cache_mib": round(sum(t.nbytes for t in caches) / 2**20, 1)}
 
 

@@ -30,7 +30,7 @@ from mtm_bot.audio import Audio, load_clip
 from mtm_bot.captioner import Captioner, LPMusicCaps, bart_base_config
 from mtm_bot.compiling import EAGER
 from mtm_bot.generator import Generator, build_tiny_musicgen
-from mtm_bot.musicgen_decode import Sampling
+from mtm_bot.sampling import Sampling
 from mtm_bot.pipeline import BLOCK_SECONDS, Pipeline
 from mtm_bot.refiner import Refiner, build_tiny_tokenizer
 from mtm_bot.runtime import model_dtype, resolve_device

@@ -48,6 +48,11 @@ class _Waiting:
     call: Callable[[], object] | None = None
     state: torch.Tensor | None = None  # its generator's state when its loop took it
 
+    @property
+    def block(self) -> BlockRequest:
+        assert self.request is not None, "a call, not a block"
+        return self.request
+
 
 class _Inbox:
     """What the decode thread waits on. The thread holds this and only a weak reference to its batcher,
@@ -114,7 +119,7 @@ class BlockBatcher:
                 call, first = self._waiting.popleft(), []
             else:
                 call, first = None, self._take(self.max_batch)
-        if call is not None:
+        if call is not None and call.call is not None:
             _settle(call.result, call.call)
         else:
             self._decode(first, admit=self.max_batch > 1)
@@ -122,10 +127,10 @@ class BlockBatcher:
     def _take(self, most: int) -> list[_Waiting]:
         """Up to `most` waiting blocks, oldest first, stopping at a call (it runs between loops); each
         remembers its generator's state in case its loop runs out of memory. Hold `_changed`."""
-        taken = []
+        taken: list[_Waiting] = []
         while self._waiting and self._waiting[0].request is not None and len(taken) < most:
             waiting = self._waiting.popleft()
-            waiting.state = _state_of(waiting.request.generator)
+            waiting.state = _state_of(waiting.block.generator)
             taken.append(waiting)
         return taken
 
@@ -149,11 +154,11 @@ class BlockBatcher:
                 joining = self._take(room)
             in_loop.extend(joining)
             self.joined += len(joining)
-            return [(w.request, done(w)) for w in joining]
+            return [(w.block, done(w)) for w in joining]
 
         try:
             most = self.max_batch if admit else len(first)
-            self.decode_blocks([(w.request, done(w)) for w in first], most, newcomers if admit else None)
+            self.decode_blocks([(w.block, done(w)) for w in first], most, newcomers if admit else None)
             self.batch_sizes.append(len(first))
         except torch.OutOfMemoryError as error:
             if torch.cuda.is_available():
@@ -163,7 +168,7 @@ class BlockBatcher:
                 left[0].result.set_exception(error)
                 return
             for waiting in left:
-                _restore(waiting.request.generator, waiting.state)
+                _restore(waiting.block.generator, waiting.state)
             half = len(left) // 2
             self._decode(left[:half], admit=False)
             self._decode(left[half:], admit=False)
@@ -260,5 +265,5 @@ def _state_of(generator: torch.Generator | None) -> torch.Tensor | None:
 
 
 def _restore(generator: torch.Generator | None, state: torch.Tensor | None) -> None:
-    if generator is not None:
+    if generator is not None and state is not None:
         generator.set_state(state)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 from functools import lru_cache
 
 import numpy as np
@@ -159,12 +160,12 @@ def melody_chroma(samples: np.ndarray, prompt_samples: int = 0, filter_bass: boo
     are kept once and only the melody after them is tiled, as audiocraft tiles only the
     reference melody (tiling both would bring the prompt's pitches back inside the new frames).
     """
-    wave = np.asarray(samples, dtype=np.float32)[:CHROMA_MAX_SAMPLES]
+    audio = np.asarray(samples, dtype=np.float32)[:CHROMA_MAX_SAMPLES]
     # Judged on the user's melody alone, as for a first block: MusicGen's own bass in a continuation's
     # prompt must not decide that a hum's low fundamentals be cut.
-    if filter_bass and has_bass_line(wave[prompt_samples:], SAMPLE_RATE):
-        wave = remove_bass(wave, SAMPLE_RATE)
-    wave = torch.as_tensor(wave)
+    if filter_bass and has_bass_line(audio[prompt_samples:], SAMPLE_RATE):
+        audio = remove_bass(audio, SAMPLE_RATE)
+    wave = torch.as_tensor(audio)
     if wave.numel() < CHROMA_N_FFT:
         missing = CHROMA_N_FFT - wave.numel()
         wave = torch.nn.functional.pad(wave, (missing // 2, missing - missing // 2))
@@ -292,7 +293,7 @@ class Generator:
                     prompt_audio = prompt_audio.mean(axis=1)
             block_codes = self._generate_block(block, melody, prompt, prompt_audio, generator, on_step, cancel)
             audio = self._decode(block_codes)
-            if prompt is None:
+            if codes is None or prompt is None:  # the first block of a new track
                 new, codes = audio, block_codes
                 continue
             # The re-decoded prompt replaces the earlier block's edge and fades in just before it; the rest
@@ -305,6 +306,7 @@ class Generator:
             else:
                 new = crossfade(new[: len(new) - edge], audio[seam - edge - overlap:], overlap)
             codes = torch.cat([codes, block_codes[..., prompt.shape[-1]:]], dim=-1)
+        assert new is not None and codes is not None, "no block was generated"
         if start is not None:
             gain = peak_limited_gain(Audio(new[fade:], SAMPLE_RATE), gain, PEAK_DBFS)
         track = crossfade(kept, new * np.float32(gain), fade)
@@ -383,7 +385,8 @@ def _load_pretrained(model_id: str):
     from .settings import SettingsError
 
     config = from_hub(model_id, lambda: AutoConfig.from_pretrained(model_id))
-    classes = {"musicgen_melody": MusicgenMelodyForConditionalGeneration, "musicgen": MusicgenForConditionalGeneration}
+    classes: dict[str, Any] = {"musicgen_melody": MusicgenMelodyForConditionalGeneration,
+                               "musicgen": MusicgenForConditionalGeneration}
     if config.model_type not in classes:
         raise SettingsError(f"MTM_MUSICGEN_ID={model_id} is a {config.model_type!r} model, not a MusicGen checkpoint.")
     model = from_hub(model_id, lambda: classes[config.model_type].from_pretrained(model_id, dtype=torch.float32))
@@ -422,15 +425,16 @@ def build_tiny_musicgen(kind: str = "melody", stereo: bool = False, large: bool 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     text_config = T5Config(
         vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
+    text_config.decoder_start_token_id = tokenizer.pad_token_id
     # frame_rate = 32000 / prod(upsampling_ratios) = 50; num_quantizers = 1000 * bandwidth // (50 * log2(64)) = 4.
     audio_config = EncodecConfig(
         sampling_rate=SAMPLE_RATE, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[1.25], codebook_size=TINY_CODEBOOK_SIZE,
         hidden_size=16, num_filters=4, num_lstm_layers=2, num_residual_layers=1, normalize=False,
         use_causal_conv=False, use_conv_shortcut=False,  # as facebook/encodec_32khz
     )
-    decoder_kwargs = dict(
+    decoder_kwargs: dict[str, Any] = dict(
         vocab_size=TINY_CODEBOOK_SIZE, pad_token_id=TINY_CODEBOOK_SIZE, bos_token_id=TINY_CODEBOOK_SIZE,
         num_codebooks=8 if stereo else 4, audio_channels=2 if stereo else 1,
         hidden_size=48 if large else 32, ffn_dim=96 if large else 64, num_hidden_layers=3 if large else 2,
@@ -439,19 +443,18 @@ def build_tiny_musicgen(kind: str = "melody", stereo: bool = False, large: bool 
         # and the tests must see the melody and the caption steer the codes.
         initializer_factor=0.3,
     )
+    model: Any
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if kind == "melody":
-            config = MusicgenMelodyConfig(
+            model = MusicgenMelodyForConditionalGeneration(MusicgenMelodyConfig(
                 text_encoder=text_config, audio_encoder=audio_config,
                 decoder=MusicgenMelodyDecoderConfig(**decoder_kwargs),
-            )
-            model = MusicgenMelodyForConditionalGeneration(config)
+            ))
         else:
-            config = MusicgenConfig(
+            model = MusicgenForConditionalGeneration(MusicgenConfig(
                 text_encoder=text_config, audio_encoder=audio_config, decoder=MusicgenDecoderConfig(**decoder_kwargs),
-            )
-            model = MusicgenForConditionalGeneration(config)
+            ))
         # Random init leaves EnCodec's codebooks at zero: every code would decode to the same sound.
         for layer in model.audio_encoder.quantizer.layers:
             layer.codebook.embed.normal_()

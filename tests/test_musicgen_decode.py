@@ -7,7 +7,8 @@ import torch
 from bench.reference import reference_codes
 from mtm_bot.errors import Cancelled
 from mtm_bot.generator import build_tiny_musicgen
-from mtm_bot.musicgen_decode import BlockRequest, MusicgenDecoder, Sampling
+from mtm_bot.musicgen_decode import BlockRequest, MusicgenDecoder
+from mtm_bot.sampling import Sampling
 from tests.graph_inputs import copied_graph_inputs
 
 GREEDY = Sampling(greedy=True)
@@ -102,16 +103,16 @@ def with_own_generator(block: BlockRequest) -> BlockRequest:
 def decode_recording_logits(decoder, blocks, sampling=Sampling()):
     """generate_batch's results and, per block, the logits of its rows at each of its steps (prefill first)."""
     calls = []
-    logits = decoder._logits
+    logits = decoder.net.logits
 
     def record(hidden):
         out = logits(hidden)
         calls.append(out.clone())
         return out
 
-    decoder._logits = record  # an instance attribute over the method
+    decoder.net.logits = record  # an instance attribute over the method
     results = decoder.generate_batch(blocks, sampling)
-    del decoder._logits
+    del decoder.net.logits
     rows = 2 if sampling.guidance_scale > 1 else 1
     prefills, steps = calls[: len(blocks)], calls[len(blocks):]  # a prefill per block, then the batch's steps
     per_block = []
@@ -285,11 +286,11 @@ def test_warmup_sizes_and_captures_every_bucket_so_no_request_recompiles():
     decoder.step = recording_compile(decoder, graphs)
     decoder.warmup(max_batch=4)
     assert len(graphs) == 2  # the buckets of 2 and 4 slots
-    cache = decoder.k_cache
+    cache = decoder.buffers.k_cache
     for blocks in (1, 3, 4):
         decoder.generate_batch([request("melody", tokenizer, new_frames=4, seed=i)[0] for i in range(blocks)])
     assert len(graphs) == 2
-    assert decoder.k_cache is cache  # same buffers: the captured CUDA graphs stay valid
+    assert decoder.buffers.k_cache is cache  # same buffers: the captured CUDA graphs stay valid
 
 
 def test_the_captured_step_copies_none_of_its_inputs(tiny):
@@ -316,7 +317,7 @@ def test_fusing_the_projections_stores_no_weight_twice(tiny):
 
     before = weight_bytes()
     decoder = MusicgenDecoder(model, max_frames=64)
-    assert weight_bytes(*decoder.qkv_weights, decoder.heads_weight) == before
+    assert weight_bytes(*decoder.net.qkv_weights, decoder.net.heads_weight) == before
     reference = reference_codes(model, **inputs(kind, tokenizer), new_frames=8, greedy=True, guidance_scale=3.0)
     assert torch.equal(decoder.generate_codes(**inputs(kind, tokenizer), new_frames=8, sampling=GREEDY), reference)
 
