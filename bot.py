@@ -21,7 +21,7 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.delivery import Delivery
+from cogs.utils.delivery import Delivery
 from cogs.errors import answer_error
 from mtm_bot import metrics
 from mtm_bot.errors import InputError, MTMError

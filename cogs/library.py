@@ -2,7 +2,7 @@
 
 Words are embedded right here (the embedder lives in the bot process, on the CPU). A picture must first
 be described by the image captioner, a GPU model: it goes through the job queue like any GPU work, and
-the delivery of that job runs the search (cogs.delivery).
+the delivery of that job runs the search (cogs.utils.delivery).
 """
 from __future__ import annotations
 
