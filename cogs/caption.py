@@ -7,7 +7,7 @@ from discord.ext import commands
 
 from mtm_bot.jobs import JobKind
 
-from .submit import accept, submission_rate_limit
+from .utils.submit import accept, submission_rate_limit
 
 
 class Caption(commands.Cog):

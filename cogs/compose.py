@@ -12,7 +12,7 @@ from mtm_bot.jobs import JobKind
 from mtm_bot.pipeline import BLOCK_SECONDS, SECONDS_WITHOUT_CLIP
 from mtm_bot.instruction import MAX_INSTRUCTION_CHARS
 
-from .submit import accept, submission_rate_limit
+from .utils.submit import accept, submission_rate_limit
 
 
 class Compose(commands.Cog):

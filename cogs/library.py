@@ -14,8 +14,8 @@ from mtm_bot.errors import InputError
 from mtm_bot.jobs import JobKind
 from mtm_bot.library import MAX_QUERY_CHARS, Match
 
-from .render import CONTENT_LIMIT, quote, shorten
-from .submit import accept
+from .utils.render import CONTENT_LIMIT, quote, shorten
+from .utils.submit import accept
 
 RESULTS_SHOWN = 5
 EMPTY_LIBRARY = ("This server's library is empty so far: every track that /compose delivers here is added to it, "

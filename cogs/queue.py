@@ -7,7 +7,7 @@ from discord.ext import commands
 
 from mtm_bot.jobs import Job, JobState
 
-from .render import minutes, quote, shorten
+from .utils.render import minutes, quote, shorten
 
 QUEUE_LINES_SHOWN = 10
 

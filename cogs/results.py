@@ -17,8 +17,8 @@ from mtm_bot.jobs import Job, JobKind
 from mtm_bot.pipeline import MAX_EXTEND_SECONDS, MIN_EXTEND_SECONDS
 from mtm_bot.timecode import format_time
 
-from .errors import answer_error, reply_error
-from .submit import EmptyInstruction, accept_derived
+from .utils.errors import answer_error, reply_error
+from .utils.submit import EmptyInstruction, accept_derived
 
 JOB_ID = r"(?P<job>[0-9a-f]{8})"
 DEFAULT_EXTEND_SECONDS = 30
