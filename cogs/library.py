@@ -6,6 +6,8 @@ the delivery of that job runs the search (cogs.utils.delivery).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import discord
 from discord import app_commands
 from discord.ext import commands
@@ -16,6 +18,9 @@ from mtm_bot.library import MAX_QUERY_CHARS, Match
 
 from .utils.render import CONTENT_LIMIT, quote, shorten
 from .utils.submit import accept
+
+if TYPE_CHECKING:
+    from bot import MTMBot
 
 RESULTS_SHOWN = 5
 EMPTY_LIBRARY = ("This server's library is empty so far: every track that /compose delivers here is added to it, "
@@ -38,8 +43,8 @@ def library_reply(searched: str, matches: list[Match]) -> str:
 
 
 class ServerLibrary(commands.Cog):
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
+    def __init__(self, bot: MTMBot) -> None:
+        self.bot: MTMBot = bot
 
     @app_commands.command(name="library", description="Find this server's past tracks closest to your words or a picture")
     @app_commands.describe(query="What you are looking for, e.g. 'festive brass with sleigh bells'",
@@ -60,5 +65,5 @@ class ServerLibrary(commands.Cog):
                                         allowed_mentions=discord.AllowedMentions.none())
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: MTMBot) -> None:
     await bot.add_cog(ServerLibrary(bot))
