@@ -26,7 +26,7 @@ from .errors import InputError
 if TYPE_CHECKING:  # the job store names KeptFiles; the bot process needs no model library for that
     from .captioner import Segment
     from .generator import Block, Rendered
-    from .refiner import Refinement
+    from .refiner_prompt import Refinement
 
 STATE_VERSION = 1
 
@@ -92,7 +92,7 @@ class Kept:
 
         from .captioner import Segment
         from .generator import Block, Rendered
-        from .refiner import RefinedSegment, Refinement
+        from .refiner_prompt import RefinedSegment, Refinement
 
         if not files.exist():
             raise ResultExpired("The track this builds on is no longer stored.")

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from .image_captioner import ImageCaptioner
     from .kept import Kept
     from .transcribe import Transcription
-    from .refiner import Refinement, Refiner
+    from .refiner import Refiner
+    from .refiner_prompt import Refinement
 
 BLOCK_SECONDS = 10  # MusicGen renders the track in blocks this long (the generator's KV cache is sized to one)
 SECONDS_WITHOUT_CLIP = 30  # the default length of a track made from words (and a picture) alone
