@@ -16,11 +16,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
 from .audio import Audio, load_clip, loudness_gain
+from .checkpoints import ALL_STAGES, Stage, check_cached
 from .errors import InputError
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .settings import Settings
@@ -115,12 +116,10 @@ class Pipeline:
         load_model()  # the transcriber (MIDI) ships in its package: nothing to check or download
         return self
 
-    def check_weights(self) -> None:
-        """With the full profile and nothing to download from, name every missing checkpoint now, in about a
-        second, before any model library is imported (ModelUnavailable)."""
-        from .checkpoints import check_cached
-
-        check_cached(self.settings)
+    def check_weights(self, stages: Iterable[Stage] = ALL_STAGES) -> None:
+        """With the full profile and nothing to download from, name every missing checkpoint of the stages
+        about to load now, in about a second, before any model library is imported (ModelUnavailable)."""
+        check_cached(self.settings, stages)
 
     @property
     def device(self) -> torch.device:
