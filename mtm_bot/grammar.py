@@ -14,6 +14,7 @@ import xgrammar as xgr
 
 from .refiner_prompt import FIELD_MAX_CHARS
 
+
 class StringBudget:
     """Which tokens fit in what is left of a string's length bound, for one vocabulary (built once).
 

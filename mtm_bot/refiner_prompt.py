@@ -24,7 +24,7 @@ INSTRUMENT_MAX_CHARS = 24
 MAX_INSTRUMENTS = 8
 CAPTION_MAX_CHARS = 128
 # Each bound by the JSON key that holds its strings (an array's items by the array's key). The grammar
-# leaves string lengths open and the decode mask enforces these (see StringBudget): xgrammar builds a
+# leaves string lengths open and the decode mask enforces these (grammar.StringBudget): xgrammar builds a
 # length bound as one state per character and checks the whole vocabulary against each state when it
 # compiles, which with Llama 3's 128k tokens took 8 s for a one-segment reply grammar and 31 s for six
 # on a two-core machine (bench_refiner), against ~0.15 s each with open lengths.
