@@ -21,8 +21,8 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.delivery import Delivery
-from cogs.errors import answer_error
+from cogs.utils.delivery import Delivery
+from cogs.utils.errors import answer_error
 from mtm_bot import metrics
 from mtm_bot.errors import InputError, MTMError
 from mtm_bot.jobs import JobQueue, JobStore
@@ -69,7 +69,7 @@ class MTMBot(commands.Bot):
         self.settings = settings
         self.queue = JobQueue(settings)
         self.delivery = Delivery(self)
-        self.submission_buckets: dict[int, app_commands.Cooldown] = {}  # user id -> rate (cogs.submit)
+        self.submission_buckets: dict[int, app_commands.Cooldown] = {}  # user id -> rate (cogs.utils.submit)
         self.pipeline: Pipeline | None = None  # these four are set up in setup_hook
         self.store: JobStore | None = None
         self.worker: Worker | None = None

@@ -42,11 +42,12 @@ from transformers import LogitsProcessor
 
 from mtm_bot.captioner import Segment
 import mtm_bot.refiner
-from mtm_bot.refiner import (JSON_SEPARATORS, ReplyGrammar, ReplyMatcher, Refiner, StringBudget,
-                             _grammar_tokenizer_info, build_tiny_llm, build_tiny_tokenizer, max_output_tokens,
-                             refinement_schema, reply_schema)
+from mtm_bot.grammar import ReplyGrammar, ReplyMatcher, StringBudget, tokenizer_info
+from mtm_bot.refiner import Refiner
+from mtm_bot.refiner_prompt import JSON_SEPARATORS, max_output_tokens, refinement_schema, reply_schema
 from mtm_bot.runtime import model_dtype, resolve_device
 from mtm_bot.timecode import format_time
+from mtm_bot.tiny import build_tiny_llm, build_tiny_tokenizer
 
 SEGMENTS = [
     Segment(0.0, 10.0, "a low quality recording of a piano melody over a steady beat"),
@@ -153,7 +154,7 @@ def grammar_costs(refiner: Refiner, max_segments: int, before_counts: list[int])
 
 def startup_parts(refiner: Refiner) -> dict:
     """The start-up's grammar work, part by part (timed again after the refiner was built)."""
-    info, info_s = timed(lambda: _grammar_tokenizer_info(refiner.tokenizer, refiner.vocab_size,
+    info, info_s = timed(lambda: tokenizer_info(refiner.tokenizer, refiner.vocab_size,
                                                          refiner.stop_token_ids))
     _, budget_s = timed(lambda: StringBudget(info.decoded_vocab, refiner.vocab_size))
     return {"tokenizer_info_s": round(info_s, 3), "string_budget_s": round(budget_s, 3)}

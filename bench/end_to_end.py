@@ -32,9 +32,10 @@ from mtm_bot.compiling import EAGER
 from mtm_bot.generator import Generator, build_tiny_musicgen
 from mtm_bot.sampling import Sampling
 from mtm_bot.pipeline import BLOCK_SECONDS, Pipeline
-from mtm_bot.refiner import Refiner, build_tiny_tokenizer
+from mtm_bot.refiner import Refiner
 from mtm_bot.runtime import model_dtype, resolve_device
 from mtm_bot.settings import Settings
+from mtm_bot.tiny import build_tiny_tokenizer
 
 from bench.bench_refiner import ReplyLogitsProcessor, timed
 from bench.reference import reference_codes

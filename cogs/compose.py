@@ -3,6 +3,7 @@ is posted publicly)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -12,12 +13,15 @@ from mtm_bot.jobs import JobKind
 from mtm_bot.pipeline import BLOCK_SECONDS, SECONDS_WITHOUT_CLIP
 from mtm_bot.instruction import MAX_INSTRUCTION_CHARS
 
-from .submit import accept, submission_rate_limit
+from .utils.submit import accept, submission_rate_limit
+
+if TYPE_CHECKING:
+    from bot import MTMBot
 
 
 class Compose(commands.Cog):
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
+    def __init__(self, bot: MTMBot) -> None:
+        self.bot: MTMBot = bot
         # Register duration's upper bound from the settings so Discord itself enforces it. The
         # command object is this cog's own copy; its parameter is replaced, not mutated.
         params = self.compose._params
@@ -40,5 +44,5 @@ class Compose(commands.Cog):
                      image=image)
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: MTMBot) -> None:
     await bot.add_cog(Compose(bot))

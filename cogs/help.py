@@ -1,9 +1,14 @@
 """/help: what the bot does and how to use it (ephemeral)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import discord
 from discord import app_commands
 from discord.ext import commands
+
+if TYPE_CHECKING:
+    from bot import MTMBot
 
 
 def help_text(max_output_seconds: int, max_clip_seconds: float, max_upload_mb: float) -> str:
@@ -29,8 +34,8 @@ def help_text(max_output_seconds: int, max_clip_seconds: float, max_upload_mb: f
 
 
 class Help(commands.Cog):
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
+    def __init__(self, bot: MTMBot) -> None:
+        self.bot: MTMBot = bot
 
     @app_commands.command(name="help", description="How to use MTM Bot")
     async def help(self, interaction: discord.Interaction) -> None:
@@ -39,5 +44,5 @@ class Help(commands.Cog):
             help_text(s.max_output_seconds, s.max_clip_seconds, s.max_upload_mb), ephemeral=True)
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: MTMBot) -> None:
     await bot.add_cog(Help(bot))

@@ -2,9 +2,11 @@
 
 Words are embedded right here (the embedder lives in the bot process, on the CPU). A picture must first
 be described by the image captioner, a GPU model: it goes through the job queue like any GPU work, and
-the delivery of that job runs the search (cogs.delivery).
+the delivery of that job runs the search (cogs.utils.delivery).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -14,8 +16,11 @@ from mtm_bot.errors import InputError
 from mtm_bot.jobs import JobKind
 from mtm_bot.library import MAX_QUERY_CHARS, Match
 
-from .render import CONTENT_LIMIT, quote, shorten
-from .submit import accept
+from .utils.render import CONTENT_LIMIT, quote, shorten
+from .utils.submit import accept
+
+if TYPE_CHECKING:
+    from bot import MTMBot
 
 RESULTS_SHOWN = 5
 EMPTY_LIBRARY = ("This server's library is empty so far: every track that /compose delivers here is added to it, "
@@ -38,8 +43,8 @@ def library_reply(searched: str, matches: list[Match]) -> str:
 
 
 class ServerLibrary(commands.Cog):
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
+    def __init__(self, bot: MTMBot) -> None:
+        self.bot: MTMBot = bot
 
     @app_commands.command(name="library", description="Find this server's past tracks closest to your words or a picture")
     @app_commands.describe(query="What you are looking for, e.g. 'festive brass with sleigh bells'",
@@ -60,5 +65,5 @@ class ServerLibrary(commands.Cog):
                                         allowed_mentions=discord.AllowedMentions.none())
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: MTMBot) -> None:
     await bot.add_cog(ServerLibrary(bot))

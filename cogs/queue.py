@@ -1,13 +1,18 @@
 """/queue and /cancel: what is running and waiting, and stopping a job (ephemeral replies)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from mtm_bot.jobs import Job, JobState
 
-from .render import minutes, quote, shorten
+from .utils.render import minutes, quote, shorten
+
+if TYPE_CHECKING:
+    from bot import MTMBot
 
 QUEUE_LINES_SHOWN = 10
 
@@ -18,8 +23,8 @@ def describe(job: Job) -> str:
 
 
 class Queue(commands.Cog):
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
+    def __init__(self, bot: MTMBot) -> None:
+        self.bot: MTMBot = bot
 
     @app_commands.command(name="queue", description="Show the running jobs, the queue and your jobs")
     async def queue(self, interaction: discord.Interaction) -> None:
@@ -65,5 +70,5 @@ class Queue(commands.Cog):
         await interaction.response.send_message(text, ephemeral=True)
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: MTMBot) -> None:
     await bot.add_cog(Queue(bot))

@@ -8,6 +8,7 @@ theirs, refused by the same rate, per-user and queue limits, and its parent is t
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import discord
 from discord.ext import commands
@@ -17,8 +18,11 @@ from mtm_bot.jobs import Job, JobKind
 from mtm_bot.pipeline import MAX_EXTEND_SECONDS, MIN_EXTEND_SECONDS
 from mtm_bot.timecode import format_time
 
-from .errors import answer_error, reply_error
-from .submit import EmptyInstruction, accept_derived
+from .utils.errors import answer_error, reply_error
+from .utils.submit import EmptyInstruction, accept_derived
+
+if TYPE_CHECKING:
+    from bot import MTMBot
 
 JOB_ID = r"(?P<job>[0-9a-f]{8})"
 DEFAULT_EXTEND_SECONDS = 30
@@ -146,8 +150,8 @@ def result_controls(job: Job) -> discord.ui.View:
 
 
 class Results(commands.Cog):
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
+    def __init__(self, bot: MTMBot) -> None:
+        self.bot: MTMBot = bot
 
     async def cog_load(self) -> None:
         # Registered before the first event: a click on any result still kept is understood.
@@ -157,5 +161,5 @@ class Results(commands.Cog):
         self.bot.remove_dynamic_items(RerollButton, ExtendButton, RemixButton, MidiButton, RedoSelect)
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: MTMBot) -> None:
     await bot.add_cog(Results(bot))

@@ -1,8 +1,7 @@
 """LP-MusicCaps-compatible music captioner: 10 s segments of audio in, one English caption each out.
 
-The reference (github seungheondoh/lp-music-caps, `BartCaptionModel`) is not on PyPI, so this is our own
-implementation of the same architecture. Module and buffer names follow the reference exactly, so its
-`transfer.pth` checkpoint loads with strict=True:
+Our own implementation of the reference's `BartCaptionModel` (docs/ARCHITECTURE.md, "The captioner").
+Module and buffer names follow the reference exactly, so its `transfer.pth` loads with strict=True:
 
     audio_encoder.mel_encoder.spec_fn.window      Hann window (torchaudio Spectrogram's buffer)
     audio_encoder.mel_encoder.mel_scale.fb        mel filter bank (torchaudio MelScale's buffer)

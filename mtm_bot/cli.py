@@ -35,6 +35,7 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .audio import Audio
+    from .checkpoints import Stage
     from .kept import Kept, KeptFiles
     from .pipeline import ComposeResult
 
@@ -143,7 +144,7 @@ def _caption(args: argparse.Namespace, settings: Settings) -> int:
     _check_files(args.input)
     pipeline = Pipeline(settings)
     clip = pipeline.read_clip(args.input)
-    pipeline.check_weights()
+    pipeline.check_weights(["captioner"])
     with _ProgressBar() as bar:
         segments = pipeline.caption(clip, bar.update)
     if args.json:
@@ -168,7 +169,12 @@ def _compose(args: argparse.Namespace, settings: Settings) -> int:
         pipeline.read_image(args.image)
     duration = pipeline.output_duration(clip, args.duration)
     instruction = check_instruction(args.instruction)
-    pipeline.check_weights()
+    loads: list[Stage] = ["refiner", "generator"]
+    if clip is not None:
+        loads.insert(0, "captioner")
+    if args.image is not None:
+        loads.append("image_captioner")
+    pipeline.check_weights(loads)
     with _ProgressBar() as bar:
         result = pipeline.compose(clip, instruction, duration, seed=args.seed, progress=bar.update,
                                   image=args.image)
@@ -182,6 +188,9 @@ _DERIVATIONS: dict[str, Callable[..., ComposeResult]] = {
     "remix": lambda pipeline, args, kept, **run: pipeline.remix(kept, args.instruction, **run),
     "redo": lambda pipeline, args, kept, **run: pipeline.redo(kept, args.start, **run),
 }
+# What each loads: the kept captions spare the captioner, the kept refinement the LLM (all but remix).
+_DERIVED_STAGES: dict[str, list[Stage]] = {"reroll": ["generator"], "extend": ["generator"],
+                                           "remix": ["refiner", "generator"], "redo": ["generator"]}
 
 
 def _derive(args: argparse.Namespace, settings: Settings) -> int:
@@ -204,7 +213,7 @@ def _derive(args: argparse.Namespace, settings: Settings) -> int:
     kept = Kept.load(source, pipeline.read_clip)
     # A fixed MTM_SEED gives each command on a kept result its own seed: the kept one would repeat it.
     seed = args.seed if args.seed is not None else choose_seed(settings.seed, f"{args.command} {kept.seed}")
-    pipeline.check_weights()
+    pipeline.check_weights(_DERIVED_STAGES[args.command])
     with _ProgressBar() as bar:
         # The pipeline refuses an extension past the output limit, or a redo not from a block start,
         # before it loads a model.

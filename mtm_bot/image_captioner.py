@@ -4,10 +4,8 @@
     captioner = ImageCaptioner.load(profile, model_id, device)
     captioner.describe(image)                                  # "a snowy village at night with lights"
 
-Reading a picture is cheap and safe to do before queueing a job: the file size is checked before it is
-opened, the dimensions from the header before a pixel is decoded (a small file can declare billions of
-pixels), and only PNG, JPEG, WebP and GIF (first frame) are read. torch and transformers are imported
-only when the model loads, so the bot and the CLI can refuse a bad picture without them.
+Reading a picture is safe before queueing a job and imports no model library (docs/ARCHITECTURE.md,
+"The image captioner").
 """
 from __future__ import annotations
 

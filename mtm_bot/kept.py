@@ -1,10 +1,7 @@
 """What a finished track keeps, so the next job can start from it (Reroll, Extend, Remix, Redo, MIDI).
 
-Three files: the delivered track (16-bit WAV, loudness-normalised), a state file (.npz: every code the
-track was decoded from, plus, as JSON, the instruction, the input captions, the refinement, the blocks,
-the seed and the loudness gain) and the user's clip, for the melody, where there was one. The bot keeps
-them beside the job (`JobStore.kept_files`) for as long as it keeps the job; the CLI in a folder
-(`compose --save DIR`). Nothing in them is pickled: the state file loads with allow_pickle=False.
+Three files: the track, a state file (.npz with its codes and, as JSON, what made it; never pickled) and
+the clip where there was one (docs/ARCHITECTURE.md, "What a finished track keeps").
 """
 from __future__ import annotations
 
@@ -26,7 +23,7 @@ from .errors import InputError
 if TYPE_CHECKING:  # the job store names KeptFiles; the bot process needs no model library for that
     from .captioner import Segment
     from .generator import Block, Rendered
-    from .refiner import Refinement
+    from .refiner_prompt import Refinement
 
 STATE_VERSION = 1
 
@@ -92,7 +89,7 @@ class Kept:
 
         from .captioner import Segment
         from .generator import Block, Rendered
-        from .refiner import RefinedSegment, Refinement
+        from .refiner_prompt import RefinedSegment, Refinement
 
         if not files.exist():
             raise ResultExpired("The track this builds on is no longer stored.")

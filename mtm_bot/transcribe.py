@@ -1,15 +1,8 @@
 """MIDI transcription of a track: the notes it plays (polyphonic), as a standard MIDI file.
 
-Spotify's basic-pitch (Apache-2.0) does the work: its ICASSP 2022 model, a small CNN (~230 kB, shipped
-inside the package as ONNX) run by onnxruntime on the CPU, then its own note decoding (onsets and
-frame activations to notes). We call its lower-level functions with an array rather than its
-`predict()`, which only reads a path (through librosa): the audio is resampled to the model's 22.05 kHz
-with our soxr resampler and windowed the way `basic_pitch.inference.run_inference` does.
-
-The MIDI file holds notes only, on one piano track, without basic-pitch's pitch bends: a MIDI bend
-bends a whole channel, so basic-pitch keeps them only on notes that overlap no other. Transcribing takes ~1.5 s per
-minute of audio on two idle CPU cores (bench/transcription_f1.py). Importing this module takes ~2 s
-(basic-pitch imports librosa and mir_eval): import it where a transcription is made.
+Spotify's basic-pitch on the CPU, called with an array rather than a path; notes only, one piano track
+(docs/ARCHITECTURE.md, "Transcription"). Importing this module takes ~2 s (librosa, mir_eval): import
+it where a transcription is made.
 """
 from __future__ import annotations
 

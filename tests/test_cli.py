@@ -13,12 +13,14 @@ import pytest
 import soundfile as sf
 import torch
 
+from mtm_bot.captioner import Segment
 from mtm_bot.cli import main
 from mtm_bot.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
 from mtm_bot.kept import Kept, KeptFiles
 from mtm_bot.pipeline import Pipeline
 from mtm_bot.settings import Settings
 from synth import bad_files, write_music
+from tests.pictures import picture_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD_FILES = bad_files(tempfile.mkdtemp(prefix="mtm-cli-"))
@@ -134,11 +136,13 @@ def test_full_profile_without_weights_names_the_repo_and_the_download_command(tm
 def test_full_profile_without_weights_names_every_missing_checkpoint_before_importing_torch(tmp_path):
     """The first run without weights is answered from the cache's contents alone, in about a second."""
     clip = write_music(tmp_path / "clip.wav", 3.0)
+    picture = tmp_path / "picture.png"  # with a clip and a picture, compose loads all five checkpoints
+    picture.write_bytes(picture_bytes())
     home = tmp_path / "hf"
     env = {"MTM_PROFILE": "full", "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "1",
            "MTM_LLM_ID": "meta-llama/Llama-3.2-3B-Instruct"}
     done, imported = run_cli_reporting_imports("compose", str(clip), "-i", "a carol", "-o", str(tmp_path / "o.wav"),
-                                               cwd=tmp_path, env=env)
+                                               "--image", str(picture), cwd=tmp_path, env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     for repo in ("seungheondoh/lp-music-caps", "facebook/bart-base", "meta-llama/Llama-3.2-3B-Instruct",
                  "facebook/musicgen-melody", "Salesforce/blip-image-captioning-base"):
@@ -331,3 +335,76 @@ def test_bad_derived_input_exits_2_with_one_sentence_before_any_model_loads(case
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
     assert not list(tmp_path.glob("out.*"))
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == kept_before  # nothing overwritten
+
+
+# The full profile checks, offline, only the checkpoints of the stages the command loads --------------------
+
+LP_MUSICCAPS, BART = "seungheondoh/lp-music-caps", "facebook/bart-base"
+
+
+@pytest.fixture()
+def empty_hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache under tmp_path, offline: the full profile finds no checkpoint there."""
+    home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    return home / "hub"
+
+
+def cache_placeholder(hub: Path, repo: str, filename: str) -> None:
+    """An empty file where huggingface_hub keeps `filename` of `repo`'s main revision."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    (folder / "snapshots" / commit / filename).write_bytes(b"")
+
+
+def missing_checkpoints(args: list[str], capsys) -> set[str]:
+    """Run a --profile full command that must stop at the weight check; the repos its one error names."""
+    settings = Settings.from_env()
+    repos = (LP_MUSICCAPS, BART, settings.llm_id, settings.musicgen_id, settings.image_captioner_id)
+    assert main([*args, "--profile", "full"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "are not in the local Hugging Face cache" in error[0], error
+    assert "python -m mtm_bot download" in error[0]
+    return {repo for repo in repos if repo in error[0]}
+
+
+def test_caption_asks_only_for_the_captioners_checkpoints(empty_hf_cache, tmp_path, capsys, no_model_loads):
+    clip = write_music(tmp_path / "clip.wav", 3.0)
+    assert missing_checkpoints(["caption", str(clip)], capsys) == {LP_MUSICCAPS, BART}
+
+
+def test_caption_runs_with_only_the_captioners_checkpoints_cached(empty_hf_cache, tmp_path, capsys, monkeypatch):
+    """Neither the LLM, MusicGen nor BLIP is cached, and caption does not need them."""
+    cache_placeholder(empty_hf_cache, LP_MUSICCAPS, "transfer.pth")
+    cache_placeholder(empty_hf_cache, BART, "config.json")
+    monkeypatch.setattr(Pipeline, "caption", lambda self, clip, progress: [Segment(0.0, 3.0, "a calm piano")])
+    clip = write_music(tmp_path / "clip.wav", 3.0)
+    assert main(["caption", str(clip), "--profile", "full"]) == 0
+    assert capsys.readouterr().out.strip() == "0:00–0:03 a calm piano"
+
+
+def test_each_command_asks_for_the_checkpoints_of_the_stages_it_loads(empty_hf_cache, saved, tmp_path, capsys,
+                                                                      no_model_loads):
+    settings = Settings.from_env()
+    llm, musicgen, blip = settings.llm_id, settings.musicgen_id, settings.image_captioner_id
+    clip = write_music(tmp_path / "clip.wav", 3.0)
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(picture_bytes())
+    out = str(tmp_path / "out.wav")
+    expected = {
+        ("compose", str(clip), "-i", "a carol", "-o", out): {LP_MUSICCAPS, BART, llm, musicgen},
+        ("compose", "-i", "a carol", "-o", out): {llm, musicgen},  # from words alone: nothing to caption
+        ("compose", "-i", "a carol", "-o", out, "--image", str(picture)): {llm, musicgen, blip},
+        ("reroll", str(saved), "-o", out): {musicgen},  # the kept captions and refinement
+        ("extend", str(saved), "--seconds", "10", "-o", out): {musicgen},
+        ("redo", str(saved), "--from", "0:10", "-o", out): {musicgen},
+        ("remix", str(saved), "-i", "a march", "-o", out): {llm, musicgen},  # a new refinement
+    }
+    for args, repos in expected.items():
+        assert missing_checkpoints(list(args), capsys) == repos, args

@@ -11,10 +11,10 @@ from mtm_bot.errors import Cancelled, InputError, ModelUnavailable
 from mtm_bot.instruction import MAX_INSTRUCTION_CHARS, InstructionTooLong
 from mtm_bot.progress import CancelToken
 from mtm_bot.timecode import format_time
-from mtm_bot.refiner import (
+from mtm_bot.refiner import Refiner
+from mtm_bot.refiner_prompt import (
     CAPTION_MAX_CHARS,
     Refinement,
-    Refiner,
     max_output_tokens,
     refinement_schema,
     reply_schema,
@@ -235,7 +235,7 @@ def test_text_the_grammar_forces_costs_no_decode_steps_of_its_own(refiner):
 def test_the_longest_reply_the_grammar_allows_fits_the_token_bound(refiner):
     """Fed one byte-level token at a time (the longest tokenisation), the longest reply the bounds allow is
     accepted and complete, one character more in any string is refused, and the tokens fit the bound."""
-    from mtm_bot.refiner import FIELD_MAX_CHARS, JSON_SEPARATORS, MAX_INSTRUMENTS, TEMPO_MAX_BPM
+    from mtm_bot.refiner_prompt import FIELD_MAX_CHARS, JSON_SEPARATORS, MAX_INSTRUMENTS, TEMPO_MAX_BPM
 
     def longest(longer: str = "") -> str:
         wide = {field: "🎄" * (limit + (field == longer)) for field, limit in FIELD_MAX_CHARS.items()}

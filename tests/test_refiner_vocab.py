@@ -14,8 +14,8 @@ import xgrammar as xgr
 
 from bench.llama3_vocab import LLAMA3_STOP_TOKENS, build_llama3_tokenizer, build_tiny_llama3
 from mtm_bot.captioner import Segment
-from mtm_bot.refiner import (FIELD_MAX_CHARS, JSON_SEPARATORS, Refiner, max_output_tokens, refinement_schema,
-                             reply_schema)
+from mtm_bot.refiner import Refiner
+from mtm_bot.refiner_prompt import FIELD_MAX_CHARS, JSON_SEPARATORS, max_output_tokens, refinement_schema, reply_schema
 from mtm_bot.timecode import format_time
 from tests.test_refiner import INSTRUCTIONS
 

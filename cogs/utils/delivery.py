@@ -31,9 +31,9 @@ from mtm_bot.library import Library
 from mtm_bot.progress import Progress
 from mtm_bot.timecode import format_time
 
-from .library import RESULTS_SHOWN, library_reply
+from ..library import RESULTS_SHOWN, library_reply
 from .render import CONTENT_LIMIT, minutes, quote, shorten, with_captions
-from .results import result_controls
+from ..results import result_controls
 
 log = logging.getLogger(__name__)
 

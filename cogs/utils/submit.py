@@ -1,11 +1,8 @@
 """Accepting a request as a job: /compose (a clip, a picture, both or neither), /caption, /library's
 picture search, and the buttons under a result (jobs derived from it).
 
-Order matters for the user: everything that can be refused from metadata alone (size, type, queue
-limits) is refused *before* the defer, as an ephemeral reply. Then the reply is deferred publicly
-("MTM Bot is thinking…"), the file is downloaded and decoded off the event loop, and the job is
-queued. A decode error after the defer removes the public "thinking" message and answers
-ephemerally, because the first follow-up after a defer would inherit its public visibility.
+What metadata alone can refuse is refused before the defer; a decode error after it answers ephemerally
+(docs/ARCHITECTURE.md, "Accepting a request").
 """
 from __future__ import annotations
 

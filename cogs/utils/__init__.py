@@ -1,0 +1,1 @@
+"""Helpers the cogs share (delivery, rendering, submission, error replies); not cogs themselves."""
