@@ -2,7 +2,7 @@
 
     python bot.py        (or `make run`)
 
-Reads the settings from the environment and `.env`, loads the models once, starts the job worker
+Reads the settings from the environment and `.env`, loads the models once, starts the job scheduler
 and serves the slash commands until stopped. Exit code 2 for a configuration the user must fix.
 """
 from __future__ import annotations
@@ -25,11 +25,13 @@ from cogs.utils.delivery import Delivery
 from cogs.utils.errors import answer_error
 from mtm_bot import metrics
 from mtm_bot.errors import InputError, MTMError
-from mtm_bot.jobs import JobQueue, JobStore
+from mtm_bot.queue import JobQueue
+from mtm_bot.retry import Backoff, retry
 from mtm_bot.library import Embedder, Library
-from mtm_bot.settings import Settings
 from mtm_bot.runner import JobRunner, LocalRunner
-from mtm_bot.worker import Worker
+from mtm_bot.scheduler import Scheduler
+from mtm_bot.settings import Settings
+from mtm_bot.store import JobStore
 
 if TYPE_CHECKING:
     from mtm_bot.pipeline import Pipeline
@@ -72,12 +74,12 @@ class MTMBot(commands.Bot):
         self.submission_buckets: dict[int, app_commands.Cooldown] = {}  # user id -> rate (cogs.utils.submit)
         self.pipeline: Pipeline | None = None  # these four are set up in setup_hook
         self.store: JobStore | None = None
-        self.worker: Worker | None = None
+        self.scheduler: Scheduler | None = None
         self.library: Library | None = None
         self.tree.on_error = answer_error
 
     async def setup_hook(self) -> None:
-        if self.worker is None:  # a login retried after a network failure must not load the models again
+        if self.scheduler is None:  # a login retried after a network failure must not load the models again
             await self._start_services()
         await self.sync_commands()
 
@@ -99,8 +101,8 @@ class MTMBot(commands.Bot):
         # The text embedder answers /library directly, on the CPU of this process (no GPU, no queue).
         embedder = await asyncio.to_thread(Embedder.load, self.settings.embedder_id)
         self.library = self.delivery.library = await Library.open(self.settings, embedder)
-        self.worker = Worker(self.settings, runner, self.store, self.queue, self.delivery)
-        await self.worker.start()  # resumes jobs a restart interrupted; their results go to their channels
+        self.scheduler = Scheduler(self.settings, runner, self.store, self.queue, self.delivery)
+        await self.scheduler.start()  # resumes jobs a restart interrupted; their results go to their channels
         metrics.serve(self.settings.metrics_port)
 
     async def sync_commands(self) -> None:
@@ -114,8 +116,8 @@ class MTMBot(commands.Bot):
             log.info("synced %d global commands (Discord may take a while to show them)", len(synced))
 
     async def close(self) -> None:
-        if self.worker is not None:
-            await self.worker.stop()  # a running job is left unfinished and resumes on the next start
+        if self.scheduler is not None:
+            await self.scheduler.stop()  # a running job is left unfinished and resumes on the next start
         # Our databases close before Discord's connection does: once that is closed, `start` returns and
         # the event loop ends, cancelling whatever of this method is left (an open aiosqlite connection's
         # thread would then keep the process alive).
@@ -151,21 +153,20 @@ async def log_in(bot: MTMBot, settings: Settings, stopping: asyncio.Event) -> No
 
     discord.py's own reconnect loop covers the gateway later on, but not this first REST call.
     """
-    delay = RETRY_FIRST_S
-    while not stopping.is_set():
+    async def login() -> None:
         try:
             await bot.login(settings.discord_token)
-            return
-        except DISCORD_UNREACHABLE as err:
-            log.warning("Cannot reach Discord at %s (%s); retrying in %.0f s.",
-                        settings.discord_api_base, why_unreachable(err), delay)
-        # Each login opens a new HTTP session on the client's connector, and closing the session closes
-        # that connector too: let the next login make a fresh one.
-        await bot.http.close()
-        bot.http.connector = discord.utils.MISSING
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), delay)
-        delay = min(delay * 2, RETRY_MAX_S)
+        except DISCORD_UNREACHABLE:
+            # Each login opens a new HTTP session on the client's connector, and closing the session closes
+            # that connector too: let the next login make a fresh one.
+            await bot.http.close()
+            bot.http.connector = discord.utils.MISSING
+            raise
+
+    with contextlib.suppress(DISCORD_UNREACHABLE):  # raised only once stopping is set
+        await retry(login, on=DISCORD_UNREACHABLE, backoff=Backoff(RETRY_FIRST_S, RETRY_MAX_S), stopping=stopping,
+                    say=lambda err, delay: log.warning("Cannot reach Discord at %s (%s); retrying in %.0f s.",
+                                                       settings.discord_api_base, why_unreachable(err), delay))
 
 
 class OneLineReconnects(logging.Filter):

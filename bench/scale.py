@@ -2,7 +2,7 @@
 
     MTM_BROKER_URL=redis://127.0.0.1:6379/0 python -m bench.scale [--jobs 8] [--seconds 30] [--device cpu]
 
-The bot's scheduler (mtm_bot.worker with mtm_bot.distributed.RemoteRunner: store, fair queue, hand-out
+The bot's scheduler (mtm_bot.scheduler with mtm_bot.distributed.RemoteRunner: store, fair queue, hand-out
 only to a free slot) runs in this process without Discord; the workers are real `python -m mtm_bot worker`
 processes (tiny profile, one thread and one slot each) on their own key prefix in that Redis. Each round
 submits the same jobs at once and waits for every outcome. The embedded default (the same jobs in this
@@ -57,13 +57,15 @@ class Outcomes:
 
 async def run_round(settings, clip: Path, jobs: int, seconds: int, runner_factory) -> dict:
     """Submit `jobs` compose jobs at once to a fresh scheduler; seconds until all are delivered."""
-    from mtm_bot.jobs import Job, JobKind, JobQueue, JobStore
-    from mtm_bot.worker import Worker
+    from mtm_bot.job import Job, JobKind
+    from mtm_bot.queue import JobQueue
+    from mtm_bot.scheduler import Scheduler
+    from mtm_bot.store import JobStore
 
     store = await JobStore.open(settings)
     queue, outcomes = JobQueue(settings), Outcomes()
-    worker = Worker(settings, runner_factory(store), store, queue, outcomes)
-    await worker.start()
+    scheduler = Scheduler(settings, runner_factory(store), store, queue, outcomes)
+    await scheduler.start()
     try:
         data = clip.read_bytes()
         began = time.perf_counter()
@@ -71,13 +73,13 @@ async def run_round(settings, clip: Path, jobs: int, seconds: int, runner_factor
             job = Job.new(JobKind.COMPOSE, user_id=i % 4, guild_id=1, channel_id=1, instruction=f"carol {i}",
                           duration=seconds, attachment_size_limit=25 << 20, application_id=1, interaction_token="")
             job.input_path = await store.save_input(job.id, data, "clip.wav")
-            await worker.submit(job)
+            await scheduler.submit(job)
         while len(outcomes.done) < jobs:
             outcomes.changed.clear()
             await outcomes.changed.wait()
         wall = time.perf_counter() - began
     finally:
-        await worker.stop()
+        await scheduler.stop()
         await store.close()
     states = sorted(set(outcomes.done.values()))
     assert states == ["done"], f"not every job succeeded: {outcomes.done}"

@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from mtm_bot.jobs import JobKind
+from mtm_bot.job import JobKind
 from mtm_bot.pipeline import BLOCK_SECONDS, SECONDS_WITHOUT_CLIP
 from mtm_bot.instruction import MAX_INSTRUCTION_CHARS
 

@@ -13,7 +13,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from mtm_bot.errors import InputError
-from mtm_bot.jobs import JobKind
+from mtm_bot.job import JobKind
 from mtm_bot.library import MAX_QUERY_CHARS, Match
 
 from .utils.render import CONTENT_LIMIT, quote, shorten
@@ -56,7 +56,7 @@ class ServerLibrary(commands.Cog):
         if image is not None and query is not None:
             raise InputError("Search with words or with a picture, not both at once.")
         if image is not None:
-            await accept(interaction, None, JobKind.LIBRARY_IMAGE, image=image, ephemeral=True)
+            await accept(interaction, None, JobKind.LIBRARY_IMAGE, image=image)
             return
         # Embedding the query takes a moment on a busy CPU: defer, privately, within Discord's 3 s.
         await interaction.response.defer(ephemeral=True, thinking=True)

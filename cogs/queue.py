@@ -7,7 +7,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from mtm_bot.jobs import Job, JobState
+from mtm_bot.job import Job, JobState
 
 from .utils.render import minutes, quote, shorten
 
@@ -32,15 +32,15 @@ class Queue(commands.Cog):
         lines = []
         if not snapshot.running:
             lines.append("**Running:** nothing, the next job starts at once.")
-        workers = self.bot.worker.runner.workers()  # GPU worker processes (distributed mode)
-        if self.bot.worker.runner.keeps_running and not workers:
+        workers = self.bot.scheduler.runner.workers()  # GPU worker processes (distributed mode)
+        if self.bot.scheduler.runner.keeps_running and not workers:
             lines.append("**GPU workers:** none connected; queued jobs start as soon as one is.")
         if workers:
             lines.append(f"**GPU workers:** {len(workers)} · " + ", ".join(
                 f"{shorten(w.name, 40)} ({len(w.running)}/{w.capacity} busy)" for w in workers))
         for job, running_left in zip(snapshot.running, snapshot.running_left):
             stage = self.bot.delivery.stage_of(job.id)
-            worker = self.bot.worker.runner.where(job.id)
+            worker = self.bot.scheduler.runner.where(job.id)
             left = f" · about {minutes(running_left)} left" if running_left is not None else ""
             lines.append(f"**Running:** {describe(job)}" + (f" on {shorten(worker, 40)}" if worker else "")
                          + (f" · {stage}" if stage else "") + left)
@@ -60,7 +60,7 @@ class Queue(commands.Cog):
     @app_commands.command(name="cancel", description="Stop a job (default: your newest unfinished job)")
     @app_commands.describe(job="The job id shown when the job was accepted")
     async def cancel(self, interaction: discord.Interaction, job: str | None = None) -> None:
-        cancelled = await self.bot.worker.cancel(
+        cancelled = await self.bot.scheduler.cancel(
             job, interaction.user.id, guild_id=interaction.guild_id,
             is_manager=interaction.permissions.manage_guild)
         if cancelled.state is JobState.RUNNING:

@@ -14,7 +14,7 @@ import discord
 from discord.ext import commands
 
 from mtm_bot.instruction import MAX_INSTRUCTION_CHARS, check_instruction
-from mtm_bot.jobs import Job, JobKind
+from mtm_bot.job import Job, JobKind
 from mtm_bot.pipeline import MAX_EXTEND_SECONDS, MIN_EXTEND_SECONDS
 from mtm_bot.timecode import format_time
 

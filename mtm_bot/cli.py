@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError, ModelUnavailable, MTMError
+from .job import JobKind
+from .kinds import KINDS, Request
 from .progress import Progress
 from .seeds import choose_seed
 from .settings import Settings
@@ -181,45 +183,37 @@ def _compose(args: argparse.Namespace, settings: Settings) -> int:
     return _deliver(args, result, instruction, clip, args.input)
 
 
-# Each derived command's pipeline entry point, given its arguments and the kept result it starts from.
-_DERIVATIONS: dict[str, Callable[..., ComposeResult]] = {
-    "reroll": lambda pipeline, args, kept, **run: pipeline.reroll(kept, **run),
-    "extend": lambda pipeline, args, kept, **run: pipeline.extend(kept, args.seconds, **run),
-    "remix": lambda pipeline, args, kept, **run: pipeline.remix(kept, args.instruction, **run),
-    "redo": lambda pipeline, args, kept, **run: pipeline.redo(kept, args.start, **run),
-}
-# What each loads: the kept captions spare the captioner, the kept refinement the LLM (all but remix).
-_DERIVED_STAGES: dict[str, list[Stage]] = {"reroll": ["generator"], "extend": ["generator"],
-                                           "remix": ["refiner", "generator"], "redo": ["generator"]}
-
-
 def _derive(args: argparse.Namespace, settings: Settings) -> int:
-    """reroll, extend, remix, redo: a new track from the result kept in DIR."""
+    """reroll, extend, remix, redo: a new track from the result kept in DIR, by the kind's derivation."""
     from .kept import Kept
     from .pipeline import Pipeline
 
     source = _saved_result(args.folder)
     _check_output_path(args.output)
     _check_save_folder(args.save)
-    if args.command == "redo":
+    redo_from = getattr(args, "start", None)
+    if redo_from is not None:
         from .timecode import parse_time
 
-        args.start = parse_time(args.start)
-    if args.command == "remix":
+        redo_from = parse_time(redo_from)
+    instruction = getattr(args, "instruction", None)
+    if instruction is not None:
         from .instruction import check_instruction
 
-        args.instruction = check_instruction(args.instruction)
+        instruction = check_instruction(instruction)
+    spec = KINDS[JobKind(args.command)]
     pipeline = Pipeline(settings)
     kept = Kept.load(source, pipeline.read_clip)
+    request = Request(instruction or kept.instruction, getattr(args, "seconds", None), redo_from)
     # A fixed MTM_SEED gives each command on a kept result its own seed: the kept one would repeat it.
     seed = args.seed if args.seed is not None else choose_seed(settings.seed, f"{args.command} {kept.seed}")
-    pipeline.check_weights(_DERIVED_STAGES[args.command])
+    pipeline.check_weights(spec.loads)
     with _ProgressBar() as bar:
         # The pipeline refuses an extension past the output limit, or a redo not from a block start,
         # before it loads a model.
-        result = _DERIVATIONS[args.command](pipeline, args, kept, seed=seed, progress=bar.update)
-    instruction = args.instruction if args.command == "remix" else kept.instruction
-    return _deliver(args, result, instruction, kept.clip, source.clip)
+        assert spec.derivation is not None
+        result = spec.derivation(pipeline, kept, request, seed=seed, progress=bar.update)
+    return _deliver(args, result, request.instruction, kept.clip, source.clip)
 
 
 def _midi(args: argparse.Namespace, settings: Settings) -> int:
@@ -381,7 +375,7 @@ def _worker(settings: Settings) -> int:
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "compose": _compose, "caption": _caption, "midi": _midi, "download": lambda args, settings: _download(settings),
     "worker": lambda args, settings: _worker(settings),
-    **{name: _derive for name in _DERIVATIONS},
+    **{kind.value: _derive for kind, spec in KINDS.items() if spec.derivation is not None},
 }
 
 

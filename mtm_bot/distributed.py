@@ -1,6 +1,6 @@
 """The bot's side of distributed mode: `RemoteRunner` hands jobs to GPU worker processes
 (mtm_bot.gpu_worker) through taskiq + Redis and turns their events back into outcomes for the scheduler
-(mtm_bot.worker), which keeps the store, the fair order, the limits and delivery exactly as in one process.
+(mtm_bot.scheduler), which keeps the store, the fair order, the limits and delivery exactly as in one process.
 
 How nothing is lost and nothing is delivered twice:
 - a job is handed out only for a free slot of a live worker (heartbeats), with its files as blobs and an
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
@@ -29,16 +28,18 @@ from redis.exceptions import ResponseError
 from taskiq.kicker import AsyncKicker
 
 from . import metrics
-from .jobs import Job, JobState, JobStore
-from .progress import Progress
-from .protocol import (HEARTBEATS_TO_DEATH, MAX_ATTEMPTS, PROTOCOL_VERSION, RESULT_SUFFIXES, TASK_NAME, UNREACHABLE,
-                       JobStream, Keys, connect, retrying, why)
+from .blobs import Blobs
+from .event_reader import EventReader
+from .heartbeats import BOT_CONSUMER, WorkerWatch
+from .job import Job, JobState
+from .protocol import (HEARTBEATS_TO_DEATH, MAX_ATTEMPTS, TASK_NAME, UNREACHABLE, Event, EventType, JobStream, Keys,
+                       Order, OtherVersion, connect, retrying, why)
 from .runner import UNEXPECTED_MESSAGE, JobEvents, Outcome
 from .settings import Settings
+from .store import JobStore
 
 log = logging.getLogger(__name__)
 
-BOT_CONSUMER = "bot"
 LOST_TOO_OFTEN = ("Job {id} stopped {n} times because the GPU worker running it went away; it was not tried again. "
                   "Please try a shorter duration, or try again later.")
 FILES_GONE = "The files of job {id} are no longer stored; please submit it again."
@@ -54,16 +55,6 @@ class WorkerInfo:
 
 
 @dataclass
-class _Beat:
-    """A worker's last heartbeat."""
-    id: str
-    name: str
-    capacity: int
-    running: dict[str, int]  # job id -> the attempt it runs
-    compatible: bool
-
-
-@dataclass
 class _Flight:
     """A job handed to the GPU workers, until its outcome is stored."""
     job: Job
@@ -75,7 +66,31 @@ class _Flight:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class HandOut:
+    """Gives one attempt of a job to the GPU workers: its input blobs and its attempt number in one
+    transaction (an earlier attempt's blobs go with it), then the order on the job stream."""
+
+    def __init__(self, settings: Settings, keys: Keys, blobs: Blobs) -> None:
+        self.keys = keys
+        self.blobs = blobs
+        self.broker = JobStream(settings, consumer_name=BOT_CONSUMER)
+        self.kicker = AsyncKicker(task_name=TASK_NAME, broker=self.broker, labels={})
+
+    async def send(self, order: Order, inputs: dict, previous: int) -> None:
+        async with self.blobs.redis.pipeline(transaction=True) as pipe:
+            self.blobs.put_inputs(pipe, order.job_id, order.attempt, inputs)
+            pipe.set(self.keys.attempt(order.job_id), order.attempt)
+            if previous:  # the earlier attempt's files and results: nobody takes them any more
+                pipe.delete(*self.blobs.names(order.job_id, previous))
+            await pipe.execute()
+        await self.kicker.kiq(order.to_json())
+
+
 class RemoteRunner:
+    """The scheduler's transport in distributed mode: which job is where, and when it must go out again. It
+    composes the hand-out (HandOut), the workers' heartbeats (WorkerWatch), their events (EventReader) and the
+    files in transit (Blobs)."""
+
     keeps_running = True  # GPU workers go on while the bot restarts
 
     def __init__(self, settings: Settings, store: JobStore) -> None:
@@ -83,20 +98,20 @@ class RemoteRunner:
         self.store = store
         self.keys = Keys(settings.broker_prefix)
         self.redis = connect(settings)
-        self.broker = JobStream(settings, consumer_name=BOT_CONSUMER)
-        self.kicker = AsyncKicker(task_name=TASK_NAME, broker=self.broker, labels={})
+        self.blobs = Blobs(self.redis, self.keys, settings)
+        self.handout = HandOut(settings, self.keys, self.blobs)
+        self.watch = WorkerWatch(self.redis, self.keys, self.handout.broker)
+        self.events = EventReader(self.redis, self.keys, no_group_wait=settings.heartbeat_seconds)
         self.grace_seconds = (HEARTBEATS_TO_DEATH + 1) * settings.heartbeat_seconds
         self._flights: dict[str, _Flight] = {}
-        self._workers: dict[str, _Beat] = {}
-        self._told_incompatible: set[str] = set()
         self._epoch: str | None = None
         self._capacity_changed: Callable[[], None] = lambda: None
         self._tasks: list[asyncio.Task] = []
-        self._closing = False
+        self._closing = asyncio.Event()
 
     @property
     def capacity(self) -> int:
-        return sum(w.capacity for w in self._workers.values() if w.compatible)
+        return self.watch.capacity
 
     # Life cycle ---------------------------------------------------------------------------------
 
@@ -108,10 +123,10 @@ class RemoteRunner:
             await self._new_epoch()
         await self._check_workers()
         self._tasks = [asyncio.create_task(self._monitor(), name="mtm-monitor"),
-                       asyncio.create_task(self._read_events(), name="mtm-events")]
+                       asyncio.create_task(self.events.read(self._apply, self._broken), name="mtm-events")]
 
     async def _declare(self) -> None:
-        await self.broker.declare()
+        await self.handout.broker.declare()
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
             await self.redis.xgroup_create(self.keys.events, self.keys.bot_group, id="0", mkstream=True)
 
@@ -123,11 +138,11 @@ class RemoteRunner:
         pass  # the workers' jobs go on; the next start takes them up
 
     async def close(self) -> None:
-        self._closing = True
+        self._closing.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.broker.shutdown()
+        await self.handout.broker.shutdown()
         await self.redis.aclose()
 
     # The scheduler's requests -----------------------------------------------------------------------
@@ -169,7 +184,7 @@ class RemoteRunner:
 
     def where(self, job_id: str) -> str | None:
         flight = self._flights.get(job_id)
-        worker = self._workers.get(flight.holder) if flight and flight.holder else None
+        worker = self.watch.live.get(flight.holder) if flight and flight.holder else None
         return worker.name if worker else None
 
     def workers(self) -> list[WorkerInfo]:
@@ -181,7 +196,7 @@ class RemoteRunner:
                 held.setdefault(flight.holder, set()).add(job_id)
         return sorted((WorkerInfo(w.id, w.name, w.capacity,
                                   sorted({j for j in w.running if j in self._flights} | held.get(w.id, set())),
-                                  w.compatible) for w in self._workers.values()), key=lambda w: w.name)
+                                  w.compatible) for w in self.watch.live.values()), key=lambda w: w.name)
 
     # Handing out ------------------------------------------------------------------------------
 
@@ -199,25 +214,9 @@ class RemoteRunner:
         job.attempt += 1
         await self.store.update(job)
         flight.holder, flight.suspect_since = None, None
-        ttl_ms = int(self.settings.blob_ttl_hours * 3600 * 1000)
-        blobs = {role: await asyncio.to_thread(path.read_bytes) for role, path in inputs.items()}
-        order = {"v": PROTOCOL_VERSION, "attempt": job.attempt,
-                 "job": {"id": job.id, "kind": job.kind.value, "instruction": job.instruction,
-                         "duration": job.duration, "seed": job.seed, "redo_from": job.redo_from,
-                         "parent_id": job.parent_id},
-                 "inputs": {role: path.suffix.lower() for role, path in inputs.items()}}
-
-        async def send() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for role, data in blobs.items():
-                    pipe.set(self.keys.blob(job.id, job.attempt, role), data, px=ttl_ms)
-                pipe.set(self.keys.attempt(job.id), job.attempt)
-                if previous:  # the earlier attempt's files and results: nobody takes them any more
-                    pipe.delete(*self._blob_keys(job.id, previous))
-                await pipe.execute()
-            await self.kicker.kiq(order)
-
-        await retrying(f"handing out job {job.id}", send, lambda: self._closing)
+        data = {role: await asyncio.to_thread(path.read_bytes) for role, path in inputs.items()}
+        order = Order.of(job, inputs)
+        await retrying(f"handing out job {job.id}", lambda: self.handout.send(order, data, previous), self._closing)
         log.info("Handed out job %s (attempt %d)", job.id, job.attempt)
 
     def _lose(self, flight: _Flight, why_lost: str) -> None:
@@ -247,170 +246,77 @@ class RemoteRunner:
             for flight in self._flights.values():
                 flight.suspect_since = time.monotonic()
         before = self.capacity
-        self._workers = await self._read_heartbeats()
-        metrics.LIVE_WORKERS.set(len(self._workers))
-        held = {job_id: (worker.id, attempt) for worker in self._workers.values()
-                for job_id, attempt in worker.running.items()}
+        await self.watch.read()
+        metrics.LIVE_WORKERS.set(len(self.watch.live))
+        held = {job_id: (beat.id, attempt) for beat in self.watch.live.values()
+                for job_id, attempt in beat.running.items()}
         now = time.monotonic()
         for job_id, flight in self._flights.items():
             holder = held.get(job_id)
             if holder is not None and holder[1] == flight.job.attempt:
                 flight.holder, flight.suspect_since = holder[0], None
-            elif flight.holder is not None and flight.holder not in self._workers:
+            elif flight.holder is not None and flight.holder not in self.watch.live:
                 self._lose(flight, f"lost its GPU worker {flight.holder}")
             elif flight.suspect_since is not None and now - flight.suspect_since > self.grace_seconds:
                 self._lose(flight, "is held by no live GPU worker")
-        await self._reclaim_from_the_dead()
+        for worker, order in await self.watch.reclaim_from_the_dead():
+            flight = self._flights.get(order.job_id)
+            if flight is not None and order.attempt == flight.job.attempt:
+                self._lose(flight, f"was taken by GPU worker {worker}, which died")
         if self.capacity != before:
-            log.info("GPU workers: %d live, %d slot(s)", len(self._workers), self.capacity)
+            log.info("GPU workers: %d live, %d slot(s)", len(self.watch.live), self.capacity)
             self._capacity_changed()
-
-    async def _read_heartbeats(self) -> dict[str, "_Beat"]:
-        keys = [key async for key in self.redis.scan_iter(match=self.keys.worker("*"), count=100)]
-        workers = {}
-        for raw in (await self.redis.mget(keys) if keys else []):
-            if raw is None:
-                continue
-            beat = json.loads(raw)
-            info = _Beat(str(beat["id"]), str(beat.get("name", beat["id"])), int(beat.get("capacity", 1)),
-                         {str(j): int(a) for j, a in beat.get("running", [])}, beat.get("v") == PROTOCOL_VERSION)
-            if not info.compatible and info.id not in self._told_incompatible:
-                self._told_incompatible.add(info.id)
-                log.error("GPU worker %s speaks protocol version %s, this bot version %d: it gets no jobs. Run the "
-                          "same MTM Bot release on the bot and its workers.", info.name, beat.get("v"), PROTOCOL_VERSION)
-            workers[info.id] = info
-        return workers
-
-    async def _reclaim_from_the_dead(self) -> None:
-        """Orders a worker took and then died with before its heartbeat said so: claim, acknowledge, hand out again."""
-        try:
-            consumers = await self.redis.xinfo_consumers(self.keys.jobs, self.keys.workers_group)
-        except ResponseError:  # no stream or group yet
-            return
-        for consumer in consumers:
-            name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
-            if name in self._workers or name == BOT_CONSUMER:
-                continue
-            if consumer["pending"]:
-                pending = await self.redis.xpending_range(self.keys.jobs, self.keys.workers_group, min="-", max="+",
-                                                          count=100, consumername=name)
-                ids = [entry["message_id"] for entry in pending]
-                claimed = await self.redis.xclaim(self.keys.jobs, self.keys.workers_group, BOT_CONSUMER,
-                                                  min_idle_time=0, message_ids=ids)
-                for _, message in claimed:
-                    order = self.broker.formatter.loads(message[b"data"]).args[0]
-                    flight = self._flights.get(order["job"]["id"])
-                    if flight is not None and order["attempt"] == flight.job.attempt:
-                        self._lose(flight, f"was taken by GPU worker {name}, which died")
-                await self.redis.xack(self.keys.jobs, self.keys.workers_group, *ids)
-            await self.redis.xgroup_delconsumer(self.keys.jobs, self.keys.workers_group, name)
 
     # Events from the workers --------------------------------------------------------------------
 
-    async def _read_events(self) -> None:
-        """Apply the workers' events. First (and again after Redis went away mid-way) this consumer's pending
-        ones, those read but never acknowledged, page by page; then new ones (">")."""
-        start = "0"
-        delay = 1.0
-        while True:
-            try:
-                reply = await self.redis.xreadgroup(self.keys.bot_group, BOT_CONSUMER, {self.keys.events: start},
-                                                    count=100, block=1000)
-                delay = 1.0
-            except UNREACHABLE as err:
-                log.warning("Lost Redis while reading events (%s); retrying in %.0f s.", why(err), delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            except ResponseError as err:
-                if "NOGROUP" not in str(err):
-                    raise
-                await asyncio.sleep(self.settings.heartbeat_seconds)  # _check_workers creates it again
-                continue
-            entries = [entry for _, stream_entries in reply for entry in stream_entries]
-            backlog = start != ">"
-            if backlog and not entries:
-                start = ">"
-            for event_id, fields in entries:
-                message = None
-                try:
-                    message = json.loads(fields[b"data"])
-                    await self._apply(event_id.decode(), message)
-                except UNREACHABLE as err:  # applied again from the pending ones: _apply repeats harmlessly
-                    log.warning("Lost Redis while applying events (%s); retrying in %.0f s.", why(err), delay)
-                    await asyncio.sleep(delay)
-                    start = "0"
-                    break
-                except Exception:  # e.g. the disk is full: this job fails with a sentence, the others go on
-                    log.exception("Dropping an event the bot could not apply")
-                    await self.redis.xack(self.keys.events, self.keys.bot_group, event_id)
-                    flight = self._flights.get(str(message.get("job"))) if isinstance(message, dict) else None
-                    if flight is not None and not flight.outcome.done():
-                        flight.outcome.set_result(Outcome(JobState.FAILED,
-                                                          error=UNEXPECTED_MESSAGE.format(id=flight.job.id)))
-            else:
-                if backlog and entries:
-                    start = entries[-1][0].decode()  # page through the backlog
-
     async def _apply(self, event_id: str, message: dict) -> None:
-        job_id, attempt, kind = str(message.get("job")), int(message.get("attempt", 0)), message.get("type")
-        flight = self._flights.get(job_id)
-        if message.get("v") != PROTOCOL_VERSION or flight is None or attempt != flight.job.attempt \
-                or flight.outcome.done():
-            # stale (an earlier attempt, a job already stored), or from a worker of another version
-            await self.redis.xack(self.keys.events, self.keys.bot_group, event_id)
-            if kind == JobState.DONE.value and (flight is None or attempt != flight.job.attempt):
-                await self._delete_blobs(job_id, attempt, results_only=True)
+        try:
+            event = Event.from_json(message)
+        except OtherVersion:  # from a worker of another version: it gets no jobs, its events are not read
+            await self.events.ack(event_id)
             return
-        flight.holder = str(message.get("worker")) or flight.holder
-        terminal = kind in (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value)
-        if kind == "progress":
-            flight.events.progress(Progress(str(message["stage"]), int(message["block"]), int(message["blocks"]),
-                                            int(message["step"]), int(message["steps"])))
-        elif kind == "captions":
-            flight.events.captions([str(line) for line in message["lines"]])
-        elif kind == "released":
-            self._lose(flight, f"was handed back by GPU worker {message.get('worker')}")
-        elif terminal:
-            outcome = await self._outcome(flight.job, JobState(kind), message)
+        flight = self._flights.get(event.job_id)
+        if flight is None or event.attempt != flight.job.attempt or flight.outcome.done():
+            # stale: an earlier attempt, or a job already stored
+            await self.events.ack(event_id)
+            if event.type is EventType.DONE and (flight is None or event.attempt != flight.job.attempt):
+                await self.blobs.delete(event.job_id, event.attempt, results_only=True)
+            return
+        flight.holder = event.worker or flight.holder
+        if event.type is EventType.PROGRESS:
+            flight.events.progress(event.progress)
+        elif event.type is EventType.CAPTIONS:
+            flight.events.captions(event.lines)
+        elif event.type is EventType.RELEASED:
+            self._lose(flight, f"was handed back by GPU worker {event.worker}")
+        elif event.outcome is not None:
+            outcome = await self._outcome(flight.job, event)
             if outcome is None:
                 self._lose(flight, "finished, but its result expired in Redis")
             else:
                 flight.outcome_event = event_id  # acknowledged once the store has the outcome (settled)
                 flight.outcome.set_result(outcome)
                 return
-        await self.redis.xack(self.keys.events, self.keys.bot_group, event_id)
+        await self.events.ack(event_id)
 
-    async def _outcome(self, job: Job, state: JobState, message: dict) -> Outcome | None:
-        if state is not JobState.DONE:
-            return Outcome(state, error=message.get("error"))
-        wanted = self.store.result_files(job)
-        results = message.get("results") or {}
-        for suffix, path in wanted.items():
-            if suffix not in RESULT_SUFFIXES or suffix not in results:
-                return None
-            data = await self.redis.get(self.keys.blob(job.id, job.attempt, "result" + suffix))
-            if data is None:
-                return None
-            partial = path.with_name(path.name + ".part")
-            await asyncio.to_thread(partial.write_bytes, data)
-            await asyncio.to_thread(partial.replace, path)
-        return Outcome(JobState.DONE, result_json=message.get("result_json"))
+    async def _broken(self, message: dict) -> None:
+        """An event that could not be applied: its job fails with a sentence."""
+        flight = self._flights.get(str(message.get("job")))
+        if flight is not None and not flight.outcome.done():
+            flight.outcome.set_result(Outcome(JobState.FAILED, error=UNEXPECTED_MESSAGE.format(id=flight.job.id)))
+
+    async def _outcome(self, job: Job, event: Event) -> Outcome | None:
+        if event.outcome is not JobState.DONE:
+            return Outcome(event.outcome, error=event.error)
+        if not await self.blobs.fetch_results(job.id, job.attempt, self.store.result_files(job), event.results or {}):
+            return None
+        return Outcome(JobState.DONE, result_json=event.result_json)
 
     async def _forget(self, job_id: str, attempt: int, event_id: str | None) -> None:
         async def clean() -> None:
             if event_id is not None:
-                await self.redis.xack(self.keys.events, self.keys.bot_group, event_id)
+                await self.events.ack(event_id)
             await self.redis.delete(self.keys.attempt(job_id))
-            await self._delete_blobs(job_id, attempt)
+            await self.blobs.delete(job_id, attempt)
 
-        await retrying("tidying up a finished job", clean, lambda: self._closing)
-
-    async def _delete_blobs(self, job_id: str, attempt: int, results_only: bool = False) -> None:
-        await self.redis.delete(*self._blob_keys(job_id, attempt, results_only))
-
-    def _blob_keys(self, job_id: str, attempt: int, results_only: bool = False) -> list[str]:
-        names = [f"result{suffix}" for suffix in RESULT_SUFFIXES]
-        if not results_only:
-            names += ["clip", "image", "parent_track", "parent_state"]
-        return [self.keys.blob(job_id, attempt, name) for name in names]
+        await retrying("tidying up a finished job", clean, self._closing)

@@ -29,13 +29,15 @@ from taskiq.api import run_receiver_task
 
 from . import metrics
 from .errors import MTMError
-from .jobs import Job, JobFiles, JobKind, JobState
+from .blobs import Blobs
+from .job import Job, JobState
 from .progress import CancelToken, Progress
-from .protocol import (HEARTBEATS_TO_DEATH, PROTOCOL_VERSION, RETRY_FIRST_S, RETRY_MAX_S, TASK_NAME,
-                       UNREACHABLE, JobStream, Keys, check_suffix, connect, dumps, event, retrying, safe_url,
+from .protocol import (HEARTBEATS_TO_DEATH, PROTOCOL_VERSION, TASK_NAME, UNREACHABLE, Event, EventType, Heartbeat,
+                       JobStream, Keys, Order, OtherVersion, connect, encode, redis_backoff, retrying, safe_url,
                        wait_for_redis, why)
 from .runner import JobRunner, Outcome
 from .settings import Settings
+from .store import JobFiles
 
 log = logging.getLogger("mtm_bot.gpu_worker")
 
@@ -61,6 +63,7 @@ class GpuWorker:
         self.keys = Keys(settings.broker_prefix)
         self.capacity = settings.max_batch
         self.redis = connect(settings)
+        self.blobs = Blobs(self.redis, self.keys, settings)
         self.broker = JobStream(settings, consumer_name=self.id)
 
         async def run_job(order: dict) -> None:  # taskiq renames what it registers: a function, not a method
@@ -70,7 +73,7 @@ class GpuWorker:
         self._executor = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix="mtm-job")
         self._taken: dict[str, _Taken] = {}
         self._stopping = False
-        self._outbox: asyncio.Queue[tuple[dict, asyncio.Future | None]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[Event, asyncio.Future | None]] = asyncio.Queue()
 
     # Life cycle ---------------------------------------------------------------------------------
 
@@ -110,11 +113,10 @@ class GpuWorker:
         self._executor.shutdown(wait=False)
 
     async def heartbeat(self) -> None:
-        beat = {"v": PROTOCOL_VERSION, "id": self.id, "name": self.name, "capacity": self.capacity,
-                "running": [[job_id, taken.attempt] for job_id, taken in self._taken.items()],
-                "device": self.settings.device, "at": time.time()}
+        beat = Heartbeat(self.id, self.name, self.capacity,
+                         {job_id: taken.attempt for job_id, taken in self._taken.items()}, self.settings.device)
         ttl_ms = int(HEARTBEATS_TO_DEATH * self.settings.heartbeat_seconds * 1000)
-        await self.redis.set(self.keys.worker(self.id), dumps(beat), px=ttl_ms)
+        await self.redis.set(self.keys.worker(self.id), encode(beat), px=ttl_ms)
 
     async def _beat(self) -> None:
         while True:
@@ -129,12 +131,12 @@ class GpuWorker:
             await asyncio.sleep(self.settings.heartbeat_seconds)
 
     async def _listen_for_cancels(self) -> None:
-        delay = RETRY_FIRST_S
+        backoff = redis_backoff()
         while True:
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.keys.cancel_channel)
-                    delay = RETRY_FIRST_S
+                    backoff.reset()
                     async for message in pubsub.listen():
                         if message["type"] != "message":
                             continue
@@ -143,44 +145,43 @@ class GpuWorker:
                             taken.cancelled_by_user = True
                             taken.token.cancel()  # the job stops at its next decode step
             except UNREACHABLE:
-                await asyncio.sleep(delay)  # _beat says that Redis is gone
-                delay = min(delay * 2, RETRY_MAX_S)
+                await backoff.wait()  # _beat says that Redis is gone
 
     async def _send_events(self) -> None:
         """One sender, so the bot reads a job's events in the order they happened."""
         while True:
-            message, sent = await self._outbox.get()
+            event, sent = await self._outbox.get()
             try:
                 await retrying("sending an event", lambda: self.redis.xadd(
-                    self.keys.events, {b"data": dumps(message)}, maxlen=100_000, approximate=True))
+                    self.keys.events, {b"data": encode(event)}, maxlen=100_000, approximate=True))
                 if sent is not None and not sent.done():
                     sent.set_result(None)
             finally:
                 self._outbox.task_done()
 
-    async def post(self, kind: str, job_id: str, attempt: int, *, wait: bool = False, **fields) -> None:
+    async def post(self, kind: EventType, job_id: str, attempt: int, *, wait: bool = False, **fields) -> None:
         sent = asyncio.get_running_loop().create_future() if wait else None
-        self._outbox.put_nowait((event(kind, job_id, attempt, self.id, **fields), sent))
+        self._outbox.put_nowait((Event(kind, job_id, attempt, self.id, **fields), sent))
         if sent is not None:
             await sent
 
     # One job ------------------------------------------------------------------------------------
 
-    async def run_job(self, order: dict) -> None:
+    async def run_job(self, message: dict) -> None:
         """taskiq calls this for each message; the message is acknowledged when it returns."""
-        if order.get("v") != PROTOCOL_VERSION:
+        try:
+            order = Order.from_json(message)
+        except OtherVersion as other:
             log.error("Refusing job %s: its order speaks protocol version %s, this worker version %d. Run the same "
-                      "MTM Bot release on the bot and on its GPU workers.", order.get("job", {}).get("id"),
-                      order.get("v"), PROTOCOL_VERSION)
-            job = order.get("job") or {}
-            await self.post("released", str(job.get("id", "")), int(order.get("attempt", 0)), wait=True,
+                      "MTM Bot release on the bot and on its GPU workers.", other.job_id, other.version,
+                      PROTOCOL_VERSION)
+            await self.post(EventType.RELEASED, other.job_id, other.attempt, wait=True,
                             reason=f"protocol version {PROTOCOL_VERSION}")
             return
-        try:
-            job, attempt = self._job(order), int(order["attempt"])
         except (KeyError, TypeError, ValueError) as err:
             log.error("Refusing a malformed job order (%s)", why(err))
             return
+        job, attempt = order.job(self.files), order.attempt
         current = await retrying("checking a job", lambda: self.redis.get(self.keys.attempt(job.id)))
         if current is None or int(current) != attempt:
             log.info("Skipping job %s attempt %d: the bot has handed it out again since", job.id, attempt)
@@ -189,24 +190,24 @@ class GpuWorker:
         log.info("Running job %s (attempt %d)", job.id, attempt)
         try:
             await self.heartbeat()  # the bot sees at once that this worker holds the job
-            await self.post("started", job.id, attempt)
+            await self.post(EventType.STARTED, job.id, attempt)
             if await self.redis.exists(self.keys.cancelled(job.id)):
                 taken.cancelled_by_user = True
                 taken.token.cancel()
-            outcome = await self._execute(job, attempt, order, taken)
+            outcome = await self._execute(job, order, taken)
             if outcome is None or (outcome.state is JobState.CANCELLED and not taken.cancelled_by_user):
                 log.info("Handing job %s back (%s)", job.id, "its files expired" if outcome is None else "stopping")
-                await self.post("released", job.id, attempt, wait=True)  # another worker runs it
+                await self.post(EventType.RELEASED, job.id, attempt, wait=True)  # another worker runs it
                 return
-            results = {}
+            results = None
             if outcome.state is JobState.DONE:
-                results = await self._upload_results(job, attempt)
-            await self.post(outcome.state.value, job.id, attempt, wait=True, result_json=outcome.result_json,
-                            error=outcome.error, results=results)
+                results = await self.blobs.put_results(job.id, attempt, self.files.result_files(job))
+            await self.post(EventType(outcome.state.value), job.id, attempt, wait=True,
+                            result_json=outcome.result_json, error=outcome.error, results=results)
             log.info("Finished job %s (attempt %d): %s", job.id, attempt, outcome.state.value)
         except Exception:
             log.exception("Job %s attempt %d broke this worker's side; handing it back", job.id, attempt)
-            await self.post("released", job.id, attempt, wait=True)
+            await self.post(EventType.RELEASED, job.id, attempt, wait=True)
         finally:
             del self._taken[job.id]
             for folder in (self.files.inputs_dir, self.files.outputs_dir):
@@ -215,33 +216,16 @@ class GpuWorker:
             with contextlib.suppress(*UNREACHABLE):
                 await self.heartbeat()
 
-    def _job(self, order: dict) -> Job:
-        """The order's job, its files in this worker's scratch folder."""
-        fields = order["job"]
-        job = Job(str(fields["id"]), JobKind(fields["kind"]), user_id=0, guild_id=None, channel_id=0,
-                  instruction=str(fields.get("instruction", "")), duration=fields.get("duration"),
-                  attachment_size_limit=0, application_id=0, interaction_token="", created_at=time.time(),
-                  seed=fields.get("seed"), redo_from=fields.get("redo_from"), parent_id=fields.get("parent_id"))
-        if not (len(job.id) == 8 and all(c in "0123456789abcdef" for c in job.id)):
-            raise ValueError(f"not a job id: {job.id[:20]!r}")
-        inputs = order.get("inputs", {})
-        if "clip" in inputs:
-            job.input_path = self.files.inputs_dir / f"{job.id}{check_suffix(inputs['clip'])}"
-        if "image" in inputs:
-            job.image_path = self.files.inputs_dir / f"{job.id}.image{check_suffix(inputs['image'])}"
-        return job
-
-    async def _execute(self, job: Job, attempt: int, order: dict, taken: _Taken) -> Outcome | None:
+    async def _execute(self, job: Job, order: Order, taken: _Taken) -> Outcome | None:
         """Fetch the inputs, run the job in a job thread; None if its inputs are gone from Redis."""
+        attempt = order.attempt
         paths = self.files.input_files(job)
-        for role in order.get("inputs", {}):
+        for role in order.inputs:
             if role not in paths:
-                raise ValueError(f"unknown input {role[:20]!r}")
-            data = await retrying("fetching a job's files", lambda: self.redis.get(self.keys.blob(job.id, attempt, role)))
-            if data is None:
+                raise ValueError(f"unknown input {role}")
+            if not await self.blobs.fetch_input(job.id, attempt, role, paths[role]):
                 log.warning("The %s of job %s expired in Redis; handing the job back", role, job.id)
                 return None
-            await asyncio.to_thread(paths[role].write_bytes, data)
         loop = asyncio.get_running_loop()
         last_sent = [0.0, None]  # when, (stage, block)
 
@@ -249,27 +233,17 @@ class GpuWorker:
             now, where = time.monotonic(), (progress.stage, progress.block)
             if now - last_sent[0] >= PROGRESS_EVERY_S or where != last_sent[1]:
                 last_sent[:] = now, where
-                loop.call_soon_threadsafe(self._post_soon, "progress", job.id, attempt,
-                                          {"stage": progress.stage, "block": progress.block, "blocks": progress.blocks,
-                                           "step": progress.step, "steps": progress.steps})
+                loop.call_soon_threadsafe(self._post_soon, Event(EventType.PROGRESS, job.id, attempt, self.id,
+                                                                 progress=progress))
 
         def captions(lines: list[str]) -> None:
-            loop.call_soon_threadsafe(self._post_soon, "captions", job.id, attempt, {"lines": lines})
+            loop.call_soon_threadsafe(self._post_soon, Event(EventType.CAPTIONS, job.id, attempt, self.id,
+                                                             lines=list(lines)))
 
         return await loop.run_in_executor(self._executor, self.runner.execute, job, report, taken.token, captions)
 
-    def _post_soon(self, kind: str, job_id: str, attempt: int, fields: dict) -> None:
-        self._outbox.put_nowait((event(kind, job_id, attempt, self.id, **fields), None))
-
-    async def _upload_results(self, job: Job, attempt: int) -> dict[str, str]:
-        """The result files into Redis (with the blob TTL); their keys by suffix."""
-        keys = {}
-        ttl_ms = int(self.settings.blob_ttl_hours * 3600 * 1000)
-        for suffix, path in self.files.result_files(job).items():
-            data = await asyncio.to_thread(path.read_bytes)
-            key = keys[suffix] = self.keys.blob(job.id, attempt, "result" + suffix)
-            await retrying("handing a result back", lambda: self.redis.set(key, data, px=ttl_ms))
-        return keys
+    def _post_soon(self, event: Event) -> None:
+        self._outbox.put_nowait((event, None))
 
 
 def main(settings: Settings) -> int:

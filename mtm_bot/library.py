@@ -25,7 +25,7 @@ from .errors import InputError, ModelUnavailable
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from .jobs import Job
+    from .job import Job
 
 DEFAULT_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length: sentence-transformers truncates there too

@@ -13,17 +13,23 @@ every key under settings.broker_prefix (`<p>` below):
     <p>:blob:<job>:<attempt>:<name>  bytes    a job's input files and results in transit (with a TTL)
     <p>:epoch                        string   set by the bot: gone means Redis was emptied (restarted)
 
-Every order, event and heartbeat carries "v": PROTOCOL_VERSION; a worker refuses an order of another
-version (it says so in its log and hands the job back) instead of misreading it.
+An order, an event and a heartbeat are each one typed record here (Order, Event, Heartbeat) with one
+to_json / from_json, used by the bot (mtm_bot.distributed) and the GPU worker (mtm_bot.gpu_worker) alike.
+Every one carries "v": PROTOCOL_VERSION; a worker refuses an order of another version (it says so in its
+log and hands the job back) instead of misreading it, and the bot gives a worker of another version no job.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,7 +41,12 @@ from taskiq.abc.broker import AckableMessage
 from taskiq.serializers import JSONSerializer
 from taskiq_redis import RedisStreamBroker
 
+from .job import Job, JobKind, JobState
+from .kinds import Role
+from .progress import Progress
+from .retry import Backoff, retry
 from .settings import Settings
+from .store import JobFiles
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +54,14 @@ PROTOCOL_VERSION = 1
 TASK_NAME = "mtm.run_job"
 # Redis cannot be reached or went away mid-command: worth another try, never a traceback.
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
-RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
 HEARTBEATS_TO_DEATH = 3  # a worker whose heartbeat is this many intervals old is dead
 MAX_ATTEMPTS = 4  # a job that loses its worker this often fails instead of killing a fifth
-# What a result may carry (JobFiles.result_files); an order carries JobFiles.input_files.
-RESULT_SUFFIXES = (".wav", ".kept.npz", ".mid")
 _SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
+_JOB_ID = re.compile(r"[0-9a-f]{8}")
+
+
+def redis_backoff() -> Backoff:
+    return Backoff(1.0, 30.0)
 
 
 class Keys:
@@ -71,13 +84,161 @@ class Keys:
         return f"{self.prefix}:cancelled:{job_id}"
 
     def blob(self, job_id: str, attempt: int, name: str) -> str:
+        """An input by its role, or a result as "result<suffix>" (mtm_bot.blobs)."""
         return f"{self.prefix}:blob:{job_id}:{attempt}:{name}"
 
 
-def event(kind: str, job_id: str, attempt: int, worker: str, **fields: Any) -> dict:
-    """started, progress, captions, finished, failed, cancelled, released (handed back: run it elsewhere)."""
-    return {"v": PROTOCOL_VERSION, "type": kind, "job": job_id, "attempt": attempt, "worker": worker,
-            "at": time.time(), **fields}
+class OtherVersion(Exception):
+    """A record of another protocol version: refused, never misread."""
+
+    def __init__(self, version: object, job_id: str = "", attempt: int = 0) -> None:
+        super().__init__(f"protocol version {version}")
+        self.version, self.job_id, self.attempt = version, job_id, attempt
+
+
+def _check_version(data: dict, job_id: str = "", attempt: int = 0) -> None:
+    if data.get("v") != PROTOCOL_VERSION:
+        raise OtherVersion(data.get("v"), job_id, attempt)
+
+
+@dataclass(frozen=True)
+class Order:
+    """The bot's order to run one attempt of a job (a taskiq message's one argument): what a GPU worker needs
+    of the job, and the suffix of each input file that travels as a blob."""
+    job_id: str
+    kind: JobKind
+    attempt: int
+    instruction: str = ""
+    duration: int | None = None
+    seed: int | None = None
+    redo_from: int | None = None
+    parent_id: str | None = None
+    inputs: dict[Role, str] = field(default_factory=dict)  # role -> file suffix
+
+    @classmethod
+    def of(cls, job: Job, inputs: dict[Role, Path]) -> "Order":
+        return cls(job.id, job.kind, job.attempt, job.instruction, job.duration, job.seed, job.redo_from,
+                   job.parent_id, {role: path.suffix.lower() for role, path in inputs.items()})
+
+    def to_json(self) -> dict:
+        return {"v": PROTOCOL_VERSION, "attempt": self.attempt,
+                "job": {"id": self.job_id, "kind": self.kind.value, "instruction": self.instruction,
+                        "duration": self.duration, "seed": self.seed, "redo_from": self.redo_from,
+                        "parent_id": self.parent_id},
+                "inputs": {role.value: suffix for role, suffix in self.inputs.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Order":
+        """OtherVersion for an order of another version; KeyError, TypeError or ValueError for a malformed one."""
+        job = data.get("job") or {}
+        _check_version(data, str(job.get("id", "")), int(data.get("attempt", 0)))
+        job_id = str(job["id"])
+        if not _JOB_ID.fullmatch(job_id):
+            raise ValueError(f"not a job id: {job_id[:20]!r}")
+        return cls(job_id, JobKind(job["kind"]), int(data["attempt"]), str(job.get("instruction", "")),
+                   job.get("duration"), job.get("seed"), job.get("redo_from"), job.get("parent_id"),
+                   {Role(role): check_suffix(suffix) for role, suffix in data.get("inputs", {}).items()})
+
+    def job(self, files: JobFiles) -> Job:
+        """The ordered job, its inputs in `files` (a GPU worker's scratch folder)."""
+        job = Job(self.job_id, self.kind, user_id=0, guild_id=None, channel_id=0, instruction=self.instruction,
+                  duration=self.duration, attachment_size_limit=0, application_id=0, interaction_token="",
+                  created_at=time.time(), seed=self.seed, redo_from=self.redo_from, parent_id=self.parent_id,
+                  attempt=self.attempt)
+        if Role.CLIP in self.inputs:
+            job.input_path = files.inputs_dir / f"{job.id}{self.inputs[Role.CLIP]}"
+        if Role.IMAGE in self.inputs:
+            job.image_path = files.inputs_dir / f"{job.id}.image{self.inputs[Role.IMAGE]}"
+        return job
+
+
+class EventType(StrEnum):
+    STARTED = "started"
+    PROGRESS = "progress"
+    CAPTIONS = "captions"  # the refined caption lines, before generation
+    DONE = JobState.DONE.value
+    FAILED = JobState.FAILED.value
+    CANCELLED = JobState.CANCELLED.value
+    RELEASED = "released"  # handed back: run it elsewhere
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a GPU worker tells the bot about one attempt of a job."""
+    type: EventType
+    job_id: str
+    attempt: int
+    worker: str
+    at: float = field(default_factory=time.time)
+    progress: Progress | None = None  # PROGRESS
+    lines: list[str] | None = None  # CAPTIONS
+    result_json: dict | None = None  # DONE
+    results: dict[str, str] | None = None  # DONE: the result blobs' keys by suffix
+    error: str | None = None  # FAILED
+    reason: str | None = None  # RELEASED
+
+    @property
+    def outcome(self) -> JobState | None:
+        """The job's final state, for a DONE, FAILED or CANCELLED event."""
+        return JobState(self.type.value) if self.type in _OUTCOMES else None
+
+    def to_json(self) -> dict:
+        data = {"v": PROTOCOL_VERSION, "type": self.type.value, "job": self.job_id, "attempt": self.attempt,
+                "worker": self.worker, "at": self.at}
+        if self.progress is not None:
+            data.update(dataclasses.asdict(self.progress))
+        extra = {"lines": self.lines, "result_json": self.result_json, "results": self.results, "error": self.error,
+                 "reason": self.reason}
+        return data | {name: value for name, value in extra.items() if value is not None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Event":
+        """OtherVersion for an event of another version (its job and attempt said), ValueError and the like for
+        a malformed one."""
+        job_id, attempt = str(data.get("job")), int(data.get("attempt", 0))
+        _check_version(data, job_id, attempt)
+        kind = EventType(data.get("type"))
+        progress = None
+        if kind is EventType.PROGRESS:
+            progress = Progress(str(data["stage"]), int(data["block"]), int(data["blocks"]), int(data["step"]),
+                                int(data["steps"]))
+        lines = [str(line) for line in data["lines"]] if kind is EventType.CAPTIONS else None
+        return cls(kind, job_id, attempt, str(data.get("worker") or ""), float(data.get("at", 0.0)), progress, lines,
+                   data.get("result_json"), data.get("results"), data.get("error"), data.get("reason"))
+
+
+_OUTCOMES = (EventType.DONE, EventType.FAILED, EventType.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A GPU worker's sign of life (a key that expires after HEARTBEATS_TO_DEATH intervals)."""
+    id: str
+    name: str
+    capacity: int
+    running: dict[str, int]  # job id -> the attempt it runs
+    device: str = ""
+    at: float = field(default_factory=time.time)
+    version: object = PROTOCOL_VERSION  # a worker of another version is listed, and given no job
+
+    @property
+    def compatible(self) -> bool:
+        return self.version == PROTOCOL_VERSION
+
+    def to_json(self) -> dict:
+        return {"v": self.version, "id": self.id, "name": self.name, "capacity": self.capacity,
+                "running": [[job_id, attempt] for job_id, attempt in self.running.items()], "device": self.device,
+                "at": self.at}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Heartbeat":
+        return cls(str(data["id"]), str(data.get("name", data["id"])), int(data.get("capacity", 1)),
+                   {str(job_id): int(attempt) for job_id, attempt in data.get("running", [])},
+                   str(data.get("device", "")), float(data.get("at", 0.0)), data.get("v"))
+
+
+def encode(record: Order | Event | Heartbeat) -> bytes:
+    return json.dumps(record.to_json(), separators=(",", ":")).encode()
 
 
 def check_suffix(suffix: str) -> str:
@@ -108,41 +269,24 @@ def connect(settings: Settings) -> Redis:
 
 async def wait_for_redis(settings: Settings, who: str, stopping: asyncio.Event | None = None) -> bool:
     """Ping until Redis answers, one sentence per failed try and backing off; False if `stopping` was set."""
-    delay = RETRY_FIRST_S
     redis = connect(settings)
     try:
-        while stopping is None or not stopping.is_set():
-            try:
-                await redis.ping()
-                return True
-            except UNREACHABLE as err:
-                log.warning("The %s cannot reach Redis at %s (%s); retrying in %.0f s.",
-                            who, safe_url(settings.broker_url), why(err), delay)
-            if stopping is None:
-                await asyncio.sleep(delay)
-            else:
-                try:
-                    await asyncio.wait_for(stopping.wait(), delay)
-                except TimeoutError:
-                    pass
-            delay = min(delay * 2, RETRY_MAX_S)
+        await retry(redis.ping, on=UNREACHABLE, backoff=redis_backoff(), stopping=stopping,
+                    say=lambda err, delay: log.warning("The %s cannot reach Redis at %s (%s); retrying in %.0f s.",
+                                                       who, safe_url(settings.broker_url), why(err), delay))
+        return True
+    except UNREACHABLE:
         return False
     finally:
         await redis.aclose()
 
 
-async def retrying(what: str, call: Callable[[], Any], stopping: Callable[[], bool] = lambda: False):
-    """`await call()` until Redis answers (a line per failure, backing off); a command that must not be lost."""
-    delay = RETRY_FIRST_S
-    while True:
-        try:
-            return await call()
-        except UNREACHABLE as err:
-            if stopping():
-                raise
-            log.warning("Redis is unreachable while %s (%s); retrying in %.0f s.", what, why(err), delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, RETRY_MAX_S)
+async def retrying(what: str, call: Callable[[], Any], stopping: asyncio.Event | None = None):
+    """`await call()` until Redis answers (a line per failure, backing off); a command that must not be lost.
+    Once `stopping` is set, the failure is raised instead."""
+    return await retry(call, on=UNREACHABLE, backoff=redis_backoff(), stopping=stopping,
+                       say=lambda err, delay: log.warning("Redis is unreachable while %s (%s); retrying in %.0f s.",
+                                                          what, why(err), delay))
 
 
 class JobStream(RedisStreamBroker):
@@ -183,25 +327,21 @@ class JobStream(RedisStreamBroker):
         await self._declare_consumer_group()
 
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
-        delay = RETRY_FIRST_S
+        backoff = redis_backoff()
         while True:
             try:
                 async for message in super().listen():
-                    delay = RETRY_FIRST_S
+                    backoff.reset()
                     yield message
             except UNREACHABLE as err:
-                log.warning("Lost Redis while waiting for jobs (%s); retrying in %.0f s.", why(err), delay)
+                log.warning("Lost Redis while waiting for jobs (%s); retrying in %.0f s.", why(err), backoff.delay)
             except ResponseError as err:
                 if "NOGROUP" not in str(err):
                     raise
                 log.warning("Redis has no job stream (restarted empty?); creating it again.")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
+            await backoff.wait()
             try:
                 await self.declare()
             except UNREACHABLE:
                 pass  # the next read says so
 
-
-def dumps(message: dict) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode()

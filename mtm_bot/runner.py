@@ -1,35 +1,33 @@
-"""Running one job on this process's pipeline: the embedded worker's job threads and a GPU worker process
+"""Running one job on this process's pipeline: the embedded default's job threads and a GPU worker process
 (mtm_bot.gpu_worker) alike.
 
     runner = JobRunner(pipeline, files)          # files: where the job's inputs are and its outputs go
     outcome = runner.execute(job, report, cancel, captions)   # in a job thread; never raises
 
 `execute` maps every failure to the one sentence a user reads (Outcome.error), never a traceback, and
-writes the job's result files under `files` (JobFiles.result_files). `LocalRunner` is the embedded
-transport: it runs jobs in threads of this process for the scheduler (mtm_bot.worker).
+writes the job's result files under `files` (its kind's `writes`, mtm_bot.kinds). `Runner` is what the
+scheduler (mtm_bot.scheduler) asks of a transport; `LocalRunner` is the embedded one: it runs jobs in
+threads of this process.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from . import metrics
 from .errors import Cancelled, InputError, MTMError
-from .jobs import Job, JobFiles, JobKind, JobState
-from .kept import Kept
+from .job import Job, JobState
+from .kinds import KINDS, CaptionsCallback, Run
 from .progress import CancelToken, Progress, ProgressCallback
-from .timecode import format_range
+from .store import JobFiles
 
 if TYPE_CHECKING:
-    from .audio import Audio
-    from .pipeline import ComposeResult, Pipeline
+    from .pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +35,6 @@ OOM_MESSAGE = ("The GPU ran out of memory on this job. Try a shorter duration or
                "or try again when the server is less busy.")
 UNEXPECTED_MESSAGE = ("Something went wrong while working on job {id}; the error was logged for the "
                       "server's admins. Please try again later.")
-
-CaptionsCallback = Callable[[list[str]], None]
-
-
-class ClipMissing(InputError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -59,16 +51,45 @@ class JobEvents:
     captions: CaptionsCallback  # the refined caption lines, before generation starts
 
 
+class Runner(Protocol):
+    """A transport that runs jobs and streams their events back (LocalRunner below,
+    mtm_bot.distributed.RemoteRunner); the scheduler (mtm_bot.scheduler) drives it."""
+
+    capacity: int  # jobs it can run at once now (the live GPU workers' slots in distributed mode)
+    keeps_running: bool  # its jobs go on while this process restarts (then `run(adopt=True)` takes them up)
+
+    async def start(self, capacity_changed: Callable[[], None]) -> None: ...
+
+    async def run(self, job: Job, events: JobEvents, *, adopt: bool = False) -> Outcome:
+        """Run the job (or, adopting, await the run already under way) to its outcome."""
+
+    async def settled(self, job: Job) -> None:
+        """The outcome is stored: let go of what carried it."""
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a running job at its next decode step (run then returns a CANCELLED outcome)."""
+
+    def where(self, job_id: str) -> str | None:
+        """The GPU worker running the job; None in this process."""
+
+    def workers(self) -> list: ...
+
+    def interrupt(self) -> None:
+        """Shutdown of this process: its own jobs stop at their next step."""
+
+    async def close(self) -> None: ...
+
+
 class JobRunner:
     def __init__(self, pipeline: "Pipeline", files: JobFiles) -> None:
         self.pipeline = pipeline
         self.files = files
 
     def execute(self, job: Job, report: ProgressCallback, cancel: CancelToken, captions: CaptionsCallback) -> Outcome:
-        """Run the job's entry point; Cancelled becomes a CANCELLED outcome, every error a FAILED one."""
+        """Run the job's entry point (mtm_bot.kinds); Cancelled becomes a CANCELLED outcome, every error a FAILED one."""
         report = _timing_stages(report)
         try:
-            result_json = self._entry_points[job.kind](self, job, report, cancel, captions)
+            result_json = KINDS[job.kind].run(Run(self.pipeline, job, self.files, report, cancel, captions))
             # The store keeps JSON text: a result that cannot be stored fails here, as this job's error.
             return Outcome(JobState.DONE, json.loads(json.dumps(result_json)))
         except Cancelled:
@@ -91,66 +112,6 @@ class JobRunner:
             return Outcome(JobState.FAILED, error=UNEXPECTED_MESSAGE.format(id=job.id))
         finally:
             report(Progress("done"))  # closes the last stage's timing
-
-    def _caption(self, job: Job, report: ProgressCallback, cancel: CancelToken, captions: CaptionsCallback) -> dict:
-        segments = self.pipeline.caption(self.pipeline.read_clip(_stored(job.input_path, "clip")), report, cancel)
-        return {"input_captions": [dataclasses.asdict(s) for s in segments],
-                "lines": [f"{format_range(s.start, s.end)} {s.caption}" for s in segments]}
-
-    def _compose(self, job: Job, report: ProgressCallback, cancel: CancelToken, captions: CaptionsCallback) -> dict:
-        """From a clip, a picture, both, or the instruction alone: whichever the job stored."""
-        clip = None if job.input_path is None else self.pipeline.read_clip(_stored(job.input_path, "clip"))
-        image = None if job.image_path is None else _stored(job.image_path, "picture")
-        result = self.pipeline.compose(clip, job.instruction, job.duration, seed=job.seed, progress=report,
-                                       cancel=cancel, on_captions=captions, image=image)
-        return self._keep(job, result, clip)
-
-    def _derive(self, job: Job, report: ProgressCallback, cancel: CancelToken, captions: CaptionsCallback) -> dict:
-        """Reroll, Extend, Remix, Redo: from the parent's kept track, which the job holds links to."""
-        kept = Kept.load(self.files.parent_files(job), self.pipeline.read_clip)
-        result = _DERIVATIONS[job.kind](self.pipeline, job, kept, seed=job.seed, progress=report, cancel=cancel,
-                                        on_captions=captions)
-        return self._keep(job, result, kept.clip)
-
-    def _keep(self, job: Job, result: ComposeResult, clip: Audio | None) -> dict:
-        """Write the track and what the next job starts from; the result_json to deliver."""
-        result.kept(job.instruction, clip).save(self.files.kept_files(job))
-        return {**result.to_json(), "lines": result.caption_lines()}
-
-    def _midi(self, job: Job, report: ProgressCallback, cancel: CancelToken, captions: CaptionsCallback) -> dict:
-        report(Progress("transcribing the notes"))
-        transcription = self.pipeline.transcribe(self.files.parent_files(job).track)
-        self.files.output_path(job.id, ".mid").write_bytes(transcription.midi_bytes())
-        return {"notes": len(transcription.notes), "lines": []}
-
-    def _describe_image(self, job: Job, report: ProgressCallback, cancel: CancelToken,
-                        captions: CaptionsCallback) -> dict:
-        """/library image: the picture in words; delivery searches the server's library with them."""
-        report(Progress("describing the picture"))
-        picture = self.pipeline.describe_image(_stored(job.image_path, "picture")).strip()
-        if not picture:
-            raise InputError("I could not put this picture into words; please try another one.")
-        return {"picture": picture, "lines": []}
-
-    _entry_points = {JobKind.CAPTION: _caption, JobKind.COMPOSE: _compose, JobKind.LIBRARY_IMAGE: _describe_image,
-                     JobKind.MIDI: _midi, JobKind.REROLL: _derive, JobKind.EXTEND: _derive,
-                     JobKind.REMIX: _derive, JobKind.REDO: _derive}
-
-
-# Each derived kind's pipeline entry point, given the job and its parent's kept track.
-_DERIVATIONS = {
-    JobKind.REROLL: lambda pipeline, job, kept, **run: pipeline.reroll(kept, **run),
-    JobKind.EXTEND: lambda pipeline, job, kept, **run: pipeline.extend(kept, job.duration, **run),
-    JobKind.REMIX: lambda pipeline, job, kept, **run: pipeline.remix(kept, job.instruction, **run),
-    JobKind.REDO: lambda pipeline, job, kept, **run: pipeline.redo(kept, job.redo_from, **run),
-}
-
-
-def _stored(path: Path | None, what: str) -> Path:
-    """An upload the job stored; refused with a sentence if it is gone (cleaned up, deleted by hand)."""
-    if path is None or not path.exists():
-        raise ClipMissing(f"The {what} of this job is no longer stored; please submit it again.")
-    return path
 
 
 def _timing_stages(report: ProgressCallback) -> ProgressCallback:

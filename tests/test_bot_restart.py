@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from discord_emulator import DiscordEmulator, FakeUser, Message
-from mtm_bot.jobs import JobState, JobStore
+from mtm_bot.job import JobState
+from mtm_bot.store import JobStore
 from mtm_bot.settings import Settings
 from test_bot_e2e import JOB_SECONDS, LINE, accepted, every_job_settled, pings, results_for, wav_bytes
 

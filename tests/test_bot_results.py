@@ -18,7 +18,7 @@ import soundfile as sf
 from discord_emulator import DiscordEmulator, FakeUser, Interaction, Message
 from mtm_bot.audio import Audio, write
 from mtm_bot.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
-from mtm_bot.jobs import JobState
+from mtm_bot.job import JobState
 from synth import music
 from test_bot_e2e import (JOB_SECONDS, LINE, accepted, connect_bot, disconnect_bot, ephemeral_error, every_job_settled,
                           results_for, wav_bytes)
@@ -185,7 +185,7 @@ async def test_a_user_at_their_job_limit_is_refused_like_any_submission(world, o
         assert "the limit is 1 per user" in await ephemeral_error(emulator, refused)
     finally:
         bot.queue.max_per_user = limit
-    await bot.worker.cancel(long_id, heidi.id)
+    await bot.scheduler.cancel(long_id, heidi.id)
     await every_job_settled(bot.store)
 
 

@@ -22,7 +22,8 @@ import pytest
 import redis
 
 from discord_emulator import DiscordEmulator, FakeUser
-from mtm_bot.jobs import JobState, JobStore
+from mtm_bot.job import JobState
+from mtm_bot.store import JobStore
 from mtm_bot.settings import Settings
 from test_bot_restart import TOKEN, bot_env, start_bot
 from test_bot_e2e import JOB_SECONDS, LINE, accepted, connect_bot, disconnect_bot, every_job_settled, results_for, \
@@ -284,8 +285,8 @@ async def test_a_worker_of_another_protocol_version_refuses_the_order_and_hands_
         client.set(f"{prefix}:worker:future/1", '{"v": 2, "id": "future/1", "name": "future", "capacity": 5, '
                    '"running": []}', px=60_000)
         client.close()
-        await until(lambda: len(bot.worker.runner.workers()) == 2, 30, "the other worker's heartbeat")
-        assert bot.worker.runner.capacity == 1 and bot.queue.capacity == 1
+        await until(lambda: len(bot.scheduler.runner.workers()) == 2, 30, "the other worker's heartbeat")
+        assert bot.scheduler.runner.capacity == 1 and bot.queue.capacity == 1
         await until(lambda: "Refusing job 0123abcd" in workers.log("gpu-a").read_text(), 60, "refusal")
         assert "protocol version 999, this worker version 1" in workers.log("gpu-a").read_text()
         alice = emulator.user("alice")
@@ -428,7 +429,7 @@ async def test_unreachable_redis_at_start_is_one_sentence_and_retries_until_it_a
 
 
 async def test_the_embedded_default_imports_no_redis_and_no_taskiq():
-    code = ("import sys, bot, cogs.queue, mtm_bot.worker, mtm_bot.runner; "
+    code = ("import sys, bot, cogs.queue, mtm_bot.scheduler, mtm_bot.runner; "
             "print(sorted(m for m in ('redis', 'taskiq', 'taskiq_redis') if m in sys.modules))")
     done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=ROOT, env=bot_env(),
                                    capture_output=True, text=True, timeout=120)
@@ -437,7 +438,7 @@ async def test_the_embedded_default_imports_no_redis_and_no_taskiq():
 
 
 async def test_a_job_that_lost_its_worker_four_times_fails_with_a_sentence(tmp_path, prefix):
-    from mtm_bot.jobs import Job, JobKind
+    from mtm_bot.job import Job, JobKind
 
     emulator = await DiscordEmulator().start()
     settings = Settings(storage_dir=tmp_path / "storage")
@@ -500,7 +501,7 @@ async def test_jobs_built_on_a_result_get_its_kept_files_through_redis(tmp_path,
 async def test_a_worker_takes_as_many_jobs_as_its_batch_size(tmp_path, prefix):
     async with distributed(tmp_path, prefix) as (emulator, bot, workers):
         await workers.start("gpu-a", MTM_MAX_BATCH="2")
-        await until(lambda: bot.worker.runner.capacity == 2, 30, "two slots")
+        await until(lambda: bot.scheduler.runner.capacity == 2, 30, "two slots")
         users = [emulator.user(name) for name in ("alice", "bob", "carol")]
         jobs = [await compose(emulator, user, seed=20 + i, duration=60) for i, user in enumerate(users)]
         await until(lambda: len(workers.ran("gpu-a")) >= 2, 120, "two jobs running")

@@ -5,7 +5,9 @@ import time
 import pytest
 
 from mtm_bot.errors import InputError
-from mtm_bot.jobs import Job, JobKind, JobQueue, JobState, JobStore, QueueFull, TooManyJobs
+from mtm_bot.job import Job, JobKind, JobState
+from mtm_bot.queue import JobQueue, QueueFull, TooManyJobs
+from mtm_bot.store import JobStore
 from mtm_bot.kept import ResultExpired
 from mtm_bot.settings import Settings
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from mtm_bot.jobs import Job, JobKind, JobState, JobStore
+from mtm_bot.job import Job, JobKind, JobState
+from mtm_bot.store import JobStore
 from mtm_bot.library import EmptyQuery, Embedder, Library, title_line, track_text
 from mtm_bot.settings import Settings
 

@@ -151,7 +151,8 @@ def test_a_pictures_job_survives_a_restart_and_an_older_database_gains_the_colum
     import sqlite3
     import time
 
-    from mtm_bot.jobs import _SCHEMA, Job, JobKind, JobStore
+    from mtm_bot.job import Job, JobKind
+    from mtm_bot.store import _SCHEMA, JobStore
 
     settings = Settings(profile="tiny", storage_dir=tmp_path)
     with sqlite3.connect(settings.database_path) as db:  # a database made before pictures existed

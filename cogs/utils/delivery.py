@@ -1,6 +1,6 @@
 """Showing a job's life in Discord: live status edits, then exactly one public result.
 
-`Delivery` is the worker's JobListener (mtm_bot.worker); every call arrives on the event loop.
+`Delivery` is the scheduler's JobListener (mtm_bot.scheduler); every call arrives on the event loop.
 - While a job runs, the public reply that accepted it is edited to show the stage (captioning ->
   refining -> block i/n) and, as soon as they exist, the refined captions. Edits are coalesced to
   at most one per MIN_EDIT_SECONDS per job; the latest state always lands.
@@ -9,7 +9,7 @@
 - It goes out as an interaction follow-up while the token lives (15 min), else, or when Discord
   says the token is gone (401/404), to the job's channel. Jobs resumed after a restart have no
   interaction: they deliver to their channel with a note.
-- A delivery method raises only when nothing was posted, so the worker's retry never doubles a result.
+- A delivery method raises only when nothing was posted, so the scheduler's retry never doubles a result.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import discord
@@ -26,7 +26,8 @@ import soundfile as sf
 
 from mtm_bot.audio import Audio, Encoded, encode_to_fit
 from mtm_bot.errors import OutputTooLarge
-from mtm_bot.jobs import MAKES_TRACK, Job, JobKind
+from mtm_bot.job import Job
+from mtm_bot.kinds import KINDS, Rendering
 from mtm_bot.library import Library
 from mtm_bot.progress import Progress
 from mtm_bot.timecode import format_time
@@ -76,35 +77,20 @@ def queue_stage(position: int | None, eta: float | None) -> str:
     return f"accepted, position {position} in the queue{when}"
 
 
-JOB_NAMES = {JobKind.COMPOSE: "Compose", JobKind.CAPTION: "Caption", JobKind.LIBRARY_IMAGE: "Library picture search",
-             JobKind.REROLL: "Reroll", JobKind.EXTEND: "Extend", JobKind.REMIX: "Remix", JobKind.REDO: "Redo",
-             JobKind.MIDI: "MIDI"}
-# What a derived job's result came from, e.g. "extended from job `ab12cd34` by 30 s".
-ORIGINS = {
-    JobKind.REROLL: "another take of job `{parent}` (the same captions, a new seed)",
-    JobKind.EXTEND: "extended from job `{parent}` by {seconds} s",
-    JobKind.REMIX: "remixed from job `{parent}` with a new instruction",
-    JobKind.REDO: "job `{parent}` redone from {redo_from} (everything before it kept)",
-    JobKind.MIDI: "the notes of job `{parent}`",
-}
-
-
 def origin(job: Job) -> str:
-    """Where a derived job's result came from, in a few words."""
-    return ORIGINS[job.kind].format(parent=job.parent_id, seconds=job.duration,
-                                    redo_from=format_time(job.redo_from or 0))
-
-
-PRIVATE_RESULTS = {JobKind.LIBRARY_IMAGE: "The matches appear here", JobKind.MIDI: "The file appears here"}
+    """Where a derived job's result came from, in a few words, e.g. "extended from job `ab12cd34` by 30 s"."""
+    return KINDS[job.kind].origin.format(parent=job.parent_id, seconds=job.duration,
+                                         redo_from=format_time(job.redo_from or 0))
 
 
 def status_message(job: Job, stage: str, captions: list[str], finished: bool) -> tuple[str, list[discord.Embed]]:
     parent = f" (from job `{job.parent_id}`)" if job.parent_id else ""
-    header = [f"🎼 {JOB_NAMES[job.kind]} job `{job.id}`{parent}: {stage}"]
-    if job.instruction and job.kind is not JobKind.MIDI:
+    spec = KINDS[job.kind]
+    header = [f"🎼 {spec.name} job `{job.id}`{parent}: {stage}"]
+    if job.instruction and spec.makes_track:
         header.append(f"Instruction: {quote(job.instruction)}" + (f" · {job.duration} s" if job.duration else ""))
     if not finished:
-        where = PRIVATE_RESULTS.get(job.kind, "You will be pinged here")
+        where = RENDERERS[spec.rendering].where
         header.append(f"{where} when it is ready; `/cancel job:{job.id}` stops it.")
     if captions:
         header.append("Refined captions:")
@@ -113,7 +99,8 @@ def status_message(job: Job, stage: str, captions: list[str], finished: bool) ->
 
 def result_message(job: Job) -> tuple[str, list[discord.Embed]]:
     lines = (job.result_json or {}).get("lines", [])
-    if job.kind in MAKES_TRACK:
+    track = KINDS[job.kind].makes_track
+    if track:
         header = [f"<@{job.user_id}> your track is ready (job `{job.id}`"
                   + (f": {origin(job)})." if job.parent_id else ")."), f"Instruction: {quote(job.instruction)}"]
         picture = (job.result_json or {}).get("picture")
@@ -125,7 +112,7 @@ def result_message(job: Job) -> tuple[str, list[discord.Embed]]:
         header = [f"<@{job.user_id}> the captions of your clip (job `{job.id}`):"]
     if job.resumed:
         header.append(RESUMED_NOTE)
-    return with_captions("\n".join(header), lines, title="Captions" if job.kind is JobKind.CAPTION else "Refined captions")
+    return with_captions("\n".join(header), lines, title="Refined captions" if track else "Captions")
 
 
 def encode_result(job: Job) -> Encoded:
@@ -138,14 +125,14 @@ class Delivery:
     def __init__(self, bot: discord.Client) -> None:
         self.bot = bot
         self.live: dict[str, LiveStatus] = {}
-        self.library: Library | None = None  # set at start-up, before the worker delivers anything
+        self.library: Library | None = None  # set at start-up, before the scheduler delivers anything
 
     # ----------------------------------------------------------------------------- bookkeeping
     def track(self, job: Job, interaction: discord.Interaction) -> None:
         self.live[job.id] = LiveStatus(interaction, job)
 
     def accepted(self, job: Job, position: int | None, eta: float | None) -> None:
-        """Show the job id, queue position and ETA, unless the worker has already started the job."""
+        """Show the job id, queue position and ETA, unless the scheduler has already started the job."""
         live = self.live.get(job.id)
         if live is not None and not live.stage:
             self._show(job, queue_stage(position, eta))
@@ -173,19 +160,22 @@ class Delivery:
             self._show(job, live.stage or "started")
 
     async def job_finished(self, job: Job) -> None:
-        if job.kind is JobKind.LIBRARY_IMAGE:
-            await self._library_matches(job)
-            return
+        await RENDERERS[KINDS[job.kind].rendering].deliver(self, job)
+
+    async def _track(self, job: Job) -> None:
         content, embeds = result_message(job)
-        if job.kind is JobKind.MIDI:
-            await self._midi_file(job)
-            return
         encoded: Encoded | None = None
-        if job.kind in MAKES_TRACK:
-            try:
-                encoded = await asyncio.to_thread(encode_result, job)
-            except OutputTooLarge as err:
-                content += f"\n⚠️ {err} The track is not attached; try a shorter duration."
+        try:
+            encoded = await asyncio.to_thread(encode_result, job)
+        except OutputTooLarge as err:
+            content += f"\n⚠️ {err} The track is not attached; try a shorter duration."
+        await self._post_result(job, content, embeds, encoded)
+
+    async def _captions(self, job: Job) -> None:
+        await self._post_result(job, *result_message(job), None)
+
+    async def _post_result(self, job: Job, content: str, embeds: list[discord.Embed], encoded: Encoded | None) -> None:
+        """The one public result message, pinging the requester; a track comes with its controls."""
         live = await self._finish_status(job, "done ✅ (see the result below)")
 
         def files() -> list[discord.File]:  # a fresh File per attempt: discord.py closes what it sent
@@ -221,7 +211,7 @@ class Delivery:
 
     async def _library_matches(self, job: Job) -> None:
         """/library image: search this server's library with the picture's description."""
-        assert self.library is not None, "the library is set up before the worker starts delivering"
+        assert self.library is not None, "the library is set up before the scheduler starts delivering"
         picture = job.result_json["picture"]
         content = library_reply(f"your picture, as I see it: {quote(picture)}",
                                 await self.library.search(job.guild_id, picture, limit=RESULTS_SHOWN))
@@ -246,9 +236,9 @@ class Delivery:
 
     async def _add_to_library(self, job: Job, message_id: int) -> None:
         """Make a posted track findable with /library. The result is already out: a failure here is
-        logged, never raised, or the worker would post the result again."""
+        logged, never raised, or the scheduler would post the result again."""
         try:
-            assert self.library is not None, "the library is set up before the worker starts delivering"
+            assert self.library is not None, "the library is set up before the scheduler starts delivering"
             await self.library.add(job, message_id)
         except Exception:
             log.exception("could not add job %s to the library", job.id)
@@ -316,3 +306,18 @@ class Delivery:
 
     def _channel(self, job: Job) -> discord.PartialMessageable:
         return self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+
+
+@dataclass(frozen=True)
+class Renderer:
+    """How a Rendering (mtm_bot.kinds) shows in Discord."""
+    deliver: Callable[[Delivery, Job], Awaitable[None]]  # posts the finished job's result
+    where: str  # what the status reply says while the job runs
+
+
+RENDERERS = {
+    Rendering.TRACK: Renderer(Delivery._track, "You will be pinged here"),
+    Rendering.CAPTIONS: Renderer(Delivery._captions, "You will be pinged here"),
+    Rendering.MIDI_FILE: Renderer(Delivery._midi_file, "The file appears here"),
+    Rendering.PICTURE_SEARCH: Renderer(Delivery._library_matches, "The matches appear here"),
+}

@@ -17,8 +17,8 @@ from discord import app_commands
 from mtm_bot.audio import megabytes
 from mtm_bot.errors import FileTooLarge, ImageFileTooLarge, InputError, NotAnImage, NotAudio
 from mtm_bot.image_captioner import IMAGE_EXTENSIONS
-from mtm_bot.jobs import Job, JobKind
-from mtm_bot.pipeline import check_extension
+from mtm_bot.job import Job, JobKind
+from mtm_bot.kinds import KINDS, Request
 
 from .errors import THINKING
 
@@ -100,14 +100,14 @@ async def defer_publicly(interaction: discord.Interaction) -> None:
 
 
 async def accept(interaction: discord.Interaction, audio: discord.Attachment | None, kind: JobKind,
-                 instruction: str = "", duration: int | None = None, image: discord.Attachment | None = None,
-                 ephemeral: bool = False) -> None:
+                 instruction: str = "", duration: int | None = None, image: discord.Attachment | None = None) -> None:
     """Validate, defer, download, decode, queue; the reply then shows the job id, queue position and ETA.
 
     A compose job without `audio` is made from the instruction (and `image`) alone."""
     bot = interaction.client
     settings = bot.settings
-    if kind is JobKind.COMPOSE and not instruction:
+    makes_track = KINDS[kind].makes_track
+    if makes_track and not instruction:
         raise EmptyInstruction("The instruction is empty; describe the music you want, e.g. 'a cosy jazz carol'.")
     if audio is not None:
         check_attachment(audio, settings.max_upload_bytes)
@@ -123,11 +123,11 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment | N
         if image is not None:
             job.image_path = await bot.store.save_input(job.id, await download(image), image.filename, role="image")
             await asyncio.to_thread(bot.pipeline.read_image, job.image_path)  # a bad picture is refused now
-        if kind is JobKind.COMPOSE:
+        if makes_track:
             job.duration = bot.pipeline.output_duration(clip, duration)
 
     await submit(interaction, Job.new(kind, **_origin(interaction), instruction=instruction, duration=duration),
-                 store_uploads, ephemeral)
+                 store_uploads)
 
 
 async def accept_derived(interaction: discord.Interaction, parent_id: str, kind: JobKind, *,
@@ -136,32 +136,23 @@ async def accept_derived(interaction: discord.Interaction, parent_id: str, kind:
     """A click under a result: an ordinary job of whoever clicked, built on that track (its parent).
 
     Refused like any submission (rate, per-user and queue limits) and, ephemerally, when the result has
-    expired or the request does not fit it. A MIDI file is for the clicker only; new tracks are public."""
+    expired or the request does not fit it. Whether the result is public is the kind's (mtm_bot.kinds)."""
     bot = interaction.client
     check_submission_rate(interaction)
     parent = await bot.store.parent_for(parent_id)
-    duration = _generated_seconds(parent, kind, seconds, redo_from, bot.settings.max_output_seconds)
+    instruction = parent.instruction if instruction is None else instruction
+    # Seconds of music the job generates (for the queue's ETA); refuses what cannot fit.
+    duration = KINDS[kind].generates(round(parent.result_json["duration"]), Request(instruction, seconds, redo_from),
+                                     bot.settings.max_output_seconds)
     bot.queue.check(interaction.user.id)
-    job = Job.new(kind, **_origin(interaction), instruction=parent.instruction if instruction is None else instruction,
-                  duration=duration, parent_id=parent.id, redo_from=redo_from)
+    job = Job.new(kind, **_origin(interaction), instruction=instruction, duration=duration, parent_id=parent.id,
+                  redo_from=redo_from)
 
     async def link(job: Job) -> None:
         await bot.store.link_parent(job, parent)
 
-    await submit(interaction, job, link, ephemeral=kind is JobKind.MIDI)
+    await submit(interaction, job, link)
     return job
-
-
-def _generated_seconds(parent: Job, kind: JobKind, seconds: int | None, redo_from: int | None,
-                       max_output_seconds: int) -> int | None:
-    """Seconds of music the derived job generates (for the queue's ETA); refuses what cannot fit."""
-    length = round(parent.result_json["duration"])
-    if kind is JobKind.EXTEND:
-        check_extension(length, seconds, max_output_seconds)
-        return seconds
-    if kind is JobKind.REDO:
-        return length - redo_from
-    return None if kind is JobKind.MIDI else length
 
 
 def _origin(interaction: discord.Interaction) -> dict:
@@ -171,18 +162,17 @@ def _origin(interaction: discord.Interaction) -> dict:
                 interaction_token=interaction.token)
 
 
-async def submit(interaction: discord.Interaction, job: Job, prepare: Callable[[Job], Awaitable[None]],
-                 ephemeral: bool = False) -> None:
+async def submit(interaction: discord.Interaction, job: Job, prepare: Callable[[Job], Awaitable[None]]) -> None:
     """Defer, store the job's inputs (`prepare`: may refuse), queue it and show its place in the queue."""
     bot = interaction.client
-    if ephemeral:  # a private request (/library image:, MIDI): its status and result are for the caller only
+    if KINDS[job.kind].private:  # /library image:, MIDI: its status and result are for the caller only
         await interaction.response.defer(ephemeral=True, thinking=True)
     else:
         await defer_publicly(interaction)
     try:
         await prepare(job)
-        bot.delivery.track(job, interaction)  # before submit: the worker may start it at once
-        position = await bot.worker.submit(job)
+        bot.delivery.track(job, interaction)  # before submit: the scheduler may start it at once
+        position = await bot.scheduler.submit(job)
     except Exception:  # refused or broken: keep nothing of the job
         bot.delivery.forget(job.id)
         await bot.store.delete_files(job.id)

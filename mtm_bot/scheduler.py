@@ -1,14 +1,26 @@
 """The job scheduler: runs up to the runner's capacity of jobs at once, in the queue's fair order, and
-delivers their outcomes.
+delivers their outcomes. How the bot uses it (mtm_bot.store, mtm_bot.queue):
 
-    worker = Worker(settings, runner, store, queue, listener)
-    await worker.start()        # recovery first: queued/running jobs run again from their start
+    store = await JobStore.open(settings)
+    queue = JobQueue(settings)
+    scheduler = Scheduler(settings, runner, store, queue, listener)
+    await scheduler.start()     # recovery first: queued/running jobs run again from their start
                                 # (job.resumed=True), finished-but-undelivered jobs are delivered
                                 # without recomputing; then serving, and hourly cleanup of files
                                 # older than settings.retention_hours
-    position = await worker.submit(job)      # see mtm_bot.jobs for the whole flow
-    job = await worker.cancel(job_id, user_id, guild_id=..., is_manager=...)
-    await worker.stop()         # a running job is interrupted and resumes on the next start
+
+    queue.check(user_id)                       # QueueFull / TooManyJobs before downloading anything
+    job = Job.new(JobKind.COMPOSE, user_id=..., guild_id=..., channel_id=..., instruction=...,
+                  duration=pipeline.output_duration(clip, requested),  # resolved seconds: better ETAs
+                  attachment_size_limit=..., application_id=..., interaction_token=...)
+    job.input_path = await store.save_input(job.id, data, attachment.filename)
+    clip = await asyncio.to_thread(pipeline.read_clip, job.input_path)   # on InputError:
+                                               #   await store.delete_files(job.id)
+    position = await scheduler.submit(job)     # 1 = next to run; QueueFull / TooManyJobs
+    job = await scheduler.cancel(job_id_or_None, user_id, guild_id=..., is_manager=...)   # /cancel: the job
+                                               #   comes back CANCELLED if it was queued, still RUNNING if it
+                                               #   was running (it stops at its next decode step)
+    await scheduler.stop()      # a running job is interrupted and resumes on the next start
 
 The runner is the transport that runs a job and streams its events back: `LocalRunner`
 (mtm_bot.runner: threads of this process, the embedded default) or `RemoteRunner` (mtm_bot.distributed:
@@ -33,13 +45,25 @@ from typing import Awaitable, Callable, Protocol
 
 from . import metrics
 from .errors import InputError
-from .jobs import MAKES_TRACK, Job, JobNotFound, JobQueue, JobState, JobStore, NotCancellable
+from .job import Job, JobState
+from .kinds import MAKES_TRACK
 from .progress import Progress
-from .runner import UNEXPECTED_MESSAGE, JobEvents, Outcome
+from .queue import JobQueue
+from .runner import UNEXPECTED_MESSAGE, JobEvents, Runner
 from .seeds import choose_seed
 from .settings import Settings
+from .store import JobStore
 
 log = logging.getLogger(__name__)
+
+
+class JobNotFound(InputError):
+    pass
+
+
+class NotCancellable(InputError):
+    """The job exists but has already finished, or belongs to someone else."""
+
 
 class JobListener(Protocol):
     async def job_started(self, job: Job) -> None: ...
@@ -57,42 +81,13 @@ class JobListener(Protocol):
     async def job_cancelled(self, job: Job) -> None: ...
 
 
-class Runner(Protocol):
-    """A transport that runs jobs and streams their events back (mtm_bot.runner.LocalRunner,
-    mtm_bot.distributed.RemoteRunner)."""
-
-    capacity: int  # jobs it can run at once now (the live GPU workers' slots in distributed mode)
-    keeps_running: bool  # its jobs go on while this process restarts (then `run(adopt=True)` takes them up)
-
-    async def start(self, capacity_changed: Callable[[], None]) -> None: ...
-
-    async def run(self, job: Job, events: JobEvents, *, adopt: bool = False) -> Outcome:
-        """Run the job (or, adopting, await the run already under way) to its outcome."""
-
-    async def settled(self, job: Job) -> None:
-        """The outcome is stored: let go of what carried it."""
-
-    def cancel(self, job_id: str) -> None:
-        """Stop a running job at its next decode step (run then returns a CANCELLED outcome)."""
-
-    def where(self, job_id: str) -> str | None:
-        """The GPU worker running the job; None in this process."""
-
-    def workers(self) -> list: ...
-
-    def interrupt(self) -> None:
-        """Shutdown of this process: its own jobs stop at their next step."""
-
-    async def close(self) -> None: ...
-
-
 @dataclass
 class _Running:
     job: Job
     cancelled_by_user: bool = False
 
 
-class Worker:
+class Scheduler:
     DELIVERY_ATTEMPTS = 3
     DELIVERY_RETRY_SECONDS = 5.0  # times the attempt number
     CLEANUP_INTERVAL_SECONDS = 3600.0
@@ -123,7 +118,7 @@ class Worker:
         await self._recover()
         await self.runner.start(self._capacity_changed)
         self._capacity_changed()
-        self._serve_task = asyncio.create_task(self._serve(), name="mtm-worker")
+        self._serve_task = asyncio.create_task(self._serve(), name="mtm-scheduler")
         self._cleanup_task = asyncio.create_task(self._clean_periodically(), name="mtm-cleanup")
 
     async def stop(self) -> None:
@@ -242,7 +237,7 @@ class Worker:
         try:
             await self._run(running, adopt)
         except Exception:  # e.g. the database went away: log it, keep serving the next job
-            log.exception("The worker failed around job %s", running.job.id)
+            log.exception("The scheduler failed around job %s", running.job.id)
             self.queue.finish(running.job)
         finally:
             del self._running[running.job.id]

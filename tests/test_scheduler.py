@@ -1,4 +1,4 @@
-"""The worker: order, limits, cancel, crash recovery, failures that stay one job's problem, a free event loop."""
+"""The scheduler: order, limits, cancel, crash recovery, failures that stay one job's problem, a free event loop."""
 import asyncio
 import sys
 import threading
@@ -12,12 +12,14 @@ import soundfile as sf
 import torch
 
 from mtm_bot.audio import Audio, load_clip, write
-from mtm_bot.jobs import Job, JobKind, JobNotFound, JobQueue, JobState, JobStore, NotCancellable, TooManyJobs
+from mtm_bot.job import Job, JobKind, JobState
 from mtm_bot.pipeline import Pipeline
 from mtm_bot.progress import Progress
 from mtm_bot.settings import Settings
+from mtm_bot.queue import JobQueue, TooManyJobs
 from mtm_bot.runner import OOM_MESSAGE, JobRunner, LocalRunner
-from mtm_bot.worker import Worker
+from mtm_bot.scheduler import JobNotFound, NotCancellable, Scheduler
+from mtm_bot.store import JobStore
 from tests.synth import write_music
 
 RATE = 32000
@@ -133,12 +135,12 @@ class Harness:
         self.store = await JobStore.open(self.settings)
         self.queue = JobQueue(self.settings)
         runner = LocalRunner(JobRunner(self.pipeline, self.store), self.settings.max_batch)
-        self.worker = Worker(self.settings, runner, self.store, self.queue, self.listener)
-        self.worker.DELIVERY_RETRY_SECONDS = 0.01
+        self.scheduler = Scheduler(self.settings, runner, self.store, self.queue, self.listener)
+        self.scheduler.DELIVERY_RETRY_SECONDS = 0.01
         return self
 
     async def __aexit__(self, *exc):
-        await self.worker.stop()
+        await self.scheduler.stop()
         await self.store.close()
 
     async def job(self, user_id: int, instruction: str = "jazz", kind=JobKind.COMPOSE, guild_id=1) -> Job:
@@ -149,7 +151,7 @@ class Harness:
 
     async def submit(self, user_id: int, instruction: str = "jazz", **kw) -> Job:
         job = await self.job(user_id, instruction, **kw)
-        await self.worker.submit(job)
+        await self.scheduler.submit(job)
         return job
 
     def outcomes(self) -> list[tuple]:
@@ -158,7 +160,7 @@ class Harness:
 
 async def test_compose_job_runs_in_a_worker_thread_and_delivers_a_wav(tmp_path):
     async with Harness(tmp_path) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         job = await h.submit(1)
         await eventually(lambda: h.outcomes())
         await eventually(lambda: job.delivered)
@@ -180,7 +182,7 @@ async def test_user_after_a_busy_user_runs_second(tmp_path):
     release = threading.Event()  # A's first job runs until everything is submitted
 
     async with Harness(tmp_path, FakePipeline(step=lambda instruction, i: release.wait(10))) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         for i in range(3):
             await h.submit(1, f"A{i}")
         await h.submit(2, "B0")
@@ -194,7 +196,7 @@ async def test_refused_submission_keeps_nothing(tmp_path):
         await h.submit(1)
         refused = await h.job(1)
         with pytest.raises(TooManyJobs, match="limit is 1"):
-            await h.worker.submit(refused)
+            await h.scheduler.submit(refused)
         assert await h.store.get(refused.id) is None
         assert not refused.input_path.exists()
 
@@ -202,13 +204,13 @@ async def test_refused_submission_keeps_nothing(tmp_path):
 async def test_cancel_queued_job_shifts_positions(tmp_path):
     async with Harness(tmp_path) as h:
         first, second, third = await h.submit(1), await h.submit(2), await h.submit(3)
-        cancelled = await h.worker.cancel(second.id.upper(), user_id=2)
+        cancelled = await h.scheduler.cancel(second.id.upper(), user_id=2)
         assert cancelled.state is JobState.CANCELLED
         assert h.queue.position(third.id) == 2
         assert (await h.store.get(second.id)).state is JobState.CANCELLED
         await eventually(lambda: h.outcomes() == [("cancelled", second.id)])
         with pytest.raises(NotCancellable, match="already been cancelled"):
-            await h.worker.cancel(second.id, user_id=2)
+            await h.scheduler.cancel(second.id, user_id=2)
 
 
 async def test_cancel_running_job_stops_at_next_step_and_the_next_job_runs(tmp_path):
@@ -221,11 +223,11 @@ async def test_cancel_running_job_stops_at_next_step_and_the_next_job_runs(tmp_p
             release.wait(10)
 
     async with Harness(tmp_path, FakePipeline(steps=50, step=step)) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         slow = await h.submit(1, "slow")
         after = await h.submit(2, "fast")
         await asyncio.to_thread(step_reached.wait, 10)
-        assert (await h.worker.cancel(None, user_id=1)).state is JobState.RUNNING  # newest unfinished job
+        assert (await h.scheduler.cancel(None, user_id=1)).state is JobState.RUNNING  # newest unfinished job
         release.set()
         await eventually(lambda: len(h.outcomes()) == 2)
         assert h.outcomes() == [("cancelled", slow.id), ("finished", after.id, False)]
@@ -238,14 +240,14 @@ async def test_only_requester_or_a_manager_of_that_server_may_cancel(tmp_path):
     async with Harness(tmp_path) as h:
         job = await h.submit(1, guild_id=10)
         with pytest.raises(NotCancellable, match="only its requester or a server manager"):
-            await h.worker.cancel(job.id, user_id=2)
+            await h.scheduler.cancel(job.id, user_id=2)
         with pytest.raises(NotCancellable):
-            await h.worker.cancel(job.id, user_id=2, guild_id=99, is_manager=True)  # manager elsewhere
+            await h.scheduler.cancel(job.id, user_id=2, guild_id=99, is_manager=True)  # manager elsewhere
         with pytest.raises(JobNotFound, match="no job with id"):
-            await h.worker.cancel("ffffffff", user_id=1)
+            await h.scheduler.cancel("ffffffff", user_id=1)
         with pytest.raises(JobNotFound, match="no queued or running job"):
-            await h.worker.cancel(None, user_id=2)
-        assert (await h.worker.cancel(job.id, user_id=2, guild_id=10, is_manager=True)).state is JobState.CANCELLED
+            await h.scheduler.cancel(None, user_id=2)
+        assert (await h.scheduler.cancel(job.id, user_id=2, guild_id=10, is_manager=True)).state is JobState.CANCELLED
 
 
 async def test_restart_resumes_running_and_queued_jobs_each_delivered_once(tmp_path):
@@ -256,41 +258,41 @@ async def test_restart_resumes_running_and_queued_jobs_each_delivered_once(tmp_p
             await h.store.add(job)
 
     async with Harness(tmp_path) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         await eventually(lambda: len(h.outcomes()) == 2)
-        await eventually(lambda: not h.worker._deliveries)
+        await eventually(lambda: not h.scheduler._deliveries)
         assert sorted(h.outcomes()) == sorted([("finished", running.id, True), ("finished", queued.id, True)])
         assert ("was running", 1234) in h.pipeline.ran  # the seed chosen before the crash: same result
         assert all(job.delivered for job in [await h.store.get(running.id), await h.store.get(queued.id)])
 
     async with Harness(tmp_path) as h:  # a further restart delivers nothing twice
-        await h.worker.start()
+        await h.scheduler.start()
         # A new user's job is queued behind anything the restart could have left to run again; once it
         # is delivered and no delivery is pending, a duplicate would already be in the record.
         marker = await h.submit(3, "marker")
-        await eventually(lambda: marker.delivered and not h.worker._deliveries)
+        await eventually(lambda: marker.delivered and not h.scheduler._deliveries)
         assert h.outcomes() == [("finished", marker.id, False)]
         assert [instruction for instruction, _ in h.pipeline.ran] == ["marker"]
 
 
 async def test_finished_but_undelivered_job_is_delivered_without_recomputing(tmp_path):
     async with Harness(tmp_path, listener=Recorder(failing_deliveries=3)) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         job = await h.submit(1)
-        await eventually(lambda: not h.worker._deliveries and h.pipeline.ran)
+        await eventually(lambda: not h.scheduler._deliveries and h.pipeline.ran)
         assert h.outcomes() == [] and not (await h.store.get(job.id)).delivered  # all three attempts failed
 
     async with Harness(tmp_path) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         await eventually(lambda: h.outcomes())
         assert h.outcomes() == [("finished", job.id, False)] and h.pipeline.ran == []
-        await eventually(lambda: not h.worker._deliveries)
+        await eventually(lambda: not h.scheduler._deliveries)
         assert (await h.store.get(job.id)).delivered
 
 
 async def test_delivery_is_retried_and_happens_once(tmp_path):
     async with Harness(tmp_path, listener=Recorder(failing_deliveries=1)) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         job = await h.submit(1)
         await eventually(lambda: job.delivered)
         assert h.outcomes() == [("finished", job.id, False)]
@@ -302,7 +304,7 @@ async def test_out_of_memory_fails_one_job_and_the_worker_keeps_serving(tmp_path
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     async with Harness(tmp_path, FakePipeline(step=step)) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         huge = await h.submit(1, "huge")
         fine = await h.submit(2, "fine")
         await eventually(lambda: len(h.outcomes()) == 2)
@@ -315,7 +317,7 @@ async def test_unexpected_model_error_gives_a_message_and_logs_the_traceback(tmp
         raise RuntimeError("shape mismatch in layer 7")
 
     async with Harness(tmp_path, FakePipeline(step=step)) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         job = await h.submit(1)
         await eventually(lambda: h.outcomes())
         (_, _, message), = h.outcomes()
@@ -329,7 +331,7 @@ async def test_resumed_job_whose_clip_is_gone_fails_with_a_clear_message(tmp_pat
         job = await h.job(1)
         await h.store.add(job)
         job.input_path.unlink()
-        await h.worker.start()
+        await h.scheduler.start()
         await eventually(lambda: h.outcomes())
         assert h.outcomes() == [("failed", job.id, "The clip of this job is no longer stored; please submit it again.")]
 
@@ -351,7 +353,7 @@ async def test_event_loop_keeps_serving_while_a_job_computes(tmp_path):
             sum(range(1000))  # pure-Python work: the model thread holds the GIL most of the time
 
     async with Harness(tmp_path, FakePipeline(steps=3, step=compute_until_the_loop_answers)) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         job = await h.submit(1)
         while not h.outcomes():
             await asyncio.sleep(0.001)
@@ -369,14 +371,14 @@ async def test_stop_interrupts_a_running_job_which_resumes_on_next_start(tmp_pat
         time.sleep(0.05)
 
     async with Harness(tmp_path, FakePipeline(steps=100, step=step)) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         job = await h.submit(1)
         await asyncio.to_thread(started.wait, 10)
     assert h.outcomes() == []
 
     async with Harness(tmp_path) as h:
         assert (await h.store.get(job.id)).state is JobState.RUNNING
-        await h.worker.start()
+        await h.scheduler.start()
         await eventually(lambda: h.outcomes())
         assert h.outcomes() == [("finished", job.id, True)]
 
@@ -388,7 +390,7 @@ async def test_start_cleans_up_files_past_retention(tmp_path):
         recent.state, recent.finished_at, recent.delivered = JobState.DONE, time.time() - 60, True
         for job in (old, recent):
             await h.store.add(job)
-        await h.worker.start()
+        await h.scheduler.start()
         await eventually(lambda: not old.input_path.exists())
         assert recent.input_path.exists()
 
@@ -396,7 +398,7 @@ async def test_start_cleans_up_files_past_retention(tmp_path):
 async def test_caption_job_with_the_real_tiny_pipeline(tmp_path):
     pipeline = Pipeline(Settings(profile="tiny", device="cpu"))
     async with Harness(tmp_path, pipeline) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         job = await h.submit(1, kind=JobKind.CAPTION)
         await eventually(lambda: h.outcomes(), timeout=120)
         assert h.outcomes() == [("finished", job.id, False)]
@@ -413,7 +415,7 @@ async def test_kill_9_during_a_job_loses_nothing_and_delivers_once(tmp_path):
     log = tmp_path / "events.log"
 
     def serve(mode: str):
-        return asyncio.create_subprocess_exec(sys.executable, "-m", "tests.test_worker", str(tmp_path), str(log), mode,
+        return asyncio.create_subprocess_exec(sys.executable, "-m", "tests.test_scheduler", str(tmp_path), str(log), mode,
                                               cwd=Path(__file__).parent.parent)
 
     crashing = await serve("slow")
@@ -452,7 +454,7 @@ async def _serve_until_delivered(storage: Path, log: Path, mode: str) -> None:
             return super().compose(clip, instruction, duration, seed, **kw)
 
     async with Harness(storage, LoggingPipeline(steps=100, step=step), _LoggingListener(log)) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         while await h.store.unfinished() or await h.store.undelivered():
             await asyncio.sleep(0.05)
 
@@ -480,7 +482,7 @@ async def test_with_two_slots_jobs_run_together_and_the_order_stays_fair(tmp_pat
             return job
 
         h.queue.next = recorded_next
-        await h.worker.start()
+        await h.scheduler.start()
         for i in range(3):
             await h.submit(1, f"A{i}")
         await eventually(lambda: len(started) == 2)  # both slots busy, neither job finished
@@ -496,10 +498,10 @@ async def test_cancelling_one_of_two_running_jobs_leaves_the_other_running(tmp_p
     release = threading.Event()
     async with Harness(tmp_path, FakePipeline(steps=50, step=lambda instruction, i: release.wait(0.05)),
                        max_batch=2) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         keep, stop = await h.submit(1, "keep"), await h.submit(2, "stop")
         await eventually(lambda: len(h.queue.running) == 2)
-        await h.worker.cancel(stop.id, 2)
+        await h.scheduler.cancel(stop.id, 2)
         await eventually(lambda: len(h.outcomes()) == 2)
     assert sorted(h.outcomes()) == sorted([("cancelled", stop.id), ("finished", keep.id, False)])
 
@@ -508,7 +510,7 @@ async def test_stopping_leaves_every_running_job_to_resume(tmp_path):
     release = threading.Event()
     async with Harness(tmp_path, FakePipeline(step=lambda instruction, i: release.wait(0.05), steps=200),
                        max_batch=2) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         jobs = [await h.submit(1, "one"), await h.submit(2, "two")]
         await eventually(lambda: len(h.queue.running) == 2)
     async with Harness(tmp_path) as h:
@@ -521,13 +523,13 @@ async def test_a_fixed_seed_gives_every_job_built_on_a_track_a_seed_of_its_own(t
     from mtm_bot.seeds import choose_seed
 
     async with Harness(tmp_path, seed=7) as h:
-        await h.worker.start()
+        await h.scheduler.start()
         compose = await h.submit(1)
         derived = []
         for kind in (JobKind.REROLL, JobKind.REROLL, JobKind.REDO):
             job = await h.job(1, kind=kind)
             job.parent_id = compose.id
-            await h.worker.submit(job)
+            await h.scheduler.submit(job)
             derived.append(job)
         await eventually(lambda: len(h.outcomes()) == 4)
         seeds = [(await h.store.get(job.id)).seed for job in (compose, *derived)]
