@@ -28,7 +28,8 @@ from mtm_bot.errors import InputError, MTMError
 from mtm_bot.queue import JobQueue
 from mtm_bot.retry import Backoff, retry
 from mtm_bot.library import Embedder, Library
-from mtm_bot.runner import JobRunner, LocalRunner
+from mtm_bot.local import LocalRunner
+from mtm_bot.runner import JobRunner
 from mtm_bot.scheduler import Scheduler
 from mtm_bot.settings import Settings
 from mtm_bot.store import JobStore

@@ -159,7 +159,8 @@ async def main() -> None:
     torch.set_num_threads(1)
     from mtm_bot.distributed import RemoteRunner
     from mtm_bot.pipeline import Pipeline
-    from mtm_bot.runner import JobRunner, LocalRunner
+    from mtm_bot.local import LocalRunner
+    from mtm_bot.runner import JobRunner
     from mtm_bot.settings import Settings
     from tests.synth import write_music
 

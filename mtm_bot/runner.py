@@ -6,16 +6,14 @@
 
 `execute` maps every failure to the one sentence a user reads (Outcome.error), never a traceback, and
 writes the job's result files under `files` (its kind's `writes`, mtm_bot.kinds). `Runner` is what the
-scheduler (mtm_bot.scheduler) asks of a transport; `LocalRunner` is the embedded one: it runs jobs in
-threads of this process.
+scheduler (mtm_bot.scheduler) asks of a transport: mtm_bot.local (threads of this process) and
+mtm_bot.distributed (GPU workers over Redis).
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -129,55 +127,3 @@ def _timing_stages(report: ProgressCallback) -> ProgressCallback:
 
     return timed
 
-
-class LocalRunner:
-    """The embedded transport: jobs run in threads of this process, up to `capacity` at once, their MusicGen
-    blocks batched together (mtm_bot.batcher)."""
-
-    keeps_running = False  # a job this process was running is interrupted when it stops
-
-    def __init__(self, runner: JobRunner, capacity: int) -> None:
-        self.runner = runner
-        self.capacity = capacity
-        # One thread per job running at once; the default executor stays free for file and network helpers.
-        self._executor = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="mtm-job")
-        self._tokens: dict[str, CancelToken] = {}
-
-    async def start(self, capacity_changed: Callable[[], None]) -> None:
-        pass  # the capacity never changes
-
-    async def run(self, job: Job, events: JobEvents, *, adopt: bool = False) -> Outcome:
-        loop = asyncio.get_running_loop()
-        token = self._tokens[job.id] = CancelToken()
-
-        def report(progress: Progress) -> None:
-            loop.call_soon_threadsafe(events.progress, progress)
-
-        def captions(lines: list[str]) -> None:
-            loop.call_soon_threadsafe(events.captions, lines)
-
-        try:
-            return await loop.run_in_executor(self._executor, self.runner.execute, job, report, token, captions)
-        finally:
-            del self._tokens[job.id]
-
-    async def settled(self, job: Job) -> None:
-        pass  # nothing to acknowledge: the store is the only record
-
-    def cancel(self, job_id: str) -> None:
-        if job_id in self._tokens:
-            self._tokens[job_id].cancel()
-
-    def where(self, job_id: str) -> str | None:
-        return None  # this process
-
-    def workers(self) -> list:
-        return []
-
-    def interrupt(self) -> None:
-        """Shutdown: the running jobs stop at their next step (and run again at the next start)."""
-        for token in self._tokens.values():
-            token.cancel()
-
-    async def close(self) -> None:
-        self._executor.shutdown(wait=False)

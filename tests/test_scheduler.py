@@ -17,7 +17,8 @@ from mtm_bot.pipeline import Pipeline
 from mtm_bot.progress import Progress
 from mtm_bot.settings import Settings
 from mtm_bot.queue import JobQueue, TooManyJobs
-from mtm_bot.runner import OOM_MESSAGE, JobRunner, LocalRunner
+from mtm_bot.local import LocalRunner
+from mtm_bot.runner import OOM_MESSAGE, JobRunner
 from mtm_bot.scheduler import JobNotFound, NotCancellable, Scheduler
 from mtm_bot.store import JobStore
 from tests.synth import write_music
