@@ -23,19 +23,19 @@ from discord.ext import commands
 
 from cogs.utils.delivery import Delivery
 from cogs.utils.errors import answer_error
-from mtm_bot import metrics
-from mtm_bot.errors import InputError, MTMError
-from mtm_bot.queue import JobQueue
-from mtm_bot.retry import Backoff, retry
-from mtm_bot.library import Embedder, Library
-from mtm_bot.local import LocalRunner
-from mtm_bot.runner import JobRunner
-from mtm_bot.scheduler import Scheduler
-from mtm_bot.settings import Settings
-from mtm_bot.store import JobStore
+from mtm_bot.core import metrics
+from mtm_bot.core.errors import InputError, MTMError
+from mtm_bot.jobs.queue import JobQueue
+from mtm_bot.core.retry import Backoff, retry
+from mtm_bot.jobs.library import Embedder, Library
+from mtm_bot.transport.local import LocalRunner
+from mtm_bot.jobs.runner import JobRunner
+from mtm_bot.jobs.scheduler import Scheduler
+from mtm_bot.core.settings import Settings
+from mtm_bot.jobs.store import JobStore
 
 if TYPE_CHECKING:
-    from mtm_bot.pipeline import Pipeline
+    from mtm_bot.stages.pipeline import Pipeline
 
 log = logging.getLogger("mtm_bot.bot")
 
@@ -88,10 +88,10 @@ class MTMBot(commands.Bot):
         for name in COGS:
             await self.load_extension(name)
         self.store = await JobStore.open(self.settings)
-        from mtm_bot.pipeline import Pipeline  # transformers is slow to import: only once we have a token
+        from mtm_bot.stages.pipeline import Pipeline  # transformers is slow to import: only once we have a token
 
         if self.settings.broker_url:  # distributed: the GPU workers hold the models; here they only check uploads
-            from mtm_bot.distributed import RemoteRunner
+            from mtm_bot.transport.distributed import RemoteRunner
 
             self.pipeline = Pipeline(self.settings)
             runner = RemoteRunner(self.settings, self.store)
@@ -194,7 +194,7 @@ async def serve(settings: Settings) -> None:
         with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows event loops
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
         if settings.broker_url:  # distributed mode: one sentence per try while Redis cannot be reached
-            from mtm_bot.protocol import wait_for_redis
+            from mtm_bot.transport.protocol import wait_for_redis
 
             if not await wait_for_redis(settings, "bot", stopping):
                 return

@@ -19,9 +19,9 @@ import torch
 
 from bench.bench_musicgen import timed
 from bench.end_to_end import synth_clip
-from mtm_bot.audio import Audio
-from mtm_bot.captioner import SEGMENT_SECONDS, Captioner, LPMusicCaps, bart_base_config
-from mtm_bot.runtime import resolve_device
+from mtm_bot.core.audio import Audio
+from mtm_bot.stages.captioner import SEGMENT_SECONDS, Captioner, LPMusicCaps, bart_base_config
+from mtm_bot.stages.runtime import resolve_device
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mtm_bot.image_captioner import ImageCaptioner, build_tiny_blip, read_image
-from mtm_bot.runtime import cast_for_inference, model_dtype, resolve_device
+from mtm_bot.stages.image_captioner import ImageCaptioner, build_tiny_blip, read_image
+from mtm_bot.stages.runtime import cast_for_inference, model_dtype, resolve_device
 
 from bench.memory import resident_mib
 

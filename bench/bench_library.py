@@ -38,8 +38,8 @@ def median_ms(run, repeats: int) -> float:
 
 
 async def bench_search(embedder, entries: int, repeats: int) -> tuple[float, float]:
-    from mtm_bot.library import Library
-    from mtm_bot.settings import Settings
+    from mtm_bot.jobs.library import Library
+    from mtm_bot.core.settings import Settings
 
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(storage_dir=Path(folder))
@@ -80,9 +80,9 @@ def main() -> None:
     import torch
     import transformers  # noqa: F401
 
-    from mtm_bot.library import Embedder
-    from mtm_bot.pipeline import Pipeline
-    from mtm_bot.settings import Settings
+    from mtm_bot.jobs.library import Embedder
+    from mtm_bot.stages.pipeline import Pipeline
+    from mtm_bot.core.settings import Settings
 
     if args.threads:
         torch.set_num_threads(args.threads)

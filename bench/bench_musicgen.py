@@ -29,10 +29,10 @@ import time
 import torch
 
 from bench.reference import reference_codes
-from mtm_bot.generator import FRAME_RATE, cache_frames
-from mtm_bot.musicgen_decode import BlockRequest, MusicgenDecoder
-from mtm_bot.sampling import Sampling
-from mtm_bot.pipeline import BLOCK_SECONDS
+from mtm_bot.stages.generator import FRAME_RATE, cache_frames
+from mtm_bot.stages.musicgen_decode import BlockRequest, MusicgenDecoder
+from mtm_bot.stages.sampling import Sampling
+from mtm_bot.stages.pipeline import BLOCK_SECONDS
 
 CHROMA_RATE = 32000 / 4096  # musicgen-melody chroma frames per second (hop 4096)
 TEXT_TOKENS = 24  # a typical refined caption
@@ -76,7 +76,7 @@ def build_random_musicgen(arch: str):
 
 def build(arch: str, device: torch.device, dtype: torch.dtype):
     if arch.startswith("tiny"):
-        from mtm_bot.generator import build_tiny_musicgen
+        from mtm_bot.stages.generator import build_tiny_musicgen
 
         model, _ = build_tiny_musicgen("melody", stereo=arch == "tiny-stereo")
     else:

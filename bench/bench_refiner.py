@@ -40,14 +40,14 @@ import torch
 import xgrammar as xgr
 from transformers import LogitsProcessor
 
-from mtm_bot.captioner import Segment
-import mtm_bot.refiner
-from mtm_bot.grammar import ReplyGrammar, ReplyMatcher, StringBudget, tokenizer_info
-from mtm_bot.refiner import Refiner
-from mtm_bot.refiner_prompt import JSON_SEPARATORS, max_output_tokens, refinement_schema, reply_schema
-from mtm_bot.runtime import model_dtype, resolve_device
-from mtm_bot.timecode import format_time
-from mtm_bot.tiny import build_tiny_llm, build_tiny_tokenizer
+from mtm_bot.stages.captioner import Segment
+import mtm_bot.stages.refiner
+from mtm_bot.stages.grammar import ReplyGrammar, ReplyMatcher, StringBudget, tokenizer_info
+from mtm_bot.stages.refiner import Refiner
+from mtm_bot.stages.refiner_prompt import JSON_SEPARATORS, max_output_tokens, refinement_schema, reply_schema
+from mtm_bot.stages.runtime import model_dtype, resolve_device
+from mtm_bot.core.timecode import format_time
+from mtm_bot.stages.tiny import build_tiny_llm, build_tiny_tokenizer
 
 SEGMENTS = [
     Segment(0.0, 10.0, "a low quality recording of a piano melody over a steady beat"),
@@ -118,7 +118,7 @@ def forward_passes(refiner: Refiner, fn) -> int:
     """Forward passes `fn` makes through `refiner` after the prompt's (one untimed run): compiled
     steps plus multi-token passes, counted around the calls, so CUDA graph replays count too."""
     calls = []
-    step, prefill = refiner._step, mtm_bot.refiner.prefill
+    step, prefill = refiner._step, mtm_bot.stages.refiner.prefill
 
     def counted(real):
         def call(*args, **kwargs):
@@ -126,11 +126,11 @@ def forward_passes(refiner: Refiner, fn) -> int:
             return real(*args, **kwargs)
         return call
 
-    refiner._step, mtm_bot.refiner.prefill = counted(step), counted(prefill)
+    refiner._step, mtm_bot.stages.refiner.prefill = counted(step), counted(prefill)
     try:
         fn()
     finally:
-        refiner._step, mtm_bot.refiner.prefill = step, prefill
+        refiner._step, mtm_bot.stages.refiner.prefill = step, prefill
     return len(calls) - 1
 
 
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (the best is reported)")
     parser.add_argument("--vocab", choices=["llama3", "tiny"], default="llama3",
                         help="Llama 3.2's tokenizer (default) or the tests' 512-token one")
-    parser.add_argument("--max-segments", type=int, default=mtm_bot.refiner.EXPECTED_MAX_SEGMENTS,
+    parser.add_argument("--max-segments", type=int, default=mtm_bot.stages.refiner.EXPECTED_MAX_SEGMENTS,
                         help="grammars prepared at start-up (a 60 s clip limit: 6)")
     parser.add_argument("--before", default="1,3,6",
                         help="segment counts whose old grammar is compiled for comparison (seconds each; '' skips)")

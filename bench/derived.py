@@ -15,9 +15,9 @@ import json
 
 import torch
 
-from mtm_bot.pipeline import Pipeline
-from mtm_bot.runtime import resolve_device
-from mtm_bot.settings import Settings
+from mtm_bot.stages.pipeline import Pipeline
+from mtm_bot.stages.runtime import resolve_device
+from mtm_bot.core.settings import Settings
 
 from bench.bench_refiner import best_of
 from bench.end_to_end import INSTRUCTION, build_stages, synth_clip

@@ -26,16 +26,16 @@ from pathlib import Path
 
 import torch
 
-from mtm_bot.audio import Audio, load_clip
-from mtm_bot.captioner import Captioner, LPMusicCaps, bart_base_config
-from mtm_bot.compiling import EAGER
-from mtm_bot.generator import Generator, build_tiny_musicgen
-from mtm_bot.sampling import Sampling
-from mtm_bot.pipeline import BLOCK_SECONDS, Pipeline
-from mtm_bot.refiner import Refiner
-from mtm_bot.runtime import model_dtype, resolve_device
-from mtm_bot.settings import Settings
-from mtm_bot.tiny import build_tiny_tokenizer
+from mtm_bot.core.audio import Audio, load_clip
+from mtm_bot.stages.captioner import Captioner, LPMusicCaps, bart_base_config
+from mtm_bot.stages.compiling import EAGER
+from mtm_bot.stages.generator import Generator, build_tiny_musicgen
+from mtm_bot.stages.sampling import Sampling
+from mtm_bot.stages.pipeline import BLOCK_SECONDS, Pipeline
+from mtm_bot.stages.refiner import Refiner
+from mtm_bot.stages.runtime import model_dtype, resolve_device
+from mtm_bot.core.settings import Settings
+from mtm_bot.stages.tiny import build_tiny_tokenizer
 
 from bench.bench_refiner import ReplyLogitsProcessor, timed
 from bench.reference import reference_codes

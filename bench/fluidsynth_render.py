@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from mtm_bot.audio import Audio, resample
+from mtm_bot.core.audio import Audio, resample
 
 SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
 

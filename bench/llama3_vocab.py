@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mtm_bot.tiny import LLAMA3_CHAT_TEMPLATE
+from mtm_bot.stages.tiny import LLAMA3_CHAT_TEMPLATE
 
 LLAMA3_VOCAB_SIZE = 128256  # Llama-3.2-3B-Instruct's logits
 # What ends an Instruct turn (the hub model's generation_config).

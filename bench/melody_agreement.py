@@ -13,9 +13,9 @@ hi-hat on every eighth, MIDI channel 10). FluidSynth renders it with a General M
 whose one-hot pitch class is the pitch class of the melody note sounding at the frame's centre
 (frames where the melody rests are left out):
 
-- `raw`: the mix as it is; `high_pass`: always high-passed (mtm_bot.melody.remove_bass);
+- `raw`: the mix as it is; `high_pass`: always high-passed (mtm_bot.stages.melody.remove_bass);
   `bot`: melody_chroma as the generator calls it (high-passed where has_bass_line finds a bass line);
-- `high_pass_<Hz>`: mtm_bot.melody.remove_bass at other cutoffs;
+- `high_pass_<Hz>`: mtm_bot.stages.melody.remove_bass at other cutoffs;
 - `hpss_high_pass_<Hz>`: drums removed first by a harmonic/percussive split (median filtering,
   Fitzgerald 2010, as librosa.decompose.hpss), then the high-pass: what the bot would gain from it;
 - `melody_alone`: the soprano rendered on its own, the ceiling of what any separation could reach
@@ -43,8 +43,8 @@ from scipy.ndimage import median_filter
 from scipy.signal import istft, stft
 
 from bench import fluidsynth_render
-from mtm_bot.generator import CHROMA_HOP, CHROMA_MAX_SAMPLES, SAMPLE_RATE, melody_chroma
-from mtm_bot.melody import BASS_CUTOFF_HZ, remove_bass
+from mtm_bot.stages.generator import CHROMA_HOP, CHROMA_MAX_SAMPLES, SAMPLE_RATE, melody_chroma
+from mtm_bot.stages.melody import BASS_CUTOFF_HZ, remove_bass
 
 SCORES = ["bach/bwv66.6", "bach/bwv86.6", "bach/bwv153.1", "bach/bwv269", "bach/bwv347"]
 # General MIDI programs (0-based) per voice; each score takes the next line, so timbres vary.

@@ -31,7 +31,7 @@ from discord_emulator import DiscordEmulator, FakeUser, Interaction  # noqa: E40
 from synth import music  # noqa: E402
 
 from bot import MTMBot, point_discord_at  # noqa: E402
-from mtm_bot.settings import Settings  # noqa: E402
+from mtm_bot.core.settings import Settings  # noqa: E402
 
 TIMER_SECONDS = 0.01
 

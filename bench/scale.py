@@ -2,7 +2,7 @@
 
     MTM_BROKER_URL=redis://127.0.0.1:6379/0 python -m bench.scale [--jobs 8] [--seconds 30] [--device cpu]
 
-The bot's scheduler (mtm_bot.scheduler with mtm_bot.distributed.RemoteRunner: store, fair queue, hand-out
+The bot's scheduler (mtm_bot.jobs.scheduler with mtm_bot.transport.distributed.RemoteRunner: store, fair queue, hand-out
 only to a free slot) runs in this process without Discord; the workers are real `python -m mtm_bot worker`
 processes (tiny profile, one thread and one slot each) on their own key prefix in that Redis. Each round
 submits the same jobs at once and waits for every outcome. The embedded default (the same jobs in this
@@ -57,10 +57,10 @@ class Outcomes:
 
 async def run_round(settings, clip: Path, jobs: int, seconds: int, runner_factory) -> dict:
     """Submit `jobs` compose jobs at once to a fresh scheduler; seconds until all are delivered."""
-    from mtm_bot.job import Job, JobKind
-    from mtm_bot.queue import JobQueue
-    from mtm_bot.scheduler import Scheduler
-    from mtm_bot.store import JobStore
+    from mtm_bot.jobs.job import Job, JobKind
+    from mtm_bot.jobs.queue import JobQueue
+    from mtm_bot.jobs.scheduler import Scheduler
+    from mtm_bot.jobs.store import JobStore
 
     store = await JobStore.open(settings)
     queue, outcomes = JobQueue(settings), Outcomes()
@@ -157,11 +157,11 @@ async def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from mtm_bot.distributed import RemoteRunner
-    from mtm_bot.pipeline import Pipeline
-    from mtm_bot.local import LocalRunner
-    from mtm_bot.runner import JobRunner
-    from mtm_bot.settings import Settings
+    from mtm_bot.transport.distributed import RemoteRunner
+    from mtm_bot.stages.pipeline import Pipeline
+    from mtm_bot.transport.local import LocalRunner
+    from mtm_bot.jobs.runner import JobRunner
+    from mtm_bot.core.settings import Settings
     from tests.synth import write_music
 
     report: dict = {"jobs": args.jobs, "seconds_of_music_per_job": args.seconds, "device": args.device,

@@ -40,9 +40,9 @@ import pretty_midi
 
 from bench.fluidsynth_render import render_midi, require_fluidsynth
 from bench.melody_agreement import BANDS, SCORES, arrange, keep_parts
-from mtm_bot.audio import Audio
-from mtm_bot.generator import SAMPLE_RATE
-from mtm_bot.transcribe import Transcription, load_model, transcribe
+from mtm_bot.core.audio import Audio
+from mtm_bot.stages.generator import SAMPLE_RATE
+from mtm_bot.stages.transcribe import Transcription, load_model, transcribe
 
 PIANO_PIECES = ["joplin/maple_leaf_rag"]
 ACOUSTIC_GRAND_PIANO = 0

@@ -7,7 +7,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from mtm_bot.job import JobKind
+from mtm_bot.jobs.job import JobKind
 
 from .utils.submit import accept, submission_rate_limit
 

@@ -9,9 +9,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from mtm_bot.job import JobKind
-from mtm_bot.pipeline import BLOCK_SECONDS, SECONDS_WITHOUT_CLIP
-from mtm_bot.instruction import MAX_INSTRUCTION_CHARS
+from mtm_bot.jobs.job import JobKind
+from mtm_bot.stages.pipeline import BLOCK_SECONDS, SECONDS_WITHOUT_CLIP
+from mtm_bot.core.instruction import MAX_INSTRUCTION_CHARS
 
 from .utils.submit import accept, submission_rate_limit
 

@@ -12,9 +12,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from mtm_bot.errors import InputError
-from mtm_bot.job import JobKind
-from mtm_bot.library import MAX_QUERY_CHARS, Match
+from mtm_bot.core.errors import InputError
+from mtm_bot.jobs.job import JobKind
+from mtm_bot.jobs.library import MAX_QUERY_CHARS, Match
 
 from .utils.render import CONTENT_LIMIT, quote, shorten
 from .utils.submit import accept

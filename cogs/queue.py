@@ -7,7 +7,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from mtm_bot.job import Job, JobState
+from mtm_bot.jobs.job import Job, JobState
 
 from .utils.render import minutes, quote, shorten
 

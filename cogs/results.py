@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import discord
 from discord.ext import commands
 
-from mtm_bot.instruction import MAX_INSTRUCTION_CHARS, check_instruction
-from mtm_bot.job import Job, JobKind
-from mtm_bot.pipeline import MAX_EXTEND_SECONDS, MIN_EXTEND_SECONDS
-from mtm_bot.timecode import format_time
+from mtm_bot.core.instruction import MAX_INSTRUCTION_CHARS, check_instruction
+from mtm_bot.jobs.job import Job, JobKind
+from mtm_bot.stages.pipeline import MAX_EXTEND_SECONDS, MIN_EXTEND_SECONDS
+from mtm_bot.core.timecode import format_time
 
 from .utils.errors import answer_error, reply_error
 from .utils.submit import EmptyInstruction, accept_derived

@@ -28,18 +28,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InputError, ModelUnavailable, MTMError
-from .job import JobKind
-from .kinds import KINDS, Request
-from .progress import Progress
-from .seeds import choose_seed
-from .settings import Settings
+from .core.errors import InputError, ModelUnavailable, MTMError
+from .jobs.job import JobKind
+from .jobs.kinds import KINDS, Request
+from .core.progress import Progress
+from .core.seeds import choose_seed
+from .core.settings import Settings
 
 if TYPE_CHECKING:
-    from .audio import Audio
-    from .checkpoints import Stage
-    from .kept import Kept, KeptFiles
-    from .pipeline import ComposeResult
+    from .core.audio import Audio
+    from .stages.checkpoints import Stage
+    from .stages.kept import Kept, KeptFiles
+    from .stages.pipeline import ComposeResult
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
@@ -141,7 +141,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 # Commands. Each refuses bad input before any model loads. ------------------------------------------
 
 def _caption(args: argparse.Namespace, settings: Settings) -> int:
-    from .pipeline import Pipeline
+    from .stages.pipeline import Pipeline
 
     _check_files(args.input)
     pipeline = Pipeline(settings)
@@ -152,15 +152,15 @@ def _caption(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(s) for s in segments], ensure_ascii=False, indent=2))
     else:
-        from .timecode import format_range
+        from .core.timecode import format_range
         for s in segments:
             print(f"{format_range(s.start, s.end)} {s.caption}")
     return EXIT_OK
 
 
 def _compose(args: argparse.Namespace, settings: Settings) -> int:
-    from .instruction import check_instruction
-    from .pipeline import Pipeline
+    from .core.instruction import check_instruction
+    from .stages.pipeline import Pipeline
 
     _check_files(args.input, args.image)
     _check_output_path(args.output)
@@ -185,20 +185,20 @@ def _compose(args: argparse.Namespace, settings: Settings) -> int:
 
 def _derive(args: argparse.Namespace, settings: Settings) -> int:
     """reroll, extend, remix, redo: a new track from the result kept in DIR, by the kind's derivation."""
-    from .kept import Kept
-    from .pipeline import Pipeline
+    from .stages.kept import Kept
+    from .stages.pipeline import Pipeline
 
     source = _saved_result(args.folder)
     _check_output_path(args.output)
     _check_save_folder(args.save)
     redo_from = getattr(args, "start", None)
     if redo_from is not None:
-        from .timecode import parse_time
+        from .core.timecode import parse_time
 
         redo_from = parse_time(redo_from)
     instruction = getattr(args, "instruction", None)
     if instruction is not None:
-        from .instruction import check_instruction
+        from .core.instruction import check_instruction
 
         instruction = check_instruction(instruction)
     spec = KINDS[JobKind(args.command)]
@@ -217,7 +217,7 @@ def _derive(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _midi(args: argparse.Namespace, settings: Settings) -> int:
-    from .pipeline import Pipeline
+    from .stages.pipeline import Pipeline
 
     _check_output_suffix(args.output, MIDI_SUFFIXES)
     if args.source.is_dir():
@@ -243,7 +243,7 @@ def _midi(args: argparse.Namespace, settings: Settings) -> int:
 def _deliver(args: argparse.Namespace, result: ComposeResult, instruction: str, clip: Audio | None,
              clip_file: Path | None) -> int:
     """Write the track, keep it in --save DIR if asked, and report it."""
-    from .audio import write
+    from .core.audio import write
 
     write(result.audio, args.output)
     if args.save is not None:
@@ -261,7 +261,7 @@ def _deliver(args: argparse.Namespace, result: ComposeResult, instruction: str, 
 
 
 def _save(folder: Path, kept: Kept, clip_file: Path | None) -> None:
-    from .kept import KeptFiles, keep_clip
+    from .stages.kept import KeptFiles, keep_clip
 
     folder.mkdir(parents=True, exist_ok=True)
     if clip_file is not None:  # first: KeptFiles.in_folder finds the clip by its name
@@ -270,7 +270,7 @@ def _save(folder: Path, kept: Kept, clip_file: Path | None) -> None:
 
 
 def _check_output_path(path: Path) -> None:
-    from .kept import KeptFiles
+    from .stages.kept import KeptFiles
 
     _check_output_suffix(path, AUDIO_SUFFIXES)
     kept = KeptFiles.in_folder(path.parent)
@@ -280,7 +280,7 @@ def _check_output_path(path: Path) -> None:
 
 def _check_save_folder(folder: Path | None) -> None:
     """--save never overwrites a kept result (a user's earlier work); nor does -o (_check_output_path)."""
-    from .kept import KeptFiles
+    from .stages.kept import KeptFiles
 
     if folder is None:
         return
@@ -293,7 +293,7 @@ def _check_save_folder(folder: Path | None) -> None:
 
 
 def _saved_result(folder: Path) -> KeptFiles:
-    from .kept import KeptFiles
+    from .stages.kept import KeptFiles
 
     files = KeptFiles.in_folder(folder)
     if not (folder.is_dir() and files.exist()):
@@ -302,7 +302,7 @@ def _saved_result(folder: Path) -> KeptFiles:
 
 
 def _saved_track(folder: Path) -> Path:
-    from .kept import KeptFiles
+    from .stages.kept import KeptFiles
 
     track = KeptFiles.in_folder(folder).track
     if not track.is_file():
@@ -329,7 +329,7 @@ def _check_output_suffix(path: Path, suffixes: tuple[str, ...]) -> None:
 def _download(settings: Settings) -> int:
     from huggingface_hub import constants, snapshot_download
 
-    from .hub import hub_unreachable
+    from .stages.hub import hub_unreachable
 
     if constants.is_offline_mode():
         raise ModelUnavailable("Nothing can be downloaded while HF_HUB_OFFLINE is set; unset it and run `download` again.")
@@ -367,7 +367,7 @@ def _fetch(repo: str, fetch: Callable[[], object]) -> None:
 
 
 def _worker(settings: Settings) -> int:
-    from .gpu_worker import main
+    from .transport.gpu_worker import main
 
     return main(settings)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mtm_bot.errors import ImageError, NotAnImage, TooManyPixels, TruncatedImage
+from mtm_bot.core.errors import ImageError, NotAnImage, TooManyPixels, TruncatedImage
 
 
 def picture_bytes(fmt: str = "PNG", size: tuple[int, int] = (160, 120), seed: int = 0) -> bytes:

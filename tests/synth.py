@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from mtm_bot.errors import ClipTooLong, ClipTooShort, EmptyAudio, NotAudio, TruncatedAudio
+from mtm_bot.core.errors import ClipTooLong, ClipTooShort, EmptyAudio, NotAudio, TruncatedAudio
 
 BEAT_SECONDS = 0.5  # 120 BPM
 BAR_SECONDS = 4 * BEAT_SECONDS

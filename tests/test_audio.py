@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mtm_bot import audio
-from mtm_bot.audio import (Audio, encode, encode_to_fit, integrated_loudness, load_clip, loudness_normalize,
+from mtm_bot.core import audio
+from mtm_bot.core.audio import (Audio, encode, encode_to_fit, integrated_loudness, load_clip, loudness_normalize,
                            mp3_bitrates, probe, resample, true_peak_dbfs, write)
-from mtm_bot.errors import (ClipTooLong, ClipTooShort, FileTooLarge, InputError, OutputTooLarge)
+from mtm_bot.core.errors import (ClipTooLong, ClipTooShort, FileTooLarge, InputError, OutputTooLarge)
 from synth import bad_files, music, wav_claiming, write_music
 
 

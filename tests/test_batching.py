@@ -1,4 +1,4 @@
-"""Several jobs' MusicGen blocks decoded together, and their clips captioned together (mtm_bot.batcher
+"""Several jobs' MusicGen blocks decoded together, and their clips captioned together (mtm_bot.stages.batcher
 through the generator and the captioner), tiny models, CPU.
 
 A job's track depends only on its inputs and its seed: run alone or batched with others, the codes are
@@ -14,10 +14,10 @@ import weakref
 import pytest
 import torch
 
-from mtm_bot.audio import Audio
-from mtm_bot.errors import Cancelled
-from mtm_bot.generator import Generator, plan_blocks
-from mtm_bot.progress import CancelToken
+from mtm_bot.core.audio import Audio
+from mtm_bot.core.errors import Cancelled
+from mtm_bot.stages.generator import Generator, plan_blocks
+from mtm_bot.core.progress import CancelToken
 from tests.synth import music
 
 SEGMENTS = [(0.0, 1.0), (1.0, 2.0)]
@@ -154,7 +154,7 @@ CLIPS = [Audio(music(seconds, 16000, seed=seed), 16000) for seconds, seed in ((1
 
 @pytest.fixture(scope="module")
 def captioner():
-    from mtm_bot.captioner import Captioner
+    from mtm_bot.stages.captioner import Captioner
 
     return Captioner.load("tiny", torch.device("cpu"), max_batch=4)
 
@@ -230,7 +230,7 @@ def test_a_cancelled_caption_leaves_at_once_and_the_rest_of_its_batch_goes_on(ca
 
 
 def test_a_batch_that_fails_runs_again_one_call_at_a_time():
-    from mtm_bot.batcher import CallBatcher
+    from mtm_bot.stages.batcher import CallBatcher
 
     def run(items, cancels):
         if 13 in items:

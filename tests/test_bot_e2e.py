@@ -19,10 +19,10 @@ import soundfile as sf
 
 from bot import MTMBot, point_discord_at
 from discord_emulator import CHANNEL_MESSAGE, DiscordEmulator, FakeUser, Interaction, Message
-from mtm_bot.audio import load_clip
-from mtm_bot.job import Job, JobKind, JobState
-from mtm_bot.store import JobStore
-from mtm_bot.settings import Settings
+from mtm_bot.core.audio import load_clip
+from mtm_bot.jobs.job import Job, JobKind, JobState
+from mtm_bot.jobs.store import JobStore
+from mtm_bot.core.settings import Settings
 from synth import bad_files, music
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from discord_emulator import DiscordEmulator, FakeUser, Message
-from mtm_bot.job import JobState
-from mtm_bot.store import JobStore
-from mtm_bot.settings import Settings
+from mtm_bot.jobs.job import JobState
+from mtm_bot.jobs.store import JobStore
+from mtm_bot.core.settings import Settings
 from test_bot_e2e import JOB_SECONDS, LINE, accepted, every_job_settled, pings, results_for, wav_bytes
 
 ROOT = Path(__file__).resolve().parents[1]

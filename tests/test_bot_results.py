@@ -16,9 +16,9 @@ import pytest_asyncio
 import soundfile as sf
 
 from discord_emulator import DiscordEmulator, FakeUser, Interaction, Message
-from mtm_bot.audio import Audio, write
-from mtm_bot.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
-from mtm_bot.job import JobState
+from mtm_bot.core.audio import Audio, write
+from mtm_bot.stages.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
+from mtm_bot.jobs.job import JobState
 from synth import music
 from test_bot_e2e import (JOB_SECONDS, LINE, accepted, connect_bot, disconnect_bot, ephemeral_error, every_job_settled,
                           results_for, wav_bytes)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from mtm_bot import captioner as C
-from mtm_bot.audio import Audio
-from mtm_bot.errors import Cancelled, ClipTooShort, ModelUnavailable
-from mtm_bot.progress import CancelToken
+from mtm_bot.stages import captioner as C
+from mtm_bot.core.audio import Audio
+from mtm_bot.core.errors import Cancelled, ClipTooShort, ModelUnavailable
+from mtm_bot.core.progress import CancelToken
 from synth import music
 
 CPU = torch.device("cpu")

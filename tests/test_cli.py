@@ -13,12 +13,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from mtm_bot.captioner import Segment
+from mtm_bot.stages.captioner import Segment
 from mtm_bot.cli import main
-from mtm_bot.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
-from mtm_bot.kept import Kept, KeptFiles
-from mtm_bot.pipeline import Pipeline
-from mtm_bot.settings import Settings
+from mtm_bot.stages.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
+from mtm_bot.stages.kept import Kept, KeptFiles
+from mtm_bot.stages.pipeline import Pipeline
+from mtm_bot.core.settings import Settings
 from synth import bad_files, write_music
 from tests.pictures import picture_bytes
 

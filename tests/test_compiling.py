@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from mtm_bot.audio import Audio
-from mtm_bot.captioner import Segment
-from mtm_bot.compiling import EAGER, CompilePlan
-from mtm_bot.generator import SAMPLE_RATE, Block, Generator
-from mtm_bot.refiner import Refiner
+from mtm_bot.core.audio import Audio
+from mtm_bot.stages.captioner import Segment
+from mtm_bot.stages.compiling import EAGER, CompilePlan
+from mtm_bot.stages.generator import SAMPLE_RATE, Block, Generator
+from mtm_bot.stages.refiner import Refiner
 from synth import music
 
 CPU = torch.device("cpu")
@@ -46,10 +46,10 @@ def _one_block(generator: Generator) -> np.ndarray:
 
 
 def test_musicgen_falls_back_to_eager_with_one_warning(broken_compiler, caplog):
-    with caplog.at_level(logging.WARNING, logger="mtm_bot.compiling"):
+    with caplog.at_level(logging.WARNING, logger="mtm_bot.stages.compiling"):
         generator = Generator.load("tiny", "facebook/musicgen-melody", CPU, 1, compile=AUTO_ON_CUDA)
     assert broken_compiler, "the warm-up never tried to compile"
-    warnings = [r.getMessage() for r in caplog.records if r.name == "mtm_bot.compiling"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mtm_bot.stages.compiling"]
     assert len(warnings) == 1 and "MusicGen" in warnings[0] and "eager" in warnings[0] and "ptxas" in warnings[0]
     assert not generator.decoder.compiled
     eager = Generator.load("tiny", "facebook/musicgen-melody", CPU, 1, compile=EAGER)
@@ -62,10 +62,10 @@ def test_musicgen_compile_failure_is_an_error_when_compiling_is_required(broken_
 
 
 def test_refiner_falls_back_to_eager_with_one_warning(broken_compiler, caplog):
-    with caplog.at_level(logging.WARNING, logger="mtm_bot.compiling"):
+    with caplog.at_level(logging.WARNING, logger="mtm_bot.stages.compiling"):
         refiner = Refiner.load("tiny", "unused", CPU, compile=AUTO_ON_CUDA)
     assert broken_compiler
-    warnings = [r.getMessage() for r in caplog.records if r.name == "mtm_bot.compiling"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mtm_bot.stages.compiling"]
     assert len(warnings) == 1 and "refiner" in warnings[0] and "ptxas" in warnings[0]
     segments = [Segment(0.0, 10.0, "a piano melody")]
     eager = Refiner.load("tiny", "unused", CPU, compile=EAGER)

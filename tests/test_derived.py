@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from mtm_bot.audio import Audio, integrated_loudness, write
-from mtm_bot.errors import InputError
-from mtm_bot.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
-from mtm_bot.kept import Kept, KeptFiles, ResultExpired
-from mtm_bot.pipeline import Pipeline
-from mtm_bot.settings import Settings
+from mtm_bot.core.audio import Audio, integrated_loudness, write
+from mtm_bot.core.errors import InputError
+from mtm_bot.stages.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
+from mtm_bot.stages.kept import Kept, KeptFiles, ResultExpired
+from mtm_bot.stages.pipeline import Pipeline
+from mtm_bot.core.settings import Settings
 from synth import music
 
 SEAM_SAMPLES = round((EDGE_SECONDS + CROSSFADE_SECONDS) * SAMPLE_RATE)  # the crossfade ends this far before a seam
@@ -128,7 +128,7 @@ def test_redo_keeps_everything_before_the_chosen_block(pipeline, kept):
 
 
 def _lines(kept: Kept) -> list[str]:
-    from mtm_bot.pipeline import caption_lines
+    from mtm_bot.stages.pipeline import caption_lines
 
     return caption_lines(kept.blocks, kept.refinement)
 

@@ -23,7 +23,7 @@ from bot import point_discord_at
 from discord_emulator import (ACTION_ROW, BUTTON, COMPONENTS_V2, DEFERRED_CHANNEL_MESSAGE, DEFERRED_UPDATE_MESSAGE,
                               LABEL, MODAL, UPDATE_MESSAGE, DiscordEmulator, FakeUser, Message, component_problem,
                               modal_problem, walk_components)
-from mtm_bot.settings import Settings
+from mtm_bot.core.settings import Settings
 
 on_the_bot = pytest.mark.asyncio(loop_scope="module")  # one bot serves the module's end-to-end tests
 

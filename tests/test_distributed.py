@@ -22,9 +22,9 @@ import pytest
 import redis
 
 from discord_emulator import DiscordEmulator, FakeUser
-from mtm_bot.job import JobState
-from mtm_bot.store import JobStore
-from mtm_bot.settings import Settings
+from mtm_bot.jobs.job import JobState
+from mtm_bot.jobs.store import JobStore
+from mtm_bot.core.settings import Settings
 from test_bot_restart import TOKEN, bot_env, start_bot
 from test_bot_e2e import JOB_SECONDS, LINE, accepted, connect_bot, disconnect_bot, every_job_settled, results_for, \
     wav_bytes
@@ -272,7 +272,7 @@ async def test_worker_without_a_broker_url_exits_2_saying_what_to_set():
 async def test_a_worker_of_another_protocol_version_refuses_the_order_and_hands_it_back(tmp_path, prefix):
     from taskiq.kicker import AsyncKicker
 
-    from mtm_bot.protocol import TASK_NAME, JobStream
+    from mtm_bot.transport.protocol import TASK_NAME, JobStream
 
     async with distributed(tmp_path, prefix) as (emulator, bot, workers):
         await workers.start("gpu-a")
@@ -429,7 +429,7 @@ async def test_unreachable_redis_at_start_is_one_sentence_and_retries_until_it_a
 
 
 async def test_the_embedded_default_imports_no_redis_and_no_taskiq():
-    code = ("import sys, bot, cogs.queue, mtm_bot.scheduler, mtm_bot.runner; "
+    code = ("import sys, bot, cogs.queue, mtm_bot.jobs.scheduler, mtm_bot.jobs.runner; "
             "print(sorted(m for m in ('redis', 'taskiq', 'taskiq_redis') if m in sys.modules))")
     done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=ROOT, env=bot_env(),
                                    capture_output=True, text=True, timeout=120)
@@ -438,7 +438,7 @@ async def test_the_embedded_default_imports_no_redis_and_no_taskiq():
 
 
 async def test_a_job_that_lost_its_worker_four_times_fails_with_a_sentence(tmp_path, prefix):
-    from mtm_bot.job import Job, JobKind
+    from mtm_bot.jobs.job import Job, JobKind
 
     emulator = await DiscordEmulator().start()
     settings = Settings(storage_dir=tmp_path / "storage")
@@ -470,7 +470,7 @@ async def test_jobs_built_on_a_result_get_its_kept_files_through_redis(tmp_path,
     import numpy as np
     import soundfile as sf
 
-    from mtm_bot.audio import Audio, write
+    from mtm_bot.core.audio import Audio, write
     from synth import music
     from test_bot_results import caption_lines, result_of
 
@@ -513,8 +513,8 @@ async def test_a_worker_takes_as_many_jobs_as_its_batch_size(tmp_path, prefix):
 
 
 async def test_the_broker_password_never_reaches_a_log_and_a_wrong_url_is_refused():
-    from mtm_bot.protocol import safe_url
-    from mtm_bot.settings import SettingsError
+    from mtm_bot.transport.protocol import safe_url
+    from mtm_bot.core.settings import SettingsError
 
     url = "rediss://:s3cret-pass@redis.example.org:6380/2"
     assert safe_url(url) == "rediss://:***@redis.example.org:6380/2"

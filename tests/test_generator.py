@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mtm_bot.audio import Audio, resample, true_peak_dbfs
-from mtm_bot.errors import Cancelled
-from mtm_bot.generator import (
+from mtm_bot.core.audio import Audio, resample, true_peak_dbfs
+from mtm_bot.core.errors import Cancelled
+from mtm_bot.stages.generator import (
     CHROMA_LENGTH,
     CROSSFADE_SECONDS,
     EDGE_SECONDS,
@@ -21,9 +21,9 @@ from mtm_bot.generator import (
     melody_chroma,
     plan_blocks,
 )
-from mtm_bot.melody import has_bass_line, remove_bass
-from mtm_bot.pipeline import BLOCK_SECONDS
-from mtm_bot.progress import CancelToken
+from mtm_bot.stages.melody import has_bass_line, remove_bass
+from mtm_bot.stages.pipeline import BLOCK_SECONDS
+from mtm_bot.core.progress import CancelToken
 from tests.synth import music
 
 SEGMENTS_2 = [(0.0, 10.0), (10.0, 15.0)]
@@ -293,7 +293,7 @@ def test_block_longer_than_the_generator_was_sized_for_is_refused(generator, cli
 
 
 def test_blocks_beyond_musicgens_context_are_refused_at_load():
-    from mtm_bot.generator import build_tiny_musicgen
+    from mtm_bot.stages.generator import build_tiny_musicgen
 
     model, tokenizer = build_tiny_musicgen("melody")
     with pytest.raises(ValueError, match="30 s context"):
@@ -301,7 +301,7 @@ def test_blocks_beyond_musicgens_context_are_refused_at_load():
 
 
 def test_text_only_musicgen_generates_without_melody(clip):
-    from mtm_bot.generator import build_tiny_musicgen
+    from mtm_bot.stages.generator import build_tiny_musicgen
 
     model, tokenizer = build_tiny_musicgen("small")
     small = Generator(model, tokenizer, torch.device("cpu"), BLOCK_SECONDS)
@@ -314,7 +314,7 @@ def test_text_only_musicgen_generates_without_melody(clip):
 
 @pytest.mark.parametrize("kind", ["melody", "small"])
 def test_full_profile_loads_a_saved_checkpoint_and_its_tokenizer(tmp_path, clip, kind):
-    from mtm_bot.generator import build_tiny_musicgen
+    from mtm_bot.stages.generator import build_tiny_musicgen
 
     model, tokenizer = build_tiny_musicgen(kind)
     model.save_pretrained(tmp_path)
@@ -328,7 +328,7 @@ def test_full_profile_loads_a_saved_checkpoint_and_its_tokenizer(tmp_path, clip,
 
 
 def test_missing_weights_are_reported_not_crashed():
-    from mtm_bot.errors import ModelUnavailable
+    from mtm_bot.core.errors import ModelUnavailable
 
     with pytest.raises(ModelUnavailable, match="python -m mtm_bot download"):
         Generator.load("full", "facebook/musicgen-melody-not-cached", torch.device("cpu"), BLOCK_SECONDS)
@@ -337,7 +337,7 @@ def test_missing_weights_are_reported_not_crashed():
 def test_a_non_musicgen_checkpoint_is_refused(tmp_path):
     from transformers import T5Config
 
-    from mtm_bot.settings import SettingsError
+    from mtm_bot.core.settings import SettingsError
 
     T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32).save_pretrained(tmp_path)
     with pytest.raises(SettingsError, match="not a MusicGen checkpoint"):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mtm_bot.errors import ImageFileTooLarge, NotAnImage, TooManyPixels, TruncatedImage
-from mtm_bot.image_captioner import ImageCaptioner, read_image
+from mtm_bot.core.errors import ImageFileTooLarge, NotAnImage, TooManyPixels, TruncatedImage
+from mtm_bot.stages.image_captioner import ImageCaptioner, read_image
 from tests.pictures import bad_pictures, picture_bytes, png_bomb
 
 LIMIT_BYTES = 25 * 1024 * 1024

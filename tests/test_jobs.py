@@ -4,12 +4,12 @@ import time
 
 import pytest
 
-from mtm_bot.errors import InputError
-from mtm_bot.job import Job, JobKind, JobState
-from mtm_bot.queue import JobQueue, QueueFull, TooManyJobs
-from mtm_bot.store import JobStore
-from mtm_bot.kept import ResultExpired
-from mtm_bot.settings import Settings
+from mtm_bot.core.errors import InputError
+from mtm_bot.jobs.job import Job, JobKind, JobState
+from mtm_bot.jobs.queue import JobQueue, QueueFull, TooManyJobs
+from mtm_bot.jobs.store import JobStore
+from mtm_bot.stages.kept import ResultExpired
+from mtm_bot.core.settings import Settings
 
 
 def make_job(user_id: int, kind: JobKind = JobKind.COMPOSE, duration: int | None = 10, **changes) -> Job:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mtm_bot.refiner as refiner_module
+import mtm_bot.stages.refiner as refiner_module
 from bench.llama3_vocab import build_llama3_tokenizer, build_tiny_llama3
-from mtm_bot.captioner import Segment
-from mtm_bot.compiling import EAGER
-from mtm_bot.refiner import Refiner
+from mtm_bot.stages.captioner import Segment
+from mtm_bot.stages.compiling import EAGER
+from mtm_bot.stages.refiner import Refiner
 
 SEGMENTS = [Segment(0.0, 10.0, "a piano melody over a steady beat"),
             Segment(10.0, 20.0, "energetic drums and distorted guitars"),

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from mtm_bot.job import Job, JobKind, JobState
-from mtm_bot.store import JobStore
-from mtm_bot.library import EmptyQuery, Embedder, Library, title_line, track_text
-from mtm_bot.settings import Settings
+from mtm_bot.jobs.job import Job, JobKind, JobState
+from mtm_bot.jobs.store import JobStore
+from mtm_bot.jobs.library import EmptyQuery, Embedder, Library, title_line, track_text
+from mtm_bot.core.settings import Settings
 
 GUILD_A, GUILD_B = 111, 222
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtm_bot.generator import CHROMA_HOP, CHROMA_N_FFT, PROMPT_SECONDS, SAMPLE_RATE, melody_chroma
-from mtm_bot.melody import has_bass_line, remove_bass
+from mtm_bot.stages.generator import CHROMA_HOP, CHROMA_N_FFT, PROMPT_SECONDS, SAMPLE_RATE, melody_chroma
+from mtm_bot.stages.melody import has_bass_line, remove_bass
 
 NOTE_SECONDS = 1.0
 MELODY = [72, 76, 79, 77, 74, 72, 71, 74]  # C5 E5 G5 F5 D5 C5 B4 D5

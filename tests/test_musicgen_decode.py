@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from bench.reference import reference_codes
-from mtm_bot.errors import Cancelled
-from mtm_bot.generator import build_tiny_musicgen
-from mtm_bot.musicgen_decode import BlockRequest, MusicgenDecoder
-from mtm_bot.sampling import Sampling
+from mtm_bot.core.errors import Cancelled
+from mtm_bot.stages.generator import build_tiny_musicgen
+from mtm_bot.stages.musicgen_decode import BlockRequest, MusicgenDecoder
+from mtm_bot.stages.sampling import Sampling
 from tests.graph_inputs import copied_graph_inputs
 
 GREEDY = Sampling(greedy=True)

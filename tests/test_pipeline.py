@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from mtm_bot.audio import Audio, integrated_loudness, true_peak_dbfs
-from mtm_bot.errors import Cancelled, InputError
-from mtm_bot.pipeline import Pipeline
-from mtm_bot.progress import CancelToken
-from mtm_bot.settings import Settings
+from mtm_bot.core.audio import Audio, integrated_loudness, true_peak_dbfs
+from mtm_bot.core.errors import Cancelled, InputError
+from mtm_bot.stages.pipeline import Pipeline
+from mtm_bot.core.progress import CancelToken
+from mtm_bot.core.settings import Settings
 from synth import music
 
 
@@ -89,7 +89,7 @@ def test_the_llm_loads_warms_up_and_answers_every_job_on_one_thread_of_its_own(m
     on a job's own thread would record the graph again. Jobs' threads hand their refinements to it."""
     import threading
 
-    from mtm_bot.refiner import Refiner
+    from mtm_bot.stages.refiner import Refiner
 
     threads = []
     load = Refiner.load.__func__

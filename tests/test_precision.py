@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from mtm_bot import captioner as C
-from mtm_bot.audio import Audio
-from mtm_bot.captioner import Segment
-from mtm_bot.generator import SAMPLE_RATE, Block, Generator, build_tiny_musicgen
-from mtm_bot.refiner import Refiner
-from mtm_bot.tiny import build_tiny_llm, build_tiny_tokenizer
+from mtm_bot.stages import captioner as C
+from mtm_bot.core.audio import Audio
+from mtm_bot.stages.captioner import Segment
+from mtm_bot.stages.generator import SAMPLE_RATE, Block, Generator, build_tiny_musicgen
+from mtm_bot.stages.refiner import Refiner
+from mtm_bot.stages.tiny import build_tiny_llm, build_tiny_tokenizer
 from synth import music
 
 CPU = torch.device("cpu")

@@ -5,14 +5,14 @@ import jsonschema
 import pytest
 import torch
 
-from mtm_bot.captioner import Segment
-from mtm_bot.compiling import EAGER, CompilePlan
-from mtm_bot.errors import Cancelled, InputError, ModelUnavailable
-from mtm_bot.instruction import MAX_INSTRUCTION_CHARS, InstructionTooLong
-from mtm_bot.progress import CancelToken
-from mtm_bot.timecode import format_time
-from mtm_bot.refiner import Refiner
-from mtm_bot.refiner_prompt import (
+from mtm_bot.stages.captioner import Segment
+from mtm_bot.stages.compiling import EAGER, CompilePlan
+from mtm_bot.core.errors import Cancelled, InputError, ModelUnavailable
+from mtm_bot.core.instruction import MAX_INSTRUCTION_CHARS, InstructionTooLong
+from mtm_bot.core.progress import CancelToken
+from mtm_bot.core.timecode import format_time
+from mtm_bot.stages.refiner import Refiner
+from mtm_bot.stages.refiner_prompt import (
     CAPTION_MAX_CHARS,
     Refinement,
     max_output_tokens,
@@ -235,7 +235,7 @@ def test_text_the_grammar_forces_costs_no_decode_steps_of_its_own(refiner):
 def test_the_longest_reply_the_grammar_allows_fits_the_token_bound(refiner):
     """Fed one byte-level token at a time (the longest tokenisation), the longest reply the bounds allow is
     accepted and complete, one character more in any string is refused, and the tokens fit the bound."""
-    from mtm_bot.refiner_prompt import FIELD_MAX_CHARS, JSON_SEPARATORS, MAX_INSTRUMENTS, TEMPO_MAX_BPM
+    from mtm_bot.stages.refiner_prompt import FIELD_MAX_CHARS, JSON_SEPARATORS, MAX_INSTRUMENTS, TEMPO_MAX_BPM
 
     def longest(longer: str = "") -> str:
         wide = {field: "🎄" * (limit + (field == longer)) for field, limit in FIELD_MAX_CHARS.items()}
@@ -294,7 +294,7 @@ def test_compiled_decode_step_is_warmed_up_at_load_and_decodes_the_same(refiner,
 
 def test_the_captured_step_copies_only_the_token_and_its_position(refiner):
     """The weights and the static KV cache must be static for a CUDA graph, or each replay would copy them."""
-    from mtm_bot.refiner import decode_one_token
+    from mtm_bot.stages.refiner import decode_one_token
 
     fast = Refiner(refiner.model, refiner.tokenizer, torch.device("cpu"), compile=EAGER)
     fast._step = torch.compile(decode_one_token, backend="aot_eager", fullgraph=True)

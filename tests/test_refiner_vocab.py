@@ -13,10 +13,10 @@ import torch
 import xgrammar as xgr
 
 from bench.llama3_vocab import LLAMA3_STOP_TOKENS, build_llama3_tokenizer, build_tiny_llama3
-from mtm_bot.captioner import Segment
-from mtm_bot.refiner import Refiner
-from mtm_bot.refiner_prompt import FIELD_MAX_CHARS, JSON_SEPARATORS, max_output_tokens, refinement_schema, reply_schema
-from mtm_bot.timecode import format_time
+from mtm_bot.stages.captioner import Segment
+from mtm_bot.stages.refiner import Refiner
+from mtm_bot.stages.refiner_prompt import FIELD_MAX_CHARS, JSON_SEPARATORS, max_output_tokens, refinement_schema, reply_schema
+from mtm_bot.core.timecode import format_time
 from tests.test_refiner import INSTRUCTIONS
 
 MAX_SEGMENTS = 6  # a 60 s clip, the default limit
@@ -123,8 +123,8 @@ def test_a_full_string_takes_only_its_closing_quote_or_what_fits(refiner):
 
 
 def test_the_pipeline_prepares_a_grammar_for_every_segment_count_its_clip_limit_allows(monkeypatch):
-    from mtm_bot.pipeline import Pipeline
-    from mtm_bot.settings import Settings
+    from mtm_bot.stages.pipeline import Pipeline
+    from mtm_bot.core.settings import Settings
 
     tiny = Pipeline(Settings(profile="tiny", device="cpu", compile="off", max_clip_seconds=75)).refiner
     monkeypatch.setattr(tiny._compiler, "compile_json_schema", lambda *args, **kwargs: pytest.fail("compiled late"))

@@ -11,16 +11,16 @@ import pytest
 import soundfile as sf
 import torch
 
-from mtm_bot.audio import Audio, load_clip, write
-from mtm_bot.job import Job, JobKind, JobState
-from mtm_bot.pipeline import Pipeline
-from mtm_bot.progress import Progress
-from mtm_bot.settings import Settings
-from mtm_bot.queue import JobQueue, TooManyJobs
-from mtm_bot.local import LocalRunner
-from mtm_bot.runner import OOM_MESSAGE, JobRunner
-from mtm_bot.scheduler import JobNotFound, NotCancellable, Scheduler
-from mtm_bot.store import JobStore
+from mtm_bot.core.audio import Audio, load_clip, write
+from mtm_bot.jobs.job import Job, JobKind, JobState
+from mtm_bot.stages.pipeline import Pipeline
+from mtm_bot.core.progress import Progress
+from mtm_bot.core.settings import Settings
+from mtm_bot.jobs.queue import JobQueue, TooManyJobs
+from mtm_bot.transport.local import LocalRunner
+from mtm_bot.jobs.runner import OOM_MESSAGE, JobRunner
+from mtm_bot.jobs.scheduler import JobNotFound, NotCancellable, Scheduler
+from mtm_bot.jobs.store import JobStore
 from tests.synth import write_music
 
 RATE = 32000
@@ -521,7 +521,7 @@ async def test_stopping_leaves_every_running_job_to_resume(tmp_path):
 async def test_a_fixed_seed_gives_every_job_built_on_a_track_a_seed_of_its_own(tmp_path):
     """MTM_SEED: a compose job takes it; a Reroll or Redo takes one drawn from it and its own job id, so
     each is a new take (the fixed seed would repeat the track), and a resumed one replays the same."""
-    from mtm_bot.seeds import choose_seed
+    from mtm_bot.core.seeds import choose_seed
 
     async with Harness(tmp_path, seed=7) as h:
         await h.scheduler.start()

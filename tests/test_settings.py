@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from mtm_bot.settings import Settings, SettingsError
+from mtm_bot.core.settings import Settings, SettingsError
 
 
 def test_defaults_match_the_contract():
@@ -42,7 +42,7 @@ def test_bad_values_name_the_variable(env, fragment):
 def test_compile_setting_is_validated_and_resolved_per_device():
     import torch
 
-    from mtm_bot.compiling import CompilePlan
+    from mtm_bot.stages.compiling import CompilePlan
 
     assert Settings.from_env({}, env_file=None).compile == "auto"
     with pytest.raises(SettingsError, match="MTM_COMPILE"):

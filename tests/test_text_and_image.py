@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 
 from mtm_bot.cli import main
-from mtm_bot.pipeline import Pipeline
-from mtm_bot.settings import Settings
+from mtm_bot.stages.pipeline import Pipeline
+from mtm_bot.core.settings import Settings
 from tests.pictures import bad_pictures, picture_bytes
 from tests.synth import write_music
 
@@ -151,8 +151,8 @@ def test_a_pictures_job_survives_a_restart_and_an_older_database_gains_the_colum
     import sqlite3
     import time
 
-    from mtm_bot.job import Job, JobKind
-    from mtm_bot.store import _SCHEMA, JobStore
+    from mtm_bot.jobs.job import Job, JobKind
+    from mtm_bot.jobs.store import _SCHEMA, JobStore
 
     settings = Settings(profile="tiny", storage_dir=tmp_path)
     with sqlite3.connect(settings.database_path) as db:  # a database made before pictures existed

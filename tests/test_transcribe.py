@@ -8,9 +8,9 @@ import numpy as np
 import pretty_midi
 import pytest
 
-from mtm_bot.audio import Audio, write
-from mtm_bot.errors import ClipTooLong, ClipTooShort, EmptyAudio, NotAudio
-from mtm_bot.transcribe import (MIN_NOTE_SECONDS, MODEL_PATH, Note, Transcription, load_model, transcribe,
+from mtm_bot.core.audio import Audio, write
+from mtm_bot.core.errors import ClipTooLong, ClipTooShort, EmptyAudio, NotAudio
+from mtm_bot.stages.transcribe import (MIN_NOTE_SECONDS, MODEL_PATH, Note, Transcription, load_model, transcribe,
                                 transcribe_file)
 from synth import bad_files
 

@@ -1,6 +1,6 @@
 """Showing a job's life in Discord: live status edits, then exactly one public result.
 
-`Delivery` is the scheduler's JobListener (mtm_bot.scheduler); every call arrives on the event loop.
+`Delivery` is the scheduler's JobListener (mtm_bot.jobs.scheduler); every call arrives on the event loop.
 - While a job runs, the public reply that accepted it is edited to show the stage (captioning ->
   refining -> block i/n) and, as soon as they exist, the refined captions. Edits are coalesced to
   at most one per MIN_EDIT_SECONDS per job; the latest state always lands.
@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 import discord
 import soundfile as sf
 
-from mtm_bot.audio import Audio, Encoded, encode_to_fit
-from mtm_bot.errors import OutputTooLarge
-from mtm_bot.job import Job
-from mtm_bot.kinds import KINDS, Rendering
-from mtm_bot.library import Library
-from mtm_bot.progress import Progress
-from mtm_bot.timecode import format_time
+from mtm_bot.core.audio import Audio, Encoded, encode_to_fit
+from mtm_bot.core.errors import OutputTooLarge
+from mtm_bot.jobs.job import Job
+from mtm_bot.jobs.kinds import KINDS, Rendering
+from mtm_bot.jobs.library import Library
+from mtm_bot.core.progress import Progress
+from mtm_bot.core.timecode import format_time
 
 from ..library import RESULTS_SHOWN, library_reply
 from .render import CONTENT_LIMIT, minutes, quote, shorten, with_captions
@@ -310,7 +310,7 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Renderer:
-    """How a Rendering (mtm_bot.kinds) shows in Discord."""
+    """How a Rendering (mtm_bot.jobs.kinds) shows in Discord."""
     deliver: Callable[[Delivery, Job], Awaitable[None]]  # posts the finished job's result
     where: str  # what the status reply says while the job runs
 

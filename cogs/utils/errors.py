@@ -7,7 +7,7 @@ from datetime import timedelta
 import discord
 from discord import app_commands
 
-from mtm_bot.errors import InputError
+from mtm_bot.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from pathlib import PurePosixPath
 import discord
 from discord import app_commands
 
-from mtm_bot.audio import megabytes
-from mtm_bot.errors import FileTooLarge, ImageFileTooLarge, InputError, NotAnImage, NotAudio
-from mtm_bot.image_captioner import IMAGE_EXTENSIONS
-from mtm_bot.job import Job, JobKind
-from mtm_bot.kinds import KINDS, Request
+from mtm_bot.core.audio import megabytes
+from mtm_bot.core.errors import FileTooLarge, ImageFileTooLarge, InputError, NotAnImage, NotAudio
+from mtm_bot.stages.image_captioner import IMAGE_EXTENSIONS
+from mtm_bot.jobs.job import Job, JobKind
+from mtm_bot.jobs.kinds import KINDS, Request
 
 from .errors import THINKING
 
@@ -136,7 +136,7 @@ async def accept_derived(interaction: discord.Interaction, parent_id: str, kind:
     """A click under a result: an ordinary job of whoever clicked, built on that track (its parent).
 
     Refused like any submission (rate, per-user and queue limits) and, ephemerally, when the result has
-    expired or the request does not fit it. Whether the result is public is the kind's (mtm_bot.kinds)."""
+    expired or the request does not fit it. Whether the result is public is the kind's (mtm_bot.jobs.kinds)."""
     bot = interaction.client
     check_submission_rate(interaction)
     parent = await bot.store.parent_for(parent_id)
