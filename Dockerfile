@@ -1,7 +1,7 @@
 # One image for the bot and its GPU workers (docker-compose.yml). PyPI's Linux x86_64 wheel of torch 2.13.0
 # carries its own CUDA runtime, so the workers need only the NVIDIA driver and the container toolkit on the host.
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends libsndfile1 && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends libsndfile1 libopus0 && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY requirements.txt requirements-data.txt ./
 RUN pip install --no-cache-dir -r requirements.txt && pip install --no-cache-dir --no-deps -r requirements-data.txt

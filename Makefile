@@ -3,9 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test redis bench bench-gpu clean
+.PHONY: install system-packages run test redis bench bench-gpu clean
 
-install: $(VENV)/.installed
+install: system-packages $(VENV)/.installed
+
+# Debian packages: libopus0 (discord.py encodes the Play button's audio with it through ctypes) and openssl (the
+# voice tests' loopback server makes itself a certificate: discord.py dials voice over wss:// only).
+system-packages:
+	@ldconfig -p | grep -q 'libopus\.so\.0' && command -v openssl >/dev/null || apt-get install -y -q libopus0 openssl \
+		|| { apt-get update -q && apt-get install -y -q libopus0 openssl; }
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mtm_bot.bot")
 
-COGS = ("cogs.compose", "cogs.caption", "cogs.results", "cogs.queue", "cogs.library", "cogs.help")
+COGS = ("cogs.compose", "cogs.caption", "cogs.results", "cogs.player", "cogs.queue", "cogs.library", "cogs.help")
 
 NO_TOKEN = (
     "DISCORD_TOKEN is not set.\n"
@@ -65,7 +65,8 @@ class MTMBot(commands.Bot):
     def __init__(self, settings: Settings) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,  # slash commands only; no message content needed
-            intents=discord.Intents(guilds=True),
+            # voice_states: who sits in which voice channel (Play joins the clicker's), and the voice handshake
+            intents=discord.Intents(guilds=True, voice_states=True),
             allowed_mentions=discord.AllowedMentions.none(),  # the one allowed ping is passed explicitly
             help_command=None,
         )

@@ -1,4 +1,4 @@
-"""Benchmark: how many of a track's notes MIDI transcription (mtm_bot/transcribe.py, basic-pitch) finds.
+"""Benchmark: how many of a track's notes MIDI transcription (mtm_bot/stages/transcribe.py, basic-pitch) finds.
 
     python -m bench.transcription_f1 [--chorales bach/bwv66.6 ...] [--piano joplin/maple_leaf_rag ...]
                                      [--seconds 60] [--bpm 100]

@@ -1,4 +1,5 @@
-"""/queue and /cancel: what is running and waiting, and stopping a job (ephemeral replies)."""
+"""/queue and /cancel: what is running and waiting (jobs, and tracks playing in voice), and stopping a job
+(ephemeral replies)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -50,6 +51,7 @@ class Queue(commands.Cog):
             lines.append(f"{entry.position}. {describe(entry.job)}{eta}")
         if len(snapshot.queued) > QUEUE_LINES_SHOWN:
             lines.append(f"… and {len(snapshot.queued) - QUEUE_LINES_SHOWN} more")
+        lines += self.bot.get_cog("Player").queue_lines(interaction.guild_id)  # tracks playing in voice
         mine = await self.bot.store.recent_of(interaction.user.id)
         lines.append("**Your jobs:** " + ("none yet" if not mine else ""))
         for job in mine:

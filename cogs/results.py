@@ -1,4 +1,4 @@
-"""The controls under every track: Reroll, Extend, Remix, Redo from…, MIDI.
+"""The controls under every track: Reroll, Extend, Remix, Redo from…, MIDI, Play.
 
 Each is a DynamicItem whose custom_id carries the track's job id (`mtm:<action>:<job id>`), registered
 at start-up, so the controls of a result posted before a restart keep working for as long as the track
@@ -83,6 +83,14 @@ class MidiButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template
         await build_on(interaction, self.job_id, JobKind.MIDI)
 
 
+class PlayButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template=rf"mtm:play:{JOB_ID}"):
+    """Plays the track in the clicker's voice or stage channel (cogs.player); no job is made."""
+    action, label, emoji = "play", "Play", "▶️"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.client.get_cog("Player").play(interaction, self.job_id)
+
+
 class RedoSelect(discord.ui.DynamicItem[discord.ui.Select], template=rf"mtm:redo:{JOB_ID}"):
     """Redo from a block start: everything before it is kept, the rest generated again."""
 
@@ -141,7 +149,7 @@ def result_controls(job: Job) -> discord.ui.View:
     """The controls under a finished track: one row of buttons, and the Redo select where there is a
     later block to redo from."""
     view = discord.ui.View(timeout=None)
-    for button in (RerollButton, ExtendButton, RemixButton, MidiButton):
+    for button in (RerollButton, ExtendButton, RemixButton, MidiButton, PlayButton):
         view.add_item(button(job.id))
     starts = [round(block["start"]) for block in (job.result_json or {}).get("blocks", [])[1:]]
     if starts:
@@ -155,10 +163,10 @@ class Results(commands.Cog):
 
     async def cog_load(self) -> None:
         # Registered before the first event: a click on any result still kept is understood.
-        self.bot.add_dynamic_items(RerollButton, ExtendButton, RemixButton, MidiButton, RedoSelect)
+        self.bot.add_dynamic_items(RerollButton, ExtendButton, RemixButton, MidiButton, PlayButton, RedoSelect)
 
     async def cog_unload(self) -> None:
-        self.bot.remove_dynamic_items(RerollButton, ExtendButton, RemixButton, MidiButton, RedoSelect)
+        self.bot.remove_dynamic_items(RerollButton, ExtendButton, RemixButton, MidiButton, PlayButton, RedoSelect)
 
 
 async def setup(bot: MTMBot) -> None:

@@ -14,6 +14,11 @@ Interaction semantics modelled after Discord's:
   are refused with 400 Invalid Form Body, and recorded in `refused`;
 - so are messages and modals that break Discord's component rules (`component_problem`,
   `modal_problem`), checked against discord.com/developers/docs/components/reference;
+- voice (tests/voice_server.py): voice and stage channels with the bot's permissions in them, users
+  sitting in them (voice states in the guild payload, VOICE_STATE_UPDATE when they move); the bot's
+  gateway op 4 is answered with VOICE_STATE_UPDATE and a VOICE_SERVER_UPDATE pointing at the loopback
+  voice server (joining a stage, it is suppressed like any listener), and its PATCH of its own voice
+  state (un-suppressing itself, or asking to speak) is recorded and applied;
 - message components are kept and sent back in message payloads; `click()` and `choose()` use a
   button or a select like a user (MESSAGE_COMPONENT interactions, refused on disabled components),
   `submit_modal()` fills in a modal the bot opened (MODAL_SUBMIT). Callback types 6 (deferred
@@ -34,11 +39,16 @@ from typing import Any, Callable
 
 from aiohttp import WSMsgType, web
 
+from voice_server import VoiceServer
+
 EPHEMERAL = 1 << 6
 LOADING = 1 << 7
 COMPONENTS_V2 = 1 << 15  # a message laid out by components alone (no content, no embeds)
 MANAGE_GUILD = 1 << 5
 MEMBER_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 15) | (1 << 31)  # view, send, attach files, use commands
+CONNECT, SPEAK, MUTE_MEMBERS = 1 << 20, 1 << 21, 1 << 22
+BOT_PERMISSIONS = MEMBER_PERMISSIONS | CONNECT | SPEAK | MUTE_MEMBERS  # the bot's role, server-wide
+VOICE_CHANNEL, STAGE_CHANNEL = 2, 13
 
 # Interaction types.
 APPLICATION_COMMAND, MESSAGE_COMPONENT, MODAL_SUBMIT = 2, 3, 5
@@ -448,6 +458,13 @@ class DiscordEmulator:
         self.identifies = 0
         self.resumes = 0
         self.expired_tokens: dict[str, int] = {}  # token -> the status its webhook calls get
+        self.bot_role_id = snowflake()
+        self.voice_channels: list[dict] = []  # channel payloads (add_voice_channel)
+        self.voice_states: dict[int, dict] = {}  # user id -> voice state payload: who sits where
+        self.voice_server: VoiceServer | None = None  # start_voice()
+        self.voice_gateway: list[dict] = []  # the bot's gateway op 4 payloads (join, move, leave), in order
+        self.voice_state_patches: list[dict] = []  # the bot's PATCHes of its own voice state
+        self.session_id = ""  # the bot's gateway session (READY)
         self._sockets: list[web.WebSocketResponse] = []
         self._seq = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -471,6 +488,7 @@ class DiscordEmulator:
         r.add_route("*", "/api/v10/webhooks/{app}/{token}/messages/{message}", self._webhook_message)
         r.add_post("/api/v10/channels/{channel}/messages", self._channel_message)
         r.add_patch("/api/v10/channels/{channel}/messages/{message}", self._edit_channel_message)
+        r.add_patch("/api/v10/guilds/{guild}/voice-states/@me", self._patch_my_voice_state)
         r.add_get("/cdn/attachments/{key}/{filename}", self._cdn)
         r.add_get("/cdn/sent/{message}/{index}", self._cdn_sent)
         self._runner = web.AppRunner(app, access_log=None)
@@ -481,11 +499,18 @@ class DiscordEmulator:
         self.base_url = f"http://127.0.0.1:{port}"
         return self
 
+    async def start_voice(self) -> VoiceServer:
+        """Serve voice too: VOICE_SERVER_UPDATE then points at a loopback voice server."""
+        self.voice_server = await VoiceServer().start(self._notify)
+        return self.voice_server
+
     async def stop(self) -> None:
         for ws in list(self._sockets):
             await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.voice_server is not None:
+            await self.voice_server.stop()
 
     @property
     def api_base(self) -> str:
@@ -509,6 +534,31 @@ class DiscordEmulator:
         expired token: 401 Invalid Webhook Token or 404 Unknown Webhook."""
         for interaction in interactions or self.interactions.values():
             self.expired_tokens[interaction.token] = status
+
+    def add_voice_channel(self, name: str, stage: bool = False, deny_bot: int = 0) -> int:
+        """A voice (or stage) channel in which the bot's role is denied `deny_bot` (permission bits); its id.
+        Call before the bot connects: it is part of the guild the bot receives."""
+        channel_id = snowflake()
+        overwrites = [{"id": str(self.bot_role_id), "type": 0, "allow": "0", "deny": str(deny_bot)}] if deny_bot else []
+        self.voice_channels.append({"id": str(channel_id), "type": STAGE_CHANNEL if stage else VOICE_CHANNEL,
+                                    "name": name, "position": len(self.voice_channels) + 1, "guild_id": str(self.guild_id),
+                                    "permission_overwrites": overwrites, "nsfw": False, "parent_id": None,
+                                    "bitrate": 64000, "user_limit": 0, "rtc_region": None})
+        return channel_id
+
+    def is_stage(self, channel_id: int | str | None) -> bool:
+        return any(c["id"] == str(channel_id) and c["type"] == STAGE_CHANNEL for c in self.voice_channels)
+
+    async def join_voice(self, user: FakeUser, channel_id: int) -> None:
+        """`user` sits down in a voice or stage channel (on a stage, as a listener)."""
+        state = self._voice_state(user, channel_id, f"user-session-{snowflake()}")
+        self.voice_states[user.id] = state
+        await self.dispatch("VOICE_STATE_UPDATE", state)
+
+    def voice_session(self, channel_id: int):
+        """The bot's latest voice session in this channel (tests/voice_server.py), or None."""
+        sessions = [] if self.voice_server is None else self.voice_server.sessions
+        return next((s for s in reversed(sessions) if s.channel_id == channel_id), None)
 
     @property
     def connected(self) -> bool:
@@ -694,15 +744,56 @@ class DiscordEmulator:
         return {
             "id": str(self.guild_id), "name": "Emulated Guild", "icon": None, "owner_id": str(snowflake()),
             "roles": [{"id": str(self.guild_id), "name": "@everyone", "permissions": str(MEMBER_PERMISSIONS),
-                       "position": 0, "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}],
-            "channels": [self._channel_payload()], "threads": [], "emojis": [], "stickers": [], "features": [],
-            "members": [{"user": self.bot_user.payload(bot=True), "roles": [], "joined_at": _now_iso(),
-                         "deaf": False, "mute": False, "flags": 0}],
-            "member_count": 2, "voice_states": [], "presences": [], "large": False, "unavailable": False,
+                       "position": 0, "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0},
+                      {"id": str(self.bot_role_id), "name": "MTM Bot", "permissions": str(BOT_PERMISSIONS),
+                       "position": 1, "color": 0, "hoist": False, "managed": True, "mentionable": False, "flags": 0}],
+            "channels": [self._channel_payload(), *self.voice_channels], "threads": [], "emojis": [], "stickers": [],
+            "features": [],
+            "members": [{"user": self.bot_user.payload(bot=True), "roles": [str(self.bot_role_id)],
+                         "joined_at": _now_iso(), "deaf": False, "mute": False, "flags": 0}],
+            "member_count": 2, "voice_states": list(self.voice_states.values()), "presences": [], "large": False, "unavailable": False,
             "joined_at": _now_iso(), "premium_tier": 0, "preferred_locale": "en-US", "verification_level": 0,
             "default_message_notifications": 0, "explicit_content_filter": 0, "mfa_level": 0, "nsfw_level": 0,
             "system_channel_flags": 0, "afk_timeout": 300,
         }
+
+    def _voice_state(self, user: FakeUser, channel_id: int | None, session_id: str, **flags) -> dict:
+        member = {"user": user.payload(bot=user == self.bot_user), "joined_at": _now_iso(), "deaf": False,
+                  "mute": False, "flags": 0, "roles": [str(self.bot_role_id)] if user == self.bot_user else []}
+        return {"guild_id": str(self.guild_id), "channel_id": None if channel_id is None else str(channel_id),
+                "user_id": str(user.id), "session_id": session_id, "deaf": False, "mute": False,
+                "self_deaf": False, "self_mute": False, "self_video": False, "suppress": self.is_stage(channel_id),
+                "request_to_speak_timestamp": None, "member": member, **flags}
+
+    async def _bot_voice(self, data: dict) -> None:
+        """Discord's answer to gateway op 4: the bot's new voice state, and where its voice server is."""
+        self.voice_gateway.append(data)
+        channel_id = data.get("channel_id")
+        state = self._voice_state(self.bot_user, channel_id, self.session_id, self_deaf=bool(data.get("self_deaf")),
+                                  self_mute=bool(data.get("self_mute")))
+        if channel_id is None:
+            self.voice_states.pop(self.bot_user.id, None)
+        else:
+            self.voice_states[self.bot_user.id] = state
+        await self.dispatch("VOICE_STATE_UPDATE", state)
+        if channel_id is not None and self.voice_server is not None:
+            session = self.voice_server.open_session(self.guild_id, int(channel_id), self.bot_user.id, self.session_id,
+                                                     dave=not self.is_stage(channel_id))
+            await self.dispatch("VOICE_SERVER_UPDATE", {"token": session.token, "guild_id": str(self.guild_id),
+                                                        "endpoint": self.voice_server.endpoint})
+
+    async def _patch_my_voice_state(self, request: web.Request) -> web.Response:
+        """The bot un-suppresses itself on a stage (or asks to speak): recorded, applied, announced."""
+        if not self._authorised(request):
+            return _json({"message": "401: Unauthorized", "code": 0}, 401)
+        body = await request.json()
+        self.voice_state_patches.append(body)
+        state = self.voice_states.get(self.bot_user.id)
+        if state is None or not self.is_stage(state["channel_id"]):
+            return _json({"message": "Unknown Voice State", "code": 10065}, 404)
+        state.update({key: body[key] for key in ("suppress", "request_to_speak_timestamp") if key in body})
+        await self.dispatch("VOICE_STATE_UPDATE", state)
+        return web.Response(status=204)
 
     def _authorised(self, request: web.Request) -> bool:
         return self.token is not None and request.headers.get("Authorization") == f"Bot {self.token}"
@@ -758,6 +849,8 @@ class DiscordEmulator:
                     self.identifies += 1
                     self._sockets.append(ws)
                     await self._send_ready(ws)
+                elif op == 4:  # VOICE_STATE_UPDATE: the bot joins, moves or leaves voice
+                    await self._bot_voice(data)
                 elif op == 6:  # RESUME
                     self.resumes += 1
                     self._sockets.append(ws)
@@ -770,8 +863,9 @@ class DiscordEmulator:
         return ws
 
     async def _send_ready(self, ws: web.WebSocketResponse) -> None:
+        self.session_id = f"session-{snowflake()}"
         ready = {
-            "v": 10, "user": self.bot_user.payload(bot=True), "session_id": f"session-{snowflake()}",
+            "v": 10, "user": self.bot_user.payload(bot=True), "session_id": self.session_id,
             "resume_gateway_url": self.gateway_url, "guilds": [{"id": str(self.guild_id), "unavailable": True}],
             "application": {"id": str(self.application_id), "flags": 0}, "private_channels": [],
             "relationships": [], "shard": [0, 1],

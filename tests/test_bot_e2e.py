@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import pytest_asyncio
 import soundfile as sf
@@ -38,9 +39,10 @@ def wav_bytes(seconds: float, seed: int = 0, rate: int = 16000) -> bytes:
 
 
 async def connect_bot(emulator: DiscordEmulator, storage: Path, guild_commands: bool = True,
-                      **env: str) -> tuple[MTMBot, asyncio.Task]:
+                      connector: aiohttp.BaseConnector | None = None, **env: str) -> tuple[MTMBot, asyncio.Task]:
     """The real bot (tiny pipeline) started in this process and connected to `emulator`; commands synced to
-    the emulator's guild, or globally (as for a bot in many servers) with guild_commands=False."""
+    the emulator's guild, or globally (as for a bot in many servers) with guild_commands=False. `connector`
+    replaces discord.py's HTTP connector (one that trusts the loopback voice server's certificate)."""
     # One job at a time unless a module asks for more (MTM_MAX_BATCH): these tests watch jobs wait in the queue.
     env = {**emulator.env(), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu", "MTM_STORAGE_DIR": str(storage),
            "MTM_SUBMISSIONS_PER_MINUTE": "100", "MTM_SEED": "1", "MTM_MAX_BATCH": "1", **env}
@@ -49,6 +51,8 @@ async def connect_bot(emulator: DiscordEmulator, storage: Path, guild_commands: 
     settings = Settings.from_env({k: v for k, v in env.items() if v}, env_file=None)
     point_discord_at(settings)
     bot = MTMBot(settings)
+    if connector is not None:
+        bot.http.connector = connector
     identified = emulator.identifies
     runner = asyncio.create_task(bot.start(settings.discord_token))
     await emulator.wait_for(lambda: runner.done() or (emulator.identifies > identified and emulator.commands), 300,

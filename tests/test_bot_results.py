@@ -1,8 +1,9 @@
 """The controls under a result, end to end: the real bot (tiny pipeline) against the loopback emulator.
 
-Every compose result carries Reroll, Extend, Remix, MIDI and a Redo select; each click is an ordinary
-job of whoever clicked, built on the kept track. One bot serves the module (restarted once, on the same
-storage and emulator); tests run in file order and each waits until its jobs have settled.
+Every compose result carries Reroll, Extend, Remix, MIDI, Play (tests/test_bot_voice.py) and a Redo
+select; each click but Play is an ordinary job of whoever clicked, built on the kept track. One bot
+serves the module (restarted once, on the same storage and emulator); tests run in file order and each
+waits until its jobs have settled.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def job_id_of(message: Message) -> str:
 async def test_every_result_carries_its_controls(world, original):
     rows = original.components
     labels = [c.get("label") for row in rows for c in row["components"] if c["type"] == 2]
-    assert labels == ["Reroll", "Extend", "Remix", "MIDI"]
+    assert labels == ["Reroll", "Extend", "Remix", "MIDI", "Play"]
     (select,) = [c for row in rows for c in row["components"] if c["type"] == 3]
     assert select["placeholder"] == "Redo from…"
     assert [o["value"] for o in select["options"]] == ["10"] and "0:10" in select["options"][0]["label"]

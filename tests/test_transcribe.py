@@ -1,4 +1,4 @@
-"""MIDI transcription (mtm_bot/transcribe.py): known notes rendered to audio come back as MIDI notes."""
+"""MIDI transcription (mtm_bot/stages/transcribe.py): known notes rendered to audio come back as MIDI notes."""
 from __future__ import annotations
 
 import io
