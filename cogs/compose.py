@@ -12,6 +12,7 @@ from mtm_bot.jobs import JobKind
 from mtm_bot.pipeline import BLOCK_SECONDS, SECONDS_WITHOUT_CLIP
 from mtm_bot.instruction import MAX_INSTRUCTION_CHARS
 
+from .instruction_suggestions import instruction_choices
 from .submit import accept, submission_rate_limit
 
 
@@ -38,6 +39,11 @@ class Compose(commands.Cog):
                       duration: app_commands.Range[int, BLOCK_SECONDS, None] | None = None) -> None:
         await accept(interaction, audio, JobKind.COMPOSE, instruction=instruction.strip(), duration=duration,
                      image=image)
+
+    @compose.autocomplete("instruction")
+    async def suggest_instructions(self, interaction: discord.Interaction,
+                                   typed: str) -> list[app_commands.Choice[str]]:
+        return await instruction_choices(interaction, typed)
 
 
 async def setup(bot: commands.Bot) -> None:
