@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mtm_bot.bot")
 
-COGS = ("cogs.compose", "cogs.caption", "cogs.results", "cogs.player", "cogs.queue", "cogs.library", "cogs.help")
+COGS = ("cogs.compose", "cogs.compose_from", "cogs.caption", "cogs.results", "cogs.player", "cogs.queue",
+        "cogs.library", "cogs.help")
 
 NO_TOKEN = (
     "DISCORD_TOKEN is not set.\n"

@@ -13,6 +13,7 @@ from mtm_bot.jobs.job import JobKind
 from mtm_bot.stages.pipeline import BLOCK_SECONDS, SECONDS_WITHOUT_CLIP
 from mtm_bot.core.instruction import MAX_INSTRUCTION_CHARS
 
+from .utils.instruction_suggestions import instruction_choices
 from .utils.submit import accept, submission_rate_limit
 
 if TYPE_CHECKING:
@@ -42,6 +43,11 @@ class Compose(commands.Cog):
                       duration: app_commands.Range[int, BLOCK_SECONDS, None] | None = None) -> None:
         await accept(interaction, audio, JobKind.COMPOSE, instruction=instruction.strip(), duration=duration,
                      image=image)
+
+    @compose.autocomplete("instruction")
+    async def suggest_instructions(self, interaction: discord.Interaction,
+                                   typed: str) -> list[app_commands.Choice[str]]:
+        return await instruction_choices(interaction, typed)
 
 
 async def setup(bot: MTMBot) -> None:

@@ -21,6 +21,8 @@ def help_text(max_output_seconds: int, max_clip_seconds: float, max_upload_mb: f
         f"{max_upload_mb:g} MB; without one, the track comes from your words alone\n"
         "• `image` (optional): a picture (PNG, JPEG, WebP, GIF) for the track to evoke\n"
         f"• `duration`: 10–{max_output_seconds} s (default: the clip's length rounded up to 10 s, 30 s without a clip)\n"
+        "On any message with audio (a voice message recorded on your phone, an audio file): Apps → "
+        "**Compose from this** asks for your instruction and composes from that audio like `/compose`.\n"
         "Under every track: **Reroll** (another take), **Extend** (10–60 s more), **Remix** (the same clip, "
         "a new instruction), **Redo from…** (keep the start, make the rest again), **MIDI** (the notes, "
         "sent to you) and **Play** (in the voice or stage channel you are in; **Stop** ends it). Anyone here "

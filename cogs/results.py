@@ -19,7 +19,7 @@ from mtm_bot.stages.pipeline import MAX_EXTEND_SECONDS, MIN_EXTEND_SECONDS
 from mtm_bot.core.timecode import format_time
 
 from .utils.errors import answer_error, reply_error
-from .utils.submit import EmptyInstruction, accept_derived
+from .utils.submit import EmptyInstruction, accept_derived, typed_seconds
 
 if TYPE_CHECKING:
     from bot import MTMBot
@@ -117,12 +117,13 @@ class ExtendModal(discord.ui.Modal, title="Extend the track"):
         self.job_id = job_id
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        text = self.seconds.value.strip().removesuffix("s").strip()
-        if not text.isdigit():  # the range is Extend's own rule (check_extension), asked before queueing
+        seconds = typed_seconds(self.seconds.value)
+        if seconds is None:  # the range is Extend's own rule (check_extension), asked before queueing
+            text = discord.utils.escape_markdown(self.seconds.value.strip()[:20])
             await reply_error(interaction, f"Please give a whole number of seconds from {MIN_EXTEND_SECONDS} to "
-                                           f"{MAX_EXTEND_SECONDS}, not “{discord.utils.escape_markdown(text[:20])}”.")
+                                           f"{MAX_EXTEND_SECONDS}, not “{text}”.")
             return
-        await build_on(interaction, self.job_id, JobKind.EXTEND, seconds=int(text))
+        await build_on(interaction, self.job_id, JobKind.EXTEND, seconds=seconds)
 
 
 class RemixModal(discord.ui.Modal, title="Remix in another style"):

@@ -22,11 +22,18 @@ Interaction semantics modelled after Discord's:
 - message components are kept and sent back in message payloads; `click()` and `choose()` use a
   button or a select like a user (MESSAGE_COMPONENT interactions, refused on disabled components),
   `submit_modal()` fills in a modal the bot opened (MODAL_SUBMIT). Callback types 6 (deferred
-  update) and 7 (update) act on the message the component is on; type 9 opens a modal.
+  update) and 7 (update) act on the message the component is on; type 9 opens a modal;
+- users post messages too (`post_message()`, `post_voice_message()`: attachments on the CDN, a voice
+  message flagged and described as a phone sends it), and `context_menu()` runs a message command on
+  one (APPLICATION_COMMAND of data.type 3 with target_id and resolved.messages);
+- `autocomplete()` types into an option (APPLICATION_COMMAND_AUTOCOMPLETE); the bot answers with
+  callback type 8, whose choices must keep Discord's limits (`choices_problem`);
+- synced commands must keep Discord's rules (`command_problem`), or the sync is refused.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import itertools
 import json
@@ -45,22 +52,28 @@ EPHEMERAL = 1 << 6
 LOADING = 1 << 7
 COMPONENTS_V2 = 1 << 15  # a message laid out by components alone (no content, no embeds)
 MANAGE_GUILD = 1 << 5
+IS_VOICE_MESSAGE = 1 << 13  # message flag of a voice message
 MEMBER_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 15) | (1 << 31)  # view, send, attach files, use commands
 CONNECT, SPEAK, MUTE_MEMBERS = 1 << 20, 1 << 21, 1 << 22
 BOT_PERMISSIONS = MEMBER_PERMISSIONS | CONNECT | SPEAK | MUTE_MEMBERS  # the bot's role, server-wide
 VOICE_CHANNEL, STAGE_CHANNEL = 2, 13
 
 # Interaction types.
-APPLICATION_COMMAND, MESSAGE_COMPONENT, MODAL_SUBMIT = 2, 3, 5
+APPLICATION_COMMAND, MESSAGE_COMPONENT, APPLICATION_COMMAND_AUTOCOMPLETE, MODAL_SUBMIT = 2, 3, 4, 5
+
+# Application command types.
+CHAT_INPUT, USER_COMMAND, MESSAGE_COMMAND = 1, 2, 3
 
 # Interaction callback types.
 CHANNEL_MESSAGE = 4
 DEFERRED_CHANNEL_MESSAGE = 5
 DEFERRED_UPDATE_MESSAGE = 6
 UPDATE_MESSAGE = 7
+AUTOCOMPLETE_RESULT = 8
 MODAL = 9
 CALLBACKS_FOR = {  # which callback types Discord takes for which interaction type
     APPLICATION_COMMAND: {CHANNEL_MESSAGE, DEFERRED_CHANNEL_MESSAGE, MODAL},
+    APPLICATION_COMMAND_AUTOCOMPLETE: {AUTOCOMPLETE_RESULT},
     MESSAGE_COMPONENT: {CHANNEL_MESSAGE, DEFERRED_CHANNEL_MESSAGE, DEFERRED_UPDATE_MESSAGE, UPDATE_MESSAGE, MODAL},
     MODAL_SUBMIT: {CHANNEL_MESSAGE, DEFERRED_CHANNEL_MESSAGE, DEFERRED_UPDATE_MESSAGE, UPDATE_MESSAGE},
 }
@@ -73,7 +86,7 @@ TEXT_DISPLAY = 10
 LINK, PREMIUM = 5, 6
 
 # Option types of slash commands.
-OPTION_STRING, OPTION_INTEGER, OPTION_ATTACHMENT = 3, 4, 11
+OPTION_STRING, OPTION_INTEGER, OPTION_NUMBER, OPTION_ATTACHMENT = 3, 4, 10, 11
 
 _snowflakes = itertools.count(1_300_000_000_000_000_000)
 
@@ -254,6 +267,53 @@ def modal_problem(data: dict) -> str | None:
     return _problem_in(components, in_modal=True)
 
 
+CHAT_INPUT_NAME = re.compile(r"[-_'\w]{1,32}")  # Discord's rule, less its extra scripts (Devanagari, Thai)
+AUTOCOMPLETING = {OPTION_STRING, OPTION_INTEGER, OPTION_NUMBER}
+
+
+def command_problem(command: dict, path: str) -> str | None:
+    """What Discord would refuse about one command of a bulk sync, or None (its rules for names,
+    descriptions and options; a context menu has neither description nor options)."""
+    kind, name, description = command.get("type", CHAT_INPUT), command.get("name") or "", command.get("description")
+    if kind in (USER_COMMAND, MESSAGE_COMMAND):
+        if _length_outside(name, 32, least=1):
+            return f"{path}.name: must be 1 to 32 characters."
+        if description or command.get("options"):
+            return f"{path}: a user or message command has no description and no options."
+        return None
+    if kind != CHAT_INPUT:
+        return f"{path}.type: unknown command type {kind}."
+    options = command.get("options") or []
+    if len(options) > 25:
+        return f"{path}.options: Must be 25 or fewer in length."
+    for i, option in enumerate([command, *options]):
+        where = path if i == 0 else f"{path}.options[{i - 1}]"
+        if not CHAT_INPUT_NAME.fullmatch(option.get("name") or "") or option["name"] != option["name"].lower():
+            return f"{where}.name: 1 to 32 lowercase letters, digits, '-', '_' or \"'\"."
+        if _length_outside(option.get("description") or "", 100, least=1):
+            return f"{where}.description: must be 1 to 100 characters."
+    for i, option in enumerate(options):
+        if option.get("autocomplete") and (option.get("choices") or option.get("type") not in AUTOCOMPLETING):
+            return f"{path}.options[{i}].autocomplete: only string and number options without choices autocomplete."
+    required = [bool(option.get("required")) for option in options]
+    if required != sorted(required, reverse=True):
+        return f"{path}.options: required options must come before optional ones."
+    return None
+
+
+def choices_problem(data: dict) -> str | None:
+    """What Discord would refuse about an autocomplete answer (callback type 8), or None."""
+    choices = data.get("choices")
+    if not isinstance(choices, list) or len(choices) > 25:
+        return "choices: a list of at most 25 choices."
+    for i, choice in enumerate(choices):
+        value = choice.get("value")
+        if _length_outside(choice.get("name"), 100, least=1) or value is None or (
+                isinstance(value, str) and _length_outside(value, 100, least=1)):
+            return f"choices[{i}]: name and a string value must be 1 to 100 characters."
+    return None
+
+
 @dataclass
 class FakeUser:
     id: int
@@ -282,7 +342,7 @@ class Message:
 
     id: int
     channel_id: int
-    via: str  # "response" (interaction reply / thinking), "followup" or "channel"
+    via: str  # "response" (interaction reply / thinking), "followup", "channel" (the bot's), or "user"
     content: str = ""
     embeds: list[dict] = field(default_factory=list)
     allowed_mentions: dict | None = None
@@ -293,6 +353,8 @@ class Message:
     deleted: bool = False
     history: list[dict] = field(default_factory=list)  # every state the message had, oldest first
     created_at: float = field(default_factory=time.monotonic)
+    author: FakeUser | None = None  # who posted a "user" message; the bot's messages have none
+    uploads: list[dict] = field(default_factory=list)  # a user's attachments, as Discord describes them
 
     @property
     def ephemeral(self) -> bool:
@@ -335,7 +397,7 @@ class Message:
             "content": self.content, "embeds": self.embeds, "flags": self.flags, "timestamp": _now_iso(),
             "edited_timestamp": None, "tts": False, "mention_everyone": False, "mentions": [],
             "mention_roles": [], "pinned": False, "components": self.components,
-            "attachments": [
+            "attachments": self.uploads + [
                 {"id": str(i), "filename": f.filename, "size": len(f.data), "content_type": f.content_type,
                  "url": f"{base_url}/cdn/sent/{self.id}/{i}", "proxy_url": f"{base_url}/cdn/sent/{self.id}/{i}"}
                 for i, f in enumerate(self.files)
@@ -427,6 +489,7 @@ class Interaction:
     response: Message | None = None
     followups: list[Message] = field(default_factory=list)
     callback_errors: list[str] = field(default_factory=list)
+    choices: list[dict] | None = None  # an autocomplete's answer (callback type 8)
 
     @property
     def ack_seconds(self) -> float | None:
@@ -591,28 +654,67 @@ class DiscordEmulator:
             files["audio"] = (*attachment, declared_size)
         resolved: dict = {"attachments": {}} if files else {}
         for option, (data, filename, content_type, *size) in files.items():
-            attachment_id = snowflake()
-            key = str(attachment_id)
-            self.cdn_files[key] = (data, content_type)
-            url = f"{self.base_url}/cdn/attachments/{key}/{filename}"
-            declared = size[0] if size and size[0] is not None else len(data)
-            meta = {"id": key, "filename": filename, "size": declared, "url": url, "proxy_url": url}
-            if content_type is not None:
-                meta["content_type"] = content_type
-            resolved["attachments"][key] = meta
-            options[option] = attachment_id
+            meta = self._upload(data, filename, content_type, size[0] if size else None)
+            resolved["attachments"][meta["id"]] = meta
+            options[option] = int(meta["id"])
         option_list = []
         for name, value in options.items():
             kind = OPTION_ATTACHMENT if name in files else OPTION_INTEGER if isinstance(value, int) else OPTION_STRING
             option_list.append({"name": name, "type": kind, "value": str(value) if kind == OPTION_ATTACHMENT else value})
-        registered = {c["name"]: c for c in self.commands.get(str(self.guild_id), []) + self.commands.get("global", [])}
-        if command not in registered:
-            raise AssertionError(f"/{command} was never synced; synced: {sorted(registered)}")
+        registered = self._synced(command)
         interaction = self._open_interaction(user, APPLICATION_COMMAND, command, attachment_size_limit)
         guild = str(self.guild_id if guild_id is None else guild_id)
-        await self._dispatch_interaction(interaction, {"id": registered[command]["id"], "name": command, "type": 1,
+        await self._dispatch_interaction(interaction, {"id": registered["id"], "name": command, "type": CHAT_INPUT,
                                                        "options": option_list, "resolved": resolved, "guild_id": guild},
                                          guild)
+        return interaction
+
+    async def autocomplete(self, user: FakeUser, command: str, option: str, typed: str,
+                           options: dict[str, Any] | None = None, guild_id: int | None = None) -> list[dict]:
+        """`user` types `typed` into `option` of /`command` (string and integer `options` already filled in) in
+        this guild or in `guild_id`; returns the choices the bot answered with (Discord waits 3 s for them)."""
+        registered = self._synced(command)
+        declared = next((o for o in registered.get("options", []) if o["name"] == option), None)
+        if declared is None or not declared.get("autocomplete"):
+            raise AssertionError(f"/{command}'s option {option!r} does not autocomplete; Discord sends nothing")
+        filled = [{"name": name, "type": OPTION_INTEGER if isinstance(value, int) else OPTION_STRING, "value": value}
+                  for name, value in (options or {}).items()]
+        interaction = self._open_interaction(user, APPLICATION_COMMAND_AUTOCOMPLETE, command)
+        guild = str(self.guild_id if guild_id is None else guild_id)
+        focused = {"name": option, "type": declared["type"], "value": typed, "focused": True}
+        await self._dispatch_interaction(interaction, {"id": registered["id"], "name": command, "type": CHAT_INPUT,
+                                                       "options": [*filled, focused], "guild_id": guild}, guild)
+        refused = len(self.refused)
+        await self.wait_for(lambda: interaction.callback_type is not None or len(self.refused) > refused, 3.0,
+                            f"suggestions for /{command} {option}")
+        assert not interaction.callback_errors and len(self.refused) == refused, (interaction.callback_errors,
+                                                                                  self.refused[refused:])
+        return interaction.choices
+
+    def post_message(self, user: FakeUser, content: str = "", attachments: list[tuple[bytes, str, str | None]] = (),
+                     flags: int = 0, **attachment_fields: Any) -> Message:
+        """`user` posts a message in the channel; its `attachments` (bytes, filename, content_type) are served from
+        the CDN, each described with `attachment_fields` too (a voice message's duration_secs and waveform)."""
+        message = Message(snowflake(), self.channel_id, "user", content=content, flags=flags, author=user,
+                          uploads=[self._upload(*attachment, **attachment_fields) for attachment in attachments])
+        self.messages.append(message)
+        return message
+
+    def post_voice_message(self, user: FakeUser, ogg: bytes, duration_secs: float, waveform: bytes) -> Message:
+        """A voice message as Discord's apps send it: no text, one `voice-message.ogg` (OGG/Opus, audio/ogg)
+        with its length and its waveform (one amplitude byte per sample, base64), flag IS_VOICE_MESSAGE."""
+        return self.post_message(user, attachments=[(ogg, "voice-message.ogg", "audio/ogg")], flags=IS_VOICE_MESSAGE,
+                                 duration_secs=duration_secs, waveform=base64.b64encode(waveform).decode())
+
+    async def context_menu(self, user: FakeUser, message: Message, name: str) -> Interaction:
+        """`user` runs the message command `name` (Apps → name) on `message`."""
+        registered = self._synced(name, MESSAGE_COMMAND)
+        author = message.author.payload() if message.author else self.bot_user.payload(bot=True)
+        interaction = self._open_interaction(user, APPLICATION_COMMAND, name)
+        target = str(message.id)
+        await self._dispatch_interaction(interaction, {
+            "id": registered["id"], "name": name, "type": MESSAGE_COMMAND, "target_id": target,
+            "resolved": {"messages": {target: message.payload(author, self.base_url)}}, "guild_id": str(self.guild_id)})
         return interaction
 
     async def click(self, user: FakeUser, message: Message, label: str) -> Interaction:
@@ -682,6 +784,27 @@ class DiscordEmulator:
             await ws.send_str(json.dumps({"op": 7, "d": None}))
 
     # ----------------------------------------------------------------------------- internals
+    def _synced(self, name: str, kind: int = CHAT_INPUT) -> dict:
+        """The command of this name and type the bot synced, to the emulated guild or globally."""
+        synced = [c for c in self.commands.get(str(self.guild_id), []) + self.commands.get("global", [])
+                  if c["type"] == kind]
+        found = next((c for c in synced if c["name"] == name), None)
+        if found is None:
+            raise AssertionError(f"{name!r} (type {kind}) was never synced; synced: {sorted(c['name'] for c in synced)}")
+        return found
+
+    def _upload(self, data: bytes, filename: str, content_type: str | None, declared_size: int | None = None,
+                **fields: Any) -> dict:
+        """Put a user's file on the CDN; its attachment object as Discord sends it (with `declared_size`, if given)."""
+        key = str(snowflake())
+        self.cdn_files[key] = (data, content_type)
+        url = f"{self.base_url}/cdn/attachments/{key}/{filename}"
+        meta = {"id": key, "filename": filename, "size": len(data) if declared_size is None else declared_size,
+                "url": url, "proxy_url": url, **fields}
+        if content_type is not None:
+            meta["content_type"] = content_type
+        return meta
+
     def _open_interaction(self, user: FakeUser, kind: int, command: str, attachment_size_limit: int | None = None,
                           message: Message | None = None) -> Interaction:
         if not self._sockets:
@@ -824,9 +947,13 @@ class DiscordEmulator:
         scope = request.match_info.get("guild", "global")
         if request.method == "PUT":
             commands = []
-            for command in await request.json():
-                commands.append({**command, "id": str(snowflake()), "application_id": str(self.application_id),
-                                 "version": str(snowflake()), "type": command.get("type", 1)})
+            synced = await request.json()
+            self._refuse(next(filter(None, (command_problem(c, f"[{i}]") for i, c in enumerate(synced))), None))
+            for command in synced:
+                # Discord answers with every field: a context menu's description is "".
+                commands.append({"description": "", **command, "id": str(snowflake()),
+                                 "application_id": str(self.application_id), "version": str(snowflake()),
+                                 "type": command.get("type", CHAT_INPUT)})
             self.commands[scope] = commands
         return _json(self.commands.get(scope, []))
 
@@ -962,12 +1089,17 @@ class DiscordEmulator:
             return _json(_invalid_form_body(f"type: callback type {kind} does not answer this interaction."), 400)
         if kind == MODAL:
             self._refuse(modal_problem(data))
+        elif kind == AUTOCOMPLETE_RESULT:
+            self._refuse(choices_problem(data))
         else:
             self._check_message(data, interaction.message.flags if updates else 0)
         interaction.callback_type, interaction.callback_at = kind, now
         answer = {"id": str(interaction.id), "type": interaction.type}
         if kind == MODAL:
             interaction.modal = Modal.from_payload(data)
+        elif kind == AUTOCOMPLETE_RESULT:
+            interaction.choices = data["choices"]
+        if kind in (MODAL, AUTOCOMPLETE_RESULT):  # nothing is posted
             return _json({"interaction": answer, "resource": {"type": kind}})
         if updates:
             message = interaction.message

@@ -112,6 +112,18 @@ def test_ten_hour_header_is_refused_without_decoding(tmp_path, monkeypatch):
         load_clip(path)
 
 
+def test_a_voice_messages_opus_length_is_checked_before_decoding(tmp_path, monkeypatch):
+    """Discord's voice messages are OGG/Opus at 48 kHz; libsndfile reads Opus, and its length from the last page."""
+    assert "OPUS" in sf.available_subtypes("OGG")
+    path = write_music(tmp_path / "voice-message.ogg", 3.3, rate=48000, subtype="OPUS")
+    assert load_clip(path, max_seconds=4).duration == pytest.approx(3.3)
+    monkeypatch.setattr(sf.SoundFile, "read", lambda *args, **kwargs: pytest.fail("sample data was decoded"))
+    with pytest.raises(ClipTooLong, match=r"3\.3 s long; the limit is 3 s"):
+        load_clip(path, max_seconds=3)
+    with pytest.raises(ClipTooShort, match=r"3\.30 s long; it must be at least 4 s"):
+        load_clip(path, min_seconds=4)
+
+
 def test_limits_come_from_the_caller(tmp_path):
     path = write_music(tmp_path / "clip.wav", 3.0, rate=16000)  # 96 kB
     assert load_clip(path, min_seconds=2, max_seconds=4, max_bytes=200_000).duration == pytest.approx(3.0)

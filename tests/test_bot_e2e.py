@@ -137,7 +137,7 @@ async def every_job_settled(store: JobStore, timeout: float = JOB_SECONDS) -> No
 async def test_commands_are_registered_with_their_bounds(world):
     emulator, bot = world
     commands = {c["name"]: c for c in emulator.commands[str(emulator.guild_id)]}
-    assert set(commands) == {"compose", "caption", "queue", "cancel", "library", "help"}
+    assert set(commands) == {"compose", "caption", "queue", "cancel", "library", "help", "Compose from this"}
     options = {o["name"]: o for o in commands["compose"]["options"]}
     assert options["duration"]["min_value"] == 10
     assert options["duration"]["max_value"] == bot.settings.max_output_seconds

@@ -200,3 +200,17 @@ async def test_with_room_for_two_jobs_each_waiting_job_takes_the_slot_that_frees
     queue.max_per_user = 1
     with pytest.raises(TooManyJobs):  # a running job counts towards its user's limit, as before
         queue.check(long.user_id)
+
+
+async def test_recent_instructions_are_this_servers_compose_instructions_newest_first_each_once(store):
+    def compose(instruction: str, created_at: float, guild_id: int = 1, kind: JobKind = JobKind.COMPOSE) -> Job:
+        return make_job(7, kind, instruction=instruction, created_at=created_at, guild_id=guild_id)
+
+    for job in (compose("cosy jazz", 1), compose("Stone church CHOIR", 2), compose("cosy jazz", 3),
+                compose("a" * 101, 4), compose("other server's polka", 5, guild_id=2),
+                compose("remixed as metal", 6, kind=JobKind.REMIX), compose("", 7, kind=JobKind.CAPTION)):
+        await store.add(job)
+    assert await store.recent_instructions(1, "", max_chars=100, limit=25) == ["cosy jazz", "Stone church CHOIR"]
+    assert await store.recent_instructions(1, "", max_chars=200, limit=1) == ["a" * 101]
+    assert await store.recent_instructions(1, "church choir", max_chars=100, limit=25) == ["Stone church CHOIR"]
+    assert await store.recent_instructions(2, "", max_chars=100, limit=25) == ["other server's polka"]

@@ -33,6 +33,12 @@ class EmptyInstruction(InputError):
     pass
 
 
+def typed_seconds(text: str) -> int | None:
+    """A modal's seconds field as a number ("30", "30 s", "30s"); None unless it is a whole number."""
+    text = text.strip().removesuffix("s").strip()
+    return int(text) if text.isascii() and text.isdigit() else None  # "²".isdigit(), yet int("²") fails
+
+
 def check_submission_rate(interaction: discord.Interaction) -> bool:
     """Per-user submissions per minute (settings.submissions_per_minute), one budget for /compose, /caption
     and the buttons under a result; CommandOnCooldown says when to retry."""
@@ -72,15 +78,24 @@ IMAGE = Upload("image", frozenset(IMAGE_EXTENSIONS), frozenset({"", "application
                ImageFileTooLarge, NotAnImage, "a picture", "a smaller PNG, JPEG, WebP or GIF", "a PNG, JPEG, WebP or GIF")
 
 
+def is_upload_of(attachment: discord.Attachment, upload: Upload = AUDIO) -> bool:
+    """Whether the attachment is of this kind by its content type, or by its extension where that type is vague."""
+    content_type, extension = _type_and_extension(attachment)
+    return (content_type.startswith(upload.media_type + "/")
+            or (content_type in upload.vague_types and extension in upload.extensions))
+
+
+def _type_and_extension(attachment: discord.Attachment) -> tuple[str, str]:
+    return (attachment.content_type or "").split(";")[0].strip().lower(), PurePosixPath(attachment.filename).suffix.lower()
+
+
 def check_attachment(attachment: discord.Attachment, max_bytes: int, upload: Upload = AUDIO) -> None:
     """Refuse from metadata alone, before a byte is downloaded."""
     if attachment.size > max_bytes:
         raise upload.too_large(f"`{attachment.filename}` is {megabytes(attachment.size)}; the limit is "
                                f"{megabytes(max_bytes)}. Please upload {upload.smaller}.")
-    content_type = (attachment.content_type or "").split(";")[0].strip().lower()
-    extension = PurePosixPath(attachment.filename).suffix.lower()
-    vague_type = content_type in upload.vague_types
-    if not (content_type.startswith(upload.media_type + "/") or (vague_type and extension in upload.extensions)):
+    if not is_upload_of(attachment, upload):
+        content_type, extension = _type_and_extension(attachment)
         kind = content_type or f"a {extension or 'extension-less'} file"
         raise upload.wrong_kind(f"`{attachment.filename}` is {kind}, not {upload.what}. "
                                 f"Please attach {upload.instead}.")

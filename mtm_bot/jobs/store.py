@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_guild ON jobs (guild_id, kind, created_at);
 """
 
 _COLUMNS = [f.name for f in fields(Job)]
@@ -196,6 +197,17 @@ class JobStore(JobFiles):
     async def recent_of(self, user_id: int, limit: int = 5) -> list[Job]:
         """The user's latest jobs, newest first."""
         return await self._select("WHERE user_id = ? ORDER BY created_at DESC LIMIT ?", (user_id, limit))
+
+    async def recent_instructions(self, guild_id: int, containing: str, *, max_chars: int, limit: int) -> list[str]:
+        """This server's distinct compose instructions, newest first: those that contain `containing` (ignoring
+        ASCII case) and are at most `max_chars` long (what /compose's suggestions can offer)."""
+        query = """SELECT instruction FROM jobs
+                   WHERE guild_id = ? AND kind = ? AND instruction != '' AND length(instruction) <= ?
+                         AND instr(lower(instruction), lower(?)) > 0
+                   GROUP BY instruction ORDER BY max(created_at) DESC LIMIT ?"""
+        params = (guild_id, JobKind.COMPOSE.value, max_chars, containing, limit)
+        async with self._db.execute(query, params) as cursor:
+            return [row[0] for row in await cursor.fetchall()]
 
     async def recent_done(self, limit: int = 20) -> list[Job]:
         """The latest successful jobs, newest first (the ETA estimate starts from their timings)."""
