@@ -336,7 +336,7 @@ def _download(settings: Settings) -> int:
     if (reason := hub_unreachable()) is not None:  # seconds, not huggingface_hub's half minute of retries
         raise ModelUnavailable(f"Cannot download the checkpoints: {reason}. `download` needs network access "
                                f"to the hub (or HF_ENDPOINT set to a mirror).")
-    from . import captioner  # imports torch and transformers: only once there is something to fetch
+    from .stages import captioner  # imports torch and transformers: only once there is something to fetch
 
     _fetch(captioner.CHECKPOINT_REPO, captioner.download)
     for repo in (settings.llm_id, settings.musicgen_id, settings.image_captioner_id):

@@ -60,7 +60,7 @@ class Request:
     """What a job asks of its parent's track beyond the kind: from a Job, or from the CLI's arguments."""
     instruction: str
     duration: int | None  # Extend: seconds to add
-    redo_from: int | None  # Redo: the output second the regenerated part starts at
+    redo_from: float | None  # Redo: the output second the regenerated part starts at (a job stores whole ones)
 
     @classmethod
     def of(cls, job: Job) -> "Request":

@@ -12,6 +12,7 @@ Module and buffer names follow the reference exactly, so its `transfer.pth` load
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +109,7 @@ class MelEncoder(nn.Module):
         self.mel_scale = _Buffer("fb", mel_filters())
 
     def forward(self, waves: Tensor) -> Tensor:
-        return log_mel_spectrogram(waves, self.spec_fn.window, self.mel_scale.fb)
+        return log_mel_spectrogram(waves, self.spec_fn.get_buffer("window"), self.mel_scale.get_buffer("fb"))
 
 
 class AudioEncoder(nn.Module):
@@ -127,7 +128,7 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv1(x.to(self.conv1.weight.dtype)))
         for conv in self.conv_stack:
             x = F.gelu(conv(x))
-        return x.transpose(1, 2) + self.positional_embedding
+        return x.transpose(1, 2) + self.get_buffer("positional_embedding")
 
 
 class LPMusicCaps(nn.Module):
@@ -139,7 +140,7 @@ class LPMusicCaps(nn.Module):
     def encode(self, waves: Tensor) -> BaseModelOutput:
         return self.bart.model.encoder(inputs_embeds=self.audio_encoder(waves), return_dict=True)
 
-    def generate(self, waves: Tensor, generation: GenerationConfig, cancels: list[CancelToken] = ()) -> Tensor:
+    def generate(self, waves: Tensor, generation: GenerationConfig, cancels: Sequence[CancelToken] = ()) -> Tensor:
         """Beam-search token ids for a batch of 10 s waveforms, all in one batch; it stops (Cancelled) once
         every one of `cancels` is cancelled."""
         stopping = StoppingCriteriaList([_CheckCancel(list(cancels))] if cancels else [])

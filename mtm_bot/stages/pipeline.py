@@ -205,9 +205,9 @@ class Pipeline:
     def output_duration(self, clip: Audio | None, requested: int | None) -> int:
         """The requested length, else the clip's length rounded up to whole blocks (SECONDS_WITHOUT_CLIP
         without a clip); within the limits."""
-        if requested is None and clip is None:
-            return min(SECONDS_WITHOUT_CLIP, self.settings.max_output_seconds)
         if requested is None:
+            if clip is None:
+                return min(SECONDS_WITHOUT_CLIP, self.settings.max_output_seconds)
             blocks = -(-clip.duration // BLOCK_SECONDS)
             return int(min(max(blocks, 1) * BLOCK_SECONDS, self.settings.max_output_seconds))
         if not BLOCK_SECONDS <= requested <= self.settings.max_output_seconds:

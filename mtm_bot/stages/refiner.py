@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import xgrammar as xgr
@@ -79,7 +79,7 @@ class Refiner:
         self.device = device
         self.temperature = temperature
         self.jump_forward = jump_forward  # off: every token decoded step by step (as generate() would)
-        self.vocab_size = model.config.vocab_size  # logits' width; may exceed the tokenizer's (padding)
+        self.vocab_size: int = getattr(model.config, "vocab_size")  # logits' width; may exceed the tokenizer's (padding)
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         self._prepare_grammars(max_segments)
         self._bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
@@ -285,7 +285,7 @@ class Refiner:
                 self._step(self.model, token, torch.tensor([[step]], device=self.device), cache)
 
 
-def _stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+def _stop_token_ids(model: Any, tokenizer) -> list[int]:
     """The ids that end an assistant turn (Llama 3: <|eot_id|>, <|eom_id|>, <|end_of_text|>)."""
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     if ids is None:

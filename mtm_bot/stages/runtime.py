@@ -11,6 +11,8 @@ from ..core.errors import ModelUnavailable
 T = TypeVar("T")
 
 
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks the first CUDA device when there is one, else the CPU."""
     if name == "auto":
@@ -28,7 +30,7 @@ def model_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype, keep_fp32: Iterable[str] = ()) -> torch.nn.Module:
+def cast_for_inference(model: ModuleT, dtype: torch.dtype, keep_fp32: Iterable[str] = ()) -> ModuleT:
     """Cast a float32 model's floating parameters and buffers to `dtype`, in place, except those under a
     submodule named in `keep_fp32` or in the model's own keep-in-fp32 lists, by transformers' rules:
     `_keep_in_fp32_modules` under fp16 only (T5's `wo` overflows there), `_keep_in_fp32_modules_strict`

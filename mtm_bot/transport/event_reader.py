@@ -14,7 +14,7 @@ from redis.exceptions import ResponseError
 from .heartbeats import BOT_CONSUMER
 from .protocol import UNREACHABLE, Keys, redis_backoff, why
 
-log = logging.getLogger("mtm_bot.transport.distributed")
+log = logging.getLogger(__name__)
 
 
 class EventReader:

@@ -12,7 +12,7 @@ from taskiq.abc.broker import AsyncBroker
 
 from .protocol import PROTOCOL_VERSION, Heartbeat, Keys, Order, OtherVersion
 
-log = logging.getLogger("mtm_bot.transport.distributed")
+log = logging.getLogger(__name__)
 
 BOT_CONSUMER = "bot"  # the bot's name in the job stream's consumer group, where it claims a dead worker's orders
 
