@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install system-packages run test redis bench bench-gpu clean
+.PHONY: install system-packages run test lint redis bench bench-gpu clean
 
 install: system-packages $(VENV)/.installed
 
@@ -25,6 +25,12 @@ run: install
 
 test: install redis
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+
+# ruff (lint and format) and mypy, configured in pyproject.toml; .ci/run runs this before the tests
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The distributed-mode tests talk to a real Redis at 127.0.0.1:6379: start one (keeping nothing on disk) if none answers.
 redis:

@@ -85,7 +85,7 @@ class Settings:
             raw = values.get(name)
             if raw is None or raw.strip() == "":
                 continue
-            kwargs[f.name] = _parse(name, raw.strip(), f.type)
+            kwargs[f.name] = _parse(name, raw.strip(), str(f.type))
         settings = cls(**kwargs)
         settings.validate()
         return settings

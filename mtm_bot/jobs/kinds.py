@@ -148,7 +148,9 @@ def _compose(run: Run) -> dict:
 def _from_parent(run: Run) -> dict:
     """Reroll, Extend, Remix, Redo: from the parent's kept track, which the job holds links to."""
     kept = Kept.load(run.files.parent_files(run.job), run.pipeline.read_clip)
-    result = KINDS[run.job.kind].derivation(run.pipeline, kept, Request.of(run.job), seed=run.job.seed,
+    derivation = KINDS[run.job.kind].derivation
+    assert derivation is not None, "a kind run by _from_parent declares its derivation"
+    result = derivation(run.pipeline, kept, Request.of(run.job), seed=run.job.seed,
                                             progress=run.progress, cancel=run.cancel, on_captions=run.on_captions)
     return _keep(run, result, kept.clip)
 
@@ -170,6 +172,8 @@ def _describe_image(run: Run) -> dict:
 
 
 def _extend_seconds(length: int, request: Request, max_output_seconds: int) -> int:
+    if request.duration is None:
+        raise InputError("Say how many seconds to add.")
     check_extension(length, request.duration, max_output_seconds)
     return request.duration
 
@@ -202,7 +206,7 @@ KINDS: dict[JobKind, KindSpec] = {
         "Redo", _from_parent, _PARENT, TRACK_FILES, Rendering.TRACK, loads=("generator",),
         derivation=lambda pipeline, kept, request, **run: pipeline.redo(kept, request.redo_from, **run),
         origin="job `{parent}` redone from {redo_from} (everything before it kept)",
-        generates=lambda length, request, limit: length - request.redo_from),
+        generates=lambda length, request, limit: length - int(request.redo_from or 0)),
     JobKind.MIDI: KindSpec("MIDI", _midi, frozenset({Role.PARENT_TRACK}), MIDI_FILES, Rendering.MIDI_FILE,
                            private=True, origin="the notes of job `{parent}`",
                            generates=lambda length, request, limit: None),

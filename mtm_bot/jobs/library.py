@@ -110,16 +110,17 @@ class Embedder:
 def track_text(job: Job) -> str:
     """What describes a finished compose job: the instruction, the refined style, mood, instruments, the
     distinct block captions (cycled captions repeat; once is enough) and the picture's description, if any."""
-    refined = job.result_json["refined"]
-    captions = list(dict.fromkeys(block["caption"] for block in job.result_json["blocks"]))
-    picture = job.result_json.get("picture") or ""  # absent from results stored before pictures existed
+    result = job.result_json or {}
+    refined = result["refined"]
+    captions = list(dict.fromkeys(block["caption"] for block in result["blocks"]))
+    picture = result.get("picture") or ""  # absent from results stored before pictures existed
     parts = [job.instruction, refined["style"], refined["mood"], ", ".join(refined["instruments"]), *captions, picture]
     return ". ".join(part.strip().rstrip(".") for part in parts if part.strip()) + "."
 
 
 def title_line(job: Job) -> str:
     """The instruction and the refined style, the line a search result shows."""
-    title = f"{job.instruction} · {job.result_json['refined']['style']}"
+    title = f"{job.instruction} · {(job.result_json or {})['refined']['style']}"
     return title if len(title) <= TITLE_CHARS else title[: TITLE_CHARS - 1].rstrip() + "…"
 
 

@@ -129,7 +129,9 @@ class JobQueue:
         """Enqueue without limits: jobs accepted before a restart are never refused afterwards."""
         self._waiting.setdefault(job.user_id, deque()).append(job)
         self._changed.set()
-        return self.position(job.id)
+        position = self.position(job.id)
+        assert position is not None, "the job was just queued"
+        return position
 
     async def next(self) -> Job:
         """Wait for a job, mark it running and return it (the worker asks only while it has a free slot)."""
@@ -187,7 +189,7 @@ class JobQueue:
         """The running jobs and the queued jobs in the order they will run, with start estimates: each
         queued job takes the slot that frees up first."""
         lefts = [self._left(job) for job in self.running]
-        slots = lefts + [0.0] * max(0, self.capacity - len(self.running))  # when each slot frees up
+        slots: list[float | None] | None = lefts + [0.0] * max(0, self.capacity - len(self.running))  # when each frees up
         entries = []
         for position, job in enumerate(self._run_order(), 1):
             start = None
@@ -196,7 +198,7 @@ class JobQueue:
                 if known and (len(known) == len(slots) or min(known) == 0.0):  # a free slot needs no estimate
                     start = min(known)
             entries.append(QueueEntry(job, position, start))
-            if start is None:
+            if start is None or slots is None:
                 slots = None  # one unknown start makes every later one unknown
                 continue
             needed = self.estimate.seconds(job)

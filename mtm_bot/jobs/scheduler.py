@@ -41,7 +41,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Callable, Coroutine, Protocol
 
 from ..core import metrics
 from ..core.errors import InputError
@@ -189,14 +189,15 @@ class Scheduler:
                 raise JobNotFound("You have no queued or running job to cancel.")
             job = max(mine, key=lambda j: j.created_at)
         else:
-            job = self.queue.get(job_id)
-            if job is None:
+            queued = self.queue.get(job_id)
+            if queued is None:
                 stored = await self.store.get(job_id.strip().lower())
                 if stored is None:
                     raise JobNotFound(f"There is no job with id {job_id.strip()[:16]!r}; /queue lists your jobs.")
                 outcome = {JobState.DONE: "finished", JobState.FAILED: "failed",
                            JobState.CANCELLED: "been cancelled"}[stored.state]
                 raise NotCancellable(f"Job {stored.id} has already {outcome}; there is nothing to cancel.")
+            job = queued
         if job.user_id != user_id and not (is_manager and guild_id is not None and guild_id == job.guild_id):
             raise NotCancellable(f"Job {job.id} is someone else's; only its requester or a server manager can cancel it.")
 
@@ -262,7 +263,8 @@ class Scheduler:
         if job.state is JobState.DONE:
             job.result_path = next(iter(self.store.result_files(job).values()), None)
         job.finished_at = time.time()
-        self.queue.finish(job, job.finished_at - job.started_at if job.state is JobState.DONE else None)
+        ran = job.finished_at - job.started_at if job.state is JobState.DONE and job.started_at is not None else None
+        self.queue.finish(job, ran)
         await self.store.update(job)
         await self.runner.settled(job)
         metrics.JOBS_FINISHED.labels(job.state.value).inc()
@@ -270,7 +272,7 @@ class Scheduler:
 
     # Talking to the listener ----------------------------------------------------------------------
 
-    def _notify(self, job: Job, method: Callable[..., Awaitable[None]], *args) -> None:
+    def _notify(self, job: Job, method: Callable[..., Coroutine[Any, Any, None]], *args) -> None:
         """Call a listener method in its own task; its errors are logged, the job goes on."""
         task = asyncio.create_task(method(*args))
         pending = self._notifications.setdefault(job.id, set())

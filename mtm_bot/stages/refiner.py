@@ -79,7 +79,8 @@ class Refiner:
         self.device = device
         self.temperature = temperature
         self.jump_forward = jump_forward  # off: every token decoded step by step (as generate() would)
-        self.vocab_size: int = getattr(model.config, "vocab_size")  # logits' width; may exceed the tokenizer's (padding)
+        config: Any = model.config
+        self.vocab_size: int = config.vocab_size  # logits' width; may exceed the tokenizer's (padding)
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         self._prepare_grammars(max_segments)
         self._bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)

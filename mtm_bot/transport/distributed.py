@@ -260,9 +260,9 @@ class RemoteRunner:
             elif flight.suspect_since is not None and now - flight.suspect_since > self.grace_seconds:
                 self._lose(flight, "is held by no live GPU worker")
         for worker, order in await self.watch.reclaim_from_the_dead():
-            flight = self._flights.get(order.job_id)
-            if flight is not None and order.attempt == flight.job.attempt:
-                self._lose(flight, f"was taken by GPU worker {worker}, which died")
+            taken = self._flights.get(order.job_id)
+            if taken is not None and order.attempt == taken.job.attempt:
+                self._lose(taken, f"was taken by GPU worker {worker}, which died")
         if self.capacity != before:
             log.info("GPU workers: %d live, %d slot(s)", len(self.watch.live), self.capacity)
             self._capacity_changed()
@@ -283,9 +283,9 @@ class RemoteRunner:
                 await self.blobs.delete(event.job_id, event.attempt, results_only=True)
             return
         flight.holder = event.worker or flight.holder
-        if event.type is EventType.PROGRESS:
+        if event.type is EventType.PROGRESS and event.progress is not None:
             flight.events.progress(event.progress)
-        elif event.type is EventType.CAPTIONS:
+        elif event.type is EventType.CAPTIONS and event.lines is not None:
             flight.events.captions(event.lines)
         elif event.type is EventType.RELEASED:
             self._lose(flight, f"was handed back by GPU worker {event.worker}")
@@ -306,8 +306,8 @@ class RemoteRunner:
             flight.outcome.set_result(Outcome(JobState.FAILED, error=UNEXPECTED_MESSAGE.format(id=flight.job.id)))
 
     async def _outcome(self, job: Job, event: Event) -> Outcome | None:
-        if event.outcome is not JobState.DONE:
-            return Outcome(event.outcome, error=event.error)
+        if event.outcome is None or event.outcome is not JobState.DONE:
+            return Outcome(event.outcome or JobState.FAILED, error=event.error)
         if not await self.blobs.fetch_results(job.id, job.attempt, self.store.result_files(job), event.results or {}):
             return None
         return Outcome(JobState.DONE, result_json=event.result_json)

@@ -20,6 +20,7 @@ import socket
 import sys
 import tempfile
 import time
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,12 +228,12 @@ class GpuWorker:
                 log.warning("The %s of job %s expired in Redis; handing the job back", role, job.id)
                 return None
         loop = asyncio.get_running_loop()
-        last_sent = [0.0, None]  # when, (stage, block)
+        last_sent: dict[str, Any] = {"at": 0.0, "where": None}  # the last progress event sent: when, (stage, block)
 
         def report(progress: Progress) -> None:  # in the job thread
             now, where = time.monotonic(), (progress.stage, progress.block)
-            if now - last_sent[0] >= PROGRESS_EVERY_S or where != last_sent[1]:
-                last_sent[:] = now, where
+            if now - last_sent["at"] >= PROGRESS_EVERY_S or where != last_sent["where"]:
+                last_sent.update(at=now, where=where)
                 loop.call_soon_threadsafe(self._post_soon, Event(EventType.PROGRESS, job.id, attempt, self.id,
                                                                  progress=progress))
 

@@ -197,7 +197,7 @@ class Event:
         a malformed one."""
         job_id, attempt = str(data.get("job")), int(data.get("attempt", 0))
         _check_version(data, job_id, attempt)
-        kind = EventType(data.get("type"))
+        kind = EventType(str(data.get("type")))
         progress = None
         if kind is EventType.PROGRESS:
             progress = Progress(str(data["stage"]), int(data["block"]), int(data["blocks"]), int(data["step"]),
@@ -248,8 +248,10 @@ def check_suffix(suffix: str) -> str:
     return suffix
 
 
-def safe_url(url: str) -> str:
-    """The broker URL without its password, for logs."""
+def safe_url(url: str | None) -> str:
+    """The broker URL without its password, for logs ("unset" without one)."""
+    if url is None:
+        return "unset"
     parts = urlsplit(url)
     if parts.password is None:
         return url
