@@ -29,7 +29,7 @@ from mtm_bot.jobs.queue import JobQueue
 from mtm_bot.core.retry import Backoff, retry
 from mtm_bot.jobs.library import Embedder, Library
 from mtm_bot.transport.local import LocalRunner
-from mtm_bot.jobs.runner import JobRunner
+from mtm_bot.jobs.runner import JobRunner, Runner
 from mtm_bot.jobs.scheduler import Scheduler
 from mtm_bot.core.settings import Settings
 from mtm_bot.jobs.store import JobStore
@@ -79,7 +79,7 @@ class MTMBot(commands.Bot):
         self.store: JobStore | None = None
         self.scheduler: Scheduler | None = None
         self.library: Library | None = None
-        self.tree.on_error = answer_error
+        self.tree.error(answer_error)  # sets tree.on_error; discord.py's typed way to assign it
 
     async def setup_hook(self) -> None:
         if self.scheduler is None:  # a login retried after a network failure must not load the models again
@@ -92,6 +92,7 @@ class MTMBot(commands.Bot):
         self.store = await JobStore.open(self.settings)
         from mtm_bot.stages.pipeline import Pipeline  # transformers is slow to import: only once we have a token
 
+        runner: Runner
         if self.settings.broker_url:  # distributed: the GPU workers hold the models; here they only check uploads
             from mtm_bot.transport.distributed import RemoteRunner
 
@@ -147,7 +148,9 @@ def why_unreachable(err: BaseException) -> str:
         return f"Discord answered {err.status}"
     os_error = getattr(err, "os_error", None)  # aiohttp's connector errors carry the socket's error
     if isinstance(os_error, OSError) and os_error.errno:
-        return os_error.strerror if os_error.errno < 0 else os.strerror(os_error.errno)  # < 0: a DNS error
+        if os_error.errno < 0:  # a DNS error
+            return os_error.strerror or str(os_error)
+        return os.strerror(os_error.errno)
     return str(err) or type(err).__name__
 
 
@@ -156,9 +159,12 @@ async def log_in(bot: MTMBot, settings: Settings, stopping: asyncio.Event) -> No
 
     discord.py's own reconnect loop covers the gateway later on, but not this first REST call.
     """
+    token = settings.discord_token
+    assert token, "main() refuses to start without DISCORD_TOKEN"
+
     async def login() -> None:
         try:
-            await bot.login(settings.discord_token)
+            await bot.login(token)
         except DISCORD_UNREACHABLE:
             # Each login opens a new HTTP session on the client's connector, and closing the session closes
             # that connector too: let the next login make a fresh one.
@@ -166,7 +172,7 @@ async def log_in(bot: MTMBot, settings: Settings, stopping: asyncio.Event) -> No
             bot.http.connector = discord.utils.MISSING
             raise
 
-    with contextlib.suppress(DISCORD_UNREACHABLE):  # raised only once stopping is set
+    with contextlib.suppress(*DISCORD_UNREACHABLE):  # raised only once stopping is set
         await retry(login, on=DISCORD_UNREACHABLE, backoff=Backoff(RETRY_FIRST_S, RETRY_MAX_S), stopping=stopping,
                     say=lambda err, delay: log.warning("Cannot reach Discord at %s (%s); retrying in %.0f s.",
                                                        settings.discord_api_base, why_unreachable(err), delay))

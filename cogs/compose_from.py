@@ -59,11 +59,11 @@ def requested_duration(text: str, max_seconds: int) -> int | None:
 
 
 class ComposeFromModal(discord.ui.Modal, title=MENU_NAME):
-    instruction = discord.ui.Label(text="Instruction", component=discord.ui.TextInput(
-        style=discord.TextStyle.paragraph, placeholder="e.g. a cosy jazz carol with sleigh bells",
-        min_length=1, max_length=MAX_INSTRUCTION_CHARS))
-    duration = discord.ui.Label(text="Length in seconds (optional)",
-                                component=discord.ui.TextInput(required=False, max_length=10))
+    instruction: discord.ui.Label[ComposeFromModal] = discord.ui.Label(text="Instruction", component=discord.ui.TextInput(
+            style=discord.TextStyle.paragraph, placeholder="e.g. a cosy jazz carol with sleigh bells",
+            min_length=1, max_length=MAX_INSTRUCTION_CHARS))
+    duration: discord.ui.Label[ComposeFromModal] = discord.ui.Label(
+        text="Length in seconds (optional)", component=discord.ui.TextInput(required=False, max_length=10))
 
     def __init__(self, audio: discord.Attachment, max_seconds: int) -> None:
         super().__init__()  # a random custom_id: several people may compose from one message at once
@@ -73,12 +73,17 @@ class ComposeFromModal(discord.ui.Modal, title=MENU_NAME):
                                      f"to {BLOCK_SECONDS} s")
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
+        # Label types its component as any Item; these are the TextInputs declared above.
+        assert isinstance(self.duration.component, discord.ui.TextInput)
+        assert isinstance(self.instruction.component, discord.ui.TextInput)
         duration = requested_duration(self.duration.component.value, self.max_seconds)  # a typo costs no submission
         check_submission_rate(interaction)
         instruction = check_instruction(self.instruction.component.value)
         await accept(interaction, self.audio, JobKind.COMPOSE, instruction=instruction, duration=duration)
 
-    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+    # discord.py's Modal.on_error takes (interaction, error) but its base BaseView.on_error also takes the
+    # item: Modal's own signature narrows its base's, and mypy sees that in every Modal subclass's override.
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:  # type: ignore[override]
         await answer_error(interaction, error)
 
 

@@ -60,6 +60,7 @@ class ServerLibrary(commands.Cog):
             return
         # Embedding the query takes a moment on a busy CPU: defer, privately, within Discord's 3 s.
         await interaction.response.defer(ephemeral=True, thinking=True)
+        assert self.bot.library is not None and interaction.guild_id is not None  # set up in setup_hook; guild_only
         matches = await self.bot.library.search(interaction.guild_id, query or "", limit=RESULTS_SHOWN)
         await interaction.followup.send(library_reply(quote(shorten(query or "", 100)), matches), ephemeral=True,
                                         allowed_mentions=discord.AllowedMentions.none())

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import discord
 from discord.ext import commands
@@ -19,6 +19,7 @@ from discord.ext import commands
 from mtm_bot.core.playback import Play, read_track
 from mtm_bot.core.timecode import format_time
 
+from .utils.client import mtm_bot
 from .utils.errors import answer_error
 from .results import JOB_ID, _JobButton
 from .utils.submit import check_submission_rate
@@ -34,7 +35,7 @@ class StopButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template
     action, label, emoji = "stop", "Stop", "⏹️"
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await interaction.client.get_cog("Player").stop(interaction, self.job_id)
+        await cast("Player", mtm_bot(interaction).get_cog("Player")).stop(interaction, self.job_id)
 
 
 def stop_controls(job_id: str) -> discord.ui.View:
@@ -75,11 +76,12 @@ class Player(commands.Cog):
         try:
             check_submission_rate(interaction)
             channel = listening_channel(interaction)
+            assert self.bot.store is not None and interaction.channel_id is not None  # set up; a click's channel
             job = await self.bot.store.parent_for(job_id)  # refuses an expired result
             await interaction.response.defer(ephemeral=True, thinking=True)  # joining takes a moment
             samples, rate = await asyncio.to_thread(read_track, self.bot.store.output_path(job.id))
             play = Play(job.id, interaction.user.id, interaction.channel_id, samples, rate)
-            position = await self.player_of(interaction.guild).enqueue(play, channel)
+            position = await self.player_of(channel.guild).enqueue(play, channel)  # the clicker's server
         except Exception as error:
             await answer_error(interaction, error)
             return
@@ -88,9 +90,9 @@ class Player(commands.Cog):
         await interaction.followup.send(text, ephemeral=True)
 
     async def stop(self, interaction: discord.Interaction, job_id: str) -> None:
-        player = self.players.get(interaction.guild_id)
+        player = None if interaction.guild_id is None else self.players.get(interaction.guild_id)
         now = None if player is None else player.queue.now
-        if now is None or now.job_id != job_id:
+        if player is None or now is None or now.job_id != job_id:
             text = "That track is not playing any more."
         elif interaction.user.id != now.requester_id and not interaction.permissions.manage_guild:
             text = f"Only <@{now.requester_id}>, who started this track, or a server manager can stop it."
@@ -117,10 +119,11 @@ class Player(commands.Cog):
 
     def queue_lines(self, guild_id: int | None) -> list[str]:
         """/queue's lines for this server's voice player: what plays and what waits (none while idle)."""
-        player = self.players.get(guild_id)
+        player = None if guild_id is None else self.players.get(guild_id)
         if player is None or player.queue.now is None:
             return []
         now = player.queue.now
+        assert player.channel is not None  # a track plays: the player is connected
         lines = [f"**Playing in {player.channel.mention}:** `{now.job_id}` ({format_time(now.seconds)}) "
                  f"for <@{now.requester_id}>"]
         lines += [f"{n}. `{play.job_id}` ({format_time(play.seconds)}) for <@{play.requester_id}>"

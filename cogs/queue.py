@@ -2,7 +2,7 @@
 (ephemeral replies)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import discord
 from discord import app_commands
@@ -14,6 +14,8 @@ from .utils.render import minutes, quote, shorten
 
 if TYPE_CHECKING:
     from bot import MTMBot
+
+    from .player import Player
 
 QUEUE_LINES_SHOWN = 10
 
@@ -29,6 +31,8 @@ class Queue(commands.Cog):
 
     @app_commands.command(name="queue", description="Show the running jobs, the queue and your jobs")
     async def queue(self, interaction: discord.Interaction) -> None:
+        # set up in setup_hook, before any command is served
+        assert self.bot.scheduler is not None and self.bot.store is not None
         snapshot = self.bot.queue.snapshot()
         lines = []
         if not snapshot.running:
@@ -51,7 +55,7 @@ class Queue(commands.Cog):
             lines.append(f"{entry.position}. {describe(entry.job)}{eta}")
         if len(snapshot.queued) > QUEUE_LINES_SHOWN:
             lines.append(f"… and {len(snapshot.queued) - QUEUE_LINES_SHOWN} more")
-        lines += self.bot.get_cog("Player").queue_lines(interaction.guild_id)  # tracks playing in voice
+        lines += cast("Player", self.bot.get_cog("Player")).queue_lines(interaction.guild_id)  # tracks playing in voice
         mine = await self.bot.store.recent_of(interaction.user.id)
         lines.append("**Your jobs:** " + ("none yet" if not mine else ""))
         for job in mine:
@@ -62,6 +66,7 @@ class Queue(commands.Cog):
     @app_commands.command(name="cancel", description="Stop a job (default: your newest unfinished job)")
     @app_commands.describe(job="The job id shown when the job was accepted")
     async def cancel(self, interaction: discord.Interaction, job: str | None = None) -> None:
+        assert self.bot.scheduler is not None  # set up in setup_hook, before any command is served
         cancelled = await self.bot.scheduler.cancel(
             job, interaction.user.id, guild_id=interaction.guild_id,
             is_manager=interaction.permissions.manage_guild)

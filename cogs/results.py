@@ -8,7 +8,8 @@ theirs, refused by the same rate, per-user and queue limits, and its parent is t
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import discord
 from discord.ext import commands
@@ -18,11 +19,16 @@ from mtm_bot.jobs.job import Job, JobKind
 from mtm_bot.stages.pipeline import MAX_EXTEND_SECONDS, MIN_EXTEND_SECONDS
 from mtm_bot.core.timecode import format_time
 
+from .utils.client import mtm_bot
 from .utils.errors import answer_error, reply_error
 from .utils.submit import EmptyInstruction, accept_derived, typed_seconds
 
 if TYPE_CHECKING:
+    from discord.types.interactions import SelectMessageComponentInteractionData
+
     from bot import MTMBot
+
+    from .player import Player
 
 JOB_ID = r"(?P<job>[0-9a-f]{8})"
 DEFAULT_EXTEND_SECONDS = 30
@@ -38,8 +44,9 @@ async def build_on(interaction: discord.Interaction, job_id: str, kind: JobKind,
         await answer_error(interaction, error)
 
 
-class _JobButton:
-    """A button that acts on the job in its custom_id (mixed into each DynamicItem below)."""
+class _JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mtm:(?P<action>[a-z]+):" + JOB_ID):
+    """A button that acts on the job in its custom_id (the base of each DynamicItem below; never registered
+    itself, its template only satisfies DynamicItem)."""
 
     action: str
     label: str
@@ -51,7 +58,8 @@ class _JobButton:
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]):
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str]) -> Self:
         return cls(match["job"])
 
 
@@ -88,29 +96,32 @@ class PlayButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template
     action, label, emoji = "play", "Play", "▶️"
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await interaction.client.get_cog("Player").play(interaction, self.job_id)
+        await cast("Player", mtm_bot(interaction).get_cog("Player")).play(interaction, self.job_id)
 
 
 class RedoSelect(discord.ui.DynamicItem[discord.ui.Select], template=rf"mtm:redo:{JOB_ID}"):
     """Redo from a block start: everything before it is kept, the rest generated again."""
 
-    def __init__(self, job_id: str, starts: list[int] = ()) -> None:
+    def __init__(self, job_id: str, starts: Sequence[int] = ()) -> None:
         options = [discord.SelectOption(label=f"Redo from {format_time(t)}", value=str(t)) for t in starts]
         super().__init__(discord.ui.Select(placeholder="Redo from…", custom_id=f"mtm:redo:{job_id}",
                                            options=options[:MAX_SELECT_OPTIONS] or [discord.SelectOption(label="-")]))
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Select, match: re.Match[str]):
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str]) -> Self:
         return cls(match["job"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await build_on(interaction, self.job_id, JobKind.REDO, redo_from=int(interaction.data["values"][0]))
+        data = cast("SelectMessageComponentInteractionData", interaction.data)  # a select's click
+        await build_on(interaction, self.job_id, JobKind.REDO, redo_from=int(data["values"][0]))
 
 
 class ExtendModal(discord.ui.Modal, title="Extend the track"):
-    seconds = discord.ui.TextInput(label=f"Seconds to add ({MIN_EXTEND_SECONDS}–{MAX_EXTEND_SECONDS})",
-                                   default=str(DEFAULT_EXTEND_SECONDS), min_length=1, max_length=3)
+    seconds: discord.ui.TextInput[ExtendModal] = discord.ui.TextInput(
+        label=f"Seconds to add ({MIN_EXTEND_SECONDS}–{MAX_EXTEND_SECONDS})",
+        default=str(DEFAULT_EXTEND_SECONDS), min_length=1, max_length=3)
 
     def __init__(self, job_id: str) -> None:
         super().__init__()  # a random custom_id: two people may have this result's modal open at once
@@ -127,9 +138,9 @@ class ExtendModal(discord.ui.Modal, title="Extend the track"):
 
 
 class RemixModal(discord.ui.Modal, title="Remix in another style"):
-    instruction = discord.ui.TextInput(label="New instruction", style=discord.TextStyle.paragraph,
-                                       placeholder="e.g. a cosy jazz carol with sleigh bells",
-                                       min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+    instruction: discord.ui.TextInput[RemixModal] = discord.ui.TextInput(
+        label="New instruction", style=discord.TextStyle.paragraph,
+        placeholder="e.g. a cosy jazz carol with sleigh bells", min_length=1, max_length=MAX_INSTRUCTION_CHARS)
 
     def __init__(self, job_id: str) -> None:
         super().__init__()

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import discord
 import soundfile as sf
@@ -79,8 +80,10 @@ def queue_stage(position: int | None, eta: float | None) -> str:
 
 def origin(job: Job) -> str:
     """Where a derived job's result came from, in a few words, e.g. "extended from job `ab12cd34` by 30 s"."""
-    return KINDS[job.kind].origin.format(parent=job.parent_id, seconds=job.duration,
-                                         redo_from=format_time(job.redo_from or 0))
+    text = KINDS[job.kind].origin
+    assert text is not None, "only a derived job's result has an origin"
+    return text.format(parent=job.parent_id, seconds=job.duration,
+                       redo_from=format_time(job.redo_from or 0))
 
 
 def status_message(job: Job, stage: str, captions: list[str], finished: bool) -> tuple[str, list[discord.Embed]]:
@@ -185,7 +188,8 @@ class Delivery:
 
         ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
         # Every track is a starting point: its controls start the next job from it.
-        controls = {"view": result_controls(job)} if encoded is not None else {}
+        # Any: one optional keyword for two differently overloaded send methods
+        controls: dict[str, Any] = {"view": result_controls(job)} if encoded is not None else {}
         message: discord.abc.Snowflake | None = None
         if live is not None:
             try:
@@ -203,6 +207,7 @@ class Delivery:
 
     async def _midi_file(self, job: Job) -> None:
         """The MIDI file goes to whoever clicked."""
+        assert job.result_json is not None  # a finished job
         notes = job.result_json["notes"]
         content = (f"🎹 The notes of job `{job.parent_id}`: {notes} note{'s' * (notes != 1)}, as a MIDI file."
                    if notes else f"🎹 I found no notes in job `{job.parent_id}`; the MIDI file is empty.")
@@ -212,6 +217,7 @@ class Delivery:
     async def _library_matches(self, job: Job) -> None:
         """/library image: search this server's library with the picture's description."""
         assert self.library is not None, "the library is set up before the scheduler starts delivering"
+        assert job.result_json is not None and job.guild_id is not None  # a finished job; /library is guild_only
         picture = job.result_json["picture"]
         content = library_reply(f"your picture, as I see it: {quote(picture)}",
                                 await self.library.search(job.guild_id, picture, limit=RESULTS_SHOWN))

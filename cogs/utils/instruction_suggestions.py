@@ -5,6 +5,8 @@ from __future__ import annotations
 import discord
 from discord import app_commands
 
+from .client import mtm_bot
+
 MAX_CHOICES = 25  # Discord shows at most 25 suggestions ...
 MAX_CHOICE_CHARS = 100  # ... and refuses a name or string value longer than this
 
@@ -41,6 +43,8 @@ async def instruction_choices(interaction: discord.Interaction, typed: str) -> l
     """The autocomplete answer for /compose's instruction in the interaction's server (presets only in a DM)."""
     recent = []
     if interaction.guild_id is not None:
-        recent = await interaction.client.store.recent_instructions(
+        store = mtm_bot(interaction).store
+        assert store is not None  # set up in setup_hook, before any command is served
+        recent = await store.recent_instructions(
             interaction.guild_id, _tidy(typed), max_chars=MAX_CHOICE_CHARS, limit=MAX_CHOICES)
     return [app_commands.Choice(name=text, value=text) for text in suggestions(typed, recent)]

@@ -20,6 +20,7 @@ from mtm_bot.stages.image_captioner import IMAGE_EXTENSIONS
 from mtm_bot.jobs.job import Job, JobKind
 from mtm_bot.jobs.kinds import KINDS, Request
 
+from .client import mtm_bot
 from .errors import THINKING
 
 AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff"}  # libsndfile reads these
@@ -42,7 +43,7 @@ def typed_seconds(text: str) -> int | None:
 def check_submission_rate(interaction: discord.Interaction) -> bool:
     """Per-user submissions per minute (settings.submissions_per_minute), one budget for /compose, /caption
     and the buttons under a result; CommandOnCooldown says when to retry."""
-    bot = interaction.client
+    bot = mtm_bot(interaction)
     buckets: dict[int, app_commands.Cooldown] = bot.submission_buckets
     if len(buckets) > MAX_IDLE_BUCKETS:  # forget users whose window has passed
         for user_id in [u for u, b in buckets.items() if b.get_tokens() == b.rate]:
@@ -119,7 +120,7 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment | N
     """Validate, defer, download, decode, queue; the reply then shows the job id, queue position and ETA.
 
     A compose job without `audio` is made from the instruction (and `image`) alone."""
-    bot = interaction.client
+    bot = mtm_bot(interaction)
     settings = bot.settings
     makes_track = KINDS[kind].makes_track
     if makes_track and not instruction:
@@ -131,6 +132,7 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment | N
     bot.queue.check(interaction.user.id)
 
     async def store_uploads(job: Job) -> None:
+        assert bot.store is not None and bot.pipeline is not None  # set up in setup_hook, before any command is served
         clip = None
         if audio is not None:
             job.input_path = await bot.store.save_input(job.id, await download(audio), audio.filename)
@@ -152,18 +154,22 @@ async def accept_derived(interaction: discord.Interaction, parent_id: str, kind:
 
     Refused like any submission (rate, per-user and queue limits) and, ephemerally, when the result has
     expired or the request does not fit it. Whether the result is public is the kind's (mtm_bot.jobs.kinds)."""
-    bot = interaction.client
+    bot = mtm_bot(interaction)
     check_submission_rate(interaction)
+    assert bot.store is not None  # set up in setup_hook, before any command is served
     parent = await bot.store.parent_for(parent_id)
     instruction = parent.instruction if instruction is None else instruction
+    generates = KINDS[kind].generates
+    assert generates is not None and parent.result_json is not None  # a derived kind; a kept (finished) track
     # Seconds of music the job generates (for the queue's ETA); refuses what cannot fit.
-    duration = KINDS[kind].generates(round(parent.result_json["duration"]), Request(instruction, seconds, redo_from),
+    duration = generates(round(parent.result_json["duration"]), Request(instruction, seconds, redo_from),
                                      bot.settings.max_output_seconds)
     bot.queue.check(interaction.user.id)
     job = Job.new(kind, **_origin(interaction), instruction=instruction, duration=duration, parent_id=parent.id,
                   redo_from=redo_from)
 
     async def link(job: Job) -> None:
+        assert bot.store is not None
         await bot.store.link_parent(job, parent)
 
     await submit(interaction, job, link)
@@ -179,7 +185,8 @@ def _origin(interaction: discord.Interaction) -> dict:
 
 async def submit(interaction: discord.Interaction, job: Job, prepare: Callable[[Job], Awaitable[None]]) -> None:
     """Defer, store the job's inputs (`prepare`: may refuse), queue it and show its place in the queue."""
-    bot = interaction.client
+    bot = mtm_bot(interaction)
+    assert bot.scheduler is not None and bot.store is not None  # set up in setup_hook, before any command is served
     if KINDS[job.kind].private:  # /library image:, MIDI: its status and result are for the caller only
         await interaction.response.defer(ephemeral=True, thinking=True)
     else:

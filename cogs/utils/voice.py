@@ -136,6 +136,7 @@ class GuildPlayer:
             loop.call_soon_threadsafe(ended.set)
 
         self.stopped = False
+        assert self.voice is not None  # _play_queue plays only while connected
         self.voice.play(discord.PCMAudio(io.BytesIO(pcm)), after=after, signal_type="music")
         finished = await self.announce(play, self.voice.channel)
         await ended.wait()

@@ -53,7 +53,9 @@ class Runner(Protocol):
     """A transport that runs jobs and streams their events back (LocalRunner below,
     mtm_bot.transport.distributed.RemoteRunner); the scheduler (mtm_bot.jobs.scheduler) drives it."""
 
-    capacity: int  # jobs it can run at once now (the live GPU workers' slots in distributed mode)
+    @property
+    def capacity(self) -> int:  # read-only: RemoteRunner's is a property
+        """Jobs it can run at once now (the live GPU workers' slots in distributed mode)."""
     keeps_running: bool  # its jobs go on while this process restarts (then `run(adopt=True)` takes them up)
 
     async def start(self, capacity_changed: Callable[[], None]) -> None: ...
