@@ -147,7 +147,7 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment | N
 
 async def accept_derived(interaction: discord.Interaction, parent_id: str, kind: JobKind, *,
                          instruction: str | None = None, seconds: int | None = None,
-                         redo_from: int | None = None) -> Job:
+                         redo_from: int | None = None, captions: list[str] | None = None) -> Job:
     """A click under a result: an ordinary job of whoever clicked, built on that track (its parent).
 
     Refused like any submission (rate, per-user and queue limits) and, ephemerally, when the result has
@@ -157,11 +157,11 @@ async def accept_derived(interaction: discord.Interaction, parent_id: str, kind:
     parent = await bot.store.parent_for(parent_id)
     instruction = parent.instruction if instruction is None else instruction
     # Seconds of music the job generates (for the queue's ETA); refuses what cannot fit.
-    duration = KINDS[kind].generates(round(parent.result_json["duration"]), Request(instruction, seconds, redo_from),
-                                     bot.settings.max_output_seconds)
+    duration = KINDS[kind].generates(round(parent.result_json["duration"]),
+                                     Request(instruction, seconds, redo_from, captions), bot.settings.max_output_seconds)
     bot.queue.check(interaction.user.id)
     job = Job.new(kind, **_origin(interaction), instruction=instruction, duration=duration, parent_id=parent.id,
-                  redo_from=redo_from)
+                  redo_from=redo_from, captions=captions)
 
     async def link(job: Job) -> None:
         await bot.store.link_parent(job, parent)
