@@ -1,4 +1,4 @@
-"""The controls under every track: Reroll, Extend, Remix, Redo from…, MIDI, Play.
+"""The controls under every track: Reroll, Extend, Remix, Redo from…, MIDI, Edit captions, Play.
 
 Each is a DynamicItem whose custom_id carries the track's job id (`mtm:<action>:<job id>`), registered
 at start-up, so the controls of a result posted before a restart keep working for as long as the track
@@ -16,7 +16,7 @@ from discord.ext import commands
 
 from mtm_bot.core.instruction import MAX_INSTRUCTION_CHARS, check_instruction
 from mtm_bot.jobs.job import Job, JobKind
-from mtm_bot.stages.pipeline import MAX_EXTEND_SECONDS, MIN_EXTEND_SECONDS
+from mtm_bot.stages.pipeline import MAX_EXTEND_SECONDS, MIN_EXTEND_SECONDS, parse_edited_captions
 from mtm_bot.core.timecode import format_time
 
 from .utils.client import mtm_bot
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 JOB_ID = r"(?P<job>[0-9a-f]{8})"
 DEFAULT_EXTEND_SECONDS = 30
 MAX_SELECT_OPTIONS = 25  # Discord's limit per select
+MAX_TEXT_INPUT_CHARS = 4000  # Discord's limit for a text input's value
 
 
 async def build_on(interaction: discord.Interaction, job_id: str, kind: JobKind, **request) -> None:
@@ -89,6 +90,22 @@ class MidiButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await build_on(interaction, self.job_id, JobKind.MIDI)
+
+
+class EditCaptionsButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template=rf"mtm:edit:{JOB_ID}"):
+    action, label, emoji = "edit", "Edit captions", "✏️"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        store = mtm_bot(interaction).store
+        assert store is not None  # set in setup_hook, before any click is served
+        try:
+            parent = await store.parent_for(self.job_id)
+        except Exception as error:
+            await answer_error(interaction, error)
+            return
+        result = parent.result_json or {}  # a kept track is a finished job: it has its result
+        await interaction.response.send_modal(EditCaptionsModal(self.job_id, result["lines"],
+                                                                [(b["start"], b["end"]) for b in result["blocks"]]))
 
 
 class PlayButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template=rf"mtm:play:{JOB_ID}"):
@@ -157,16 +174,37 @@ class RemixModal(discord.ui.Modal, title="Remix in another style"):
         await build_on(interaction, self.job_id, JobKind.REMIX, instruction=instruction)
 
 
+class EditCaptionsModal(discord.ui.Modal, title="Edit the captions"):
+    lines: discord.ui.TextInput[EditCaptionsModal] = discord.ui.TextInput(label="One line per block: M:SS–M:SS caption", style=discord.TextStyle.paragraph,
+                                 min_length=1, max_length=MAX_TEXT_INPUT_CHARS)
+
+    def __init__(self, job_id: str, lines: list[str], ranges: list[tuple[float, float]]) -> None:
+        super().__init__()
+        self.job_id, self.ranges = job_id, ranges
+        self.lines.default = "\n".join(lines)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        try:  # refused before anything is queued: the answer says which line to fix
+            captions = parse_edited_captions(self.lines.value, self.ranges)
+        except Exception as error:
+            await answer_error(interaction, error)
+            return
+        await build_on(interaction, self.job_id, JobKind.EDIT, captions=captions)
+
+
 def result_controls(job: Job) -> discord.ui.View:
-    """The controls under a finished track: one row of buttons, and the Redo select where there is a
-    later block to redo from."""
+    """The controls under a finished track: the buttons (Discord fits five to a row), and the Redo select
+    where there is a later block to redo from."""
     view = discord.ui.View(timeout=None)
-    for button in (RerollButton, ExtendButton, RemixButton, MidiButton, PlayButton):
+    for button in RESULT_BUTTONS:
         view.add_item(button(job.id))
     starts = [round(block["start"]) for block in (job.result_json or {}).get("blocks", [])[1:]]
     if starts:
         view.add_item(RedoSelect(job.id, starts))
     return view
+
+
+RESULT_BUTTONS = (RerollButton, ExtendButton, RemixButton, MidiButton, PlayButton, EditCaptionsButton)
 
 
 class Results(commands.Cog):
@@ -175,10 +213,10 @@ class Results(commands.Cog):
 
     async def cog_load(self) -> None:
         # Registered before the first event: a click on any result still kept is understood.
-        self.bot.add_dynamic_items(RerollButton, ExtendButton, RemixButton, MidiButton, PlayButton, RedoSelect)
+        self.bot.add_dynamic_items(*RESULT_BUTTONS, RedoSelect)
 
     async def cog_unload(self) -> None:
-        self.bot.remove_dynamic_items(RerollButton, ExtendButton, RemixButton, MidiButton, PlayButton, RedoSelect)
+        self.bot.remove_dynamic_items(*RESULT_BUTTONS, RedoSelect)
 
 
 async def setup(bot: MTMBot) -> None:

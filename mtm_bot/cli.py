@@ -6,13 +6,14 @@
     python -m mtm_bot extend DIR --seconds S -o OUT.wav [--save DIR2] ...               S more seconds
     python -m mtm_bot remix  DIR -i "instruction" -o OUT.wav [--save DIR2] ...         the same clip, new words
     python -m mtm_bot redo   DIR --from M:SS -o OUT.wav [--save DIR2] ...              a new take from a block on
+    python -m mtm_bot edit   DIR --captions FILE -o OUT.wav [--save DIR2] ...          your captions, one per block
     python -m mtm_bot midi   DIR|TRACK -o OUT.mid
     python -m mtm_bot caption INPUT [--profile ...] [--json]
     python -m mtm_bot download
     python -m mtm_bot worker [--profile ...] [--device cuda:N]    one GPU worker (needs MTM_BROKER_URL)
 
 `--save DIR` keeps what the next command starts from in DIR (track.wav, state.npz and the clip); reroll,
-extend, remix, redo and midi start from such a DIR. Every command that makes a track takes --profile,
+extend, remix, redo, edit and midi start from such a DIR. Every command that makes a track takes --profile,
 --device, --seed (default: MTM_SEED, else random) and --json.
 
 Exit codes: 0 ok, 2 bad input (one-line reason on stderr), 1 internal error.
@@ -93,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     redo = derived("redo", "keep a kept result up to a block, generate the rest again")
     redo.add_argument("--from", dest="start", required=True, metavar="M:SS",
                       help="where a block starts (M:SS or seconds); everything before it is kept")
-    for p in (reroll, extend, remix, redo):
+    edit = derived("edit", "a kept result's plan with your captions, one `M:SS–M:SS caption` line per block")
+    edit.add_argument("--captions", type=Path, required=True, metavar="FILE",
+                      help="the result's caption lines (as printed), edited; no captioning, no LLM")
+    for p in (reroll, extend, remix, redo, edit):
         track_output(p)
         options(p)
 
@@ -184,7 +188,7 @@ def _compose(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _derive(args: argparse.Namespace, settings: Settings) -> int:
-    """reroll, extend, remix, redo: a new track from the result kept in DIR, by the kind's derivation."""
+    """reroll, extend, remix, redo, edit: a new track from the result kept in DIR, by the kind's derivation."""
     from .stages.kept import Kept
     from .stages.pipeline import Pipeline
 
@@ -204,7 +208,14 @@ def _derive(args: argparse.Namespace, settings: Settings) -> int:
     spec = KINDS[JobKind(args.command)]
     pipeline = Pipeline(settings)
     kept = Kept.load(source, pipeline.read_clip)
-    request = Request(instruction or kept.instruction, getattr(args, "seconds", None), redo_from)
+    captions = getattr(args, "captions", None)
+    if captions is not None:
+        from .stages.pipeline import parse_edited_captions
+
+        _check_files(captions)
+        captions = tuple(parse_edited_captions(captions.read_text(encoding="utf-8", errors="replace"),
+                                               [(b.start, b.end) for b in kept.blocks]))
+    request = Request(instruction or kept.instruction, getattr(args, "seconds", None), redo_from, captions)
     # A fixed MTM_SEED gives each command on a kept result its own seed: the kept one would repeat it.
     seed = args.seed if args.seed is not None else choose_seed(settings.seed, f"{args.command} {kept.seed}")
     pipeline.check_weights(spec.loads)

@@ -1,7 +1,7 @@
 """The controls under a result, end to end: the real bot (tiny pipeline) against the loopback emulator.
 
-Every compose result carries Reroll, Extend, Remix, MIDI, Play (tests/test_bot_voice.py) and a Redo
-select; each click but Play is an ordinary job of whoever clicked, built on the kept track. One bot
+Every compose result carries Reroll, Extend, Remix, MIDI, Play (tests/test_bot_voice.py), Edit captions and a
+Redo select; each click but Play is an ordinary job of whoever clicked, built on the kept track. One bot
 serves the module (restarted once, on the same storage and emulator); tests run in file order and each
 waits until its jobs have settled.
 """
@@ -95,7 +95,7 @@ def job_id_of(message: Message) -> str:
 async def test_every_result_carries_its_controls(world, original):
     rows = original.components
     labels = [c.get("label") for row in rows for c in row["components"] if c["type"] == 2]
-    assert labels == ["Reroll", "Extend", "Remix", "MIDI", "Play"]
+    assert labels == ["Reroll", "Extend", "Remix", "MIDI", "Play", "Edit captions"]
     (select,) = [c for row in rows for c in row["components"] if c["type"] == 3]
     assert select["placeholder"] == "Redo from…"
     assert [o["value"] for o in select["options"]] == ["10"] and "0:10" in select["options"][0]["label"]
@@ -175,6 +175,39 @@ async def test_midi_sends_the_notes_privately_to_whoever_clicked(world, original
     assert notes and re.search(rf"{len(notes)} notes", sent.content)
 
 
+async def test_edit_captions_makes_a_track_of_the_edited_lines_without_captioning_or_the_llm(world, original):
+    emulator, _, _ = world
+    bot, judy = bot_of(world), emulator.user("judy")
+    captions, llm = Calls(bot.pipeline.captioner, "caption"), Calls(bot.pipeline.refiner, "refine", "write")
+    opened = await emulator.click(judy, original, "Edit captions")
+    modal = await emulator.wait_for(lambda: opened.modal, 10, "the Edit captions modal")
+    assert modal.inputs[0].value.split("\n") == caption_lines(original)
+    edited = ["0:00\u20130:10 a lone cello, slow and dark", "0:10\u20130:20 a marching band with snare rolls"]
+    result = await result_of(emulator, await emulator.submit_modal(judy, opened, {modal.inputs[0].label: "\n".join(edited)}),
+                             judy)
+    assert f"job `{job_id_of(original)}` with edited captions" in result.content
+    assert caption_lines(result) == edited
+    assert len(track(result)) == len(track(original)) and not np.array_equal(track(result), track(original))
+    assert (captions.count, llm.count) == (0, 0)
+    assert "Edit captions" in str(result.components)  # an edited track can be edited again
+
+
+@pytest.mark.parametrize("lines, fragment", [
+    ("0:00\u20130:10 a lone cello", "write 2 lines"),
+    ("0:00\u20130:10 a lone cello\n0:10\u20130:30 a band", "keep the time ranges as they are"),
+    ("0:00\u20130:10 a lone cello\n0:10\u20130:20", "has no caption"),
+    ("a lone cello\na band", "does not start with a time range"),
+])
+async def test_bad_edits_are_refused_without_queueing(world, original, lines, fragment):
+    emulator, _, _ = world
+    bot, ken = bot_of(world), emulator.user("ken")
+    opened = await emulator.click(ken, original, "Edit captions")
+    modal = await emulator.wait_for(lambda: opened.modal, 10, "the Edit captions modal")
+    refused = await emulator.submit_modal(ken, opened, {modal.inputs[0].label: lines})
+    assert fragment in await ephemeral_error(emulator, refused)
+    assert await bot.store.recent_of(ken.id) == []
+
+
 async def test_a_user_at_their_job_limit_is_refused_like_any_submission(world, original):
     emulator, _, _ = world
     bot, heidi = bot_of(world), emulator.user("heidi")
@@ -183,6 +216,10 @@ async def test_a_user_at_their_job_limit_is_refused_like_any_submission(world, o
         long = await emulator.slash(heidi, "compose", {"instruction": "an epic", "duration": 180})
         long_id = await accepted(emulator, long)
         refused = await emulator.click(heidi, original, "Reroll")
+        assert "the limit is 1 per user" in await ephemeral_error(emulator, refused)
+        opened = await emulator.click(heidi, original, "Edit captions")
+        await emulator.wait_for(lambda: opened.modal, 10, "the Edit captions modal")
+        refused = await emulator.submit_modal(heidi, opened, {})  # the lines as they were: a fresh take of them
         assert "the limit is 1 per user" in await ephemeral_error(emulator, refused)
     finally:
         bot.queue.max_per_user = limit

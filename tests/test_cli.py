@@ -256,6 +256,19 @@ def test_redo_takes_plain_seconds_too(saved, tmp_path):
     assert sf.info(out).frames == 20 * SAMPLE_RATE
 
 
+def test_edit_generates_from_the_edited_lines_and_refuses_bad_ones_with_one_line(saved, tmp_path, capsys):
+    lines = ["0:00\u20130:10 a lone cello", "0:10\u20130:20 a marching band"]
+    (tmp_path / "lines.txt").write_text("\n".join(lines), encoding="utf-8")
+    out = tmp_path / "edit.wav"
+    assert tiny("edit", str(saved), "--captions", str(tmp_path / "lines.txt"), "-o", str(out), "--seed", "5") == 0
+    assert capsys.readouterr().out.strip().splitlines() == lines
+    assert sf.info(out).frames == 20 * SAMPLE_RATE
+    (tmp_path / "bad.txt").write_text(lines[0], encoding="utf-8")
+    assert tiny("edit", str(saved), "--captions", str(tmp_path / "bad.txt"), "-o", str(tmp_path / "bad.wav")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "write 2 lines, one per block; you wrote 1" in err[0], err
+
+
 def test_a_track_from_words_alone_can_be_remixed_and_extended(tmp_path):
     first, remixed = tmp_path / "first", tmp_path / "remixed"
     assert tiny("compose", "-i", "a slow waltz for strings", "-o", str(tmp_path / "a.wav"), "--duration", "10",
@@ -396,6 +409,8 @@ def test_each_command_asks_for_the_checkpoints_of_the_stages_it_loads(empty_hf_c
     clip = write_music(tmp_path / "clip.wav", 3.0)
     picture = tmp_path / "picture.png"
     picture.write_bytes(picture_bytes())
+    lines = tmp_path / "lines.txt"
+    lines.write_text("0:00\u20130:10 a cello\n0:10\u20130:20 a band", encoding="utf-8")
     out = str(tmp_path / "out.wav")
     expected = {
         ("compose", str(clip), "-i", "a carol", "-o", out): {LP_MUSICCAPS, BART, llm, musicgen},
@@ -404,6 +419,7 @@ def test_each_command_asks_for_the_checkpoints_of_the_stages_it_loads(empty_hf_c
         ("reroll", str(saved), "-o", out): {musicgen},  # the kept captions and refinement
         ("extend", str(saved), "--seconds", "10", "-o", out): {musicgen},
         ("redo", str(saved), "--from", "0:10", "-o", out): {musicgen},
+        ("edit", str(saved), "--captions", str(lines), "-o", out): {musicgen},  # neither captioner nor LLM
         ("remix", str(saved), "-i", "a march", "-o", out): {llm, musicgen},  # a new refinement
     }
     for args, repos in expected.items():

@@ -1,4 +1,5 @@
-"""Starting the next job from a kept track (tiny profile): Reroll, Remix, Extend, Redo, and what is kept."""
+"""Starting the next job from a kept track (tiny profile): Reroll, Remix, Extend, Redo, Edit captions, and what
+is kept."""
 import numpy as np
 import pytest
 import torch
@@ -7,7 +8,7 @@ from mtm_bot.core.audio import Audio, integrated_loudness, write
 from mtm_bot.core.errors import InputError
 from mtm_bot.stages.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
 from mtm_bot.stages.kept import Kept, KeptFiles, ResultExpired
-from mtm_bot.stages.pipeline import Pipeline
+from mtm_bot.stages.pipeline import Pipeline, parse_edited_captions
 from mtm_bot.core.settings import Settings
 from synth import music
 
@@ -107,6 +108,46 @@ def test_extend_begins_with_the_original_track_sample_for_sample(pipeline, kept)
     assert [b.segment for b in longer.blocks] == [0, 1, 0]
     assert longer.caption_lines()[2].startswith("0:20\u20130:30 ")
     assert (pipeline.captioner.calls, pipeline.refiner.calls) == (0, 0)
+
+
+def test_edit_generates_from_the_users_captions_without_captioning_or_the_llm(pipeline, kept, tmp_path):
+    edited = pipeline.edit(kept, ["a lone cello", "a marching band"], seed=5)
+    assert (pipeline.captioner.calls, pipeline.refiner.calls) == (0, 0)
+    assert edited.caption_lines() == ["0:00\u20130:10 a lone cello", "0:10\u20130:20 a marching band"]
+    assert [b.description.split(".")[0] for b in edited.blocks] == ["a lone cello", "a marching band"]
+    assert edited.refinement.style == kept.refinement.style  # the rest of the refinement stays
+    assert edited.audio.duration == kept.duration and not torch.equal(edited.codes, kept.rendered.codes)
+    with pytest.raises(InputError, match="one caption per block"):
+        pipeline.edit(kept, ["only one"], seed=5)
+    # What was edited is kept, and a Remix of it follows the clip's segments again.
+    files = KeptFiles(tmp_path / "track.wav", tmp_path / "state.npz", None)
+    edited.kept(kept.instruction, None).save(files)
+    again = Kept.load(files, read_clip=pipeline.read_clip)
+    assert [b.segment for b in again.blocks] == [0, 1] and again.refinement.segments[1].caption == "a marching band"
+    again.clip, again.segments = kept.clip, kept.segments
+    remixed = pipeline.remix(again, "a heavy metal anthem", seed=4)
+    assert [b.segment for b in remixed.blocks] == [b.segment for b in kept.blocks]
+
+
+RANGES = [(0.0, 10.0), (10.0, 20.0)]
+
+
+def test_edited_caption_lines_parse_with_either_dash_and_blank_lines_between():
+    text = "0:00\u20130:10  a lone cello \n\n0:10-0:20 a marching band\n"
+    assert parse_edited_captions(text, RANGES) == ["a lone cello", "a marching band"]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("a lone cello\n0:10\u20130:20 a band", "Line 1 ('a lone cello') does not start with a time range"),
+    ("0:00\u20130:10 a lone cello", "write 2 lines, one per block; you wrote 1"),
+    ("0:00\u20130:10 a\n0:10\u20130:20 b\n0:20\u20130:30 c", "you wrote 3"),
+    ("0:00\u20130:10 a\n0:10\u20130:25 b", "Line 2 says 0:10\u20130:25, but block 2 of this track is 0:10\u20130:20"),
+    ("0:00\u20130:10 a\n0:10\u20130:20   ", "Line 2 (0:10\u20130:20) has no caption"),
+])
+def test_bad_edited_caption_lines_say_what_to_fix(text, fragment):
+    with pytest.raises(InputError) as refused:
+        parse_edited_captions(text, RANGES)
+    assert fragment in str(refused.value)
 
 
 def test_extend_past_the_output_limit_is_refused(pipeline, kept):

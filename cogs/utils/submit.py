@@ -149,7 +149,7 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment | N
 
 async def accept_derived(interaction: discord.Interaction, parent_id: str, kind: JobKind, *,
                          instruction: str | None = None, seconds: int | None = None,
-                         redo_from: int | None = None) -> Job:
+                         redo_from: int | None = None, captions: list[str] | None = None) -> Job:
     """A click under a result: an ordinary job of whoever clicked, built on that track (its parent).
 
     Refused like any submission (rate, per-user and queue limits) and, ephemerally, when the result has
@@ -162,11 +162,12 @@ async def accept_derived(interaction: discord.Interaction, parent_id: str, kind:
     generates = KINDS[kind].generates
     assert generates is not None and parent.result_json is not None  # a derived kind; a kept (finished) track
     # Seconds of music the job generates (for the queue's ETA); refuses what cannot fit.
-    duration = generates(round(parent.result_json["duration"]), Request(instruction, seconds, redo_from),
-                                     bot.settings.max_output_seconds)
+    duration = generates(round(parent.result_json["duration"]), Request(instruction, seconds, redo_from,
+                                                                          None if captions is None else tuple(captions)),
+                         bot.settings.max_output_seconds)
     bot.queue.check(interaction.user.id)
     job = Job.new(kind, **_origin(interaction), instruction=instruction, duration=duration, parent_id=parent.id,
-                  redo_from=redo_from)
+                  redo_from=redo_from, captions=captions)
 
     async def link(job: Job) -> None:
         assert bot.store is not None

@@ -1,7 +1,7 @@
 """A job: one request for GPU work (a /compose, a /caption, a click under a result), its kind and its state.
 
 A compose job without a clip (input_path None) is made from its instruction (and picture) alone. A job
-derived from a finished track (Reroll, Extend, Remix, Redo, MIDI) names that track as its `parent_id`.
+derived from a finished track (Reroll, Extend, Remix, Redo, MIDI, Edit captions) names that track as its `parent_id`.
 What each kind runs, reads, writes and shows is declared once, in mtm_bot.jobs.kinds.
 
 A finished job carries `result_json` with a "lines" list: one `M:SS–M:SS caption` line per output
@@ -39,6 +39,7 @@ class JobKind(StrEnum):
     REMIX = "remix"  # the stored input captions refined with a new instruction
     REDO = "redo"  # everything from the block at `redo_from` seconds generated again
     MIDI = "midi"  # the track's notes as a MIDI file
+    EDIT = "edit"  # the same plan with the captions the user wrote (`captions`), a new seed
 
 
 
@@ -69,16 +70,17 @@ class Job:
     image_path: Path | None = None  # a compose job's picture (stored like the clip)
     parent_id: str | None = None  # a derived job's parent: the finished track it builds on
     redo_from: int | None = None  # a redo: the output second the regenerated part starts at
+    captions: list[str] | None = None  # an edit: the user's caption per block of the parent's track
     attempt: int = 0  # times handed to a GPU worker (distributed mode): a result of an older attempt is stale
 
     @classmethod
     def new(cls, kind: JobKind | str, *, user_id: int, guild_id: int | None, channel_id: int,
             instruction: str = "", duration: int | None = None, attachment_size_limit: int,
             application_id: int, interaction_token: str, parent_id: str | None = None,
-            redo_from: int | None = None) -> "Job":
+            redo_from: int | None = None, captions: list[str] | None = None) -> "Job":
         return cls(secrets.token_hex(4), JobKind(kind), user_id, guild_id, channel_id, instruction, duration,
                    attachment_size_limit, application_id, interaction_token, created_at=time.time(),
-                   parent_id=parent_id, redo_from=redo_from)
+                   parent_id=parent_id, redo_from=redo_from, captions=captions)
 
     @property
     def finished(self) -> bool:

@@ -61,10 +61,11 @@ class Request:
     instruction: str
     duration: int | None  # Extend: seconds to add
     redo_from: float | None  # Redo: the output second the regenerated part starts at (a job stores whole ones)
+    captions: tuple[str, ...] | None = None  # Edit captions: one per block of the parent's track
 
     @classmethod
     def of(cls, job: Job) -> "Request":
-        return cls(job.instruction, job.duration, job.redo_from)
+        return cls(job.instruction, job.duration, job.redo_from, None if job.captions is None else tuple(job.captions))
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def _compose(run: Run) -> dict:
 
 
 def _from_parent(run: Run) -> dict:
-    """Reroll, Extend, Remix, Redo: from the parent's kept track, which the job holds links to."""
+    """Reroll, Extend, Remix, Redo, Edit captions: from the parent's kept track, which the job holds links to."""
     kept = Kept.load(run.files.parent_files(run.job), run.pipeline.read_clip)
     derivation = KINDS[run.job.kind].derivation
     assert derivation is not None, "a kind run by _from_parent declares its derivation"
@@ -207,6 +208,11 @@ KINDS: dict[JobKind, KindSpec] = {
         derivation=lambda pipeline, kept, request, **run: pipeline.redo(kept, request.redo_from, **run),
         origin="job `{parent}` redone from {redo_from} (everything before it kept)",
         generates=lambda length, request, limit: length - int(request.redo_from or 0)),
+    JobKind.EDIT: KindSpec(
+        "Edit captions", _from_parent, _PARENT, TRACK_FILES, Rendering.TRACK, loads=("generator",),
+        derivation=lambda pipeline, kept, request, **run: pipeline.edit(kept, request.captions, **run),
+        origin="job `{parent}` with edited captions (the same plan, a new seed)",
+        generates=lambda length, request, limit: length),
     JobKind.MIDI: KindSpec("MIDI", _midi, frozenset({Role.PARENT_TRACK}), MIDI_FILES, Rendering.MIDI_FILE,
                            private=True, origin="the notes of job `{parent}`",
                            generates=lambda length, request, limit: None),

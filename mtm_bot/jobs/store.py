@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     image_path TEXT,
     parent_id TEXT,
     redo_from INTEGER,
+    captions TEXT,
     attempt INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
@@ -68,7 +69,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_guild ON jobs (guild_id, kind, created_at);
 _COLUMNS = [f.name for f in fields(Job)]
 # Columns added after the first release: a database created before them gets them at open().
 _ADDED_COLUMNS = {"image_path": "TEXT", "parent_id": "TEXT", "redo_from": "INTEGER",
-                  "attempt": "INTEGER NOT NULL DEFAULT 0"}
+                  "attempt": "INTEGER NOT NULL DEFAULT 0", "captions": "TEXT"}
 
 
 def _to_row(job: Job) -> tuple:
@@ -79,7 +80,7 @@ def _to_row(job: Job) -> tuple:
             value = str(value)
         elif isinstance(value, bool):
             value = int(value)
-        elif isinstance(value, dict):
+        elif isinstance(value, (dict, list)):
             value = json.dumps(value)
         elif isinstance(value, StrEnum):
             value = value.value
@@ -95,8 +96,9 @@ def _from_row(row: aiosqlite.Row) -> Job:
     values["delivered"] = bool(values["delivered"])
     for name in ("input_path", "result_path", "image_path"):
         values[name] = Path(values[name]) if values[name] is not None else None
-    if values["result_json"] is not None:
-        values["result_json"] = json.loads(values["result_json"])
+    for name in ("result_json", "captions"):
+        if values[name] is not None:
+            values[name] = json.loads(values[name])
     return Job(**values)
 
 

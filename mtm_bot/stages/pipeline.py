@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from .model_thread import ModelThread
 from ..core.progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from ..core.seeds import choose_seed
 from ..core.settings import Settings
-from ..core.timecode import format_range, format_time
+from ..core.timecode import format_range, format_time, parse_time
 
 if TYPE_CHECKING:
     import torch
@@ -282,16 +283,38 @@ class Pipeline:
         cancel = cancel or CancelToken()
         progress(Progress("refining"))
         t0 = time.perf_counter()
+        blocks = kept.blocks
         if kept.segments:
             refinement = self._refine(lambda refiner: refiner.refine(kept.segments, instruction, cancel=cancel,
                                                                      seed=seed, picture=kept.picture), cancel)
+            # An edited track has a caption per block: its blocks follow the clip's segments again.
+            segment_of = {(s.start, s.end): i for i, s in enumerate(refinement.segments)}
+            blocks = [dataclasses.replace(b, segment=segment_of[(b.melody_start, b.melody_end)]) for b in blocks]
         else:
             refinement = self._refine(lambda refiner: refiner.write(_parts(kept.refinement), instruction,
                                                                     cancel=cancel, seed=seed, picture=kept.picture),
                                       cancel)
         timings = {"refine": time.perf_counter() - t0}
-        return self._generate(kept.clip, kept.segments, refinement, kept.blocks, seed, progress, cancel,
+        return self._generate(kept.clip, kept.segments, refinement, blocks, seed, progress, cancel,
                               on_captions, timings, kept.picture)
+
+    def edit(self, kept: Kept, captions: Sequence[str], seed: int, progress: ProgressCallback = ignore_progress,
+             cancel: CancelToken | None = None, on_captions: Callable[[list[str]], None] | None = None
+             ) -> ComposeResult:
+        """The same plan with captions written by hand, one per block (parse_edited_captions), and a new
+        seed. No captioning, no LLM: the refinement's style, mood, tempo and instruments stay."""
+        if len(captions) != len(kept.blocks):
+            raise InputError(f"This track has {len(kept.blocks)} blocks; give one caption per block, "
+                             f"not {len(captions)}.")
+        from .refiner_prompt import RefinedSegment
+
+        # A part per block, over the melody that block follows, so blocks that shared a part (a clip shorter
+        # than the track) can differ and an Extend keeps cycling through the edited captions.
+        parts = tuple(RefinedSegment(b.melody_start, b.melody_end, caption) for b, caption in zip(kept.blocks, captions))
+        refinement = dataclasses.replace(kept.refinement, segments=parts)
+        blocks = [dataclasses.replace(b, segment=i) for i, b in enumerate(kept.blocks)]
+        return self._generate(kept.clip, kept.segments, refinement, blocks, seed, progress, cancel, on_captions,
+                              {}, kept.picture)
 
     def extend(self, kept: Kept, seconds: int, seed: int, progress: ProgressCallback = ignore_progress,
                cancel: CancelToken | None = None, on_captions: Callable[[list[str]], None] | None = None
@@ -374,6 +397,36 @@ def check_extension(length: float, seconds: int, max_output_seconds: int) -> Non
     if length + seconds > max_output_seconds:
         raise InputError(f"This track is {length:.0f} s long; with {seconds} s more it would pass the "
                          f"{max_output_seconds} s limit.")
+
+
+_CAPTION_LINE = re.compile(r"(?P<start>[0-9]+:[0-5][0-9])\s*[\u2013-]\s*(?P<end>[0-9]+:[0-5][0-9])(?:\s+(?P<caption>.*))?")
+
+
+def parse_edited_captions(text: str, ranges: Sequence[tuple[float, float]]) -> list[str]:
+    """The captions of `M:SS–M:SS caption` lines, one per block of a track whose blocks span `ranges`, in
+    order (Edit captions; `edit --captions`). InputError says what to fix: a line that does not parse, a
+    wrong number of lines, a time range that is not the block's, an empty caption."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    matches = [_CAPTION_LINE.fullmatch(line) for line in lines]
+    for number, (line, match) in enumerate(zip(lines, matches), 1):
+        if match is None:
+            raise InputError(f"Line {number} ({line[:40]!r}) does not start with a time range; write each line "
+                             "as `M:SS–M:SS caption`.")
+    if len(lines) != len(ranges):
+        raise InputError(f"This track has {len(ranges)} blocks, so write {len(ranges)} lines, one per block; "
+                         f"you wrote {len(lines)}.")
+    captions = []
+    for number, (match, (start, end)) in enumerate(zip(matches, ranges), 1):
+        assert match is not None  # every line matched above
+        written, block = format_range(parse_time(match["start"]), parse_time(match["end"])), format_range(start, end)
+        if written != block:
+            raise InputError(f"Line {number} says {written}, but block {number} of this track is {block}; "
+                             "keep the time ranges as they are and change only the captions.")
+        caption = (match["caption"] or "").strip()
+        if not caption:
+            raise InputError(f"Line {number} ({block}) has no caption; describe that part of the track.")
+        captions.append(caption)
+    return captions
 
 
 def _parts(refinement: Refinement) -> list[tuple[float, float]]:

@@ -113,18 +113,19 @@ class Order:
     seed: int | None = None
     redo_from: int | None = None
     parent_id: str | None = None
+    captions: list[str] | None = None
     inputs: dict[Role, str] = field(default_factory=dict)  # role -> file suffix
 
     @classmethod
     def of(cls, job: Job, inputs: dict[Role, Path]) -> "Order":
         return cls(job.id, job.kind, job.attempt, job.instruction, job.duration, job.seed, job.redo_from,
-                   job.parent_id, {role: path.suffix.lower() for role, path in inputs.items()})
+                   job.parent_id, job.captions, {role: path.suffix.lower() for role, path in inputs.items()})
 
     def to_json(self) -> dict:
         return {"v": PROTOCOL_VERSION, "attempt": self.attempt,
                 "job": {"id": self.job_id, "kind": self.kind.value, "instruction": self.instruction,
                         "duration": self.duration, "seed": self.seed, "redo_from": self.redo_from,
-                        "parent_id": self.parent_id},
+                        "parent_id": self.parent_id, "captions": self.captions},
                 "inputs": {role.value: suffix for role, suffix in self.inputs.items()}}
 
     @classmethod
@@ -137,14 +138,14 @@ class Order:
             raise ValueError(f"not a job id: {job_id[:20]!r}")
         return cls(job_id, JobKind(job["kind"]), int(data["attempt"]), str(job.get("instruction", "")),
                    job.get("duration"), job.get("seed"), job.get("redo_from"), job.get("parent_id"),
-                   {Role(role): check_suffix(suffix) for role, suffix in data.get("inputs", {}).items()})
+                   job.get("captions"), {Role(role): check_suffix(suffix) for role, suffix in data.get("inputs", {}).items()})
 
     def job(self, files: JobFiles) -> Job:
         """The ordered job, its inputs in `files` (a GPU worker's scratch folder)."""
         job = Job(self.job_id, self.kind, user_id=0, guild_id=None, channel_id=0, instruction=self.instruction,
                   duration=self.duration, attachment_size_limit=0, application_id=0, interaction_token="",
                   created_at=time.time(), seed=self.seed, redo_from=self.redo_from, parent_id=self.parent_id,
-                  attempt=self.attempt)
+                  captions=self.captions, attempt=self.attempt)
         if Role.CLIP in self.inputs:
             job.input_path = files.inputs_dir / f"{job.id}{self.inputs[Role.CLIP]}"
         if Role.IMAGE in self.inputs:
