@@ -5,6 +5,7 @@
 Reads the settings from the environment and `.env`, loads the models once, starts the job scheduler
 and serves the slash commands until stopped. Exit code 2 for a configuration the user must fix.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,22 +26,30 @@ from cogs.utils.delivery import Delivery
 from cogs.utils.errors import answer_error
 from mtm_bot.core import metrics
 from mtm_bot.core.errors import InputError, MTMError
-from mtm_bot.jobs.queue import JobQueue
 from mtm_bot.core.retry import Backoff, retry
+from mtm_bot.core.settings import Settings
 from mtm_bot.jobs.library import Embedder, Library
-from mtm_bot.transport.local import LocalRunner
+from mtm_bot.jobs.queue import JobQueue
 from mtm_bot.jobs.runner import JobRunner, Runner
 from mtm_bot.jobs.scheduler import Scheduler
-from mtm_bot.core.settings import Settings
 from mtm_bot.jobs.store import JobStore
+from mtm_bot.transport.local import LocalRunner
 
 if TYPE_CHECKING:
     from mtm_bot.stages.pipeline import Pipeline
 
 log = logging.getLogger("mtm_bot.bot")
 
-COGS = ("cogs.compose", "cogs.compose_from", "cogs.caption", "cogs.results", "cogs.player", "cogs.queue",
-        "cogs.library", "cogs.help")
+COGS = (
+    "cogs.compose",
+    "cogs.compose_from",
+    "cogs.caption",
+    "cogs.results",
+    "cogs.player",
+    "cogs.queue",
+    "cogs.library",
+    "cogs.help",
+)
 
 NO_TOKEN = (
     "DISCORD_TOKEN is not set.\n"
@@ -173,9 +182,18 @@ async def log_in(bot: MTMBot, settings: Settings, stopping: asyncio.Event) -> No
             raise
 
     with contextlib.suppress(*DISCORD_UNREACHABLE):  # raised only once stopping is set
-        await retry(login, on=DISCORD_UNREACHABLE, backoff=Backoff(RETRY_FIRST_S, RETRY_MAX_S), stopping=stopping,
-                    say=lambda err, delay: log.warning("Cannot reach Discord at %s (%s); retrying in %.0f s.",
-                                                       settings.discord_api_base, why_unreachable(err), delay))
+        await retry(
+            login,
+            on=DISCORD_UNREACHABLE,
+            backoff=Backoff(RETRY_FIRST_S, RETRY_MAX_S),
+            stopping=stopping,
+            say=lambda err, delay: log.warning(
+                "Cannot reach Discord at %s (%s); retrying in %.0f s.",
+                settings.discord_api_base,
+                why_unreachable(err),
+                delay,
+            ),
+        )
 
 
 class OneLineReconnects(logging.Filter):
@@ -183,8 +201,13 @@ class OneLineReconnects(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         err = record.exc_info[1] if record.exc_info else None
-        if isinstance(err, DISCORD_UNREACHABLE + (OSError,)) and record.getMessage().startswith("Attempting a reconnect"):
-            record.msg, record.args = f"Cannot reach the Discord gateway ({why_unreachable(err)}). {record.getMessage()}", ()
+        if isinstance(err, DISCORD_UNREACHABLE + (OSError,)) and record.getMessage().startswith(
+            "Attempting a reconnect"
+        ):
+            record.msg, record.args = (
+                f"Cannot reach the Discord gateway ({why_unreachable(err)}). {record.getMessage()}",
+                (),
+            )
             record.exc_info = record.exc_text = None
         return True
 
@@ -224,8 +247,10 @@ def main() -> int:
     try:
         asyncio.run(serve(settings))
     except discord.LoginFailure:
-        print("Discord refused DISCORD_TOKEN (401). Reset the token in the developer portal and update it.",
-              file=sys.stderr)
+        print(
+            "Discord refused DISCORD_TOKEN (401). Reset the token in the developer portal and update it.",
+            file=sys.stderr,
+        )
         return 2
     except discord.PrivilegedIntentsRequired as err:
         print(err, file=sys.stderr)

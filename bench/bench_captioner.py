@@ -9,6 +9,7 @@ clip; the bot sends every segment through the front end, encoder and beam search
 tokenizer: random weights never stop early, so beam search runs to its 128-token bound (a worst
 case for both paths alike).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ def main() -> None:
     captioner = tiny if args.profile == "tiny" else Captioner(LPMusicCaps(bart_base_config()), tiny.tokenizer, device)
     clip = synth_clip(args.seconds)
     rate = clip.sample_rate
-    pieces = [Audio(clip.samples[i * rate * SEGMENT_SECONDS:(i + 1) * rate * SEGMENT_SECONDS], rate)
-              for i in range(-(-len(clip.samples) // (rate * SEGMENT_SECONDS)))]
+    pieces = [
+        Audio(clip.samples[i * rate * SEGMENT_SECONDS : (i + 1) * rate * SEGMENT_SECONDS], rate)
+        for i in range(-(-len(clip.samples) // (rate * SEGMENT_SECONDS)))
+    ]
     paths = {
         "batched": lambda: captioner.caption(clip),
         "one_at_a_time": lambda: [captioner.caption(piece) for piece in pieces],
@@ -52,8 +55,13 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so a noisy neighbour slows both alike
         for name, run in paths.items():
             times[name].append(timed(run, device)[0])  # (wall, memory)
-    result = {"profile": args.profile, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch_threads": torch.get_num_threads(), "clip_s": args.seconds, "segments": len(pieces)}
+    result = {
+        "profile": args.profile,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "clip_s": args.seconds,
+        "segments": len(pieces),
+    }
     for name, measured in times.items():
         wall = statistics.median(measured)
         result[name] = {"wall_s": round(wall, 3), "rtf": round(wall / args.seconds, 4)}

@@ -11,6 +11,7 @@ Salesforce/blip-image-captioning-base's architecture with random weights and a s
 vocabulary of BLIP's size; random weights rarely stop early, so beam search runs to its 30-token
 bound (a worst case; real captions are about 10 words).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.memory import resident_mib
 from mtm_bot.stages.image_captioner import ImageCaptioner, build_tiny_blip, read_image
 from mtm_bot.stages.runtime import cast_for_inference, model_dtype, resolve_device
-
-from bench.memory import resident_mib
 
 LIMIT_BYTES = 25 * 1024 * 1024
 LIMIT_PIXELS = 40_000_000
@@ -46,8 +46,15 @@ def blip_base_random(device: torch.device) -> ImageCaptioner:
         vocab[token] = i
     words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="[DEC]",
+    )
     config = BlipConfig(text_config={"vocab_size": BLIP_BASE_VOCAB}, vision_config={"image_size": 384})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -72,8 +79,9 @@ def main() -> None:
     before = resident_mib()
     if args.profile == "tiny":
         model, image_processor, tokenizer = build_tiny_blip()
-        captioner = ImageCaptioner(cast_for_inference(model.to(device), model_dtype(device)), image_processor,
-                                   tokenizer, device)
+        captioner = ImageCaptioner(
+            cast_for_inference(model.to(device), model_dtype(device)), image_processor, tokenizer, device
+        )
     else:
         captioner = blip_base_random(device)
     after_load = resident_mib()

@@ -9,6 +9,7 @@ where importing BERT's modules costs most), the median time to embed one query o
 CPU, and the median time of a search over one server's `--entries` tracks (the SQLite read, the cosine
 and the ranking; vectors are random unit vectors: their content does not change the cost).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,12 @@ import numpy as np
 
 from bench.memory import resident_mib
 
-QUERIES = ["sleigh bells and brass, festive", "chill beats with crackly record noise for homework",
-           "angry heavy guitars and very fast drumming", "slow beatless atmosphere floating through the cosmos"]
+QUERIES = [
+    "sleigh bells and brass, festive",
+    "chill beats with crackly record noise for homework",
+    "angry heavy guitars and very fast drumming",
+    "slow beatless atmosphere floating through the cosmos",
+]
 
 
 def median_ms(run, repeats: int) -> float:
@@ -38,8 +43,8 @@ def median_ms(run, repeats: int) -> float:
 
 
 async def bench_search(embedder, entries: int, repeats: int) -> tuple[float, float]:
-    from mtm_bot.jobs.library import Library
     from mtm_bot.core.settings import Settings
+    from mtm_bot.jobs.library import Library
 
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(storage_dir=Path(folder))
@@ -52,8 +57,11 @@ async def bench_search(embedder, entries: int, repeats: int) -> tuple[float, flo
             db.executemany(
                 "INSERT INTO library (job_id, guild_id, channel_id, message_id, user_id, title, created_at, text, "
                 "model, embedding) VALUES (?, 1, 2, ?, 3, ?, ?, ?, ?, ?)",
-                [(f"{i:08x}", i, f"track {i}", now, f"track {i}", embedder.model_id, v.tobytes())
-                 for i, v in enumerate(vectors)])
+                [
+                    (f"{i:08x}", i, f"track {i}", now, f"track {i}", embedder.model_id, v.tobytes())
+                    for i, v in enumerate(vectors)
+                ],
+            )
         query = embedder.embed(["festive brass"])[0]
 
         nearest_times, search_times = [], []
@@ -80,9 +88,9 @@ def main() -> None:
     import torch
     import transformers  # noqa: F401
 
+    from mtm_bot.core.settings import Settings
     from mtm_bot.jobs.library import Embedder
     from mtm_bot.stages.pipeline import Pipeline
-    from mtm_bot.core.settings import Settings
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,8 +106,10 @@ def main() -> None:
     embed_ms = median_ms(lambda i: embedder.embed([QUERIES[i % len(QUERIES)]]), args.repeats)
     nearest_ms, search_ms = asyncio.run(bench_search(embedder, args.entries, args.repeats))
     print(f"embedder {embedder.model_id} (CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores)")
-    print(f"load + first embedding: {load_s:.2f} s; RSS added: {added:.0f} MiB "
-          f"({'bare process' if args.bare else 'tiny pipeline loaded first, as in the bot'})")
+    print(
+        f"load + first embedding: {load_s:.2f} s; RSS added: {added:.0f} MiB "
+        f"({'bare process' if args.bare else 'tiny pipeline loaded first, as in the bot'})"
+    )
     print(f"embed one query: {embed_ms:.1f} ms (median of {args.repeats})")
     print(f"search {args.entries} entries of one server, vector given: {nearest_ms:.1f} ms (median)")
     print(f"/library query end to end (embed + search): {search_ms:.1f} ms (median)")

@@ -28,6 +28,7 @@ after the prompt's. The grammar overhead is our stepwise loop's ms per token wit
 it. The stepwise loop is also checked against `generate`: with greedy decoding both must produce the
 same reply (jump-forward may tokenize forced text differently, so its reply is checked for validity).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,13 @@ import torch
 import xgrammar as xgr
 from transformers import LogitsProcessor
 
-from mtm_bot.stages.captioner import Segment
 import mtm_bot.stages.refiner
+from mtm_bot.core.timecode import format_time
+from mtm_bot.stages.captioner import Segment
 from mtm_bot.stages.grammar import ReplyGrammar, ReplyMatcher, StringBudget, tokenizer_info
 from mtm_bot.stages.refiner import Refiner
 from mtm_bot.stages.refiner_prompt import JSON_SEPARATORS, max_output_tokens, refinement_schema, reply_schema
 from mtm_bot.stages.runtime import model_dtype, resolve_device
-from mtm_bot.core.timecode import format_time
 from mtm_bot.stages.tiny import build_tiny_llm, build_tiny_tokenizer
 
 SEGMENTS = [
@@ -62,12 +63,26 @@ def build_random_llama_3b(tokenizer, dtype: torch.dtype, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-        num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
@@ -110,8 +125,12 @@ def best_of(repeats: int, fn) -> tuple[list[int], float]:
 
 
 def report(tokens: list[int], seconds: float) -> dict:
-    return {"new_tokens": len(tokens), "seconds": round(seconds, 4),
-            "tokens_per_s": round(len(tokens) / seconds, 1), "ms_per_token": round(1000 * seconds / len(tokens), 3)}
+    return {
+        "new_tokens": len(tokens),
+        "seconds": round(seconds, 4),
+        "tokens_per_s": round(len(tokens) / seconds, 1),
+        "ms_per_token": round(1000 * seconds / len(tokens), 3),
+    }
 
 
 def forward_passes(refiner: Refiner, fn) -> int:
@@ -124,6 +143,7 @@ def forward_passes(refiner: Refiner, fn) -> int:
         def call(*args, **kwargs):
             calls.append(real)
             return real(*args, **kwargs)
+
         return call
 
     refiner._step, mtm_bot.stages.refiner.prefill = counted(step), counted(prefill)
@@ -139,23 +159,29 @@ def clip_segments(count: int) -> list[Segment]:
 
 
 def compile_seconds(refiner: Refiner, schema: dict) -> float:
-    _, seconds = timed(lambda: refiner._compiler.compile_json_schema(
-        schema, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=True))
+    _, seconds = timed(
+        lambda: refiner._compiler.compile_json_schema(
+            schema, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=True
+        )
+    )
     return round(seconds, 3)
 
 
 def grammar_costs(refiner: Refiner, max_segments: int, before_counts: list[int]) -> dict:
     """Seconds per reply grammar, now and before (bounded patterns, time ranges as constants)."""
     after = {n: compile_seconds(refiner, reply_schema(n, bounded=False)) for n in range(1, max_segments + 1)}
-    before = {n: compile_seconds(refiner, refinement_schema(
-        [(format_time(s.start), format_time(s.end)) for s in clip_segments(n)])) for n in before_counts}
+    before = {
+        n: compile_seconds(
+            refiner, refinement_schema([(format_time(s.start), format_time(s.end)) for s in clip_segments(n)])
+        )
+        for n in before_counts
+    }
     return {"after_per_segment_count": after, "before_per_segment_count": before}
 
 
 def startup_parts(refiner: Refiner) -> dict:
     """The start-up's grammar work, part by part (timed again after the refiner was built)."""
-    info, info_s = timed(lambda: tokenizer_info(refiner.tokenizer, refiner.vocab_size,
-                                                         refiner.stop_token_ids))
+    info, info_s = timed(lambda: tokenizer_info(refiner.tokenizer, refiner.vocab_size, refiner.stop_token_ids))
     _, budget_s = timed(lambda: StringBudget(info.decoded_vocab, refiner.vocab_size))
     return {"tokenizer_info_s": round(info_s, 3), "string_budget_s": round(budget_s, 3)}
 
@@ -188,8 +214,13 @@ def mask_fill_ms(refiner: Refiner, count: int) -> dict:
     finally:
         ReplyMatcher.fill_next_token_bitmask = fill
     times.sort()
-    return {"segments": count, "tokens": len(times), "median": round(statistics.median(times), 4),
-            "p90": round(times[int(0.9 * (len(times) - 1))], 4), "max": round(times[-1], 4)}
+    return {
+        "segments": count,
+        "tokens": len(times),
+        "median": round(statistics.median(times), 4),
+        "p90": round(times[int(0.9 * (len(times) - 1))], 4),
+        "max": round(times[-1], 4),
+    }
 
 
 def main() -> None:
@@ -200,12 +231,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=0, help="new tokens of the free runs (default: the reply's)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (the best is reported)")
-    parser.add_argument("--vocab", choices=["llama3", "tiny"], default="llama3",
-                        help="Llama 3.2's tokenizer (default) or the tests' 512-token one")
-    parser.add_argument("--max-segments", type=int, default=mtm_bot.stages.refiner.EXPECTED_MAX_SEGMENTS,
-                        help="grammars prepared at start-up (a 60 s clip limit: 6)")
-    parser.add_argument("--before", default="1,3,6",
-                        help="segment counts whose old grammar is compiled for comparison (seconds each; '' skips)")
+    parser.add_argument(
+        "--vocab",
+        choices=["llama3", "tiny"],
+        default="llama3",
+        help="Llama 3.2's tokenizer (default) or the tests' 512-token one",
+    )
+    parser.add_argument(
+        "--max-segments",
+        type=int,
+        default=mtm_bot.stages.refiner.EXPECTED_MAX_SEGMENTS,
+        help="grammars prepared at start-up (a 60 s clip limit: 6)",
+    )
+    parser.add_argument(
+        "--before",
+        default="1,3,6",
+        help="segment counts whose old grammar is compiled for comparison (seconds each; '' skips)",
+    )
     args = parser.parse_args()
 
     if args.threads:
@@ -250,9 +292,15 @@ def main() -> None:
 
     def hf_grammar() -> list[int]:
         processor = ReplyLogitsProcessor(grammar, refiner.vocab_size)
-        out = model.generate(prompt, attention_mask=mask, logits_processor=[processor], do_sample=False,
-                             max_new_tokens=bound, eos_token_id=refiner.stop_token_ids)
-        tokens = out[0, prompt.shape[1]:].tolist()
+        out = model.generate(
+            prompt,
+            attention_mask=mask,
+            logits_processor=[processor],
+            do_sample=False,
+            max_new_tokens=bound,
+            eos_token_id=refiner.stop_token_ids,
+        )
+        tokens = out[0, prompt.shape[1] :].tolist()
         return tokens[:-1] if tokens and tokens[-1] in refiner.stop_token_ids else tokens
 
     theirs_grammar = best_of(args.repeats, hf_grammar)
@@ -261,9 +309,17 @@ def main() -> None:
     stop_token_ids, refiner.stop_token_ids = refiner.stop_token_ids, []  # free runs: exactly --tokens tokens
     ours_free = best_of(args.repeats, lambda: refiner.generate(prompt, None, free_tokens))
     refiner.stop_token_ids = stop_token_ids
-    theirs_free = best_of(args.repeats, lambda: model.generate(
-        prompt, attention_mask=mask, do_sample=False, min_new_tokens=free_tokens, max_new_tokens=free_tokens,
-        eos_token_id=stop_token_ids)[0, prompt.shape[1]:].tolist())
+    theirs_free = best_of(
+        args.repeats,
+        lambda: model.generate(
+            prompt,
+            attention_mask=mask,
+            do_sample=False,
+            min_new_tokens=free_tokens,
+            max_new_tokens=free_tokens,
+            eos_token_id=stop_token_ids,
+        )[0, prompt.shape[1] :].tolist(),
+    )
 
     ours_g, ours_s, ours_f = report(*ours_grammar), report(*ours_stepwise), report(*ours_free)
     ours_g["forward_passes"] = forward_passes(refiner, lambda: refiner.generate(prompt, grammar, bound))
@@ -292,8 +348,10 @@ def main() -> None:
         "grammar_overhead_ms_per_token": round(overhead_ms, 3),
         "grammar_overhead_pct": round(100 * overhead_ms / ours_f["ms_per_token"], 1),
         "same_reply_as_transformers": ours_stepwise[0] == theirs_grammar[0],
-        "reply_valid": all(_valid(refiner.tokenizer.decode(reply, clean_up_tokenization_spaces=False), len(SEGMENTS))
-                           for reply in (ours_grammar[0], ours_stepwise[0])),
+        "reply_valid": all(
+            _valid(refiner.tokenizer.decode(reply, clean_up_tokenization_spaces=False), len(SEGMENTS))
+            for reply in (ours_grammar[0], ours_stepwise[0])
+        ),
     }
     print(json.dumps(result, indent=2))
 

@@ -8,6 +8,7 @@ Reroll (no captioning, no LLM) and Remix (no captioning) are than a fresh compos
 length. Extend and Redo generate a different amount of music, so they are reported per second of new
 music beside compose's. `full-size` is bench.end_to_end's random-weight build of the real architectures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,12 +16,11 @@ import json
 
 import torch
 
-from mtm_bot.stages.pipeline import Pipeline
-from mtm_bot.stages.runtime import resolve_device
-from mtm_bot.core.settings import Settings
-
 from bench.bench_refiner import best_of
 from bench.end_to_end import INSTRUCTION, build_stages, synth_clip
+from mtm_bot.core.settings import Settings
+from mtm_bot.stages.pipeline import Pipeline
+from mtm_bot.stages.runtime import resolve_device
 
 
 def main() -> None:
@@ -33,8 +33,9 @@ def main() -> None:
 
     device = resolve_device(args.device)
     captioner, refiner, generator = build_stages(args.profile, device)
-    pipeline = Pipeline(Settings(profile="tiny", device=str(device)), captioner=captioner, refiner=refiner,
-                        generator=generator)
+    pipeline = Pipeline(
+        Settings(profile="tiny", device=str(device)), captioner=captioner, refiner=refiner, generator=generator
+    )
     clip = synth_clip(args.seconds)
     composed, compose_s = best_of(args.repeats, lambda: pipeline.compose(clip, INSTRUCTION, args.seconds, seed=1))
     kept = composed.kept(INSTRUCTION, clip)
@@ -44,10 +45,15 @@ def main() -> None:
         "extend_10s": lambda: pipeline.extend(kept, 10, seed=2),
         "redo_last_block": lambda: pipeline.redo(kept, kept.blocks[-1].start, seed=2),
     }
-    report = {"profile": args.profile, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch_threads": torch.get_num_threads(), "seconds": args.seconds, "repeats": args.repeats,
-              "compose_s": round(compose_s, 3),
-              "compose_stages_s": {k: round(v, 3) for k, v in composed.timings.items()}}
+    report = {
+        "profile": args.profile,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "seconds": args.seconds,
+        "repeats": args.repeats,
+        "compose_s": round(compose_s, 3),
+        "compose_stages_s": {k: round(v, 3) for k, v in composed.timings.items()},
+    }
     for name, run in paths.items():
         _, wall = best_of(args.repeats, run)
         report[f"{name}_s"] = round(wall, 3)

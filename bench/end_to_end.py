@@ -14,6 +14,7 @@ weights make the captioner and the LLM run to their length bounds (a worst case)
 warmed up with one 10 s compose first. Peak memory is torch.cuda.max_memory_allocated over the
 whole run on CUDA (all three models resident), the process's peak RSS on the CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,19 +27,18 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_refiner import ReplyLogitsProcessor, timed
+from bench.reference import reference_codes
 from mtm_bot.core.audio import Audio, load_clip
+from mtm_bot.core.settings import Settings
 from mtm_bot.stages.captioner import Captioner, LPMusicCaps, bart_base_config
 from mtm_bot.stages.compiling import EAGER
 from mtm_bot.stages.generator import Generator, build_tiny_musicgen
-from mtm_bot.stages.sampling import Sampling
 from mtm_bot.stages.pipeline import BLOCK_SECONDS, Pipeline
 from mtm_bot.stages.refiner import Refiner
 from mtm_bot.stages.runtime import model_dtype, resolve_device
-from mtm_bot.core.settings import Settings
+from mtm_bot.stages.sampling import Sampling
 from mtm_bot.stages.tiny import build_tiny_tokenizer
-
-from bench.bench_refiner import ReplyLogitsProcessor, timed
-from bench.reference import reference_codes
 
 INSTRUCTION = "a cosy jazz carol with sleigh bells"
 
@@ -49,10 +49,16 @@ class TransformersRefiner(Refiner):
     def generate(self, prompt_ids, grammar, max_new_tokens, seed=0, cancel=None):
         processor = ReplyLogitsProcessor(grammar, self.vocab_size)  # single use
         torch.manual_seed(seed)
-        out = self.model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), logits_processor=[processor],
-                                  do_sample=self.temperature > 0, temperature=self.temperature or None,
-                                  max_new_tokens=max_new_tokens, eos_token_id=self.stop_token_ids)
-        tokens = out[0, prompt_ids.shape[1]:].tolist()
+        out = self.model.generate(
+            prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            logits_processor=[processor],
+            do_sample=self.temperature > 0,
+            temperature=self.temperature or None,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.stop_token_ids,
+        )
+        tokens = out[0, prompt_ids.shape[1] :].tolist()
         return tokens[:-1] if tokens and tokens[-1] in self.stop_token_ids else tokens
 
 
@@ -66,15 +72,28 @@ class TransformersDecoder:
         """The generator's batcher calls this: one block at a time, each handed to its `done` (transformers'
         generate cannot mix prompts and melodies in one batch, nor let a block join between steps)."""
         for r, done in blocks:
-            done(reference_codes(self.model, input_ids=r.input_ids, attention_mask=r.attention_mask,
-                                 input_features=r.input_features, prompt_codes=r.prompt_codes, new_frames=r.new_frames,
-                                 guidance_scale=sampling.guidance_scale, greedy=sampling.greedy, top_k=sampling.top_k))
+            done(
+                reference_codes(
+                    self.model,
+                    input_ids=r.input_ids,
+                    attention_mask=r.attention_mask,
+                    input_features=r.input_features,
+                    prompt_codes=r.prompt_codes,
+                    new_frames=r.new_frames,
+                    guidance_scale=sampling.guidance_scale,
+                    greedy=sampling.greedy,
+                    top_k=sampling.top_k,
+                )
+            )
 
 
 def build_stages(profile: str, device: torch.device, max_batch: int = 1) -> tuple[Captioner, Refiner, Generator]:
     if profile == "tiny":
-        return (Captioner.tiny(device), Refiner.load("tiny", "", device),
-                Generator.load("tiny", "", device, BLOCK_SECONDS, max_batch=max_batch))
+        return (
+            Captioner.tiny(device),
+            Refiner.load("tiny", "", device),
+            Generator.load("tiny", "", device, BLOCK_SECONDS, max_batch=max_batch),
+        )
     from bench.bench_musicgen import build_random_musicgen
     from bench.bench_refiner import build_random_llama_3b
 
@@ -103,15 +122,20 @@ def run(pipeline: Pipeline, clip: Audio, device: torch.device) -> dict:
     start = time.perf_counter()
     result = pipeline.compose(clip, INSTRUCTION, seed=0)
     wall = time.perf_counter() - start
-    return {"wall_s": round(wall, 3), "rtf": round(wall / result.audio.duration, 4),
-            "stages_s": {k: round(v, 3) for k, v in result.timings.items()},
-            "output_s": result.audio.duration, "blocks": len(result.blocks)}
+    return {
+        "wall_s": round(wall, 3),
+        "rtf": round(wall / result.audio.duration, 4),
+        "stages_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "output_s": result.audio.duration,
+        "blocks": len(result.blocks),
+    }
 
 
 def concurrent(pipeline: Pipeline, clip: Audio, jobs: int, repeats: int = 3) -> dict:
     """`jobs` composes submitted at once, as the worker runs them: one at a time (today's queue with
     MTM_MAX_BATCH=1), then all together, their MusicGen blocks batched and their clips captioned in one
     batch. The two alternate `repeats` times; each keeps its fastest run (a shared machine is noisy)."""
+
     def one_at_a_time() -> None:
         for i in range(jobs):
             pipeline.compose(clip, INSTRUCTION, seed=i)
@@ -126,14 +150,24 @@ def concurrent(pipeline: Pipeline, clip: Audio, jobs: int, repeats: int = 3) -> 
         walls["one_at_a_time"].append(timed(one_at_a_time)[1])
         loops, joined, caption_batches = len(batcher.batch_sizes), batcher.joined, len(captions.batch_sizes)
         walls["batched"].append(timed(batched)[1])
-    report = {name: {"wall_s": round(min(runs), 2), "jobs_per_minute": round(60 * jobs / min(runs), 2),
-                     "runs_s": [round(r, 2) for r in runs]} for name, runs in walls.items()}
+    report = {
+        name: {
+            "wall_s": round(min(runs), 2),
+            "jobs_per_minute": round(60 * jobs / min(runs), 2),
+            "runs_s": [round(r, 2) for r in runs],
+        }
+        for name, runs in walls.items()
+    }
     loops_run = batcher.batch_sizes[loops:]  # of the last batched run
     report["batched"]["decode_loops"] = len(loops_run)
     report["batched"]["blocks_per_loop"] = round((sum(loops_run) + batcher.joined - joined) / len(loops_run), 2)
     report["batched"]["clips_per_caption_batch"] = captions.batch_sizes[caption_batches:]
-    return {"jobs": jobs, "max_batch": batcher.max_batch, **report,
-            "batch_speedup": round(report["batched"]["jobs_per_minute"] / report["one_at_a_time"]["jobs_per_minute"], 2)}
+    return {
+        "jobs": jobs,
+        "max_batch": batcher.max_batch,
+        **report,
+        "batch_speedup": round(report["batched"]["jobs_per_minute"] / report["one_at_a_time"]["jobs_per_minute"], 2),
+    }
 
 
 def main() -> None:
@@ -144,8 +178,9 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, help="an audio file instead of the synthetic clip")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--jobs", type=int, default=0,
-                        help="also time this many concurrent jobs, batched vs one at a time (ours only)")
+    parser.add_argument(
+        "--jobs", type=int, default=0, help="also time this many concurrent jobs, batched vs one at a time (ours only)"
+    )
     args = parser.parse_args()
 
     if args.threads:
@@ -162,14 +197,21 @@ def main() -> None:
     paths = {"ours": (Pipeline(settings, captioner=captioner, refiner=refiner, generator=generator), generator.decoder)}
     if not args.skip_reference:
         reference_refiner = TransformersRefiner(refiner.model, refiner.tokenizer, device, compile=EAGER)
-        paths["transformers"] = (Pipeline(settings, captioner=captioner, refiner=reference_refiner,
-                                          generator=generator), TransformersDecoder(generator.model))
+        paths["transformers"] = (
+            Pipeline(settings, captioner=captioner, refiner=reference_refiner, generator=generator),
+            TransformersDecoder(generator.model),
+        )
     for pipeline, decoder in paths.values():
         generator.decoder = decoder
         pipeline.compose(warm, INSTRUCTION, seed=0)
 
-    result = {"profile": args.profile, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch_threads": torch.get_num_threads(), "clip_s": round(clip.duration, 2), "build_s": round(build_s, 1)}
+    result = {
+        "profile": args.profile,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "clip_s": round(clip.duration, 2),
+        "build_s": round(build_s, 1),
+    }
     for name, (pipeline, decoder) in paths.items():
         generator.decoder = decoder
         if device.type == "cuda":

@@ -5,6 +5,7 @@ Extra installs (the benchmarks only; the bot and its tests need none of them):
     apt-get install fluidsynth fluid-soundfont-gm
     .venv/bin/pip install music21
 """
+
 from __future__ import annotations
 
 import shutil
@@ -27,8 +28,11 @@ def require_fluidsynth() -> None:
 def render_midi(midi_path: Path, rate: int) -> np.ndarray:
     """FluidSynth's rendering of a MIDI file: mono float32 at `rate`, the whole file and its release tail."""
     wav_path = midi_path.with_suffix(".wav")
-    subprocess.run(["fluidsynth", "-ni", "-q", "-g", "0.5", "-r", str(rate), "-F", str(wav_path),
-                    SOUNDFONT, str(midi_path)], check=True, capture_output=True)
+    subprocess.run(
+        ["fluidsynth", "-ni", "-q", "-g", "0.5", "-r", str(rate), "-F", str(wav_path), SOUNDFONT, str(midi_path)],
+        check=True,
+        capture_output=True,
+    )
     samples, file_rate = sf.read(wav_path, dtype="float32", always_2d=True)
     return resample(Audio(samples.mean(axis=1), file_rate), rate).samples
 

@@ -16,6 +16,7 @@ stopped early keeps what it measured. The time limits add up to under 8 minutes.
 checkpoints MTM_MUSICGEN_ID may name (stereo, large) have benches of their own, run with --only
 (about 5 more minutes together).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,29 +45,62 @@ class Bench:
 
 BENCHES = (
     # Batch 4: the same run times four blocks one at a time and in one batched loop (batch_speedup).
-    Bench("musicgen_melody", "bench.bench_musicgen", ("--arch", "melody", "--seconds", "10", "--repeats", "2",
-                                                      "--batch", "4"),
-          ("--arch", "tiny", "--seconds", "1", "--repeats", "1", "--batch", "2"), 120),
-    Bench("musicgen_small", "bench.bench_musicgen", ("--arch", "small", "--seconds", "10", "--repeats", "2"),
-          ("--arch", "tiny", "--seconds", "1", "--repeats", "1"), 50),
-    Bench("musicgen_small_continuation", "bench.bench_musicgen",
-          ("--arch", "small", "--seconds", "10", "--prompt-seconds", "5", "--repeats", "2"),
-          ("--arch", "tiny", "--seconds", "1", "--prompt-seconds", "1", "--repeats", "1"), 40),
-    Bench("refiner", "bench.bench_refiner", ("--profile", "full-size", "--repeats", "2"),
-          ("--profile", "tiny", "--repeats", "1"), 70),
-    Bench("captioner", "bench.bench_captioner", ("--profile", "full-size", "--seconds", "30", "--repeats", "2"),
-          ("--profile", "tiny", "--seconds", "10", "--repeats", "1"), 40),
+    Bench(
+        "musicgen_melody",
+        "bench.bench_musicgen",
+        ("--arch", "melody", "--seconds", "10", "--repeats", "2", "--batch", "4"),
+        ("--arch", "tiny", "--seconds", "1", "--repeats", "1", "--batch", "2"),
+        120,
+    ),
+    Bench(
+        "musicgen_small",
+        "bench.bench_musicgen",
+        ("--arch", "small", "--seconds", "10", "--repeats", "2"),
+        ("--arch", "tiny", "--seconds", "1", "--repeats", "1"),
+        50,
+    ),
+    Bench(
+        "musicgen_small_continuation",
+        "bench.bench_musicgen",
+        ("--arch", "small", "--seconds", "10", "--prompt-seconds", "5", "--repeats", "2"),
+        ("--arch", "tiny", "--seconds", "1", "--prompt-seconds", "1", "--repeats", "1"),
+        40,
+    ),
+    Bench(
+        "refiner",
+        "bench.bench_refiner",
+        ("--profile", "full-size", "--repeats", "2"),
+        ("--profile", "tiny", "--repeats", "1"),
+        70,
+    ),
+    Bench(
+        "captioner",
+        "bench.bench_captioner",
+        ("--profile", "full-size", "--seconds", "30", "--repeats", "2"),
+        ("--profile", "tiny", "--seconds", "10", "--repeats", "1"),
+        40,
+    ),
     # Four concurrent jobs too: jobs per minute one at a time vs batched.
-    Bench("compose", "bench.end_to_end", ("--profile", "full-size", "--seconds", "20", "--jobs", "4"),
-          ("--profile", "tiny", "--seconds", "10", "--jobs", "2"), 150),
+    Bench(
+        "compose",
+        "bench.end_to_end",
+        ("--profile", "full-size", "--seconds", "20", "--jobs", "4"),
+        ("--profile", "tiny", "--seconds", "10", "--jobs", "2"),
+        150,
+    ),
 )
 SUITE_LIMIT_S = 8 * 60  # the time limits above add up to less
 # One 10 s block of each other melody checkpoint, batch 4 as the default's: run with --only.
 CHECKPOINT_BENCHES = tuple(
-    Bench(f"musicgen_{arch.replace('-', '_')}", "bench.bench_musicgen",
-          ("--arch", arch, "--seconds", "10", "--repeats", "2", "--batch", "4"),
-          ("--arch", "tiny-stereo" if "stereo" in arch else "tiny", "--seconds", "1", "--repeats", "1"), timeout)
-    for arch, timeout in (("stereo-melody", 90), ("melody-large", 110), ("stereo-melody-large", 110)))
+    Bench(
+        f"musicgen_{arch.replace('-', '_')}",
+        "bench.bench_musicgen",
+        ("--arch", arch, "--seconds", "10", "--repeats", "2", "--batch", "4"),
+        ("--arch", "tiny-stereo" if "stereo" in arch else "tiny", "--seconds", "1", "--repeats", "1"),
+        timeout,
+    )
+    for arch, timeout in (("stereo-melody", 90), ("melody-large", 110), ("stereo-melody-large", 110))
+)
 
 
 def main() -> int:
@@ -74,13 +108,17 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("gpu_report.json"), help="the report (JSON)")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny models and short runs: checks the suite itself")
-    parser.add_argument("--only", nargs="+", choices=[b.name for b in BENCHES + CHECKPOINT_BENCHES],
-                        help="run only these benches")
+    parser.add_argument(
+        "--only", nargs="+", choices=[b.name for b in BENCHES + CHECKPOINT_BENCHES], help="run only these benches"
+    )
     args = parser.parse_args()
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"No CUDA device is available (torch {torch.__version__}, built for CUDA {torch.version.cuda}): "
-              f"the GPU suite needs one. `--device cpu --smoke` checks the suite itself on the CPU.", file=sys.stderr)
+        print(
+            f"No CUDA device is available (torch {torch.__version__}, built for CUDA {torch.version.cuda}): "
+            f"the GPU suite needs one. `--device cpu --smoke` checks the suite itself on the CPU.",
+            file=sys.stderr,
+        )
         return 2
     if args.device == "cpu" and not args.smoke:
         print("The full-size benches on the CPU would take hours; add --smoke for tiny models.", file=sys.stderr)
@@ -88,32 +126,51 @@ def main() -> int:
 
     benches = [b for b in BENCHES + CHECKPOINT_BENCHES if b.name in args.only] if args.only else list(BENCHES)
     started = time.monotonic()
-    report = {"machine": machine(args.device), "smoke": args.smoke,
-              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "wall_s": 0.0, "benches": {}}
+    report = {
+        "machine": machine(args.device),
+        "smoke": args.smoke,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "wall_s": 0.0,
+        "benches": {},
+    }
     for bench in benches:
         print(f"{bench.name} ...", file=sys.stderr, flush=True)
         report["benches"][bench.name] = entry = run(bench, args.device, args.smoke)
         report["wall_s"] = round(time.monotonic() - started, 1)
         write(report, args.out)
-        print(f"{bench.name}: {'ok' if entry['ok'] else entry['error']} ({entry['wall_s']} s)", file=sys.stderr,
-              flush=True)
+        print(
+            f"{bench.name}: {'ok' if entry['ok'] else entry['error']} ({entry['wall_s']} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     failed = [name for name, entry in report["benches"].items() if not entry["ok"]]
-    print(f"wrote {args.out} ({report['wall_s']} s; {len(benches) - len(failed)} of {len(benches)} benches ok"
-          f"{': failed ' + ', '.join(failed) if failed else ''})", file=sys.stderr)
+    print(
+        f"wrote {args.out} ({report['wall_s']} s; {len(benches) - len(failed)} of {len(benches)} benches ok"
+        f"{': failed ' + ', '.join(failed) if failed else ''})",
+        file=sys.stderr,
+    )
     return 1 if failed else 0
 
 
 def machine(device: str) -> dict:
-    info = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
     for package in ("transformers", "xgrammar", "huggingface_hub"):
         info[package] = importlib.metadata.version(package)
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         props = torch.cuda.get_device_properties(index)
-        info |= {"gpu": torch.cuda.get_device_name(index), "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                 "compute_capability": f"{props.major}.{props.minor}", "cudnn": torch.backends.cudnn.version()}
+        info |= {
+            "gpu": torch.cuda.get_device_name(index),
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "cudnn": torch.backends.cudnn.version(),
+        }
     return info
 
 
@@ -123,8 +180,9 @@ def run(bench: Bench, device: str, smoke: bool) -> dict:
     entry: dict = {"command": " ".join(command[1:]), "timeout_s": bench.timeout_s}
     started = time.monotonic()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=bench.timeout_s,
-                              cwd=Path(__file__).resolve().parent.parent)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=bench.timeout_s, cwd=Path(__file__).resolve().parent.parent
+        )
     except subprocess.TimeoutExpired as err:
         entry |= {"ok": False, "error": f"timed out after {bench.timeout_s} s", "stderr_tail": _tail(err.stderr)}
     else:
@@ -132,8 +190,11 @@ def run(bench: Bench, device: str, smoke: bool) -> dict:
         if done.returncode == 0 and result is not None:
             entry |= {"ok": True, "result": result}
         else:
-            entry |= {"ok": False, "error": f"exit code {done.returncode}" if done.returncode else "no JSON on stdout",
-                      "stderr_tail": _tail(done.stderr)}
+            entry |= {
+                "ok": False,
+                "error": f"exit code {done.returncode}" if done.returncode else "no JSON on stdout",
+                "stderr_tail": _tail(done.stderr),
+            }
     entry["wall_s"] = round(time.monotonic() - started, 1)
     return entry
 

@@ -10,6 +10,7 @@ beyond the 3B model's logits, as with the real pair.
 Llama 3.2 is licensed under the Llama 3.2 Community License, Copyright © Meta Platforms, Inc. All Rights
 Reserved.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,11 @@ def build_llama3_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_file=_tokenizer_json(), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-        pad_token="<|finetune_right_pad_id|>", chat_template=LLAMA3_CHAT_TEMPLATE,
+        tokenizer_file=_tokenizer_json(),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+        chat_template=LLAMA3_CHAT_TEMPLATE,
     )
 
 
@@ -45,9 +49,17 @@ def build_tiny_llama3(tokenizer, seed: int = 0):
 
     stop = [tokenizer.convert_tokens_to_ids(token) for token in LLAMA3_STOP_TOKENS]
     config = LlamaConfig(
-        vocab_size=LLAMA3_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384, rope_theta=500000.0,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=stop,
+        vocab_size=LLAMA3_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stop,
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):

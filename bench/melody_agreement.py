@@ -27,6 +27,7 @@ bench/fluidsynth_render.py:
     apt-get install fluidsynth fluid-soundfont-gm
     .venv/bin/pip install music21
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,8 @@ BANDS = [
     {"Soprano": 73, "Alto": 71, "Tenor": 60, "Bass": 33},  # flute, clarinet, horn, fingered bass
     {"Soprano": 40, "Alto": 41, "Tenor": 42, "Bass": 32},  # violin, viola, cello, acoustic bass
     {"Soprano": 56, "Alto": 65, "Tenor": 57, "Bass": 34},  # trumpet, alto sax, trombone, picked bass
-    {"Soprano": 68, "Alto": 0, "Tenor": 24, "Bass": 33},   # oboe, piano, nylon guitar, fingered bass
-    {"Soprano": 80, "Alto": 4, "Tenor": 48, "Bass": 38},   # square lead, e-piano, strings, synth bass
+    {"Soprano": 68, "Alto": 0, "Tenor": 24, "Bass": 33},  # oboe, piano, nylon guitar, fingered bass
+    {"Soprano": 80, "Alto": 4, "Tenor": 48, "Bass": 38},  # square lead, e-piano, strings, synth bass
 ]
 VELOCITY = {"Soprano": 90, "Alto": 75, "Tenor": 75, "Bass": 110}
 KICK, SNARE, HIHAT = 36, 38, 42
@@ -91,10 +92,14 @@ def arrange(name: str, band: dict[str, int], bpm: float):
             if voice == "Bass":
                 n.transpose(-12, inPlace=True)
         if voice == "Soprano":
-            melody = [MelodyNote(n.getOffsetInHierarchy(score) * seconds_per_quarter,
-                                 (n.getOffsetInHierarchy(score) + n.quarterLength) * seconds_per_quarter,
-                                 n.pitch.pitchClass)
-                      for n in part.recurse().notes]
+            melody = [
+                MelodyNote(
+                    n.getOffsetInHierarchy(score) * seconds_per_quarter,
+                    (n.getOffsetInHierarchy(score) + n.quarterLength) * seconds_per_quarter,
+                    n.pitch.pitchClass,
+                )
+                for n in part.recurse().notes
+            ]
     score.parts[0].insert(0, tempo.MetronomeMark(number=bpm))
 
     drums = stream.Part()
@@ -157,8 +162,9 @@ def hum(register: tuple[int, int], rolloff: float, seed: int, seconds: float = 3
     return samples.astype(np.float32), melody
 
 
-def without_drums(samples: np.ndarray, n_fft: int = 4096, harmonic_frames: int = 9,
-                  percussive_bins: int = 33) -> np.ndarray:
+def without_drums(
+    samples: np.ndarray, n_fft: int = 4096, harmonic_frames: int = 9, percussive_bins: int = 33
+) -> np.ndarray:
     """The harmonic part of a harmonic/percussive split: median filters along time (a sustained note is
     a horizontal line) and frequency (a drum hit is a vertical one), then a soft mask."""
     hop = n_fft // 4
@@ -182,22 +188,28 @@ def agreement(chroma: np.ndarray, melody: list[MelodyNote]) -> float:
     return hits / frames
 
 
-def scores_of(mix: np.ndarray, melody: list[MelodyNote], alone: np.ndarray | None = None,
-              extra: bool = False) -> dict[str, float]:
+def scores_of(
+    mix: np.ndarray, melody: list[MelodyNote], alone: np.ndarray | None = None, extra: bool = False
+) -> dict[str, float]:
     """Agreement of every variant's chroma with the melody; `alone` is the melody rendered without the rest."""
     frames = len(mix) // CHROMA_HOP + 1  # melody_chroma tiles past these
 
     def score_of(chroma) -> float:
         return round(agreement(chroma[:frames].numpy(), melody), 3)
 
-    row = {"raw": score_of(melody_chroma(mix, filter_bass=False)),
-           "high_pass": score_of(melody_chroma(remove_bass(mix, SAMPLE_RATE), filter_bass=False)),
-           "bot": score_of(melody_chroma(mix))}
+    row = {
+        "raw": score_of(melody_chroma(mix, filter_bass=False)),
+        "high_pass": score_of(melody_chroma(remove_bass(mix, SAMPLE_RATE), filter_bass=False)),
+        "bot": score_of(melody_chroma(mix)),
+    }
     if extra:
         for cutoff in CUTOFFS_HZ:
-            row[f"high_pass_{cutoff:.0f}"] = score_of(melody_chroma(remove_bass(mix, SAMPLE_RATE, cutoff), filter_bass=False))
-        row[f"hpss_high_pass_{BASS_CUTOFF_HZ:.0f}"] = score_of(melody_chroma(remove_bass(without_drums(mix), SAMPLE_RATE),
-                                                                             filter_bass=False))
+            row[f"high_pass_{cutoff:.0f}"] = score_of(
+                melody_chroma(remove_bass(mix, SAMPLE_RATE, cutoff), filter_bass=False)
+            )
+        row[f"hpss_high_pass_{BASS_CUTOFF_HZ:.0f}"] = score_of(
+            melody_chroma(remove_bass(without_drums(mix), SAMPLE_RATE), filter_bass=False)
+        )
     if alone is not None:
         row["melody_alone"] = score_of(melody_chroma(alone, filter_bass=False))
     return row
@@ -216,22 +228,32 @@ def main() -> None:
             band = BANDS[number % len(BANDS)]
             score, melody = arrange(name, band, args.bpm)
             soprano = render(keep_parts(score, 1), Path(tmp))
-            corpora["band"].append({"clip": name, "band": band, **scores_of(
-                render(score, Path(tmp)), melody, soprano, extra=True)})
-            corpora["melody_and_chords"].append({"clip": name, **scores_of(
-                render(keep_parts(score, 3), Path(tmp)), melody, soprano)})
+            corpora["band"].append(
+                {"clip": name, "band": band, **scores_of(render(score, Path(tmp)), melody, soprano, extra=True)}
+            )
+            corpora["melody_and_chords"].append(
+                {"clip": name, **scores_of(render(keep_parts(score, 3), Path(tmp)), melody, soprano)}
+            )
             for program in (VOICE_OOHS, CHOIR_AAHS):  # an octave down: a man singing the tune
-                corpora["sung_alone"].append({"clip": f"{name} program {program}", **scores_of(
-                    render(keep_parts(score, 1, program, -12), Path(tmp)), melody)})
+                corpora["sung_alone"].append(
+                    {
+                        "clip": f"{name} program {program}",
+                        **scores_of(render(keep_parts(score, 1, program, -12), Path(tmp)), melody),
+                    }
+                )
     for number, (register, rolloff) in enumerate(itertools.product(HUM_REGISTERS, HUM_ROLLOFFS)):
         samples, melody = hum(register, rolloff, seed=number)
-        corpora["hum"].append({"clip": f"midi {register[0]}-{register[1]} rolloff {rolloff}", **scores_of(samples, melody)})
+        corpora["hum"].append(
+            {"clip": f"midi {register[0]}-{register[1]} rolloff {rolloff}", **scores_of(samples, melody)}
+        )
 
     report = {"bpm": args.bpm, "bot_cutoff_hz": BASS_CUTOFF_HZ}
     for corpus, rows in corpora.items():
         variants = [key for key in rows[0] if key not in ("clip", "band")]
-        report[corpus] = {"clips": rows,
-                          "mean": {variant: round(statistics.mean(r[variant] for r in rows), 3) for variant in variants}}
+        report[corpus] = {
+            "clips": rows,
+            "mean": {variant: round(statistics.mean(r[variant] for r in rows), 3) for variant in variants},
+        }
     print(json.dumps(report, indent=2))
     print(json.dumps({corpus: report[corpus]["mean"] for corpus in corpora}, indent=2))
 

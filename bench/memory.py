@@ -2,6 +2,7 @@
 
 Imports nothing heavy, so a bench can read it before torch or transformers are imported.
 """
+
 from __future__ import annotations
 
 import os

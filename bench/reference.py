@@ -4,6 +4,7 @@
 swaps `audio_encoder.decode` for a recorder during the call, so it returns the exact codes that
 `generate` produced and the benchmark does not time EnCodec (the fast path does not decode either).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -28,10 +29,18 @@ def _recording_codes(model):
 
 
 @torch.no_grad()
-def reference_codes(model, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    input_features: torch.Tensor | None = None, prompt_codes: torch.Tensor | None = None,
-                    new_frames: int, guidance_scale: float = 3.0, greedy: bool = True,
-                    top_k: int = 250) -> torch.LongTensor:
+def reference_codes(
+    model,
+    *,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    input_features: torch.Tensor | None = None,
+    prompt_codes: torch.Tensor | None = None,
+    new_frames: int,
+    guidance_scale: float = 3.0,
+    greedy: bool = True,
+    top_k: int = 250,
+) -> torch.LongTensor:
     """Codes (B, K, P + new_frames) from `model.generate`, prompt included, delay pattern undone.
 
     The audio prompt goes in as `decoder_input_ids` (B * K, P): `generate` prepends the start token
@@ -41,10 +50,14 @@ def reference_codes(model, *, input_ids: torch.Tensor, attention_mask: torch.Ten
     """
     channels = model.decoder.config.audio_channels
     delays = model.decoder.num_codebooks // channels
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, guidance_scale=guidance_scale,
-                  do_sample=not greedy,
-                  # the last codebooks run delays - 1 steps behind the first
-                  max_new_tokens=new_frames + delays - 1)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        guidance_scale=guidance_scale,
+        do_sample=not greedy,
+        # the last codebooks run delays - 1 steps behind the first
+        max_new_tokens=new_frames + delays - 1,
+    )
     if not greedy:
         kwargs["top_k"] = top_k
     if input_features is not None:

@@ -12,6 +12,7 @@ Discord emulator of the test suite. One user's /compose runs while another user 
   (on an idle bot) and for the /queue probes (while the job computes). Discord drops interactions not
   acknowledged within 3 000 ms. The emulator runs on the same loop as the bot, so a stall delays both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,11 @@ from pathlib import Path
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from discord_emulator import DiscordEmulator, FakeUser, Interaction  # noqa: E402
-from synth import music  # noqa: E402
+from discord_emulator import DiscordEmulator, FakeUser, Interaction
+from synth import music
 
-from bot import MTMBot, point_discord_at  # noqa: E402
-from mtm_bot.core.settings import Settings  # noqa: E402
+from bot import MTMBot, point_discord_at
+from mtm_bot.core.settings import Settings
 
 TIMER_SECONDS = 0.01
 
@@ -52,23 +53,33 @@ async def record_loop_lateness(lateness: list[float]) -> None:
 
 
 def has_result(emulator: DiscordEmulator, user: FakeUser) -> bool:
-    return any(m.via in ("followup", "channel") and m.content.startswith(user.mention) and "job `" in m.content
-               for m in emulator.messages)
+    return any(
+        m.via in ("followup", "channel") and m.content.startswith(user.mention) and "job `" in m.content
+        for m in emulator.messages
+    )
 
 
 def summary_ms(seconds: list[float]) -> dict:
     if not seconds:
         return {"n": 0}
     ordered = sorted(seconds)
-    return {"n": len(ordered), "median": round(statistics.median(ordered) * 1000, 1),
-            "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 1),
-            "max": round(ordered[-1] * 1000, 1)}
+    return {
+        "n": len(ordered),
+        "median": round(statistics.median(ordered) * 1000, 1),
+        "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 1),
+        "max": round(ordered[-1] * 1000, 1),
+    }
 
 
 async def measure(args: argparse.Namespace, storage: Path) -> dict:
     emulator = await DiscordEmulator().start()
-    env = {**emulator.env(), "MTM_PROFILE": args.profile, "MTM_DEVICE": args.device, "MTM_STORAGE_DIR": str(storage),
-           "MTM_SEED": "1"}
+    env = {
+        **emulator.env(),
+        "MTM_PROFILE": args.profile,
+        "MTM_DEVICE": args.device,
+        "MTM_STORAGE_DIR": str(storage),
+        "MTM_SEED": "1",
+    }
     settings = Settings.from_env(env, env_file=None)
     point_discord_at(settings)
     bot = MTMBot(settings)
@@ -78,10 +89,13 @@ async def measure(args: argparse.Namespace, storage: Path) -> dict:
         if runner.done():
             runner.result()  # raises the start-up error
         composer, prober = emulator.user("composer"), emulator.user("prober")
-        compose = await emulator.slash(composer, "compose", {"instruction": "a cosy jazz carol", "duration": args.duration},
-                                       attachment=(wav_bytes(args.clip_seconds), "clip.wav", "audio/wav"))
-        await emulator.wait_for(lambda: bot.queue.running or has_result(emulator, composer), 120,
-                                "the job to start")
+        compose = await emulator.slash(
+            composer,
+            "compose",
+            {"instruction": "a cosy jazz carol", "duration": args.duration},
+            attachment=(wav_bytes(args.clip_seconds), "clip.wav", "audio/wav"),
+        )
+        await emulator.wait_for(lambda: bot.queue.running or has_result(emulator, composer), 120, "the job to start")
         lateness: list[float] = []
         watcher = asyncio.create_task(record_loop_lateness(lateness))
         started = time.perf_counter()
@@ -91,19 +105,24 @@ async def measure(args: argparse.Namespace, storage: Path) -> dict:
             await asyncio.sleep(args.probe_every)
         job_s = time.perf_counter() - started
         watcher.cancel()
-        await emulator.wait_for(lambda: all(p.callback_at is not None or p.callback_errors for p in probes), 30,
-                                "every probe's callback")
+        await emulator.wait_for(
+            lambda: all(p.callback_at is not None or p.callback_errors for p in probes), 30, "every probe's callback"
+        )
     finally:
         await bot.close()
         await asyncio.wait_for(runner, 60)
         await emulator.stop()
     late = [p for p in probes if p.callback_errors]
     return {
-        "profile": args.profile, "device": args.device, "output_s": args.duration,
+        "profile": args.profile,
+        "device": args.device,
+        "output_s": args.duration,
         "job_s_after_start": round(job_s, 2),
         "loop_stall_ms": summary_ms(lateness),
-        "ack_ms": {"compose_idle": round(compose.ack_seconds * 1000, 1) if compose.ack_seconds is not None else None,
-                   "queue_during_job": summary_ms([p.ack_seconds for p in probes if p.ack_seconds is not None])},
+        "ack_ms": {
+            "compose_idle": round(compose.ack_seconds * 1000, 1) if compose.ack_seconds is not None else None,
+            "queue_during_job": summary_ms([p.ack_seconds for p in probes if p.ack_seconds is not None]),
+        },
         "probes_refused_past_3s": len(late),
     }
 

@@ -13,6 +13,7 @@ event (it has the next job), both stamped by the worker's clock, over the rounds
 bot reading the event, storing the outcome, picking the next job and handing it out, and the worker
 reading it. Prints one JSON object; `speedup` is two workers' jobs per minute over one worker's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,17 @@ async def run_round(settings, clip: Path, jobs: int, seconds: int, runner_factor
         data = clip.read_bytes()
         began = time.perf_counter()
         for i in range(jobs):
-            job = Job.new(JobKind.COMPOSE, user_id=i % 4, guild_id=1, channel_id=1, instruction=f"carol {i}",
-                          duration=seconds, attachment_size_limit=25 << 20, application_id=1, interaction_token="")
+            job = Job.new(
+                JobKind.COMPOSE,
+                user_id=i % 4,
+                guild_id=1,
+                channel_id=1,
+                instruction=f"carol {i}",
+                duration=seconds,
+                attachment_size_limit=25 << 20,
+                application_id=1,
+                interaction_token="",
+            )
             job.input_path = await store.save_input(job.id, data, "clip.wav")
             await scheduler.submit(job)
         while len(outcomes.done) < jobs:
@@ -87,15 +97,30 @@ async def run_round(settings, clip: Path, jobs: int, seconds: int, runner_factor
 
 
 def start_workers(count: int, url: str, prefix: str, device: str, folder: Path) -> list[subprocess.Popen]:
-    env = {**os.environ, "MTM_PROFILE": "tiny", "MTM_DEVICE": device, "MTM_BROKER_URL": url,
-           "MTM_BROKER_PREFIX": prefix, "MTM_MAX_BATCH": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "MTM_PROFILE": "tiny",
+        "MTM_DEVICE": device,
+        "MTM_BROKER_URL": url,
+        "MTM_BROKER_PREFIX": prefix,
+        "MTM_MAX_BATCH": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     processes = []
     for n in range(count):
         log = open(folder / f"worker-{prefix}-{n}.log", "wb")
-        processes.append(subprocess.Popen([sys.executable, "-m", "mtm_bot", "worker"], cwd=ROOT,
-                                          env={**env, "MTM_WORKER_NAME": f"bench-{n}"}, stdout=log,
-                                          stderr=subprocess.STDOUT))
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mtm_bot", "worker"],
+                cwd=ROOT,
+                env={**env, "MTM_WORKER_NAME": f"bench-{n}"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     return processes
 
 
@@ -157,45 +182,67 @@ async def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from mtm_bot.transport.distributed import RemoteRunner
-    from mtm_bot.stages.pipeline import Pipeline
-    from mtm_bot.transport.local import LocalRunner
-    from mtm_bot.jobs.runner import JobRunner
     from mtm_bot.core.settings import Settings
+    from mtm_bot.jobs.runner import JobRunner
+    from mtm_bot.stages.pipeline import Pipeline
+    from mtm_bot.transport.distributed import RemoteRunner
+    from mtm_bot.transport.local import LocalRunner
     from tests.synth import write_music
 
-    report: dict = {"jobs": args.jobs, "seconds_of_music_per_job": args.seconds, "device": args.device,
-                    "redis": url.split("@")[-1]}
+    report: dict = {
+        "jobs": args.jobs,
+        "seconds_of_music_per_job": args.seconds,
+        "device": args.device,
+        "redis": url.split("@")[-1],
+    }
     gaps: list[float] = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         clip = folder / "clip.wav"
         write_music(clip, 5.0)
-        base = Settings(profile="tiny", device=args.device, max_batch=1, max_jobs_per_user=args.jobs, seed=1,
-                        max_queue_length=max(50, args.jobs))
+        base = Settings(
+            profile="tiny",
+            device=args.device,
+            max_batch=1,
+            max_jobs_per_user=args.jobs,
+            seed=1,
+            max_queue_length=max(50, args.jobs),
+        )
 
         # Reference: the embedded default, the same jobs in this process, one at a time.
         pipeline = Pipeline(base).load()
         embedded = Settings(**{**base.__dict__, "storage_dir": folder / "embedded"})
-        report["embedded"] = await run_round(embedded, clip, args.jobs, args.seconds,
-                                             lambda store: LocalRunner(JobRunner(pipeline, store), 1))
+        report["embedded"] = await run_round(
+            embedded, clip, args.jobs, args.seconds, lambda store: LocalRunner(JobRunner(pipeline, store), 1)
+        )
 
         for workers in (1, 2):
             prefix = f"mtm-bench-{secrets.token_hex(4)}"
-            settings = Settings(**{**base.__dict__, "storage_dir": folder / f"w{workers}", "broker_url": url,
-                                   "broker_prefix": prefix, "heartbeat_seconds": 1.0})
+            settings = Settings(
+                **{
+                    **base.__dict__,
+                    "storage_dir": folder / f"w{workers}",
+                    "broker_url": url,
+                    "broker_prefix": prefix,
+                    "heartbeat_seconds": 1.0,
+                }
+            )
             processes = start_workers(workers, url, prefix, args.device, folder)
             try:
                 await wait_for_workers(url, prefix, workers, processes)
-                report[f"workers_{workers}"] = await run_round(settings, clip, args.jobs, args.seconds,
-                                                               lambda store: RemoteRunner(settings, store))
+                report[f"workers_{workers}"] = await run_round(
+                    settings, clip, args.jobs, args.seconds, lambda store: RemoteRunner(settings, store)
+                )
             finally:
                 stop(processes)
             gaps += await dispatch_gaps(url, prefix)
 
     report["speedup"] = round(report["workers_2"]["jobs_per_minute"] / report["workers_1"]["jobs_per_minute"], 3)
-    report["dispatch_overhead_ms"] = {"median": round(1000 * statistics.median(gaps), 2),
-                                      "max": round(1000 * max(gaps), 2), "samples": len(gaps)} if gaps else None
+    report["dispatch_overhead_ms"] = (
+        {"median": round(1000 * statistics.median(gaps), 2), "max": round(1000 * max(gaps), 2), "samples": len(gaps)}
+        if gaps
+        else None
+    )
     print(json.dumps(report, indent=2))
 
 

@@ -10,6 +10,7 @@ times, a request of N takes (the compose's captioning and refinement once, plus 
 N separate requests (N times one request: captioning, refinement and one take), and what each take beyond
 the first adds, as a share of one request. Run it on an otherwise idle machine with --repeats 3.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,20 +19,20 @@ import threading
 
 import torch
 
-from mtm_bot.stages.pipeline import Pipeline
-from mtm_bot.stages.runtime import resolve_device
-from mtm_bot.core.settings import Settings
-
 from bench.bench_refiner import best_of
 from bench.end_to_end import INSTRUCTION, build_stages, synth_clip
+from mtm_bot.core.settings import Settings
+from mtm_bot.stages.pipeline import Pipeline
+from mtm_bot.stages.runtime import resolve_device
 
 
 def generate_together(generator, clip, blocks, seeds: list[int]) -> int:
     """One thread per seed, all calling the generator at once; how many blocks shared a decode loop with
     another take's (started together, or joined one already running)."""
     loops_before, joined_before = len(generator.batcher.batch_sizes), generator.batcher.joined
-    threads = [threading.Thread(target=generator.generate, args=(clip, blocks), kwargs={"seed": seed})
-               for seed in seeds]
+    threads = [
+        threading.Thread(target=generator.generate, args=(clip, blocks), kwargs={"seed": seed}) for seed in seeds
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -51,8 +52,9 @@ def main() -> None:
 
     device = resolve_device(args.device)
     captioner, refiner, generator = build_stages(args.profile, device, max_batch=args.max_takes)
-    pipeline = Pipeline(Settings(profile="tiny", device=str(device)), captioner=captioner, refiner=refiner,
-                        generator=generator)
+    pipeline = Pipeline(
+        Settings(profile="tiny", device=str(device)), captioner=captioner, refiner=refiner, generator=generator
+    )
     clip = synth_clip(args.seconds)
     composed, compose_s = best_of(args.repeats, lambda: pipeline.compose(clip, INSTRUCTION, args.seconds, seed=1))
     blocks = composed.blocks
@@ -60,10 +62,17 @@ def main() -> None:
     # Captioning and refinement, as the compose timed them: once per request, whatever its takes.
     shared_s = composed.timings["caption"] + composed.timings["refine"]
     one_request_s = shared_s + one_take_s
-    report = {"profile": args.profile, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch_threads": torch.get_num_threads(), "seconds": args.seconds, "repeats": args.repeats,
-              "compose_s": round(compose_s, 3), "caption_and_refine_s": round(shared_s, 3),
-              "generate_one_take_s": round(one_take_s, 3), "takes": {}}
+    report = {
+        "profile": args.profile,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "seconds": args.seconds,
+        "repeats": args.repeats,
+        "compose_s": round(compose_s, 3),
+        "caption_and_refine_s": round(shared_s, 3),
+        "generate_one_take_s": round(one_take_s, 3),
+        "takes": {},
+    }
     for takes in range(2, args.max_takes + 1):
         seeds = list(range(1, takes + 1))
         shared: list[int] = []
@@ -71,8 +80,11 @@ def main() -> None:
         _, sequential_s = best_of(args.repeats, lambda: [generator.generate(clip, blocks, seed=s) for s in seeds])
         request_s = shared_s + batched_s
         report["takes"][takes] = {
-            "generate_batched_s": round(batched_s, 3), "generate_sequential_s": round(sequential_s, 3),
-            "blocks_sharing_a_decode_loop": min(shared), "blocks": takes * len(blocks), "request_s": round(request_s, 3),
+            "generate_batched_s": round(batched_s, 3),
+            "generate_sequential_s": round(sequential_s, 3),
+            "blocks_sharing_a_decode_loop": min(shared),
+            "blocks": takes * len(blocks),
+            "request_s": round(request_s, 3),
             "separate_requests_s": round(takes * one_request_s, 3),
             "each_extra_take_adds": f"{100 * (batched_s - one_take_s) / (takes - 1) / one_request_s:.0f}% of one request",
         }

@@ -24,6 +24,7 @@ Extra installs (the benchmark only), as for bench/fluidsynth_render.py:
     apt-get install fluidsynth fluid-soundfont-gm
     .venv/bin/pip install music21
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,7 +76,8 @@ def scores(reference: tuple[np.ndarray, np.ndarray], transcription: Transcriptio
     result = {}
     for name, offset_ratio in (("onset", None), ("onset_offset", OFFSET_RATIO)):
         precision, recall, f1, _ = mir_eval.transcription.precision_recall_f1_overlap(
-            *reference, est_intervals, est_hz, onset_tolerance=ONSET_TOLERANCE, offset_ratio=offset_ratio)
+            *reference, est_intervals, est_hz, onset_tolerance=ONSET_TOLERANCE, offset_ratio=offset_ratio
+        )
         result[name] = {"precision": round(precision, 3), "recall": round(recall, 3), "f1": round(f1, 3)}
     return result
 
@@ -88,18 +90,27 @@ def measure(clip: str, score, workdir: Path, seconds: float) -> dict:
     transcription = transcribe(audio)
     elapsed = time.perf_counter() - start
     reference = reference_notes(midi_path, audio.duration)
-    return {"clip": clip, "audio_seconds": round(audio.duration, 2), "reference_notes": len(reference[1]),
-            "transcribed_notes": len(transcription.notes), "transcribe_seconds": round(elapsed, 3),
-            **scores(reference, transcription)}
+    return {
+        "clip": clip,
+        "audio_seconds": round(audio.duration, 2),
+        "reference_notes": len(reference[1]),
+        "transcribed_notes": len(transcription.notes),
+        "transcribe_seconds": round(elapsed, 3),
+        **scores(reference, transcription),
+    }
 
 
 def summary(rows: list[dict]) -> dict:
-    mean = {metric: {key: round(statistics.mean(r[metric][key] for r in rows), 3)
-                     for key in ("precision", "recall", "f1")}
-            for metric in ("onset", "onset_offset")}
+    mean = {
+        metric: {key: round(statistics.mean(r[metric][key] for r in rows), 3) for key in ("precision", "recall", "f1")}
+        for metric in ("onset", "onset_offset")
+    }
     audio_minutes = sum(r["audio_seconds"] for r in rows) / 60
-    return {"clips": rows, "mean": mean,
-            "transcribe_seconds_per_audio_minute": round(sum(r["transcribe_seconds"] for r in rows) / audio_minutes, 2)}
+    return {
+        "clips": rows,
+        "mean": mean,
+        "transcribe_seconds_per_audio_minute": round(sum(r["transcribe_seconds"] for r in rows) / audio_minutes, 2),
+    }
 
 
 def main() -> None:
@@ -122,17 +133,22 @@ def main() -> None:
             band = BANDS[number % len(BANDS)]
             score, _ = arrange(name, band, args.bpm)
             corpora["band"].append({**measure(name, score, workdir, args.seconds), "band": band})
-            print(f"{name}: piano {corpora['piano'][-1]['onset']}, band {corpora['band'][-1]['onset']}",
-                  file=sys.stderr)
+            print(
+                f"{name}: piano {corpora['piano'][-1]['onset']}, band {corpora['band'][-1]['onset']}", file=sys.stderr
+            )
         for name in args.piano:
             corpora["piano"].append(measure(name, piano_piece(name), workdir, args.seconds))
             print(f"{name}: piano {corpora['piano'][-1]['onset']}", file=sys.stderr)
 
     every_clip = [row for rows in corpora.values() for row in rows]
-    report = {"onset_tolerance_s": ONSET_TOLERANCE, "offset_ratio": OFFSET_RATIO, "sample_rate": SAMPLE_RATE,
-              "model_load_seconds": round(load_seconds, 3),
-              **{corpus: summary(rows) for corpus, rows in corpora.items()},
-              "all": {key: value for key, value in summary(every_clip).items() if key != "clips"}}
+    report = {
+        "onset_tolerance_s": ONSET_TOLERANCE,
+        "offset_ratio": OFFSET_RATIO,
+        "sample_rate": SAMPLE_RATE,
+        "model_load_seconds": round(load_seconds, 3),
+        **{corpus: summary(rows) for corpus, rows in corpora.items()},
+        "all": {key: value for key, value in summary(every_clip).items() if key != "clips"},
+    }
     print(json.dumps(report, indent=2))
 
 

@@ -14,6 +14,7 @@ of synthetic music, and a user sitting on a stage clicks Play. Prints one JSON o
 - `resample_cpu_s_per_audio_s`: CPU time of turning the 32 kHz WAV into 48 kHz stereo PCM, once per play,
   per second of audio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,14 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from discord_emulator import DiscordEmulator  # noqa: E402
-from synth import music  # noqa: E402
-from test_bot_e2e import connect_bot, disconnect_bot  # noqa: E402
-from test_bot_results import job_id_of, result_of  # noqa: E402
+from discord_emulator import DiscordEmulator
+from synth import music
+from test_bot_e2e import connect_bot, disconnect_bot
+from test_bot_results import job_id_of, result_of
 
-from mtm_bot.core.audio import Audio, write  # noqa: E402
-from mtm_bot.stages.generator import SAMPLE_RATE  # noqa: E402
-from mtm_bot.core.playback import read_track, voice_pcm  # noqa: E402
+from mtm_bot.core.audio import Audio, write
+from mtm_bot.core.playback import read_track, voice_pcm
+from mtm_bot.stages.generator import SAMPLE_RATE
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -66,12 +67,14 @@ async def run(seconds: int) -> dict:
     voice_server = await emulator.start_voice()
     stage = emulator.add_voice_channel("Stage", stage=True)
     with tempfile.TemporaryDirectory() as folder:
-        bot = await connect_bot(emulator, Path(folder), connector=aiohttp.TCPConnector(limit=0,
-                                                                                       ssl=voice_server.client_ssl()))
+        bot = await connect_bot(
+            emulator, Path(folder), connector=aiohttp.TCPConnector(limit=0, ssl=voice_server.client_ssl())
+        )
         try:
             alice = emulator.user("alice")
-            result = await result_of(emulator, await emulator.slash(alice, "compose", {"instruction": "a carol",
-                                                                                       "duration": 10}), alice)
+            result = await result_of(
+                emulator, await emulator.slash(alice, "compose", {"instruction": "a carol", "duration": 10}), alice
+            )
             track = Path(folder) / "outputs" / f"{job_id_of(result)}.wav"
             write(Audio(music(seconds, SAMPLE_RATE, seed=5), SAMPLE_RATE), track)
             samples, rate = read_track(track)
@@ -83,11 +86,13 @@ async def run(seconds: int) -> dict:
             click = await emulator.click(alice, result, "Play")
             stop = asyncio.Event()
             cpu = asyncio.create_task(player_cpu_seconds(stop))
-            session = await emulator.wait_for(lambda: (s := emulator.voice_session(stage)) and s.packets and s,
-                                              60, "the first audio packet")
+            session = await emulator.wait_for(
+                lambda: (s := emulator.voice_session(stage)) and s.packets and s, 60, "the first audio packet"
+            )
             first_packet = session.packets[0].at
-            await emulator.wait_for(lambda: emulator.voice_gateway[-1]["channel_id"] is None, seconds + 30,
-                                    "the bot to leave")
+            await emulator.wait_for(
+                lambda: emulator.voice_gateway[-1]["channel_id"] is None, seconds + 30, "the bot to leave"
+            )
             stop.set()
             player_cpu = await cpu
         finally:

@@ -1,4 +1,5 @@
 """/caption: only the captions of a clip, one line per 10 s segment (queued like /compose)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

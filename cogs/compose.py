@@ -1,5 +1,6 @@
 """/compose: a clip, a picture, or only words, plus an instruction in; a new track out (queued; the result
 is posted publicly)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,9 +10,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from mtm_bot.core.instruction import MAX_INSTRUCTION_CHARS
 from mtm_bot.jobs.job import JobKind
 from mtm_bot.stages.pipeline import BLOCK_SECONDS, SECONDS_WITHOUT_CLIP
-from mtm_bot.core.instruction import MAX_INSTRUCTION_CHARS
 
 from .utils.instruction_suggestions import instruction_choices
 from .utils.submit import accept, submission_rate_limit
@@ -33,20 +34,28 @@ class Compose(commands.Cog):
         instruction="Your taste, e.g. 'a cosy jazz carol with sleigh bells'",
         audio="A music clip (WAV, FLAC, OGG, MP3) whose melody the track follows; without one, words alone",
         image="A picture (PNG, JPEG, WebP, GIF) for the track to evoke",
-        duration=("Length of the new track in seconds (default: the clip's length rounded up to 10 s, "
-                  f"{SECONDS_WITHOUT_CLIP} s without a clip)"),
+        duration=(
+            "Length of the new track in seconds (default: the clip's length rounded up to 10 s, "
+            f"{SECONDS_WITHOUT_CLIP} s without a clip)"
+        ),
     )
     @submission_rate_limit
-    async def compose(self, interaction: discord.Interaction,
-                      instruction: app_commands.Range[str, 1, MAX_INSTRUCTION_CHARS],
-                      audio: discord.Attachment | None = None, image: discord.Attachment | None = None,
-                      duration: app_commands.Range[int, BLOCK_SECONDS, None] | None = None) -> None:
-        await accept(interaction, audio, JobKind.COMPOSE, instruction=instruction.strip(), duration=duration,
-                     image=image)
+    async def compose(
+        self,
+        interaction: discord.Interaction,
+        instruction: app_commands.Range[str, 1, MAX_INSTRUCTION_CHARS],
+        audio: discord.Attachment | None = None,
+        image: discord.Attachment | None = None,
+        duration: app_commands.Range[int, BLOCK_SECONDS, None] | None = None,
+    ) -> None:
+        await accept(
+            interaction, audio, JobKind.COMPOSE, instruction=instruction.strip(), duration=duration, image=image
+        )
 
     @compose.autocomplete("instruction")
-    async def suggest_instructions(self, interaction: discord.Interaction,
-                                   typed: str) -> list[app_commands.Choice[str]]:
+    async def suggest_instructions(
+        self, interaction: discord.Interaction, typed: str
+    ) -> list[app_commands.Choice[str]]:
         return await instruction_choices(interaction, typed)
 
 

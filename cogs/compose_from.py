@@ -6,6 +6,7 @@ the way in. It asks for the instruction (and, optionally, the length) in a modal
 compose job from that audio exactly as /compose with `audio` does (cogs.submit.accept): the same checks,
 download, limits and result.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -42,7 +43,8 @@ def audio_of(message: discord.Message) -> discord.Attachment:
     if audio is None:
         raise NoAudioInMessage(
             f"This message has no audio: use {MENU_NAME} on a voice message or on a message with an audio file "
-            "(WAV, FLAC, OGG, MP3), or run /compose with an `audio` clip.")
+            "(WAV, FLAC, OGG, MP3), or run /compose with an `audio` clip."
+        )
     return audio
 
 
@@ -53,24 +55,34 @@ def requested_duration(text: str, max_seconds: int) -> int | None:
     seconds = typed_seconds(text)
     if seconds is None or not BLOCK_SECONDS <= seconds <= max_seconds:
         shown = discord.utils.escape_markdown(text.strip()[:20])
-        raise BadDuration(f"The length must be a whole number of seconds from {BLOCK_SECONDS} to {max_seconds}, "
-                          f"not “{shown}”; leave it empty for the clip's length rounded up to {BLOCK_SECONDS} s.")
+        raise BadDuration(
+            f"The length must be a whole number of seconds from {BLOCK_SECONDS} to {max_seconds}, "
+            f"not “{shown}”; leave it empty for the clip's length rounded up to {BLOCK_SECONDS} s."
+        )
     return seconds
 
 
 class ComposeFromModal(discord.ui.Modal, title=MENU_NAME):
-    instruction: discord.ui.Label[ComposeFromModal] = discord.ui.Label(text="Instruction", component=discord.ui.TextInput(
-            style=discord.TextStyle.paragraph, placeholder="e.g. a cosy jazz carol with sleigh bells",
-            min_length=1, max_length=MAX_INSTRUCTION_CHARS))
+    instruction: discord.ui.Label[ComposeFromModal] = discord.ui.Label(
+        text="Instruction",
+        component=discord.ui.TextInput(
+            style=discord.TextStyle.paragraph,
+            placeholder="e.g. a cosy jazz carol with sleigh bells",
+            min_length=1,
+            max_length=MAX_INSTRUCTION_CHARS,
+        ),
+    )
     duration: discord.ui.Label[ComposeFromModal] = discord.ui.Label(
-        text="Length in seconds (optional)", component=discord.ui.TextInput(required=False, max_length=10))
+        text="Length in seconds (optional)", component=discord.ui.TextInput(required=False, max_length=10)
+    )
 
     def __init__(self, audio: discord.Attachment, max_seconds: int) -> None:
         super().__init__()  # a random custom_id: several people may compose from one message at once
         self.audio = audio
         self.max_seconds = max_seconds
-        self.duration.description = (f"{BLOCK_SECONDS} to {max_seconds}; empty: the clip's length rounded up "
-                                     f"to {BLOCK_SECONDS} s")
+        self.duration.description = (
+            f"{BLOCK_SECONDS} to {max_seconds}; empty: the clip's length rounded up to {BLOCK_SECONDS} s"
+        )
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
         # Label types its component as any Item; these are the TextInputs declared above.

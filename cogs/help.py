@@ -1,4 +1,5 @@
 """/help: what the bot does and how to use it (ephemeral)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -44,7 +45,8 @@ class Help(commands.Cog):
     async def help(self, interaction: discord.Interaction) -> None:
         s = self.bot.settings
         await interaction.response.send_message(
-            help_text(s.max_output_seconds, s.max_clip_seconds, s.max_upload_mb), ephemeral=True)
+            help_text(s.max_output_seconds, s.max_clip_seconds, s.max_upload_mb), ephemeral=True
+        )
 
 
 async def setup(bot: MTMBot) -> None:

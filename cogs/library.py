@@ -4,6 +4,7 @@ Words are embedded right here (the embedder lives in the bot process, on the CPU
 be described by the image captioner, a GPU model: it goes through the job queue like any GPU work, and
 the delivery of that job runs the search (cogs.utils.delivery).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -23,8 +24,10 @@ if TYPE_CHECKING:
     from bot import MTMBot
 
 RESULTS_SHOWN = 5
-EMPTY_LIBRARY = ("This server's library is empty so far: every track that /compose delivers here is added to it, "
-                 "and then `/library` finds it again.")
+EMPTY_LIBRARY = (
+    "This server's library is empty so far: every track that /compose delivers here is added to it, "
+    "and then `/library` finds it again."
+)
 
 
 def jump_url(match: Match) -> str:
@@ -37,8 +40,10 @@ def library_reply(searched: str, matches: list[Match]) -> str:
         return EMPTY_LIBRARY
     lines = [f"📚 This server's closest tracks to {searched}:"]
     for rank, match in enumerate(matches, 1):
-        lines.append(f"{rank}. {quote(match.title)} · similarity {match.similarity:.2f} · by <@{match.user_id}> · "
-                     f"<t:{int(match.created_at)}:d> · [result]({jump_url(match)})")
+        lines.append(
+            f"{rank}. {quote(match.title)} · similarity {match.similarity:.2f} · by <@{match.user_id}> · "
+            f"<t:{int(match.created_at)}:d> · [result]({jump_url(match)})"
+        )
     return shorten("\n".join(lines), CONTENT_LIMIT)
 
 
@@ -46,13 +51,20 @@ class ServerLibrary(commands.Cog):
     def __init__(self, bot: MTMBot) -> None:
         self.bot: MTMBot = bot
 
-    @app_commands.command(name="library", description="Find this server's past tracks closest to your words or a picture")
-    @app_commands.describe(query="What you are looking for, e.g. 'festive brass with sleigh bells'",
-                           image="A picture (PNG, JPEG, WebP, GIF): tracks that would suit it")
+    @app_commands.command(
+        name="library", description="Find this server's past tracks closest to your words or a picture"
+    )
+    @app_commands.describe(
+        query="What you are looking for, e.g. 'festive brass with sleigh bells'",
+        image="A picture (PNG, JPEG, WebP, GIF): tracks that would suit it",
+    )
     @app_commands.guild_only()
-    async def library(self, interaction: discord.Interaction,
-                      query: app_commands.Range[str, 1, MAX_QUERY_CHARS] | None = None,
-                      image: discord.Attachment | None = None) -> None:
+    async def library(
+        self,
+        interaction: discord.Interaction,
+        query: app_commands.Range[str, 1, MAX_QUERY_CHARS] | None = None,
+        image: discord.Attachment | None = None,
+    ) -> None:
         if image is not None and query is not None:
             raise InputError("Search with words or with a picture, not both at once.")
         if image is not None:
@@ -62,8 +74,11 @@ class ServerLibrary(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         assert self.bot.library is not None and interaction.guild_id is not None  # set up in setup_hook; guild_only
         matches = await self.bot.library.search(interaction.guild_id, query or "", limit=RESULTS_SHOWN)
-        await interaction.followup.send(library_reply(quote(shorten(query or "", 100)), matches), ephemeral=True,
-                                        allowed_mentions=discord.AllowedMentions.none())
+        await interaction.followup.send(
+            library_reply(quote(shorten(query or "", 100)), matches),
+            ephemeral=True,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
 
 
 async def setup(bot: MTMBot) -> None:

@@ -5,6 +5,7 @@ The Play button sits under every track (cogs.results); a click is refused like t
 bot cannot be heard there (cogs.voice). Each track that starts gets a public "now playing" message in
 the channel where Play was clicked, with a Stop button for whoever clicked Play and for server managers.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,9 +20,9 @@ from discord.ext import commands
 from mtm_bot.core.playback import Play, read_track
 from mtm_bot.core.timecode import format_time
 
+from .results import JOB_ID, _JobButton
 from .utils.client import mtm_bot
 from .utils.errors import answer_error
-from .results import JOB_ID, _JobButton
 from .utils.submit import check_submission_rate
 from .utils.voice import CannotPlay, GuildPlayer
 
@@ -85,8 +86,11 @@ class Player(commands.Cog):
         except Exception as error:
             await answer_error(interaction, error)
             return
-        text = (f"Playing `{job_id}` in {channel.mention} now." if position == 0 else
-                f"Queued `{job_id}` in {channel.mention}: number {position} in line.")
+        text = (
+            f"Playing `{job_id}` in {channel.mention} now."
+            if position == 0
+            else f"Queued `{job_id}` in {channel.mention}: number {position} in line."
+        )
         await interaction.followup.send(text, ephemeral=True)
 
     async def stop(self, interaction: discord.Interaction, job_id: str) -> None:
@@ -106,7 +110,8 @@ class Player(commands.Cog):
         what = f"`{play.job_id}` ({format_time(play.seconds)}) in {channel.mention}, for <@{play.requester_id}>"
         try:
             message = await self.bot.get_partial_messageable(play.text_channel_id).send(
-                f"▶️ Now playing {what}", view=stop_controls(play.job_id))
+                f"▶️ Now playing {what}", view=stop_controls(play.job_id)
+            )
         except discord.HTTPException:  # the track plays all the same; there is just no Stop button
             log.warning("could not post 'now playing' in channel %s", play.text_channel_id, exc_info=True)
             message = None
@@ -115,6 +120,7 @@ class Player(commands.Cog):
             if message is not None:
                 with contextlib.suppress(discord.HTTPException):
                     await message.edit(content=f"{'⏹️ Stopped' if stopped else '✅ Played'} {what}", view=None)
+
         return finished
 
     def queue_lines(self, guild_id: int | None) -> list[str]:
@@ -124,10 +130,14 @@ class Player(commands.Cog):
             return []
         now = player.queue.now
         assert player.channel is not None  # a track plays: the player is connected
-        lines = [f"**Playing in {player.channel.mention}:** `{now.job_id}` ({format_time(now.seconds)}) "
-                 f"for <@{now.requester_id}>"]
-        lines += [f"{n}. `{play.job_id}` ({format_time(play.seconds)}) for <@{play.requester_id}>"
-                  for n, play in enumerate(player.queue.waiting, 1)]
+        lines = [
+            f"**Playing in {player.channel.mention}:** `{now.job_id}` ({format_time(now.seconds)}) "
+            f"for <@{now.requester_id}>"
+        ]
+        lines += [
+            f"{n}. `{play.job_id}` ({format_time(play.seconds)}) for <@{play.requester_id}>"
+            for n, play in enumerate(player.queue.waiting, 1)
+        ]
         return lines
 
 

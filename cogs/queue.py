@@ -1,5 +1,6 @@
 """/queue and /cancel: what is running and waiting (jobs, and tracks playing in voice), and stopping a job
 (ephemeral replies)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
@@ -41,14 +42,20 @@ class Queue(commands.Cog):
         if self.bot.scheduler.runner.keeps_running and not workers:
             lines.append("**GPU workers:** none connected; queued jobs start as soon as one is.")
         if workers:
-            lines.append(f"**GPU workers:** {len(workers)} · " + ", ".join(
-                f"{shorten(w.name, 40)} ({len(w.running)}/{w.capacity} busy)" for w in workers))
+            lines.append(
+                f"**GPU workers:** {len(workers)} · "
+                + ", ".join(f"{shorten(w.name, 40)} ({len(w.running)}/{w.capacity} busy)" for w in workers)
+            )
         for job, running_left in zip(snapshot.running, snapshot.running_left):
             stage = self.bot.delivery.stage_of(job.id)
             worker = self.bot.scheduler.runner.where(job.id)
             left = f" · about {minutes(running_left)} left" if running_left is not None else ""
-            lines.append(f"**Running:** {describe(job)}" + (f" on {shorten(worker, 40)}" if worker else "")
-                         + (f" · {stage}" if stage else "") + left)
+            lines.append(
+                f"**Running:** {describe(job)}"
+                + (f" on {shorten(worker, 40)}" if worker else "")
+                + (f" · {stage}" if stage else "")
+                + left
+            )
         lines.append(f"**Queued:** {len(snapshot.queued)}")
         for entry in snapshot.queued[:QUEUE_LINES_SHOWN]:
             eta = f" · starts in about {minutes(entry.starts_in)}" if entry.starts_in is not None else ""
@@ -59,8 +66,10 @@ class Queue(commands.Cog):
         mine = await self.bot.store.recent_of(interaction.user.id)
         lines.append("**Your jobs:** " + ("none yet" if not mine else ""))
         for job in mine:
-            lines.append(f"`{job.id}` {job.kind.value} · {job.state.value}"
-                         + (f" · {quote(shorten(job.instruction, 60))}" if job.instruction else ""))
+            lines.append(
+                f"`{job.id}` {job.kind.value} · {job.state.value}"
+                + (f" · {quote(shorten(job.instruction, 60))}" if job.instruction else "")
+            )
         await interaction.response.send_message(shorten("\n".join(lines), 2000), ephemeral=True)
 
     @app_commands.command(name="cancel", description="Stop a job (default: your newest unfinished job)")
@@ -68,8 +77,8 @@ class Queue(commands.Cog):
     async def cancel(self, interaction: discord.Interaction, job: str | None = None) -> None:
         assert self.bot.scheduler is not None  # set up in setup_hook, before any command is served
         cancelled = await self.bot.scheduler.cancel(
-            job, interaction.user.id, guild_id=interaction.guild_id,
-            is_manager=interaction.permissions.manage_guild)
+            job, interaction.user.id, guild_id=interaction.guild_id, is_manager=interaction.permissions.manage_guild
+        )
         if cancelled.state is JobState.RUNNING:
             text = f"Job `{cancelled.id}` is stopping at its next step."
         else:

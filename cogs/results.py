@@ -5,6 +5,7 @@ at start-up, so the controls of a result posted before a restart keep working fo
 is kept. A click is a submission like /compose: anyone in the channel may build on a result; the job is
 theirs, refused by the same rate, per-user and queue limits, and its parent is the track clicked on.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,9 +16,9 @@ import discord
 from discord.ext import commands
 
 from mtm_bot.core.instruction import MAX_INSTRUCTION_CHARS, check_instruction
+from mtm_bot.core.timecode import format_time
 from mtm_bot.jobs.job import Job, JobKind
 from mtm_bot.stages.pipeline import MAX_EXTEND_SECONDS, MIN_EXTEND_SECONDS, parse_edited_captions
-from mtm_bot.core.timecode import format_time
 
 from .utils.client import mtm_bot
 from .utils.errors import answer_error, reply_error
@@ -54,13 +55,20 @@ class _JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mtm:(?P<a
     emoji: str
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(discord.ui.Button(label=self.label, emoji=self.emoji, style=discord.ButtonStyle.secondary,
-                                           custom_id=f"mtm:{self.action}:{job_id}"))
+        super().__init__(
+            discord.ui.Button(
+                label=self.label,
+                emoji=self.emoji,
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"mtm:{self.action}:{job_id}",
+            )
+        )
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str]) -> Self:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> Self:
         return cls(match["job"])
 
 
@@ -104,12 +112,14 @@ class EditCaptionsButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], 
             await answer_error(interaction, error)
             return
         result = parent.result_json or {}  # a kept track is a finished job: it has its result
-        await interaction.response.send_modal(EditCaptionsModal(self.job_id, result["lines"],
-                                                                [(b["start"], b["end"]) for b in result["blocks"]]))
+        await interaction.response.send_modal(
+            EditCaptionsModal(self.job_id, result["lines"], [(b["start"], b["end"]) for b in result["blocks"]])
+        )
 
 
 class PlayButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button], template=rf"mtm:play:{JOB_ID}"):
     """Plays the track in the clicker's voice or stage channel (cogs.player); no job is made."""
+
     action, label, emoji = "play", "Play", "▶️"
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -121,13 +131,19 @@ class RedoSelect(discord.ui.DynamicItem[discord.ui.Select], template=rf"mtm:redo
 
     def __init__(self, job_id: str, starts: Sequence[int] = ()) -> None:
         options = [discord.SelectOption(label=f"Redo from {format_time(t)}", value=str(t)) for t in starts]
-        super().__init__(discord.ui.Select(placeholder="Redo from…", custom_id=f"mtm:redo:{job_id}",
-                                           options=options[:MAX_SELECT_OPTIONS] or [discord.SelectOption(label="-")]))
+        super().__init__(
+            discord.ui.Select(
+                placeholder="Redo from…",
+                custom_id=f"mtm:redo:{job_id}",
+                options=options[:MAX_SELECT_OPTIONS] or [discord.SelectOption(label="-")],
+            )
+        )
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str]) -> Self:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> Self:
         return cls(match["job"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -138,7 +154,10 @@ class RedoSelect(discord.ui.DynamicItem[discord.ui.Select], template=rf"mtm:redo
 class ExtendModal(discord.ui.Modal, title="Extend the track"):
     seconds: discord.ui.TextInput[ExtendModal] = discord.ui.TextInput(
         label=f"Seconds to add ({MIN_EXTEND_SECONDS}–{MAX_EXTEND_SECONDS})",
-        default=str(DEFAULT_EXTEND_SECONDS), min_length=1, max_length=3)
+        default=str(DEFAULT_EXTEND_SECONDS),
+        min_length=1,
+        max_length=3,
+    )
 
     def __init__(self, job_id: str) -> None:
         super().__init__()  # a random custom_id: two people may have this result's modal open at once
@@ -148,16 +167,23 @@ class ExtendModal(discord.ui.Modal, title="Extend the track"):
         seconds = typed_seconds(self.seconds.value)
         if seconds is None:  # the range is Extend's own rule (check_extension), asked before queueing
             text = discord.utils.escape_markdown(self.seconds.value.strip()[:20])
-            await reply_error(interaction, f"Please give a whole number of seconds from {MIN_EXTEND_SECONDS} to "
-                                           f"{MAX_EXTEND_SECONDS}, not “{text}”.")
+            await reply_error(
+                interaction,
+                f"Please give a whole number of seconds from {MIN_EXTEND_SECONDS} to "
+                f"{MAX_EXTEND_SECONDS}, not “{text}”.",
+            )
             return
         await build_on(interaction, self.job_id, JobKind.EXTEND, seconds=seconds)
 
 
 class RemixModal(discord.ui.Modal, title="Remix in another style"):
     instruction: discord.ui.TextInput[RemixModal] = discord.ui.TextInput(
-        label="New instruction", style=discord.TextStyle.paragraph,
-        placeholder="e.g. a cosy jazz carol with sleigh bells", min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+        label="New instruction",
+        style=discord.TextStyle.paragraph,
+        placeholder="e.g. a cosy jazz carol with sleigh bells",
+        min_length=1,
+        max_length=MAX_INSTRUCTION_CHARS,
+    )
 
     def __init__(self, job_id: str) -> None:
         super().__init__()
@@ -175,8 +201,12 @@ class RemixModal(discord.ui.Modal, title="Remix in another style"):
 
 
 class EditCaptionsModal(discord.ui.Modal, title="Edit the captions"):
-    lines: discord.ui.TextInput[EditCaptionsModal] = discord.ui.TextInput(label="One line per block: M:SS–M:SS caption", style=discord.TextStyle.paragraph,
-                                 min_length=1, max_length=MAX_TEXT_INPUT_CHARS)
+    lines: discord.ui.TextInput[EditCaptionsModal] = discord.ui.TextInput(
+        label="One line per block: M:SS–M:SS caption",
+        style=discord.TextStyle.paragraph,
+        min_length=1,
+        max_length=MAX_TEXT_INPUT_CHARS,
+    )
 
     def __init__(self, job_id: str, lines: list[str], ranges: list[tuple[float, float]]) -> None:
         super().__init__()

@@ -18,6 +18,7 @@ extend, remix, redo, edit and midi start from such a DIR. Every command that mak
 
 Exit codes: 0 ok, 2 bad input (one-line reason on stderr), 1 internal error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .core.errors import InputError, ModelUnavailable, MTMError
-from .jobs.job import JobKind
-from .jobs.kinds import KINDS, Request
 from .core.progress import Progress
 from .core.seeds import choose_seed
 from .core.settings import Settings
+from .jobs.job import JobKind
+from .jobs.kinds import KINDS, Request
 
 if TYPE_CHECKING:
     from .core.audio import Audio
@@ -57,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m mtm_bot", description="Music -> Text -> Music")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def options(p: argparse.ArgumentParser, *, device: bool = True, seed: bool = True,
-                as_json: bool = True) -> None:
+    def options(p: argparse.ArgumentParser, *, device: bool = True, seed: bool = True, as_json: bool = True) -> None:
         p.add_argument("--profile", choices=("tiny", "full"), help="model profile (default: MTM_PROFILE or full)")
         if device:
             p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: MTM_DEVICE or auto)")
@@ -69,15 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     def track_output(p: argparse.ArgumentParser) -> None:
         p.add_argument("-o", "--output", type=Path, required=True, help=".wav, .flac, .ogg or .mp3")
-        p.add_argument("--save", type=Path, metavar="DIR",
-                       help="also keep what reroll/extend/remix/redo/midi start from in DIR (created if missing)")
+        p.add_argument(
+            "--save",
+            type=Path,
+            metavar="DIR",
+            help="also keep what reroll/extend/remix/redo/midi start from in DIR (created if missing)",
+        )
 
     compose = commands.add_parser("compose", help="caption, refine and generate a new track")
     compose.add_argument("input", type=Path, nargs="?", help="a music clip (without one: from words alone)")
     compose.add_argument("--image", type=Path, help="a picture (PNG, JPEG, WebP, GIF) for the track to evoke")
     compose.add_argument("-i", "--instruction", required=True)
-    compose.add_argument("--duration", type=int,
-                         help="output seconds (default: the clip rounded up to 10 s, 30 s without a clip)")
+    compose.add_argument(
+        "--duration", type=int, help="output seconds (default: the clip rounded up to 10 s, 30 s without a clip)"
+    )
     track_output(compose)
     options(compose)
 
@@ -92,11 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     remix = derived("remix", "a kept result's clip and length in another style")
     remix.add_argument("-i", "--instruction", required=True)
     redo = derived("redo", "keep a kept result up to a block, generate the rest again")
-    redo.add_argument("--from", dest="start", required=True, metavar="M:SS",
-                      help="where a block starts (M:SS or seconds); everything before it is kept")
+    redo.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        metavar="M:SS",
+        help="where a block starts (M:SS or seconds); everything before it is kept",
+    )
     edit = derived("edit", "a kept result's plan with your captions, one `M:SS–M:SS caption` line per block")
-    edit.add_argument("--captions", type=Path, required=True, metavar="FILE",
-                      help="the result's caption lines (as printed), edited; no captioning, no LLM")
+    edit.add_argument(
+        "--captions",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the result's caption lines (as printed), edited; no captioning, no LLM",
+    )
     for p in (reroll, extend, remix, redo, edit):
         track_output(p)
         options(p)
@@ -113,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     options(caption, seed=False)
 
     commands.add_parser("download", help="fetch the full profile's checkpoints into the Hugging Face cache")
-    worker = commands.add_parser("worker", help="distributed mode: one GPU worker taking the bot's jobs from Redis "
-                                                "(MTM_BROKER_URL)")
+    worker = commands.add_parser(
+        "worker", help="distributed mode: one GPU worker taking the bot's jobs from Redis (MTM_BROKER_URL)"
+    )
     options(worker, seed=False, as_json=False)
     return parser
 
@@ -135,14 +151,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings.from_env()
-    overrides = {k: v for k, v in (("profile", getattr(args, "profile", None)),
-                                   ("device", getattr(args, "device", None))) if v}
+    overrides = {
+        k: v for k, v in (("profile", getattr(args, "profile", None)), ("device", getattr(args, "device", None))) if v
+    }
     settings = dataclasses.replace(settings, **overrides)
     settings.validate()
     return settings
 
 
 # Commands. Each refuses bad input before any model loads. ------------------------------------------
+
 
 def _caption(args: argparse.Namespace, settings: Settings) -> int:
     from .stages.pipeline import Pipeline
@@ -157,6 +175,7 @@ def _caption(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps([dataclasses.asdict(s) for s in segments], ensure_ascii=False, indent=2))
     else:
         from .core.timecode import format_range
+
         for s in segments:
             print(f"{format_range(s.start, s.end)} {s.caption}")
     return EXIT_OK
@@ -182,8 +201,7 @@ def _compose(args: argparse.Namespace, settings: Settings) -> int:
         loads.append("image_captioner")
     pipeline.check_weights(loads)
     with _ProgressBar() as bar:
-        result = pipeline.compose(clip, instruction, duration, seed=args.seed, progress=bar.update,
-                                  image=args.image)
+        result = pipeline.compose(clip, instruction, duration, seed=args.seed, progress=bar.update, image=args.image)
     return _deliver(args, result, instruction, clip, args.input)
 
 
@@ -213,8 +231,11 @@ def _derive(args: argparse.Namespace, settings: Settings) -> int:
         from .stages.pipeline import parse_edited_captions
 
         _check_files(captions)
-        captions = tuple(parse_edited_captions(captions.read_text(encoding="utf-8", errors="replace"),
-                                               [(b.start, b.end) for b in kept.blocks]))
+        captions = tuple(
+            parse_edited_captions(
+                captions.read_text(encoding="utf-8", errors="replace"), [(b.start, b.end) for b in kept.blocks]
+            )
+        )
     request = Request(instruction or kept.instruction, getattr(args, "seconds", None), redo_from, captions)
     # A fixed MTM_SEED gives each command on a kept result its own seed: the kept one would repeat it.
     seed = args.seed if args.seed is not None else choose_seed(settings.seed, f"{args.command} {kept.seed}")
@@ -241,18 +262,21 @@ def _midi(args: argparse.Namespace, settings: Settings) -> int:
     args.output.write_bytes(transcription.midi_bytes())
     count = len(transcription.notes)
     if count:
-        print(f"wrote {args.output} ({count} note{'s' if count > 1 else ''} from {transcription.duration:.1f} s)",
-              file=sys.stderr)
+        print(
+            f"wrote {args.output} ({count} note{'s' if count > 1 else ''} from {transcription.duration:.1f} s)",
+            file=sys.stderr,
+        )
     else:
-        print(f"wrote {args.output}: no notes were found in the track, so the MIDI file holds none",
-              file=sys.stderr)
+        print(f"wrote {args.output}: no notes were found in the track, so the MIDI file holds none", file=sys.stderr)
     return EXIT_OK
 
 
 # Helpers -------------------------------------------------------------------------------------------
 
-def _deliver(args: argparse.Namespace, result: ComposeResult, instruction: str, clip: Audio | None,
-             clip_file: Path | None) -> int:
+
+def _deliver(
+    args: argparse.Namespace, result: ComposeResult, instruction: str, clip: Audio | None, clip_file: Path | None
+) -> int:
     """Write the track, keep it in --save DIR if asked, and report it."""
     from .core.audio import write
 
@@ -261,8 +285,9 @@ def _deliver(args: argparse.Namespace, result: ComposeResult, instruction: str, 
         _save(args.save, result.kept(instruction, clip), clip_file)
     if args.json:
         saved = str(args.save) if args.save is not None else None
-        print(json.dumps({"output": str(args.output), "saved": saved, **result.to_json()}, ensure_ascii=False,
-                         indent=2))
+        print(
+            json.dumps({"output": str(args.output), "saved": saved, **result.to_json()}, ensure_ascii=False, indent=2)
+        )
     else:
         print("\n".join(result.caption_lines()))
         print(f"wrote {args.output} ({result.audio.duration:.1f} s, seed {result.seed})", file=sys.stderr)
@@ -299,8 +324,9 @@ def _check_save_folder(folder: Path | None) -> None:
         raise InputError(f"--save needs a folder, and {folder} is a file.")
     files = KeptFiles.in_folder(folder)
     if files.track.exists() or files.state.exists() or files.clip is not None:
-        raise InputError(f"{folder} already holds a saved result; save into a new or empty folder "
-                         f"(nothing is overwritten).")
+        raise InputError(
+            f"{folder} already holds a saved result; save into a new or empty folder (nothing is overwritten)."
+        )
 
 
 def _saved_result(folder: Path) -> KeptFiles:
@@ -343,16 +369,24 @@ def _download(settings: Settings) -> int:
     from .stages.hub import hub_unreachable
 
     if constants.is_offline_mode():
-        raise ModelUnavailable("Nothing can be downloaded while HF_HUB_OFFLINE is set; unset it and run `download` again.")
+        raise ModelUnavailable(
+            "Nothing can be downloaded while HF_HUB_OFFLINE is set; unset it and run `download` again."
+        )
     if (reason := hub_unreachable()) is not None:  # seconds, not huggingface_hub's half minute of retries
-        raise ModelUnavailable(f"Cannot download the checkpoints: {reason}. `download` needs network access "
-                               f"to the hub (or HF_ENDPOINT set to a mirror).")
+        raise ModelUnavailable(
+            f"Cannot download the checkpoints: {reason}. `download` needs network access "
+            f"to the hub (or HF_ENDPOINT set to a mirror)."
+        )
     from .stages import captioner  # imports torch and transformers: only once there is something to fetch
 
     _fetch(captioner.CHECKPOINT_REPO, captioner.download)
     for repo in (settings.llm_id, settings.musicgen_id, settings.image_captioner_id):
-        _fetch(repo, lambda: snapshot_download(
-            repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]))
+        _fetch(
+            repo,
+            lambda: snapshot_download(
+                repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
+            ),
+        )
     print("all checkpoints are in the Hugging Face cache", file=sys.stderr)
     return EXIT_OK
 
@@ -365,14 +399,18 @@ def _fetch(repo: str, fetch: Callable[[], object]) -> None:
     try:
         fetch()
     except GatedRepoError as err:  # before RepositoryNotFoundError: it is one
-        raise ModelUnavailable(f"{repo} is gated: accept its license at https://huggingface.co/{repo} and log in "
-                               f"with `huggingface-cli login` (or set HF_TOKEN).") from err
+        raise ModelUnavailable(
+            f"{repo} is gated: accept its license at https://huggingface.co/{repo} and log in "
+            f"with `huggingface-cli login` (or set HF_TOKEN)."
+        ) from err
     except RepositoryNotFoundError as err:
-        raise ModelUnavailable(f"There is no repository {repo} on the hub (or it is private and you are not "
-                               f"logged in).") from err
+        raise ModelUnavailable(
+            f"There is no repository {repo} on the hub (or it is private and you are not logged in)."
+        ) from err
     except LocalEntryNotFoundError as err:  # the connection failed after the hub first answered
-        raise ModelUnavailable(f"The download of {repo} failed: the hub stopped answering. Run `download` "
-                               f"again; finished files are kept.") from err
+        raise ModelUnavailable(
+            f"The download of {repo} failed: the hub stopped answering. Run `download` again; finished files are kept."
+        ) from err
     except HfHubHTTPError as err:
         raise ModelUnavailable(f"The download of {repo} failed: {err}") from err
 
@@ -384,7 +422,10 @@ def _worker(settings: Settings) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
-    "compose": _compose, "caption": _caption, "midi": _midi, "download": lambda args, settings: _download(settings),
+    "compose": _compose,
+    "caption": _caption,
+    "midi": _midi,
+    "download": lambda args, settings: _download(settings),
     "worker": lambda args, settings: _worker(settings),
     **{kind.value: _derive for kind, spec in KINDS.items() if spec.derivation is not None},
 }
@@ -402,7 +443,7 @@ class _ProgressBar:
         self._bar = None
         self._key: tuple = ()
 
-    def __enter__(self) -> "_ProgressBar":
+    def __enter__(self) -> _ProgressBar:
         return self
 
     def __exit__(self, *exc) -> None:

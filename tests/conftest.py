@@ -1,4 +1,5 @@
 """Test setup: never touch the network, keep the two CI cores for the tests themselves."""
+
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -9,6 +10,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # end-to-end tests start (inherited through the environment) for the two CI cores.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)

@@ -30,6 +30,7 @@ Interaction semantics modelled after Discord's:
   callback type 8, whose choices must keep Discord's limits (`choices_problem`);
 - synced commands must keep Discord's rules (`command_problem`), or the sync is refused.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,13 +40,12 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import WSMsgType, web
-
 from voice_server import VoiceServer
 
 EPHEMERAL = 1 << 6
@@ -96,7 +96,7 @@ def snowflake() -> int:
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -176,8 +176,9 @@ def _problem_with(component: dict, path: str, in_modal: bool) -> str | None:
             if _length_outside(component["url"], 512):
                 return f"{path}.url: Must be 512 or fewer in length."
         elif style == PREMIUM:
-            if not component.get("sku_id") or any(component.get(k) is not None
-                                                  for k in ("custom_id", "label", "url", "emoji")):
+            if not component.get("sku_id") or any(
+                component.get(k) is not None for k in ("custom_id", "label", "url", "emoji")
+            ):
                 return f"{path}: a premium button has a sku_id and no custom_id, label, url or emoji."
         elif style not in (1, 2, 3, 4):
             return f"{path}.style: unknown button style {style}."
@@ -202,11 +203,15 @@ def _problem_with(component: dict, path: str, in_modal: bool) -> str | None:
             return f"{path}: text inputs belong in modals."
         if style not in (1, 2):
             return f"{path}.style: a text input is short (1) or paragraph (2)."
-        if (_length_outside(component.get("label"), 45) or _length_outside(component.get("placeholder"), 100)
-                or _length_outside(component.get("value"), 4000)):
+        if (
+            _length_outside(component.get("label"), 45)
+            or _length_outside(component.get("placeholder"), 100)
+            or _length_outside(component.get("value"), 4000)
+        ):
             return f"{path}: label at most 45, placeholder at most 100, value at most 4000 characters."
-        if (_number_outside(component.get("min_length"), 0, 4000)
-                or _number_outside(component.get("max_length"), 1, 4000)):
+        if _number_outside(component.get("min_length"), 0, 4000) or _number_outside(
+            component.get("max_length"), 1, 4000
+        ):
             return f"{path}: min_length must be 0 to 4000, max_length 1 to 4000."
     elif kind == LABEL:
         if not in_modal:
@@ -308,8 +313,11 @@ def choices_problem(data: dict) -> str | None:
         return "choices: a list of at most 25 choices."
     for i, choice in enumerate(choices):
         value = choice.get("value")
-        if _length_outside(choice.get("name"), 100, least=1) or value is None or (
-                isinstance(value, str) and _length_outside(value, 100, least=1)):
+        if (
+            _length_outside(choice.get("name"), 100, least=1)
+            or value is None
+            or (isinstance(value, str) and _length_outside(value, 100, least=1))
+        ):
             return f"choices[{i}]: name and a string value must be 1 to 100 characters."
     return None
 
@@ -325,8 +333,15 @@ class FakeUser:
         return f"<@{self.id}>"
 
     def payload(self, bot: bool = False) -> dict:
-        return {"id": str(self.id), "username": self.name, "global_name": self.name, "discriminator": "0",
-                "avatar": None, "bot": bot, "public_flags": 0}
+        return {
+            "id": str(self.id),
+            "username": self.name,
+            "global_name": self.name,
+            "discriminator": "0",
+            "avatar": None,
+            "bot": bot,
+            "public_flags": 0,
+        }
 
 
 @dataclass
@@ -387,19 +402,45 @@ class Message:
         if "components" in body:
             self.components = _numbered(body["components"] or [])
         self.flags |= int(body.get("flags") or 0) & COMPONENTS_V2  # Discord: once set, never removed
-        self.history.append({"content": self.content, "embeds": self.embeds, "flags": self.flags,
-                             "allowed_mentions": self.allowed_mentions, "files": [f.filename for f in self.files],
-                             "components": self.components, "at": time.monotonic()})
+        self.history.append(
+            {
+                "content": self.content,
+                "embeds": self.embeds,
+                "flags": self.flags,
+                "allowed_mentions": self.allowed_mentions,
+                "files": [f.filename for f in self.files],
+                "components": self.components,
+                "at": time.monotonic(),
+            }
+        )
 
     def payload(self, author: dict, base_url: str) -> dict:
         return {
-            "id": str(self.id), "channel_id": str(self.channel_id), "author": author, "type": 0,
-            "content": self.content, "embeds": self.embeds, "flags": self.flags, "timestamp": _now_iso(),
-            "edited_timestamp": None, "tts": False, "mention_everyone": False, "mentions": [],
-            "mention_roles": [], "pinned": False, "components": self.components,
-            "attachments": self.uploads + [
-                {"id": str(i), "filename": f.filename, "size": len(f.data), "content_type": f.content_type,
-                 "url": f"{base_url}/cdn/sent/{self.id}/{i}", "proxy_url": f"{base_url}/cdn/sent/{self.id}/{i}"}
+            "id": str(self.id),
+            "channel_id": str(self.channel_id),
+            "author": author,
+            "type": 0,
+            "content": self.content,
+            "embeds": self.embeds,
+            "flags": self.flags,
+            "timestamp": _now_iso(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "pinned": False,
+            "components": self.components,
+            "attachments": self.uploads
+            + [
+                {
+                    "id": str(i),
+                    "filename": f.filename,
+                    "size": len(f.data),
+                    "content_type": f.content_type,
+                    "url": f"{base_url}/cdn/sent/{self.id}/{i}",
+                    "proxy_url": f"{base_url}/cdn/sent/{self.id}/{i}",
+                }
                 for i, f in enumerate(self.files)
             ],
         }
@@ -427,7 +468,7 @@ class Modal:
     components: list[dict]  # as sent (numbered): a submission mirrors their layout
 
     @classmethod
-    def from_payload(cls, data: dict) -> "Modal":
+    def from_payload(cls, data: dict) -> Modal:
         components = _numbered(data["components"])
         inputs = []
         for component in components:
@@ -438,31 +479,47 @@ class Modal:
                 text_input, label = component["component"], component["label"]
             else:
                 continue  # text display
-            inputs.append(ModalInput(text_input["custom_id"], label, text_input.get("value") or "",
-                                     text_input.get("required", True), text_input.get("min_length") or 0,
-                                     text_input.get("max_length") or 4000))
+            inputs.append(
+                ModalInput(
+                    text_input["custom_id"],
+                    label,
+                    text_input.get("value") or "",
+                    text_input.get("required", True),
+                    text_input.get("min_length") or 0,
+                    text_input.get("max_length") or 4000,
+                )
+            )
         return cls(data["custom_id"], data["title"], inputs, components)
 
     def input(self, key: str) -> ModalInput:
         """The input with this custom_id, else the one with this label."""
         found = next((i for i in self.inputs if i.custom_id == key), None) or next(
-            (i for i in self.inputs if i.label == key), None)
+            (i for i in self.inputs if i.label == key), None
+        )
         if found is None:
-            raise AssertionError(f"modal {self.title!r} has no input {key!r}; its inputs: "
-                                 f"{[(i.label, i.custom_id) for i in self.inputs]}")
+            raise AssertionError(
+                f"modal {self.title!r} has no input {key!r}; its inputs: "
+                f"{[(i.label, i.custom_id) for i in self.inputs]}"
+            )
         return found
 
     def submission(self, values: dict[str, str]) -> list[dict]:
         """A MODAL_SUBMIT's components as Discord sends them: the modal's rows or labels, each input with its value."""
+
         def answer(text_input: dict) -> dict:
-            return {"type": TEXT_INPUT, "id": text_input["id"], "custom_id": text_input["custom_id"],
-                    "value": values[text_input["custom_id"]]}
+            return {
+                "type": TEXT_INPUT,
+                "id": text_input["id"],
+                "custom_id": text_input["custom_id"],
+                "value": values[text_input["custom_id"]],
+            }
 
         submitted = []
         for component in self.components:
             if component["type"] == ACTION_ROW:
-                submitted.append({"type": ACTION_ROW, "id": component["id"],
-                                  "components": [answer(component["components"][0])]})
+                submitted.append(
+                    {"type": ACTION_ROW, "id": component["id"], "components": [answer(component["components"][0])]}
+                )
             elif component["type"] == LABEL:
                 submitted.append({"type": LABEL, "id": component["id"], "component": answer(component["component"])})
             else:
@@ -535,7 +592,7 @@ class DiscordEmulator:
         self.base_url = ""
 
     # ----------------------------------------------------------------------------- lifecycle
-    async def start(self, port: int = 0) -> "DiscordEmulator":
+    async def start(self, port: int = 0) -> DiscordEmulator:
         """Serve on 127.0.0.1:`port` (0: any free port)."""
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._notify_after])
         r = app.router
@@ -585,8 +642,12 @@ class DiscordEmulator:
 
     def env(self, token: str = "emulator-token") -> dict[str, str]:
         """The environment variables that point a bot at this emulator."""
-        return {"DISCORD_TOKEN": token, "DISCORD_API_BASE": self.api_base,
-                "DISCORD_GATEWAY_URL": self.gateway_url, "MTM_GUILD_ID": str(self.guild_id)}
+        return {
+            "DISCORD_TOKEN": token,
+            "DISCORD_API_BASE": self.api_base,
+            "DISCORD_GATEWAY_URL": self.gateway_url,
+            "MTM_GUILD_ID": str(self.guild_id),
+        }
 
     # ----------------------------------------------------------------------------- test API
     def user(self, name: str, manage_guild: bool = False) -> FakeUser:
@@ -603,10 +664,21 @@ class DiscordEmulator:
         Call before the bot connects: it is part of the guild the bot receives."""
         channel_id = snowflake()
         overwrites = [{"id": str(self.bot_role_id), "type": 0, "allow": "0", "deny": str(deny_bot)}] if deny_bot else []
-        self.voice_channels.append({"id": str(channel_id), "type": STAGE_CHANNEL if stage else VOICE_CHANNEL,
-                                    "name": name, "position": len(self.voice_channels) + 1, "guild_id": str(self.guild_id),
-                                    "permission_overwrites": overwrites, "nsfw": False, "parent_id": None,
-                                    "bitrate": 64000, "user_limit": 0, "rtc_region": None})
+        self.voice_channels.append(
+            {
+                "id": str(channel_id),
+                "type": STAGE_CHANNEL if stage else VOICE_CHANNEL,
+                "name": name,
+                "position": len(self.voice_channels) + 1,
+                "guild_id": str(self.guild_id),
+                "permission_overwrites": overwrites,
+                "nsfw": False,
+                "parent_id": None,
+                "bitrate": 64000,
+                "user_limit": 0,
+                "rtc_region": None,
+            }
+        )
         return channel_id
 
     def is_stage(self, channel_id: int | str | None) -> bool:
@@ -629,20 +701,29 @@ class DiscordEmulator:
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
         """Wait until `predicate()` is truthy (re-checked whenever the emulator records something)."""
+
         async def check() -> Any:
             async with self._changed:
                 while not (value := predicate()):
                     await self._changed.wait()
                 return value
+
         try:
             return await asyncio.wait_for(check(), timeout)
         except TimeoutError:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
 
-    async def slash(self, user: FakeUser, command: str, options: dict[str, Any] | None = None,
-                    attachment: tuple[bytes, str, str | None] | None = None, declared_size: int | None = None,
-                    attachment_size_limit: int | None = None,
-                    attachments: dict[str, tuple] | None = None, guild_id: int | None = None) -> Interaction:
+    async def slash(
+        self,
+        user: FakeUser,
+        command: str,
+        options: dict[str, Any] | None = None,
+        attachment: tuple[bytes, str, str | None] | None = None,
+        declared_size: int | None = None,
+        attachment_size_limit: int | None = None,
+        attachments: dict[str, tuple] | None = None,
+        guild_id: int | None = None,
+    ) -> Interaction:
         """Dispatch a slash command as if `user` ran it; `attachment` = (bytes, filename, content_type)
         becomes the `audio` option, served from this emulator's CDN (with `declared_size` if given).
         `attachments` adds attachment options by name: (bytes, filename, content_type[, declared_size]).
@@ -660,51 +741,103 @@ class DiscordEmulator:
         option_list = []
         for name, value in options.items():
             kind = OPTION_ATTACHMENT if name in files else OPTION_INTEGER if isinstance(value, int) else OPTION_STRING
-            option_list.append({"name": name, "type": kind, "value": str(value) if kind == OPTION_ATTACHMENT else value})
+            option_list.append(
+                {"name": name, "type": kind, "value": str(value) if kind == OPTION_ATTACHMENT else value}
+            )
         registered = self._synced(command)
         interaction = self._open_interaction(user, APPLICATION_COMMAND, command, attachment_size_limit)
         guild = str(self.guild_id if guild_id is None else guild_id)
-        await self._dispatch_interaction(interaction, {"id": registered["id"], "name": command, "type": CHAT_INPUT,
-                                                       "options": option_list, "resolved": resolved, "guild_id": guild},
-                                         guild)
+        await self._dispatch_interaction(
+            interaction,
+            {
+                "id": registered["id"],
+                "name": command,
+                "type": CHAT_INPUT,
+                "options": option_list,
+                "resolved": resolved,
+                "guild_id": guild,
+            },
+            guild,
+        )
         return interaction
 
-    async def autocomplete(self, user: FakeUser, command: str, option: str, typed: str,
-                           options: dict[str, Any] | None = None, guild_id: int | None = None) -> list[dict]:
+    async def autocomplete(
+        self,
+        user: FakeUser,
+        command: str,
+        option: str,
+        typed: str,
+        options: dict[str, Any] | None = None,
+        guild_id: int | None = None,
+    ) -> list[dict]:
         """`user` types `typed` into `option` of /`command` (string and integer `options` already filled in) in
         this guild or in `guild_id`; returns the choices the bot answered with (Discord waits 3 s for them)."""
         registered = self._synced(command)
         declared = next((o for o in registered.get("options", []) if o["name"] == option), None)
         if declared is None or not declared.get("autocomplete"):
             raise AssertionError(f"/{command}'s option {option!r} does not autocomplete; Discord sends nothing")
-        filled = [{"name": name, "type": OPTION_INTEGER if isinstance(value, int) else OPTION_STRING, "value": value}
-                  for name, value in (options or {}).items()]
+        filled = [
+            {"name": name, "type": OPTION_INTEGER if isinstance(value, int) else OPTION_STRING, "value": value}
+            for name, value in (options or {}).items()
+        ]
         interaction = self._open_interaction(user, APPLICATION_COMMAND_AUTOCOMPLETE, command)
         guild = str(self.guild_id if guild_id is None else guild_id)
         focused = {"name": option, "type": declared["type"], "value": typed, "focused": True}
-        await self._dispatch_interaction(interaction, {"id": registered["id"], "name": command, "type": CHAT_INPUT,
-                                                       "options": [*filled, focused], "guild_id": guild}, guild)
+        await self._dispatch_interaction(
+            interaction,
+            {
+                "id": registered["id"],
+                "name": command,
+                "type": CHAT_INPUT,
+                "options": [*filled, focused],
+                "guild_id": guild,
+            },
+            guild,
+        )
         refused = len(self.refused)
-        await self.wait_for(lambda: interaction.callback_type is not None or len(self.refused) > refused, 3.0,
-                            f"suggestions for /{command} {option}")
-        assert not interaction.callback_errors and len(self.refused) == refused, (interaction.callback_errors,
-                                                                                  self.refused[refused:])
+        await self.wait_for(
+            lambda: interaction.callback_type is not None or len(self.refused) > refused,
+            3.0,
+            f"suggestions for /{command} {option}",
+        )
+        assert not interaction.callback_errors and len(self.refused) == refused, (
+            interaction.callback_errors,
+            self.refused[refused:],
+        )
         return interaction.choices
 
-    def post_message(self, user: FakeUser, content: str = "", attachments: list[tuple[bytes, str, str | None]] = (),
-                     flags: int = 0, **attachment_fields: Any) -> Message:
+    def post_message(
+        self,
+        user: FakeUser,
+        content: str = "",
+        attachments: list[tuple[bytes, str, str | None]] = (),
+        flags: int = 0,
+        **attachment_fields: Any,
+    ) -> Message:
         """`user` posts a message in the channel; its `attachments` (bytes, filename, content_type) are served from
         the CDN, each described with `attachment_fields` too (a voice message's duration_secs and waveform)."""
-        message = Message(snowflake(), self.channel_id, "user", content=content, flags=flags, author=user,
-                          uploads=[self._upload(*attachment, **attachment_fields) for attachment in attachments])
+        message = Message(
+            snowflake(),
+            self.channel_id,
+            "user",
+            content=content,
+            flags=flags,
+            author=user,
+            uploads=[self._upload(*attachment, **attachment_fields) for attachment in attachments],
+        )
         self.messages.append(message)
         return message
 
     def post_voice_message(self, user: FakeUser, ogg: bytes, duration_secs: float, waveform: bytes) -> Message:
         """A voice message as Discord's apps send it: no text, one `voice-message.ogg` (OGG/Opus, audio/ogg)
         with its length and its waveform (one amplitude byte per sample, base64), flag IS_VOICE_MESSAGE."""
-        return self.post_message(user, attachments=[(ogg, "voice-message.ogg", "audio/ogg")], flags=IS_VOICE_MESSAGE,
-                                 duration_secs=duration_secs, waveform=base64.b64encode(waveform).decode())
+        return self.post_message(
+            user,
+            attachments=[(ogg, "voice-message.ogg", "audio/ogg")],
+            flags=IS_VOICE_MESSAGE,
+            duration_secs=duration_secs,
+            waveform=base64.b64encode(waveform).decode(),
+        )
 
     async def context_menu(self, user: FakeUser, message: Message, name: str) -> Interaction:
         """`user` runs the message command `name` (Apps → name) on `message`."""
@@ -712,9 +845,17 @@ class DiscordEmulator:
         author = message.author.payload() if message.author else self.bot_user.payload(bot=True)
         interaction = self._open_interaction(user, APPLICATION_COMMAND, name)
         target = str(message.id)
-        await self._dispatch_interaction(interaction, {
-            "id": registered["id"], "name": name, "type": MESSAGE_COMMAND, "target_id": target,
-            "resolved": {"messages": {target: message.payload(author, self.base_url)}}, "guild_id": str(self.guild_id)})
+        await self._dispatch_interaction(
+            interaction,
+            {
+                "id": registered["id"],
+                "name": name,
+                "type": MESSAGE_COMMAND,
+                "target_id": target,
+                "resolved": {"messages": {target: message.payload(author, self.base_url)}},
+                "guild_id": str(self.guild_id),
+            },
+        )
         return interaction
 
     async def click(self, user: FakeUser, message: Message, label: str) -> Interaction:
@@ -722,42 +863,58 @@ class DiscordEmulator:
         buttons = [c for _, c in walk_components(message.components) if c["type"] == BUTTON]
         matching = [b for b in buttons if label in (b.get("label") or "")]
         if len(matching) != 1:
-            raise AssertionError(f"{'no' if not matching else 'more than one'} button labelled with {label!r} on "
-                                 f"message {message.id}; its buttons: {[b.get('label') for b in buttons]}")
+            raise AssertionError(
+                f"{'no' if not matching else 'more than one'} button labelled with {label!r} on "
+                f"message {message.id}; its buttons: {[b.get('label') for b in buttons]}"
+            )
         (button,) = matching
         if button.get("style") in (LINK, PREMIUM):
-            raise AssertionError(f"button {button.get('label')!r} opens a link or a purchase: "
-                                 "the bot gets no interaction")
-        return await self._use_component(user, message, button, {"custom_id": button["custom_id"],
-                                                                  "component_type": BUTTON, "id": button["id"]})
+            raise AssertionError(
+                f"button {button.get('label')!r} opens a link or a purchase: the bot gets no interaction"
+            )
+        return await self._use_component(
+            user, message, button, {"custom_id": button["custom_id"], "component_type": BUTTON, "id": button["id"]}
+        )
 
     async def choose(self, user: FakeUser, message: Message, value: str, placeholder: str | None = None) -> Interaction:
         """`user` picks the option with this value in a select on `message` (the one whose placeholder contains
         `placeholder`, if given)."""
-        selects = [c for _, c in walk_components(message.components) if c["type"] == STRING_SELECT
-                   and (placeholder is None or placeholder in (c.get("placeholder") or ""))]
+        selects = [
+            c
+            for _, c in walk_components(message.components)
+            if c["type"] == STRING_SELECT and (placeholder is None or placeholder in (c.get("placeholder") or ""))
+        ]
         matching = [s for s in selects if any(o.get("value") == value for o in s["options"])]
         if len(matching) != 1:
             offered = {s.get("placeholder"): [o.get("value") for o in s["options"]] for s in selects}
-            raise AssertionError(f"{'no' if not matching else 'more than one'} select offers {value!r} on message "
-                                 f"{message.id} (placeholder {placeholder!r}); its selects offer: {offered}")
+            raise AssertionError(
+                f"{'no' if not matching else 'more than one'} select offers {value!r} on message "
+                f"{message.id} (placeholder {placeholder!r}); its selects offer: {offered}"
+            )
         (select,) = matching
         if select.get("min_values", 1) > 1:
             raise AssertionError(f"select {select.get('placeholder')!r} wants at least {select['min_values']} values")
-        return await self._use_component(user, message, select, {"custom_id": select["custom_id"],
-                                                                  "component_type": STRING_SELECT, "id": select["id"],
-                                                                  "values": [value]})
+        return await self._use_component(
+            user,
+            message,
+            select,
+            {"custom_id": select["custom_id"], "component_type": STRING_SELECT, "id": select["id"], "values": [value]},
+        )
 
     async def submit_modal(self, user: FakeUser, interaction: Interaction, values: dict[str, str]) -> Interaction:
         """`user` submits the modal the bot answered `interaction` with; `values` by input label or custom_id,
         inputs not given keep their prefilled text. Waits for the bot's answer (Discord waits 3 s for it)."""
         if interaction.callback_type is None:
             left = max(0.0, interaction.dispatched_at + 3.0 - time.monotonic())
-            await self.wait_for(lambda: interaction.callback_type is not None, left, f"the answer to {interaction.command}")
+            await self.wait_for(
+                lambda: interaction.callback_type is not None, left, f"the answer to {interaction.command}"
+            )
         modal = interaction.modal
         if modal is None:
-            raise AssertionError(f"the bot answered interaction {interaction.id} ({interaction.command}) with "
-                                 f"callback type {interaction.callback_type}, not with a modal")
+            raise AssertionError(
+                f"the bot answered interaction {interaction.id} ({interaction.command}) with "
+                f"callback type {interaction.callback_type}, not with a modal"
+            )
         if user != interaction.user:
             raise AssertionError(f"modal {modal.title!r} was shown to {interaction.user.name}, not to {user.name}")
         answers = {text_input.custom_id: text_input.value for text_input in modal.inputs}
@@ -767,11 +924,14 @@ class DiscordEmulator:
             if text_input.required and not answer:
                 raise AssertionError(f"modal {modal.title!r}: {text_input.label!r} is required")
             if answer and not text_input.min_length <= len(answer) <= text_input.max_length:
-                raise AssertionError(f"modal {modal.title!r}: {text_input.label!r} takes {text_input.min_length} to "
-                                     f"{text_input.max_length} characters, got {len(answer)}")
+                raise AssertionError(
+                    f"modal {modal.title!r}: {text_input.label!r} takes {text_input.min_length} to "
+                    f"{text_input.max_length} characters, got {len(answer)}"
+                )
         submitted = self._open_interaction(user, MODAL_SUBMIT, modal.custom_id, message=interaction.message)
-        await self._dispatch_interaction(submitted, {"custom_id": modal.custom_id,
-                                                     "components": modal.submission(answers)})
+        await self._dispatch_interaction(
+            submitted, {"custom_id": modal.custom_id, "components": modal.submission(answers)}
+        )
         return submitted
 
     async def dispatch(self, event: str, data: dict) -> None:
@@ -786,32 +946,57 @@ class DiscordEmulator:
     # ----------------------------------------------------------------------------- internals
     def _synced(self, name: str, kind: int = CHAT_INPUT) -> dict:
         """The command of this name and type the bot synced, to the emulated guild or globally."""
-        synced = [c for c in self.commands.get(str(self.guild_id), []) + self.commands.get("global", [])
-                  if c["type"] == kind]
+        synced = [
+            c for c in self.commands.get(str(self.guild_id), []) + self.commands.get("global", []) if c["type"] == kind
+        ]
         found = next((c for c in synced if c["name"] == name), None)
         if found is None:
-            raise AssertionError(f"{name!r} (type {kind}) was never synced; synced: {sorted(c['name'] for c in synced)}")
+            raise AssertionError(
+                f"{name!r} (type {kind}) was never synced; synced: {sorted(c['name'] for c in synced)}"
+            )
         return found
 
-    def _upload(self, data: bytes, filename: str, content_type: str | None, declared_size: int | None = None,
-                **fields: Any) -> dict:
+    def _upload(
+        self, data: bytes, filename: str, content_type: str | None, declared_size: int | None = None, **fields: Any
+    ) -> dict:
         """Put a user's file on the CDN; its attachment object as Discord sends it (with `declared_size`, if given)."""
         key = str(snowflake())
         self.cdn_files[key] = (data, content_type)
         url = f"{self.base_url}/cdn/attachments/{key}/{filename}"
-        meta = {"id": key, "filename": filename, "size": len(data) if declared_size is None else declared_size,
-                "url": url, "proxy_url": url, **fields}
+        meta = {
+            "id": key,
+            "filename": filename,
+            "size": len(data) if declared_size is None else declared_size,
+            "url": url,
+            "proxy_url": url,
+            **fields,
+        }
         if content_type is not None:
             meta["content_type"] = content_type
         return meta
 
-    def _open_interaction(self, user: FakeUser, kind: int, command: str, attachment_size_limit: int | None = None,
-                          message: Message | None = None) -> Interaction:
+    def _open_interaction(
+        self,
+        user: FakeUser,
+        kind: int,
+        command: str,
+        attachment_size_limit: int | None = None,
+        message: Message | None = None,
+    ) -> Interaction:
         if not self._sockets:
             raise AssertionError("the bot is not connected to the gateway")
         limit = self.attachment_size_limit if attachment_size_limit is None else attachment_size_limit
-        interaction = Interaction(snowflake(), f"itoken-{snowflake()}", user, self.channel_id, command,
-                                  time.monotonic(), limit, type=kind, message=message)
+        interaction = Interaction(
+            snowflake(),
+            f"itoken-{snowflake()}",
+            user,
+            self.channel_id,
+            command,
+            time.monotonic(),
+            limit,
+            type=kind,
+            message=message,
+        )
         self.interactions[interaction.id] = interaction
         return interaction
 
@@ -820,14 +1005,30 @@ class DiscordEmulator:
         guild = guild or str(self.guild_id)
         permissions = MEMBER_PERMISSIONS | (MANAGE_GUILD if interaction.user.manage_guild else 0)
         payload = {
-            "id": str(interaction.id), "application_id": str(self.application_id), "type": interaction.type,
-            "token": interaction.token, "version": 1, "guild_id": guild,
-            "channel_id": str(interaction.channel_id), "channel": {**self._channel_payload(), "guild_id": guild},
-            "member": {"user": interaction.user.payload(), "roles": [], "joined_at": _now_iso(), "deaf": False,
-                       "mute": False, "flags": 0, "permissions": str(permissions)},
+            "id": str(interaction.id),
+            "application_id": str(self.application_id),
+            "type": interaction.type,
+            "token": interaction.token,
+            "version": 1,
+            "guild_id": guild,
+            "channel_id": str(interaction.channel_id),
+            "channel": {**self._channel_payload(), "guild_id": guild},
+            "member": {
+                "user": interaction.user.payload(),
+                "roles": [],
+                "joined_at": _now_iso(),
+                "deaf": False,
+                "mute": False,
+                "flags": 0,
+                "permissions": str(permissions),
+            },
             "data": data,
-            "app_permissions": str(MEMBER_PERMISSIONS), "locale": "en-US", "guild_locale": "en-US",
-            "entitlements": [], "authorizing_integration_owners": {"0": guild}, "context": 0,
+            "app_permissions": str(MEMBER_PERMISSIONS),
+            "locale": "en-US",
+            "guild_locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": guild},
+            "context": 0,
             "attachment_size_limit": interaction.attachment_size_limit,
         }
         if interaction.message is not None:
@@ -860,50 +1061,128 @@ class DiscordEmulator:
             await self._notify()
 
     def _channel_payload(self) -> dict:
-        return {"id": str(self.channel_id), "type": 0, "name": "music", "position": 0, "guild_id": str(self.guild_id),
-                "permission_overwrites": [], "nsfw": False, "parent_id": None}
+        return {
+            "id": str(self.channel_id),
+            "type": 0,
+            "name": "music",
+            "position": 0,
+            "guild_id": str(self.guild_id),
+            "permission_overwrites": [],
+            "nsfw": False,
+            "parent_id": None,
+        }
 
     def _guild_payload(self) -> dict:
         return {
-            "id": str(self.guild_id), "name": "Emulated Guild", "icon": None, "owner_id": str(snowflake()),
-            "roles": [{"id": str(self.guild_id), "name": "@everyone", "permissions": str(MEMBER_PERMISSIONS),
-                       "position": 0, "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0},
-                      {"id": str(self.bot_role_id), "name": "MTM Bot", "permissions": str(BOT_PERMISSIONS),
-                       "position": 1, "color": 0, "hoist": False, "managed": True, "mentionable": False, "flags": 0}],
-            "channels": [self._channel_payload(), *self.voice_channels], "threads": [], "emojis": [], "stickers": [],
+            "id": str(self.guild_id),
+            "name": "Emulated Guild",
+            "icon": None,
+            "owner_id": str(snowflake()),
+            "roles": [
+                {
+                    "id": str(self.guild_id),
+                    "name": "@everyone",
+                    "permissions": str(MEMBER_PERMISSIONS),
+                    "position": 0,
+                    "color": 0,
+                    "hoist": False,
+                    "managed": False,
+                    "mentionable": False,
+                    "flags": 0,
+                },
+                {
+                    "id": str(self.bot_role_id),
+                    "name": "MTM Bot",
+                    "permissions": str(BOT_PERMISSIONS),
+                    "position": 1,
+                    "color": 0,
+                    "hoist": False,
+                    "managed": True,
+                    "mentionable": False,
+                    "flags": 0,
+                },
+            ],
+            "channels": [self._channel_payload(), *self.voice_channels],
+            "threads": [],
+            "emojis": [],
+            "stickers": [],
             "features": [],
-            "members": [{"user": self.bot_user.payload(bot=True), "roles": [str(self.bot_role_id)],
-                         "joined_at": _now_iso(), "deaf": False, "mute": False, "flags": 0}],
-            "member_count": 2, "voice_states": list(self.voice_states.values()), "presences": [], "large": False, "unavailable": False,
-            "joined_at": _now_iso(), "premium_tier": 0, "preferred_locale": "en-US", "verification_level": 0,
-            "default_message_notifications": 0, "explicit_content_filter": 0, "mfa_level": 0, "nsfw_level": 0,
-            "system_channel_flags": 0, "afk_timeout": 300,
+            "members": [
+                {
+                    "user": self.bot_user.payload(bot=True),
+                    "roles": [str(self.bot_role_id)],
+                    "joined_at": _now_iso(),
+                    "deaf": False,
+                    "mute": False,
+                    "flags": 0,
+                }
+            ],
+            "member_count": 2,
+            "voice_states": list(self.voice_states.values()),
+            "presences": [],
+            "large": False,
+            "unavailable": False,
+            "joined_at": _now_iso(),
+            "premium_tier": 0,
+            "preferred_locale": "en-US",
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "nsfw_level": 0,
+            "system_channel_flags": 0,
+            "afk_timeout": 300,
         }
 
     def _voice_state(self, user: FakeUser, channel_id: int | None, session_id: str, **flags) -> dict:
-        member = {"user": user.payload(bot=user == self.bot_user), "joined_at": _now_iso(), "deaf": False,
-                  "mute": False, "flags": 0, "roles": [str(self.bot_role_id)] if user == self.bot_user else []}
-        return {"guild_id": str(self.guild_id), "channel_id": None if channel_id is None else str(channel_id),
-                "user_id": str(user.id), "session_id": session_id, "deaf": False, "mute": False,
-                "self_deaf": False, "self_mute": False, "self_video": False, "suppress": self.is_stage(channel_id),
-                "request_to_speak_timestamp": None, "member": member, **flags}
+        member = {
+            "user": user.payload(bot=user == self.bot_user),
+            "joined_at": _now_iso(),
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "roles": [str(self.bot_role_id)] if user == self.bot_user else [],
+        }
+        return {
+            "guild_id": str(self.guild_id),
+            "channel_id": None if channel_id is None else str(channel_id),
+            "user_id": str(user.id),
+            "session_id": session_id,
+            "deaf": False,
+            "mute": False,
+            "self_deaf": False,
+            "self_mute": False,
+            "self_video": False,
+            "suppress": self.is_stage(channel_id),
+            "request_to_speak_timestamp": None,
+            "member": member,
+            **flags,
+        }
 
     async def _bot_voice(self, data: dict) -> None:
         """Discord's answer to gateway op 4: the bot's new voice state, and where its voice server is."""
         self.voice_gateway.append(data)
         channel_id = data.get("channel_id")
-        state = self._voice_state(self.bot_user, channel_id, self.session_id, self_deaf=bool(data.get("self_deaf")),
-                                  self_mute=bool(data.get("self_mute")))
+        state = self._voice_state(
+            self.bot_user,
+            channel_id,
+            self.session_id,
+            self_deaf=bool(data.get("self_deaf")),
+            self_mute=bool(data.get("self_mute")),
+        )
         if channel_id is None:
             self.voice_states.pop(self.bot_user.id, None)
         else:
             self.voice_states[self.bot_user.id] = state
         await self.dispatch("VOICE_STATE_UPDATE", state)
         if channel_id is not None and self.voice_server is not None:
-            session = self.voice_server.open_session(self.guild_id, int(channel_id), self.bot_user.id, self.session_id,
-                                                     dave=not self.is_stage(channel_id))
-            await self.dispatch("VOICE_SERVER_UPDATE", {"token": session.token, "guild_id": str(self.guild_id),
-                                                        "endpoint": self.voice_server.endpoint})
+            session = self.voice_server.open_session(
+                self.guild_id, int(channel_id), self.bot_user.id, self.session_id, dave=not self.is_stage(channel_id)
+            )
+            await self.dispatch(
+                "VOICE_SERVER_UPDATE",
+                {"token": session.token, "guild_id": str(self.guild_id), "endpoint": self.voice_server.endpoint},
+            )
 
     async def _patch_my_voice_state(self, request: web.Request) -> web.Response:
         """The bot un-suppresses itself on a stage (or asks to speak): recorded, applied, announced."""
@@ -925,21 +1204,41 @@ class DiscordEmulator:
         return _json({"url": self.gateway_url})
 
     async def _get_gateway_bot(self, request: web.Request) -> web.Response:
-        return _json({"url": self.gateway_url, "shards": 1,
-                      "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}})
+        return _json(
+            {
+                "url": self.gateway_url,
+                "shards": 1,
+                "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1},
+            }
+        )
 
     async def _get_me(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization", "")
-        if not auth.startswith("Bot ") or len(auth) <= 4 or (
-                self.valid_token is not None and auth != f"Bot {self.valid_token}"):
+        if (
+            not auth.startswith("Bot ")
+            or len(auth) <= 4
+            or (self.valid_token is not None and auth != f"Bot {self.valid_token}")
+        ):
             return _json({"message": "401: Unauthorized", "code": 0}, 401)
         self.token = auth.removeprefix("Bot ")
         return _json(self.bot_user.payload(bot=True))
 
     async def _get_application(self, request: web.Request) -> web.Response:
-        return _json({"id": str(self.application_id), "name": "MTM Bot", "description": "", "icon": None,
-                      "bot_public": False, "bot_require_code_grant": False, "verify_key": "0" * 64, "flags": 0,
-                      "owner": FakeUser(snowflake(), "owner").payload(), "team": None, "summary": ""})
+        return _json(
+            {
+                "id": str(self.application_id),
+                "name": "MTM Bot",
+                "description": "",
+                "icon": None,
+                "bot_public": False,
+                "bot_require_code_grant": False,
+                "verify_key": "0" * 64,
+                "flags": 0,
+                "owner": FakeUser(snowflake(), "owner").payload(),
+                "team": None,
+                "summary": "",
+            }
+        )
 
     async def _commands(self, request: web.Request) -> web.Response:
         if not self._authorised(request):
@@ -951,9 +1250,16 @@ class DiscordEmulator:
             self._refuse(next(filter(None, (command_problem(c, f"[{i}]") for i, c in enumerate(synced))), None))
             for command in synced:
                 # Discord answers with every field: a context menu's description is "".
-                commands.append({"description": "", **command, "id": str(snowflake()),
-                                 "application_id": str(self.application_id), "version": str(snowflake()),
-                                 "type": command.get("type", CHAT_INPUT)})
+                commands.append(
+                    {
+                        "description": "",
+                        **command,
+                        "id": str(snowflake()),
+                        "application_id": str(self.application_id),
+                        "version": str(snowflake()),
+                        "type": command.get("type", CHAT_INPUT),
+                    }
+                )
             self.commands[scope] = commands
         return _json(self.commands.get(scope, []))
 
@@ -992,10 +1298,15 @@ class DiscordEmulator:
     async def _send_ready(self, ws: web.WebSocketResponse) -> None:
         self.session_id = f"session-{snowflake()}"
         ready = {
-            "v": 10, "user": self.bot_user.payload(bot=True), "session_id": self.session_id,
-            "resume_gateway_url": self.gateway_url, "guilds": [{"id": str(self.guild_id), "unavailable": True}],
-            "application": {"id": str(self.application_id), "flags": 0}, "private_channels": [],
-            "relationships": [], "shard": [0, 1],
+            "v": 10,
+            "user": self.bot_user.payload(bot=True),
+            "session_id": self.session_id,
+            "resume_gateway_url": self.gateway_url,
+            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "application": {"id": str(self.application_id), "flags": 0},
+            "private_channels": [],
+            "relationships": [],
+            "shard": [0, 1],
         }
         await ws.send_str(json.dumps({"op": 0, "t": "READY", "s": next(self._seq), "d": ready}))
         await ws.send_str(json.dumps({"op": 0, "t": "GUILD_CREATE", "s": next(self._seq), "d": self._guild_payload()}))
@@ -1027,11 +1338,20 @@ class DiscordEmulator:
         total = 0
         for embed in embeds:
             fields = embed.get("fields", [])
-            texts = [embed.get("title", ""), embed.get("description", ""), embed.get("footer", {}).get("text", ""),
-                     *(f.get("name", "") for f in fields), *(f.get("value", "") for f in fields)]
+            texts = [
+                embed.get("title", ""),
+                embed.get("description", ""),
+                embed.get("footer", {}).get("text", ""),
+                *(f.get("name", "") for f in fields),
+                *(f.get("value", "") for f in fields),
+            ]
             total += sum(len(t) for t in texts)
-            if (len(embed.get("title", "")) > 256 or len(embed.get("description", "")) > 4096 or len(fields) > 25
-                    or any(len(f.get("name", "")) > 256 or len(f.get("value", "")) > 1024 for f in fields)):
+            if (
+                len(embed.get("title", "")) > 256
+                or len(embed.get("description", "")) > 4096
+                or len(fields) > 25
+                or any(len(f.get("name", "")) > 256 or len(f.get("value", "")) > 1024 for f in fields)
+            ):
                 return "embeds: an embed is over its size limits."
         return "embeds: Embed size exceeds maximum size of 6000" if total > 6000 else None
 
@@ -1039,20 +1359,28 @@ class DiscordEmulator:
         """Answer 400 Invalid Form Body naming `reason`, if there is one."""
         if reason is not None:
             self.refused.append(reason)
-            raise web.HTTPBadRequest(body=json.dumps(_invalid_form_body(reason)).encode(),
-                                     headers={"Content-Type": "application/json"})
+            raise web.HTTPBadRequest(
+                body=json.dumps(_invalid_form_body(reason)).encode(), headers={"Content-Type": "application/json"}
+            )
 
     def _check_message(self, body: dict, flags: int = 0) -> None:
         """Refuse a message (or an edit of one whose flags are `flags`) that breaks Discord's rules."""
         flags |= int(body.get("flags") or 0)
         components_only = flags & COMPONENTS_V2 and (body.get("content") or body.get("embeds"))
-        self._refuse(self._too_big(body) or component_problem(body.get("components"), flags) or (
-            "content: a message flagged IS_COMPONENTS_V2 holds no content or embeds." if components_only else None))
+        self._refuse(
+            self._too_big(body)
+            or component_problem(body.get("components"), flags)
+            or ("content: a message flagged IS_COMPONENTS_V2 holds no content or embeds." if components_only else None)
+        )
 
     def _new_message(self, via: str, body: dict, files: list[SentFile], interaction: Interaction | None) -> Message:
-        message = Message(snowflake(), self.channel_id if interaction is None else interaction.channel_id, via,
-                          flags=int(body.get("flags", 0)) & EPHEMERAL,
-                          interaction_id=None if interaction is None else interaction.id)
+        message = Message(
+            snowflake(),
+            self.channel_id if interaction is None else interaction.channel_id,
+            via,
+            flags=int(body.get("flags", 0)) & EPHEMERAL,
+            interaction_id=None if interaction is None else interaction.id,
+        )
         message.apply(body, files)
         self.messages.append(message)
         return message
@@ -1112,11 +1440,17 @@ class DiscordEmulator:
         interaction.response = message
         if kind == DEFERRED_UPDATE_MESSAGE:  # nothing visible happens
             return _json({"interaction": answer, "resource": {"type": kind}})
-        answer.update({"response_message_id": str(message.id), "response_message_loading": message.thinking,
-                       "response_message_ephemeral": message.ephemeral})
+        answer.update(
+            {
+                "response_message_id": str(message.id),
+                "response_message_loading": message.thinking,
+                "response_message_ephemeral": message.ephemeral,
+            }
+        )
         author = self.bot_user.payload(bot=True)
-        return _json({"interaction": answer,
-                      "resource": {"type": kind, "message": message.payload(author, self.base_url)}})
+        return _json(
+            {"interaction": answer, "resource": {"type": kind, "message": message.payload(author, self.base_url)}}
+        )
 
     async def _followup(self, request: web.Request) -> web.Response:
         interaction, refusal = self._webhook_refusal(request)
@@ -1142,8 +1476,9 @@ class DiscordEmulator:
             return refusal
         key = request.match_info["message"]
         candidates = interaction.visible_messages()
-        message = interaction.response if key == "@original" else next(
-            (m for m in candidates if str(m.id) == key), None)
+        message = (
+            interaction.response if key == "@original" else next((m for m in candidates if str(m.id) == key), None)
+        )
         if message is None or message.deleted:
             return _json({"message": "Unknown Message", "code": 10008}, 404)
         if request.method == "DELETE":

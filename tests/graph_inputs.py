@@ -1,9 +1,10 @@
 """Which inputs a CUDA graph of a compiled function would copy on every replay, observed on the CPU."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

@@ -1,4 +1,5 @@
 """Pictures for the tests, made here: good ones in every accepted format, and the bad ones users send."""
+
 from __future__ import annotations
 
 import io
@@ -22,13 +23,18 @@ def picture_bytes(fmt: str = "PNG", size: tuple[int, int] = (160, 120), seed: in
 
 def png_bomb(width: int = 10_000, height: int = 10_000) -> bytes:
     """A valid 1-bit greyscale PNG of width x height pixels in a few kilobytes: huge once decoded."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height, 9))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def bad_pictures(folder: str | Path) -> dict[str, tuple[Path, type[ImageError], str]]:

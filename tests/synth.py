@@ -4,6 +4,7 @@
 exercise the pipeline with something that has pitch, harmony, rhythm and dynamics, not white noise.
 `bad_files()` writes one file per way an upload can be broken, with the error `load_clip` must raise.
 """
+
 from __future__ import annotations
 
 import struct
@@ -34,7 +35,7 @@ def _place(out: np.ndarray, start: float, note: np.ndarray, rate: int) -> None:
     i = int(start * rate)
     n = min(len(note), len(out) - i)
     if n > 0:
-        out[i:i + n] += note[:n]
+        out[i : i + n] += note[:n]
 
 
 def _stems(seconds: float, rate: int, seed: int) -> dict[str, np.ndarray]:
@@ -55,7 +56,9 @@ def _stems(seconds: float, rate: int, seed: int) -> dict[str, np.ndarray]:
             _place(stems["pad"], start, 0.25 * pad_env * _tone(_hz(note), BAR_SECONDS, rate, 3), rate)
         for beat in range(4):
             t0 = start + beat * BEAT_SECONDS
-            _place(stems["bass"], t0, 0.5 * np.exp(-beat_t * 4) * _tone(_hz(chord[0] - 12), BEAT_SECONDS, rate, 4), rate)
+            _place(
+                stems["bass"], t0, 0.5 * np.exp(-beat_t * 4) * _tone(_hz(chord[0] - 12), BEAT_SECONDS, rate, 4), rate
+            )
             if beat in (0, 2):
                 _place(stems["drums"], t0, 0.9 * kick, rate)
             for half in (0, 1):
@@ -66,8 +69,12 @@ def _stems(seconds: float, rate: int, seed: int) -> dict[str, np.ndarray]:
                     continue
                 pitch = rng.choice(chord) + 12 if rng.random() < 0.7 else 72 + rng.choice(C_MAJOR)
                 pluck = np.minimum(1.0, eighth_t / 0.005) * np.exp(-eighth_t * 6)
-                _place(stems["melody"], t0 + half * BEAT_SECONDS / 2,
-                       0.35 * pluck * _tone(_hz(pitch), BEAT_SECONDS / 2, rate, 5), rate)
+                _place(
+                    stems["melody"],
+                    t0 + half * BEAT_SECONDS / 2,
+                    0.35 * pluck * _tone(_hz(pitch), BEAT_SECONDS / 2, rate, 5),
+                    rate,
+                )
     return stems
 
 
@@ -86,14 +93,15 @@ def music(seconds: float, rate: int = 32000, channels: int = 1, seed: int = 0) -
     return out[:, 0] if channels == 1 else out
 
 
-def write_music(path: str | Path, seconds: float, rate: int = 32000, channels: int = 1,
-                subtype: str | None = None, seed: int = 0) -> Path:
+def write_music(
+    path: str | Path, seconds: float, rate: int = 32000, channels: int = 1, subtype: str | None = None, seed: int = 0
+) -> Path:
     """Write `music()` to `path`; the container comes from the suffix, `subtype` as in soundfile."""
     path = Path(path)
     data = music(seconds, rate, channels, seed)
     with sf.SoundFile(path, "w", rate, channels, subtype) as f:
         for start in range(0, len(data), 1 << 15):  # one big write crashes libvorbis past ~90 s
-            f.write(data[start:start + (1 << 15)])
+            f.write(data[start : start + (1 << 15)])
     return path
 
 

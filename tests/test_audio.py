@@ -1,4 +1,5 @@
 """Audio I/O: what a user uploads is read faithfully or refused with the right message; what we send fits."""
+
 from __future__ import annotations
 
 import io
@@ -7,12 +8,23 @@ import re
 import numpy as np
 import pytest
 import soundfile as sf
+from synth import bad_files, music, wav_claiming, write_music
 
 from mtm_bot.core import audio
-from mtm_bot.core.audio import (Audio, encode, encode_to_fit, integrated_loudness, load_clip, loudness_normalize,
-                           mp3_bitrates, probe, resample, true_peak_dbfs, write)
-from mtm_bot.core.errors import (ClipTooLong, ClipTooShort, FileTooLarge, InputError, OutputTooLarge)
-from synth import bad_files, music, wav_claiming, write_music
+from mtm_bot.core.audio import (
+    Audio,
+    encode,
+    encode_to_fit,
+    integrated_loudness,
+    load_clip,
+    loudness_normalize,
+    mp3_bitrates,
+    probe,
+    resample,
+    true_peak_dbfs,
+    write,
+)
+from mtm_bot.core.errors import ClipTooLong, ClipTooShort, FileTooLarge, InputError, OutputTooLarge
 
 
 def _decode(data: bytes) -> tuple[np.ndarray, int]:
@@ -47,9 +59,16 @@ def test_lossless_files_read_back_exactly_as_mono(tmp_path, suffix, subtype, rat
     assert (info.channels, info.sample_rate, info.frames, info.subtype) == (channels, rate, int(1.5 * rate), subtype)
 
 
-@pytest.mark.parametrize("suffix,subtype,rate,channels", [
-    (".ogg", "VORBIS", 44100, 2), (".ogg", "VORBIS", 32000, 1), (".ogg", "OPUS", 48000, 1),  # Discord voice messages
-    (".mp3", "MPEG_LAYER_III", 44100, 2), (".mp3", "MPEG_LAYER_III", 16000, 1)])
+@pytest.mark.parametrize(
+    "suffix,subtype,rate,channels",
+    [
+        (".ogg", "VORBIS", 44100, 2),
+        (".ogg", "VORBIS", 32000, 1),
+        (".ogg", "OPUS", 48000, 1),  # Discord voice messages
+        (".mp3", "MPEG_LAYER_III", 44100, 2),
+        (".mp3", "MPEG_LAYER_III", 16000, 1),
+    ],
+)
 def test_lossy_files_read_back_with_exact_length_and_close_waveform(tmp_path, suffix, subtype, rate, channels):
     path = write_music(tmp_path / f"clip{suffix}", 2.0, rate=rate, channels=channels, subtype=subtype)
     clip = load_clip(path)
@@ -152,6 +171,7 @@ def test_a_streamed_wav_without_a_length_reads_fully(tmp_path):
 
 # ------------------------------------------------------------------------------ resampling, loudness
 
+
 def _peak_hz(samples: np.ndarray, rate: int) -> float:
     spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
     return float(np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()])
@@ -165,7 +185,7 @@ def test_resampling_keeps_a_sine_at_its_frequency(source_rate, target_rate):
     assert out.sample_rate == target_rate
     assert len(out.samples) == target_rate
     assert _peak_hz(out.samples, target_rate) == pytest.approx(1000, abs=1.0)
-    middle = out.samples[target_rate // 4: -target_rate // 4]
+    middle = out.samples[target_rate // 4 : -target_rate // 4]
     assert np.abs(middle).max() == pytest.approx(0.5, abs=0.01)
 
 
@@ -206,6 +226,7 @@ def test_loudness_of_silence_or_a_blip_is_left_alone(samples):
 
 
 # ---------------------------------------------------------------------------------------- encoding
+
 
 @pytest.fixture(scope="module")
 def track() -> Audio:
@@ -317,6 +338,7 @@ def test_encode_to_fit_refuses_an_impossible_budget(track):
 
 # ------------------------------------------------------------------------- the shared test signal
 
+
 def test_synth_music_is_deterministic_and_plays_its_chord_progression():
     import synth
 
@@ -329,7 +351,7 @@ def test_synth_music_is_deterministic_and_plays_its_chord_progression():
     assert music(1.0, rate, channels=2).shape == (rate, 2)
     bar = int(synth.BAR_SECONDS * rate)
     for i, chord in enumerate(synth.PROGRESSION):
-        segment = clip[i * bar:(i + 1) * bar]
+        segment = clip[i * bar : (i + 1) * bar]
         power = np.abs(np.fft.rfft(segment * np.hanning(bar))) ** 2
         hz = np.fft.rfftfreq(bar, 1 / rate)
         band = (hz > 60) & (hz < 2000)

@@ -5,6 +5,7 @@ A job's track depends only on its inputs and its seed: run alone or batched with
 identical. Batches form from the blocks waiting when the decode thread is free; the tests hold that
 thread until every job has handed in its first block, so the first batch really is shared.
 """
+
 import dataclasses
 import gc
 import threading
@@ -16,8 +17,8 @@ import torch
 
 from mtm_bot.core.audio import Audio
 from mtm_bot.core.errors import Cancelled
-from mtm_bot.stages.generator import Generator, plan_blocks
 from mtm_bot.core.progress import CancelToken
+from mtm_bot.stages.generator import Generator, plan_blocks
 from tests.synth import music
 
 SEGMENTS = [(0.0, 1.0), (1.0, 2.0)]
@@ -133,6 +134,7 @@ def test_a_job_that_arrives_mid_block_joins_the_running_loop_at_once(generator, 
             events.append((name, p.block, p.step, p.steps))
             if name == "first" and (p.block, p.step) == (1, 5):
                 threading.Thread(target=run, args=("second", second)).start()
+
         return report
 
     def run(name, job):
@@ -213,8 +215,10 @@ def test_a_cancelled_caption_leaves_at_once_and_the_rest_of_its_batch_goes_on(ca
     running = threading.Thread(target=caption, args=("running", CLIPS[0]))
     running.start()
     assert first.wait(30)
-    waiting = [threading.Thread(target=caption, args=("cancelled", CLIPS[2], token)),
-               threading.Thread(target=caption, args=("kept", CLIPS[1]))]
+    waiting = [
+        threading.Thread(target=caption, args=("cancelled", CLIPS[2], token)),
+        threading.Thread(target=caption, args=("kept", CLIPS[1])),
+    ]
     for thread in waiting:
         thread.start()
     while len(captioner.batches._waiting) < 2:
@@ -271,8 +275,10 @@ def test_staggered_jobs_all_decode_together_and_a_long_description_joins():
     bucket grows) instead of staying at the size it started with, and the last job's 181-token description
     joins it (the text buffers hold MAX_TEXT_TOKENS whatever the first loop's descriptions were)."""
     generator = Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"), 10, max_batch=4)
-    jobs = [dict(clip=None, blocks=blocks(2, caption), seed=i)
-            for i, caption in enumerate(["a carol", "brass", "a choir", LONG])]
+    jobs = [
+        dict(clip=None, blocks=blocks(2, caption), seed=i)
+        for i, caption in enumerate(["a carol", "brass", "a choir", LONG])
+    ]
     alone = [generator.generate(job["clip"], job["blocks"], seed=job["seed"]).codes for job in jobs]
     generator.batcher.batch_sizes.clear()
     decoding, step = [], generator.decoder.step
@@ -289,9 +295,11 @@ def test_staggered_jobs_all_decode_together_and_a_long_description_joins():
             if (p.block, p.step) == (1, 5) and i + 1 < len(jobs):  # the next job arrives mid-block
                 threads.append(threading.Thread(target=run, args=(i + 1,)))
                 threads[-1].start()
+
         try:
-            results[i] = generator.generate(jobs[i]["clip"], jobs[i]["blocks"], seed=jobs[i]["seed"],
-                                            progress=report).codes
+            results[i] = generator.generate(
+                jobs[i]["clip"], jobs[i]["blocks"], seed=jobs[i]["seed"], progress=report
+            ).codes
         except Exception as error:
             results[i] = error
 

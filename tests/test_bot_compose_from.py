@@ -6,6 +6,7 @@ The message command works on messages users posted: a voice message as a phone s
 globally (no MTM_GUILD_ID), as for a bot in many servers, so a second server can ask for suggestions
 too. One bot serves the module; tests run in file order and each waits until its jobs have settled.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,13 +17,21 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import soundfile as sf
+from discord_emulator import IS_VOICE_MESSAGE, MESSAGE_COMMAND, MODAL, DiscordEmulator, FakeUser, Interaction, snowflake
+from synth import music
+from test_bot_e2e import (
+    JOB_SECONDS,
+    LINE,
+    accepted,
+    ephemeral_error,
+    every_job_settled,
+    results_for,
+    running_bot,
+    wav_bytes,
+)
 
 from cogs.compose_from import MENU_NAME
 from cogs.utils.instruction_suggestions import PRESET_INSTRUCTIONS
-from discord_emulator import IS_VOICE_MESSAGE, MESSAGE_COMMAND, MODAL, DiscordEmulator, FakeUser, Interaction, snowflake
-from synth import music
-from test_bot_e2e import (JOB_SECONDS, LINE, accepted, ephemeral_error, every_job_settled, results_for, running_bot,
-                          wav_bytes)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -38,7 +47,7 @@ def voice_message(seconds: float, seed: int = 0) -> tuple[bytes, float, bytes]:
     buffer = io.BytesIO()
     sf.write(buffer, samples, VOICE_RATE, format="OGG", subtype="OPUS")
     step = max(round(WAVEFORM_STEP_SECONDS * VOICE_RATE), -(-len(samples) // 256))
-    peaks = [np.abs(samples[i:i + step]).max() for i in range(0, len(samples), step)]
+    peaks = [np.abs(samples[i : i + step]).max() for i in range(0, len(samples), step)]
     waveform = bytes(round(255 * min(1.0, 2 * peak)) for peak in peaks)
     return buffer.getvalue(), seconds, waveform
 
@@ -49,8 +58,9 @@ async def world(tmp_path_factory):
         yield world
 
 
-async def compose_from(emulator: DiscordEmulator, user: FakeUser, message, instruction: str,
-                       duration: str = "") -> Interaction:
+async def compose_from(
+    emulator: DiscordEmulator, user: FakeUser, message, instruction: str, duration: str = ""
+) -> Interaction:
     """`user` runs Compose from this on `message` and fills in the modal it opens."""
     menu = await emulator.context_menu(user, message, MENU_NAME)
     return await emulator.submit_modal(user, menu, {"Instruction": instruction, LENGTH: duration})
@@ -78,7 +88,9 @@ async def test_a_voice_message_becomes_a_compose_result(world):
     assert menu.modal.inputs[1].label == LENGTH and not menu.modal.inputs[1].required
     job_id = await accepted(emulator, submitted)
 
-    (result,) = await emulator.wait_for(lambda: results_for(emulator, listener), JOB_SECONDS, "the voice message's track")
+    (result,) = await emulator.wait_for(
+        lambda: results_for(emulator, listener), JOB_SECONDS, "the voice message's track"
+    )
     assert f"`{job_id}`" in result.content and not result.ephemeral
     assert len(LINE.findall(result.text())) == 1 and "0:00–0:10 " in result.text()
     (track,) = result.files
@@ -95,8 +107,9 @@ async def test_a_voice_message_becomes_a_compose_result(world):
 async def test_an_audio_file_on_a_message_becomes_a_compose_result_of_the_length_asked(world):
     emulator, bot = world
     poster, composer = emulator.user("poster"), emulator.user("composer")
-    message = emulator.post_message(poster, "my hummed idea, thoughts?",
-                                    attachments=[(wav_bytes(12.0, seed=4), "idea.wav", "audio/x-wav")])
+    message = emulator.post_message(
+        poster, "my hummed idea, thoughts?", attachments=[(wav_bytes(12.0, seed=4), "idea.wav", "audio/x-wav")]
+    )
     submitted = await compose_from(emulator, composer, message, "a sea shanty carol sung by pirates", "10 s")
     job_id = await accepted(emulator, submitted)
 
@@ -111,8 +124,10 @@ async def test_an_audio_file_on_a_message_becomes_a_compose_result_of_the_length
 async def test_a_message_without_audio_is_answered_without_a_modal(world):
     emulator, _ = world
     talker = emulator.user("talker")
-    for message in (emulator.post_message(talker, "la la la, imagine this with bells"),
-                    emulator.post_message(talker, "cover art", attachments=[(b"\x89PNG", "cover.png", "image/png")])):
+    for message in (
+        emulator.post_message(talker, "la la la, imagine this with bells"),
+        emulator.post_message(talker, "cover art", attachments=[(b"\x89PNG", "cover.png", "image/png")]),
+    ):
         menu = await emulator.context_menu(talker, message, MENU_NAME)
         text = await ephemeral_error(emulator, menu)
         assert text.startswith("This message has no audio: ") and "voice message" in text, text
@@ -151,8 +166,7 @@ async def test_the_submission_rate_limit_counts_compose_from_too(world):
 
 async def test_suggestions_offer_the_presets_for_an_empty_instruction(world):
     emulator, _ = world
-    choices = await emulator.autocomplete(emulator.user("newcomer"), "compose", "instruction", "",
-                                          guild_id=OTHER_GUILD)
+    choices = await emulator.autocomplete(emulator.user("newcomer"), "compose", "instruction", "", guild_id=OTHER_GUILD)
     assert [c["name"] for c in choices] == list(PRESET_INSTRUCTIONS)
     assert all(c["name"] == c["value"] for c in choices)
 
@@ -162,10 +176,14 @@ async def test_suggestions_offer_this_servers_past_instructions_and_never_anothe
     here = await emulator.autocomplete(emulator.user("regular"), "compose", "instruction", "")
     # Newest first, then the presets; the choir carol is a preset too, and offered once.
     choir = "a choir carol in a stone church"
-    assert [c["name"] for c in here] == ["a sea shanty carol sung by pirates", choir,
-                                         *(preset for preset in PRESET_INSTRUCTIONS if preset != choir)]
-    elsewhere = await emulator.autocomplete(emulator.user("stranger"), "compose", "instruction", "",
-                                            guild_id=OTHER_GUILD)
+    assert [c["name"] for c in here] == [
+        "a sea shanty carol sung by pirates",
+        choir,
+        *(preset for preset in PRESET_INSTRUCTIONS if preset != choir),
+    ]
+    elsewhere = await emulator.autocomplete(
+        emulator.user("stranger"), "compose", "instruction", "", guild_id=OTHER_GUILD
+    )
     assert [c["name"] for c in elsewhere] == list(PRESET_INSTRUCTIONS)  # nothing of the first server
 
 
@@ -175,7 +193,8 @@ async def test_suggestions_follow_what_the_user_types(world):
     shanty = await emulator.autocomplete(typist, "compose", "instruction", "SHANTY  carol")
     assert [c["name"] for c in shanty] == ["a sea shanty carol sung by pirates"]
     assert [c["name"] for c in await emulator.autocomplete(typist, "compose", "instruction", "Carol In")] == [
-        "a choir carol in a stone church"]
+        "a choir carol in a stone church"
+    ]
     jazz = await emulator.autocomplete(typist, "compose", "instruction", "jazz", {"duration": 20})
     assert [c["name"] for c in jazz] == ["a cosy jazz carol with sleigh bells"]
     assert await emulator.autocomplete(typist, "compose", "instruction", "polka") == []

@@ -3,6 +3,7 @@
 One bot and one loaded tiny pipeline serve the whole module; tests run in file order and each waits
 until its jobs are finished, so the queue is empty for the next one.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,14 +18,14 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import soundfile as sf
+from discord_emulator import CHANNEL_MESSAGE, DiscordEmulator, FakeUser, Interaction, Message
+from synth import bad_files, music
 
 from bot import MTMBot, point_discord_at
-from discord_emulator import CHANNEL_MESSAGE, DiscordEmulator, FakeUser, Interaction, Message
 from mtm_bot.core.audio import load_clip
+from mtm_bot.core.settings import Settings
 from mtm_bot.jobs.job import Job, JobKind, JobState
 from mtm_bot.jobs.store import JobStore
-from mtm_bot.core.settings import Settings
-from synth import bad_files, music
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -38,14 +39,27 @@ def wav_bytes(seconds: float, seed: int = 0, rate: int = 16000) -> bytes:
     return buffer.getvalue()
 
 
-async def connect_bot(emulator: DiscordEmulator, storage: Path, guild_commands: bool = True,
-                      connector: aiohttp.BaseConnector | None = None, **env: str) -> tuple[MTMBot, asyncio.Task]:
+async def connect_bot(
+    emulator: DiscordEmulator,
+    storage: Path,
+    guild_commands: bool = True,
+    connector: aiohttp.BaseConnector | None = None,
+    **env: str,
+) -> tuple[MTMBot, asyncio.Task]:
     """The real bot (tiny pipeline) started in this process and connected to `emulator`; commands synced to
     the emulator's guild, or globally (as for a bot in many servers) with guild_commands=False. `connector`
     replaces discord.py's HTTP connector (one that trusts the loopback voice server's certificate)."""
     # One job at a time unless a module asks for more (MTM_MAX_BATCH): these tests watch jobs wait in the queue.
-    env = {**emulator.env(), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu", "MTM_STORAGE_DIR": str(storage),
-           "MTM_SUBMISSIONS_PER_MINUTE": "100", "MTM_SEED": "1", "MTM_MAX_BATCH": "1", **env}
+    env = {
+        **emulator.env(),
+        "MTM_PROFILE": "tiny",
+        "MTM_DEVICE": "cpu",
+        "MTM_STORAGE_DIR": str(storage),
+        "MTM_SUBMISSIONS_PER_MINUTE": "100",
+        "MTM_SEED": "1",
+        "MTM_MAX_BATCH": "1",
+        **env,
+    }
     if not guild_commands:
         del env["MTM_GUILD_ID"]
     settings = Settings.from_env({k: v for k, v in env.items() if v}, env_file=None)
@@ -55,8 +69,9 @@ async def connect_bot(emulator: DiscordEmulator, storage: Path, guild_commands: 
         bot.http.connector = connector
     identified = emulator.identifies
     runner = asyncio.create_task(bot.start(settings.discord_token))
-    await emulator.wait_for(lambda: runner.done() or (emulator.identifies > identified and emulator.commands), 300,
-                            "bot start")
+    await emulator.wait_for(
+        lambda: runner.done() or (emulator.identifies > identified and emulator.commands), 300, "bot start"
+    )
     if runner.done():
         runner.result()  # raises the start-up error
     return bot, runner
@@ -85,8 +100,14 @@ async def world(tmp_path_factory):
 
 def results_for(emulator: DiscordEmulator, user: FakeUser) -> list[Message]:
     """Public messages that address `user` with a finished job."""
-    return [m for m in emulator.messages if m.via in ("followup", "channel") and not m.ephemeral
-            and m.content.startswith(user.mention) and "job `" in m.content]
+    return [
+        m
+        for m in emulator.messages
+        if m.via in ("followup", "channel")
+        and not m.ephemeral
+        and m.content.startswith(user.mention)
+        and "job `" in m.content
+    ]
 
 
 def pings(message: Message) -> tuple[set[str], set[str]]:
@@ -99,6 +120,7 @@ def pings(message: Message) -> tuple[set[str], set[str]]:
 
 async def accepted(emulator: DiscordEmulator, interaction: Interaction) -> str:
     """Wait for the public reply that accepts a job; return the job id it shows."""
+
     def acceptance() -> str | None:
         states = interaction.response.history if interaction.response else []
         return next((h["content"] for h in states if "job `" in h["content"]), None)
@@ -113,8 +135,11 @@ async def accepted(emulator: DiscordEmulator, interaction: Interaction) -> str:
 
 async def ephemeral_error(emulator: DiscordEmulator, interaction: Interaction) -> str:
     """Wait for the error reply; it must be the only thing the interaction left, and ephemeral."""
-    await emulator.wait_for(lambda: any(m.ephemeral and m.content and not m.thinking
-                                        for m in interaction.visible_messages()), 60, "an ephemeral error")
+    await emulator.wait_for(
+        lambda: any(m.ephemeral and m.content and not m.thinking for m in interaction.visible_messages()),
+        60,
+        "an ephemeral error",
+    )
     visible = interaction.visible_messages()
     assert all(m.ephemeral for m in visible), [m.content for m in visible]
     assert interaction.callback_type is not None and not interaction.callback_errors, interaction.callback_errors
@@ -124,6 +149,7 @@ async def ephemeral_error(emulator: DiscordEmulator, interaction: Interaction) -
 async def every_job_settled(store: JobStore, timeout: float = JOB_SECONDS) -> None:
     """Wait until the store holds no unfinished and no undelivered job. A job is marked delivered only after
     its outcome was posted, so from then on every message a job could post is in the emulator's record."""
+
     async def settled() -> None:
         while await store.unfinished() or await store.undelivered():
             await asyncio.sleep(0.05)
@@ -169,17 +195,26 @@ async def test_two_users_compose_at_once_and_nobody_else_is_pinged(world):
     instruction = "a cosy jazz carol @everyone <@123456789> <@&42> with sleigh bells"
     small_limit = 120_000  # a 10 s WAV is 640 kB: bob's track must come compressed
     first, second = await asyncio.gather(
-        emulator.slash(alice, "compose", {"instruction": instruction, "duration": 10},
-                       attachment=(wav_bytes(3.0), "carol.wav", "audio/x-wav")),
-        emulator.slash(bob, "compose", {"instruction": "dark techno", "duration": 10},
-                       attachment=(wav_bytes(12.0, seed=2), "loop.wav", "audio/wav"),
-                       attachment_size_limit=small_limit),
+        emulator.slash(
+            alice,
+            "compose",
+            {"instruction": instruction, "duration": 10},
+            attachment=(wav_bytes(3.0), "carol.wav", "audio/x-wav"),
+        ),
+        emulator.slash(
+            bob,
+            "compose",
+            {"instruction": "dark techno", "duration": 10},
+            attachment=(wav_bytes(12.0, seed=2), "loop.wav", "audio/wav"),
+            attachment_size_limit=small_limit,
+        ),
     )
     alice_job, bob_job = await accepted(emulator, first), await accepted(emulator, second)
     assert alice_job != bob_job
 
-    await emulator.wait_for(lambda: results_for(emulator, alice) and results_for(emulator, bob), JOB_SECONDS,
-                            "both results")
+    await emulator.wait_for(
+        lambda: results_for(emulator, alice) and results_for(emulator, bob), JOB_SECONDS, "both results"
+    )
     for user, job_id, limit in ((alice, alice_job, emulator.attachment_size_limit), (bob, bob_job, small_limit)):
         (result,) = results_for(emulator, user)
         assert result.via == "followup" and not result.ephemeral
@@ -223,15 +258,21 @@ async def test_bad_inputs_get_specific_ephemeral_errors_and_the_bot_keeps_servin
     for name, (path, error) in bad_files(tmp_path).items():
         with pytest.raises(error) as expected:
             load_clip(path)
-        interaction = await emulator.slash(dave, "compose", {"instruction": "lofi"},
-                                           attachment=(path.read_bytes(), path.name, "audio/wav"))
+        interaction = await emulator.slash(
+            dave, "compose", {"instruction": "lofi"}, attachment=(path.read_bytes(), path.name, "audio/wav")
+        )
         text = await ephemeral_error(emulator, interaction)
         assert str(expected.value) in text, (name, text)
 
     # Refused from metadata alone: nothing is downloaded.
     downloads = len(emulator.cdn_downloads)
-    too_big = await emulator.slash(dave, "compose", {"instruction": "lofi"},
-                                   attachment=(b"RIFF", "huge.wav", "audio/wav"), declared_size=200 * 1024 * 1024)
+    too_big = await emulator.slash(
+        dave,
+        "compose",
+        {"instruction": "lofi"},
+        attachment=(b"RIFF", "huge.wav", "audio/wav"),
+        declared_size=200 * 1024 * 1024,
+    )
     assert "limit is 25 MB" in await ephemeral_error(emulator, too_big)
     picture = await emulator.slash(dave, "caption", attachment=(b"\x89PNG", "cat.png", "image/png"))
     assert "not audio" in await ephemeral_error(emulator, picture)
@@ -251,8 +292,12 @@ async def test_submission_rate_limit_says_when_to_retry(world):
     try:
         first = await emulator.slash(erin, "caption", attachment=(b"not audio", "a.txt", "text/plain"))
         await ephemeral_error(emulator, first)  # refused, but it counted as a submission
-        second = await emulator.slash(erin, "compose", {"instruction": "jazz"},  # one budget for both commands
-                                      attachment=(wav_bytes(2.0), "b.wav", "audio/wav"))
+        second = await emulator.slash(
+            erin,
+            "compose",
+            {"instruction": "jazz"},  # one budget for both commands
+            attachment=(wav_bytes(2.0), "b.wav", "audio/wav"),
+        )
         text = await ephemeral_error(emulator, second)
     finally:
         bot.settings = relaxed
@@ -265,8 +310,12 @@ async def test_cancel_queued_and_running_jobs_failures_and_expired_tokens(world)
     stranger, manager = emulator.user("stranger"), emulator.user("mod", manage_guild=True)
 
     # The longest track: 18 blocks keep the job running long enough to watch it and cancel it.
-    running = await emulator.slash(frank, "compose", {"instruction": "epic orchestral", "duration": 180},
-                                   attachment=(wav_bytes(3.0), "a.wav", "audio/wav"))
+    running = await emulator.slash(
+        frank,
+        "compose",
+        {"instruction": "epic orchestral", "duration": 180},
+        attachment=(wav_bytes(3.0), "a.wav", "audio/wav"),
+    )
     running_id = await accepted(emulator, running)
     queued = await emulator.slash(grace, "caption", attachment=(wav_bytes(2.0), "b.wav", "audio/wav"))
     queued_id = await accepted(emulator, queued)
@@ -328,9 +377,17 @@ async def test_long_captions_fit_discords_limits_and_an_unfittable_track_is_expl
     lines and a track that fits no encoding within a tiny upload limit."""
     emulator, bot = world
     judy = emulator.user("judy")
-    job = Job.new(JobKind.COMPOSE, user_id=judy.id, guild_id=emulator.guild_id, channel_id=emulator.channel_id,
-                  instruction="x" * 500, duration=180, attachment_size_limit=4_000,
-                  application_id=emulator.application_id, interaction_token="never-issued")
+    job = Job.new(
+        JobKind.COMPOSE,
+        user_id=judy.id,
+        guild_id=emulator.guild_id,
+        channel_id=emulator.channel_id,
+        instruction="x" * 500,
+        duration=180,
+        attachment_size_limit=4_000,
+        application_id=emulator.application_id,
+        interaction_token="never-issued",
+    )
     job.state, job.resumed = JobState.DONE, True
     job.result_path = tmp_path / "track.wav"
     sf.write(job.result_path, music(180.0, 32000), 32000, subtype="PCM_16")

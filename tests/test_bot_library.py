@@ -3,15 +3,24 @@
 The commands are synced globally (no MTM_GUILD_ID), as for a bot in many servers, so a second server
 can ask too. One bot serves the module; tests run in file order.
 """
+
 from __future__ import annotations
 
 import pytest
 import pytest_asyncio
+from discord_emulator import DiscordEmulator, Interaction, snowflake
+from test_bot_e2e import (
+    JOB_SECONDS,
+    accepted,
+    ephemeral_error,
+    every_job_settled,
+    pings,
+    results_for,
+    running_bot,
+    wav_bytes,
+)
 
 from cogs.library import EMPTY_LIBRARY
-from discord_emulator import DiscordEmulator, Interaction, snowflake
-from test_bot_e2e import (JOB_SECONDS, accepted, ephemeral_error, every_job_settled, pings, results_for, running_bot,
-                           wav_bytes)
 from tests.pictures import picture_bytes
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -43,9 +52,12 @@ async def test_an_empty_library_says_so(world):
 async def test_a_delivered_track_is_found_in_its_server_and_never_in_another(world):
     emulator, bot = world
     holly = emulator.user("holly")
-    compose = await emulator.slash(holly, "compose", {"instruction": "a festive brass carol with sleigh bells",
-                                                      "duration": 10},
-                                   attachment=(wav_bytes(3.0), "carol.wav", "audio/wav"))
+    compose = await emulator.slash(
+        holly,
+        "compose",
+        {"instruction": "a festive brass carol with sleigh bells", "duration": 10},
+        attachment=(wav_bytes(3.0), "carol.wav", "audio/wav"),
+    )
     await accepted(emulator, compose)
     (result,) = await emulator.wait_for(lambda: results_for(emulator, holly), JOB_SECONDS, "the carol")
     await every_job_settled(bot.store)  # delivered, so indexed
@@ -55,16 +67,21 @@ async def test_a_delivered_track_is_found_in_its_server_and_never_in_another(wor
     assert f"https://discord.com/channels/{emulator.guild_id}/{emulator.channel_id}/{result.id})" in text
     assert "festive brass carol with sleigh bells" in text and "similarity 0." in text
 
-    elsewhere = await emulator.slash(emulator.user("stranger"), "library", {"query": "sleigh bells and brass, festive"},
-                                     guild_id=OTHER_GUILD)
+    elsewhere = await emulator.slash(
+        emulator.user("stranger"), "library", {"query": "sleigh bells and brass, festive"}, guild_id=OTHER_GUILD
+    )
     assert await library_reply(emulator, elsewhere) == EMPTY_LIBRARY
 
 
 async def picture_search(emulator: DiscordEmulator, guild_id: int | None = None) -> str:
     """/library image: a private status with the job id while the picture waits for the GPU queue, then
     the private matches."""
-    interaction = await emulator.slash(emulator.user("painter"), "library", guild_id=guild_id,
-                                       attachments={"image": (picture_bytes(), "snowy-village.png", "image/png")})
+    interaction = await emulator.slash(
+        emulator.user("painter"),
+        "library",
+        guild_id=guild_id,
+        attachments={"image": (picture_bytes(), "snowy-village.png", "image/png")},
+    )
     await emulator.wait_for(lambda: interaction.followups, JOB_SECONDS, "the picture's matches")
     assert not interaction.callback_errors, interaction.callback_errors
     assert interaction.response.ephemeral and "job `" in interaction.response.content

@@ -1,5 +1,6 @@
 """`python bot.py` when Discord cannot be reached: one sentence per try, retries with backoff, no traceback,
 and a normal start once Discord answers."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,9 @@ async def start(env: dict[str, str], cwd: Path, log: Path) -> asyncio.subprocess
         return await asyncio.create_subprocess_exec(*BOT, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-async def wait_for_lines(process: asyncio.subprocess.Process, log: Path, text: str, count: int,
-                         timeout: float) -> list[str]:
+async def wait_for_lines(
+    process: asyncio.subprocess.Process, log: Path, text: str, count: int, timeout: float
+) -> list[str]:
     def lines() -> list[str]:
         return [line for line in log.read_text().splitlines() if text in line]
 
@@ -56,8 +58,13 @@ async def stop(process: asyncio.subprocess.Process) -> int:
 
 async def test_an_unresolvable_discord_is_one_sentence_per_try_and_retried(tmp_path):
     api = "http://discord.invalid/api/v10"  # .invalid never resolves (RFC 2606)
-    env = bot_env(DISCORD_TOKEN=TOKEN, DISCORD_API_BASE=api, MTM_PROFILE="tiny", MTM_DEVICE="cpu",
-                  MTM_STORAGE_DIR=str(tmp_path / "storage"))
+    env = bot_env(
+        DISCORD_TOKEN=TOKEN,
+        DISCORD_API_BASE=api,
+        MTM_PROFILE="tiny",
+        MTM_DEVICE="cpu",
+        MTM_STORAGE_DIR=str(tmp_path / "storage"),
+    )
     log = tmp_path / "bot.log"
     process = await start(env, tmp_path, log)
     try:
@@ -74,9 +81,15 @@ async def test_a_refused_connection_is_retried_until_discord_answers(tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api/v10"
     emulator = DiscordEmulator()
-    env = bot_env(DISCORD_TOKEN=TOKEN, DISCORD_API_BASE=api, DISCORD_GATEWAY_URL=f"ws://127.0.0.1:{port}/gateway",
-                  MTM_GUILD_ID=str(emulator.guild_id), MTM_PROFILE="tiny", MTM_DEVICE="cpu",
-                  MTM_STORAGE_DIR=str(tmp_path / "storage"))
+    env = bot_env(
+        DISCORD_TOKEN=TOKEN,
+        DISCORD_API_BASE=api,
+        DISCORD_GATEWAY_URL=f"ws://127.0.0.1:{port}/gateway",
+        MTM_GUILD_ID=str(emulator.guild_id),
+        MTM_PROFILE="tiny",
+        MTM_DEVICE="cpu",
+        MTM_STORAGE_DIR=str(tmp_path / "storage"),
+    )
     log = tmp_path / "bot.log"
     process = await start(env, tmp_path, log)
     try:

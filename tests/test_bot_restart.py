@@ -1,4 +1,5 @@
 """`python bot.py` as users run it: refusing to start without a token, and surviving a kill -9."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,10 +10,11 @@ import sys
 from pathlib import Path
 
 from discord_emulator import DiscordEmulator, FakeUser, Message
+from test_bot_e2e import JOB_SECONDS, LINE, accepted, every_job_settled, pings, results_for, wav_bytes
+
+from mtm_bot.core.settings import Settings
 from mtm_bot.jobs.job import JobState
 from mtm_bot.jobs.store import JobStore
-from mtm_bot.core.settings import Settings
-from test_bot_e2e import JOB_SECONDS, LINE, accepted, every_job_settled, pings, results_for, wav_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BOT = [sys.executable, str(ROOT / "bot.py")]
@@ -35,8 +37,9 @@ async def test_refuses_a_wrong_token_with_a_clear_message(tmp_path):
     emulator = await DiscordEmulator(valid_token="the-right-one").start()
     try:
         env = bot_env(**emulator.env("a-wrong-token"), MTM_STORAGE_DIR=str(tmp_path / "storage"))
-        process = await asyncio.create_subprocess_exec(*BOT, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                                       stderr=subprocess.PIPE)
+        process = await asyncio.create_subprocess_exec(
+            *BOT, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         out, err = await asyncio.wait_for(process.communicate(), 120)
     finally:
         await emulator.stop()
@@ -45,21 +48,33 @@ async def test_refuses_a_wrong_token_with_a_clear_message(tmp_path):
     assert "a-wrong-token" not in (out + err).decode()
 
 
-async def start_bot(emulator: DiscordEmulator, storage: Path, log: Path, connected: bool = True,
-                    **extra: str) -> asyncio.subprocess.Process:
+async def start_bot(
+    emulator: DiscordEmulator, storage: Path, log: Path, connected: bool = True, **extra: str
+) -> asyncio.subprocess.Process:
     """`python bot.py` on the tiny profile, connected to the emulator (unless `connected` is False: it may be
     waiting for something first). One job at a time unless `extra` says otherwise."""
-    env = bot_env(**{**emulator.env(TOKEN), "MTM_PROFILE": "tiny", "MTM_DEVICE": "cpu",
-                     "MTM_STORAGE_DIR": str(storage), "MTM_SEED": "1", "MTM_MAX_BATCH": "1", **extra})
+    env = bot_env(
+        **{
+            **emulator.env(TOKEN),
+            "MTM_PROFILE": "tiny",
+            "MTM_DEVICE": "cpu",
+            "MTM_STORAGE_DIR": str(storage),
+            "MTM_SEED": "1",
+            "MTM_MAX_BATCH": "1",
+            **extra,
+        }
+    )
     identified = emulator.identifies
     with open(log, "ab") as out:
-        process = await asyncio.create_subprocess_exec(*BOT, cwd=storage.parent, env=env, stdout=out,
-                                                       stderr=subprocess.STDOUT)
+        process = await asyncio.create_subprocess_exec(
+            *BOT, cwd=storage.parent, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     if not connected:
         return process
     try:
-        await emulator.wait_for(lambda: process.returncode is not None or emulator.identifies > identified,
-                                300, "the bot to connect")
+        await emulator.wait_for(
+            lambda: process.returncode is not None or emulator.identifies > identified, 300, "the bot to connect"
+        )
     except AssertionError:
         process.kill()
         raise AssertionError(log.read_text()[-3000:]) from None
@@ -80,8 +95,12 @@ async def test_kill_9_then_restart_delivers_the_running_and_the_queued_job_once(
         first = await start_bot(emulator, storage, log)
         processes.append(first)
         await emulator.wait_for(lambda: emulator.commands, 60, "command sync")
-        running = await emulator.slash(alice, "compose", {"instruction": "sea shanty", "duration": 60},
-                                       attachment=(wav_bytes(3.0), "a.wav", "audio/wav"))
+        running = await emulator.slash(
+            alice,
+            "compose",
+            {"instruction": "sea shanty", "duration": 60},
+            attachment=(wav_bytes(3.0), "a.wav", "audio/wav"),
+        )
         running_id = await accepted(emulator, running)
         queued = await emulator.slash(bob, "caption", attachment=(wav_bytes(2.0, seed=4), "b.wav", "audio/wav"))
         queued_id = await accepted(emulator, queued)
@@ -103,8 +122,11 @@ async def test_kill_9_then_restart_delivers_the_running_and_the_queued_job_once(
 
         second = await start_bot(emulator, storage, log)
         processes.append(second)
-        await emulator.wait_for(lambda: resumed_result(emulator, alice) and resumed_result(emulator, bob),
-                                JOB_SECONDS, "both resumed results")
+        await emulator.wait_for(
+            lambda: resumed_result(emulator, alice) and resumed_result(emulator, bob),
+            JOB_SECONDS,
+            "both resumed results",
+        )
         # A new user's job queues behind anything the restart could run again. Once its result is posted
         # and the store holds nothing unfinished or undelivered, a second delivery would be on record.
         carol = emulator.user("carol")

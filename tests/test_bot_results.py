@@ -5,6 +5,7 @@ Redo select; each click but Play is an ordinary job of whoever clicked, built on
 serves the module (restarted once, on the same storage and emulator); tests run in file order and each
 waits until its jobs have settled.
 """
+
 from __future__ import annotations
 
 import io
@@ -15,14 +16,23 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import soundfile as sf
-
 from discord_emulator import DiscordEmulator, FakeUser, Interaction, Message
-from mtm_bot.core.audio import Audio, write
-from mtm_bot.stages.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
-from mtm_bot.jobs.job import JobState
 from synth import music
-from test_bot_e2e import (JOB_SECONDS, LINE, accepted, connect_bot, disconnect_bot, ephemeral_error, every_job_settled,
-                          results_for, wav_bytes)
+from test_bot_e2e import (
+    JOB_SECONDS,
+    LINE,
+    accepted,
+    connect_bot,
+    disconnect_bot,
+    ephemeral_error,
+    every_job_settled,
+    results_for,
+    wav_bytes,
+)
+
+from mtm_bot.core.audio import Audio, write
+from mtm_bot.jobs.job import JobState
+from mtm_bot.stages.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -41,6 +51,7 @@ class Calls:
         def call(*args, **kwargs):
             self.count += 1
             return method(*args, **kwargs)
+
         return call
 
 
@@ -70,8 +81,11 @@ def track(message: Message) -> np.ndarray:
 async def result_of(emulator: DiscordEmulator, interaction: Interaction, user: FakeUser) -> Message:
     """Wait for the job accepted by `interaction` and return its public result."""
     job_id = await accepted(emulator, interaction)
-    return await emulator.wait_for(lambda: next((m for m in results_for(emulator, user) if f"(job `{job_id}`" in m.content),
-                                                None), JOB_SECONDS, f"the result of job {job_id}")
+    return await emulator.wait_for(
+        lambda: next((m for m in results_for(emulator, user) if f"(job `{job_id}`" in m.content), None),
+        JOB_SECONDS,
+        f"the result of job {job_id}",
+    )
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -79,8 +93,12 @@ async def original(world):
     """Alice's 20 s track: two blocks, so Redo can start from 0:10."""
     emulator, _, _ = world
     alice = emulator.user("alice")
-    compose = await emulator.slash(alice, "compose", {"instruction": "a cosy jazz carol", "duration": 20},
-                                   attachment=(wav_bytes(14.0), "hum.wav", "audio/wav"))
+    compose = await emulator.slash(
+        alice,
+        "compose",
+        {"instruction": "a cosy jazz carol", "duration": 20},
+        attachment=(wav_bytes(14.0), "hum.wav", "audio/wav"),
+    )
     return await result_of(emulator, compose, alice)
 
 
@@ -124,7 +142,7 @@ async def test_extend_begins_with_the_original_track(world, original):
     assert f"extended from job `{job_id_of(original)}` by 30 s" in result.content
     longer, before = track(result), track(original)
     assert len(longer) == 50 * SAMPLE_RATE
-    np.testing.assert_array_equal(longer[:len(before) - SEAM_SAMPLES], before[:len(before) - SEAM_SAMPLES])
+    np.testing.assert_array_equal(longer[: len(before) - SEAM_SAMPLES], before[: len(before) - SEAM_SAMPLES])
     assert len(caption_lines(result)) == 5
 
 
@@ -142,8 +160,9 @@ async def test_remix_runs_the_llm_but_never_the_captioner(world, original):
     bot, erin = bot_of(world), emulator.user("erin")
     captions, llm = Calls(bot.pipeline.captioner, "caption"), Calls(bot.pipeline.refiner, "refine", "write")
     opened = await emulator.click(erin, original, "Remix")
-    result = await result_of(emulator, await emulator.submit_modal(erin, opened, {"New instruction": "a heavy metal anthem"}),
-                             erin)
+    result = await result_of(
+        emulator, await emulator.submit_modal(erin, opened, {"New instruction": "a heavy metal anthem"}), erin
+    )
     assert f"remixed from job `{job_id_of(original)}`" in result.content and "heavy metal anthem" in result.content
     assert (captions.count, llm.count) == (0, 1)
     assert len(track(result)) == 20 * SAMPLE_RATE
@@ -154,12 +173,15 @@ async def test_redo_keeps_the_earlier_blocks_codes(world, original):
     frank = emulator.user("frank")
     result = await result_of(emulator, await emulator.choose(frank, original, "10"), frank)
     assert f"job `{job_id_of(original)}` redone from 0:10" in result.content
-    with np.load(storage / "outputs" / f"{job_id_of(original)}.kept.npz") as before, \
-            np.load(storage / "outputs" / f"{job_id_of(result)}.kept.npz") as after:
+    with (
+        np.load(storage / "outputs" / f"{job_id_of(original)}.kept.npz") as before,
+        np.load(storage / "outputs" / f"{job_id_of(result)}.kept.npz") as after,
+    ):
         assert np.array_equal(after["codes"][:, :500], before["codes"][:, :500])
         assert not np.array_equal(after["codes"][:, 500:], before["codes"][:, 500:])
-    np.testing.assert_array_equal(track(result)[:10 * SAMPLE_RATE - SEAM_SAMPLES],
-                                  track(original)[:10 * SAMPLE_RATE - SEAM_SAMPLES])
+    np.testing.assert_array_equal(
+        track(result)[: 10 * SAMPLE_RATE - SEAM_SAMPLES], track(original)[: 10 * SAMPLE_RATE - SEAM_SAMPLES]
+    )
 
 
 async def test_midi_sends_the_notes_privately_to_whoever_clicked(world, original):
@@ -168,8 +190,9 @@ async def test_midi_sends_the_notes_privately_to_whoever_clicked(world, original
     # The tiny models make noise; give the kept track real notes so that there is something to transcribe.
     write(Audio(music(20.0, SAMPLE_RATE, seed=3), SAMPLE_RATE), storage / "outputs" / f"{job_id_of(original)}.wav")
     clicked = await emulator.click(grace, original, "MIDI")
-    sent = await emulator.wait_for(lambda: next((m for m in clicked.visible_messages() if m.files), None),
-                                   JOB_SECONDS, "the MIDI file")
+    sent = await emulator.wait_for(
+        lambda: next((m for m in clicked.visible_messages() if m.files), None), JOB_SECONDS, "the MIDI file"
+    )
     assert sent.ephemeral and sent.files[0].filename == f"mtm-{job_id_of(original)}.mid"
     notes = [m for m in mido.MidiFile(file=io.BytesIO(sent.files[0].data)) if m.type == "note_on" and m.velocity > 0]
     assert notes and re.search(rf"{len(notes)} notes", sent.content)
@@ -183,8 +206,9 @@ async def test_edit_captions_makes_a_track_of_the_edited_lines_without_captionin
     modal = await emulator.wait_for(lambda: opened.modal, 10, "the Edit captions modal")
     assert modal.inputs[0].value.split("\n") == caption_lines(original)
     edited = ["0:00\u20130:10 a lone cello, slow and dark", "0:10\u20130:20 a marching band with snare rolls"]
-    result = await result_of(emulator, await emulator.submit_modal(judy, opened, {modal.inputs[0].label: "\n".join(edited)}),
-                             judy)
+    result = await result_of(
+        emulator, await emulator.submit_modal(judy, opened, {modal.inputs[0].label: "\n".join(edited)}), judy
+    )
     assert f"job `{job_id_of(original)}` with edited captions" in result.content
     assert caption_lines(result) == edited
     assert len(track(result)) == len(track(original)) and not np.array_equal(track(result), track(original))
@@ -192,12 +216,15 @@ async def test_edit_captions_makes_a_track_of_the_edited_lines_without_captionin
     assert "Edit captions" in str(result.components)  # an edited track can be edited again
 
 
-@pytest.mark.parametrize("lines, fragment", [
-    ("0:00\u20130:10 a lone cello", "write 2 lines"),
-    ("0:00\u20130:10 a lone cello\n0:10\u20130:30 a band", "keep the time ranges as they are"),
-    ("0:00\u20130:10 a lone cello\n0:10\u20130:20", "has no caption"),
-    ("a lone cello\na band", "does not start with a time range"),
-])
+@pytest.mark.parametrize(
+    "lines, fragment",
+    [
+        ("0:00\u20130:10 a lone cello", "write 2 lines"),
+        ("0:00\u20130:10 a lone cello\n0:10\u20130:30 a band", "keep the time ranges as they are"),
+        ("0:00\u20130:10 a lone cello\n0:10\u20130:20", "has no caption"),
+        ("a lone cello\na band", "does not start with a time range"),
+    ],
+)
 async def test_bad_edits_are_refused_without_queueing(world, original, lines, fragment):
     emulator, _, _ = world
     bot, ken = bot_of(world), emulator.user("ken")

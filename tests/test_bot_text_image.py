@@ -2,6 +2,7 @@
 
 One bot and one tiny pipeline serve the module; tests run in file order and each waits for its jobs.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -11,9 +12,17 @@ import json
 import pytest
 import pytest_asyncio
 import soundfile as sf
+from test_bot_e2e import (
+    JOB_SECONDS,
+    LINE,
+    accepted,
+    ephemeral_error,
+    every_job_settled,
+    pings,
+    results_for,
+    running_bot,
+)
 
-from test_bot_e2e import (JOB_SECONDS, LINE, accepted, ephemeral_error, every_job_settled, pings, results_for,
-                           running_bot)
 from tests.pictures import bad_pictures, picture_bytes
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -53,18 +62,24 @@ async def test_bad_pictures_get_ephemeral_errors_and_the_bot_keeps_serving(world
     emulator, bot = world
     yuri = emulator.user("yuri")
     for name, (path, _, fragment) in bad_pictures(tmp_path).items():
-        interaction = await emulator.slash(yuri, "compose", {"instruction": "lofi"},
-                                           attachments={"image": (path.read_bytes(), path.name, "image/png")})
+        interaction = await emulator.slash(
+            yuri, "compose", {"instruction": "lofi"}, attachments={"image": (path.read_bytes(), path.name, "image/png")}
+        )
         text = await ephemeral_error(emulator, interaction)
         assert fragment in text, (name, text)
 
     # Refused from metadata alone: nothing is downloaded.
     downloads = len(emulator.cdn_downloads)
-    too_big = await emulator.slash(yuri, "compose", {"instruction": "lofi"}, attachments={
-        "image": (picture_bytes(), "huge.png", "image/png", 200 * 1024 * 1024)})
+    too_big = await emulator.slash(
+        yuri,
+        "compose",
+        {"instruction": "lofi"},
+        attachments={"image": (picture_bytes(), "huge.png", "image/png", 200 * 1024 * 1024)},
+    )
     assert "limit is 25 MB" in await ephemeral_error(emulator, too_big)
-    song = await emulator.slash(yuri, "compose", {"instruction": "lofi"},
-                                attachments={"image": (b"RIFF", "song.wav", "audio/wav")})
+    song = await emulator.slash(
+        yuri, "compose", {"instruction": "lofi"}, attachments={"image": (b"RIFF", "song.wav", "audio/wav")}
+    )
     assert "not a picture" in await ephemeral_error(emulator, song)
     assert len(emulator.cdn_downloads) == downloads
     await every_job_settled(bot.store)
@@ -85,8 +100,12 @@ async def test_a_picture_is_described_and_its_description_reaches_the_llm(world,
 
     monkeypatch.setattr(refiner, "write", write)
     picture = picture_bytes("JPEG", seed=7)
-    interaction = await emulator.slash(zoe, "compose", {"instruction": "festive", "duration": 10},
-                                       attachments={"image": (picture, "village.jpg", "image/jpeg")})
+    interaction = await emulator.slash(
+        zoe,
+        "compose",
+        {"instruction": "festive", "duration": 10},
+        attachments={"image": (picture, "village.jpg", "image/jpeg")},
+    )
     job_id = await accepted(emulator, interaction)
     stored = bot.store.inputs_dir / f"{job_id}.image.jpg"  # named by the job, never by the user's filename
     assert stored.read_bytes() == picture

@@ -6,6 +6,7 @@ models make noise, whose waveform Opus is free to reshape, and tunes of differen
 (unlike tests/synth.py's music, whose bass and drums are the same for every seed), so the comparison
 of what arrives with the track can fail.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,14 +17,14 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import soxr
-
 from discord_emulator import CONNECT, MUTE_MEMBERS, SPEAK, DiscordEmulator, Interaction, Message
-from mtm_bot.core.audio import Audio, write
-from mtm_bot.stages.generator import SAMPLE_RATE
-from mtm_bot.core.playback import read_track
-from test_bot_e2e import JOB_SECONDS, connect_bot, disconnect_bot, ephemeral_error
+from test_bot_e2e import connect_bot, disconnect_bot, ephemeral_error
 from test_bot_results import job_id_of, result_of
 from voice_server import MLS_KEY_PACKAGE, SPOKEN_MODE, VoiceSession
+
+from mtm_bot.core.audio import Audio, write
+from mtm_bot.core.playback import read_track
+from mtm_bot.stages.generator import SAMPLE_RATE
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -67,23 +68,30 @@ async def original(world):
     """Alice's 10 s track, its kept WAV replaced by a tune."""
     emulator, _, storage = world
     alice = emulator.user("alice")
-    result = await result_of(emulator, await emulator.slash(alice, "compose", {"instruction": "a carol",
-                                                                               "duration": TRACK_SECONDS}), alice)
-    write(Audio(tune(TRACK_SECONDS, SAMPLE_RATE, seed=5), SAMPLE_RATE), storage / "outputs" / f"{job_id_of(result)}.wav")
+    result = await result_of(
+        emulator, await emulator.slash(alice, "compose", {"instruction": "a carol", "duration": TRACK_SECONDS}), alice
+    )
+    write(
+        Audio(tune(TRACK_SECONDS, SAMPLE_RATE, seed=5), SAMPLE_RATE), storage / "outputs" / f"{job_id_of(result)}.wav"
+    )
     return result
 
 
 async def answer(emulator: DiscordEmulator, interaction: Interaction) -> str:
     """The ephemeral answer to a Play or Stop click."""
-    message = await emulator.wait_for(lambda: next((m for m in interaction.visible_messages()
-                                                    if m.content and not m.thinking), None), 60, "the answer")
+    message = await emulator.wait_for(
+        lambda: next((m for m in interaction.visible_messages() if m.content and not m.thinking), None),
+        60,
+        "the answer",
+    )
     assert message.ephemeral and not interaction.callback_errors, (message.content, interaction.callback_errors)
     return message.content
 
 
 def now_playing(emulator: DiscordEmulator, job_id: str, after: int = 0) -> Message | None:
-    return next((m for m in emulator.messages[after:] if m.via == "channel" and f"Now playing `{job_id}`" in m.content),
-                None)
+    return next(
+        (m for m in emulator.messages[after:] if m.via == "channel" and f"Now playing `{job_id}`" in m.content), None
+    )
 
 
 def split_tracks(session: VoiceSession) -> list[list[bytes]]:
@@ -109,7 +117,7 @@ def decoded_mono(frames: list[bytes]) -> np.ndarray:
 def best_correlation(played: np.ndarray, track: np.ndarray, most_lag: int = 2000) -> float:
     """Pearson correlation of the played audio with the track, at the lag (Opus's delay) that fits best."""
     n = len(track) - most_lag
-    return max(float(np.corrcoef(played[lag:lag + n], track[:n])[0, 1]) for lag in range(0, most_lag, 4))
+    return max(float(np.corrcoef(played[lag : lag + n], track[:n])[0, 1]) for lag in range(0, most_lag, 4))
 
 
 async def test_a_clicker_in_no_voice_channel_is_told_to_join_one(world, original):
@@ -119,11 +127,14 @@ async def test_a_clicker_in_no_voice_channel_is_told_to_join_one(world, original
     assert not emulator.voice_gateway  # the bot went nowhere
 
 
-@pytest.mark.parametrize("channel, refusal", [
-    ("closed", "I need the Connect and Speak permissions there"),
-    ("mute", "I need the Speak permission there"),
-    ("listeners_only", "I cannot become a speaker on the stage"),
-])
+@pytest.mark.parametrize(
+    "channel, refusal",
+    [
+        ("closed", "I need the Connect and Speak permissions there"),
+        ("mute", "I need the Speak permission there"),
+        ("listeners_only", "I cannot become a speaker on the stage"),
+    ],
+)
 async def test_a_channel_the_bot_cannot_be_heard_in_is_refused(world, original, channel, refusal):
     emulator, channels, _ = world
     carol = emulator.user("carol")
@@ -143,8 +154,9 @@ async def test_play_on_a_stage_queue_stop_and_leave(world, original):
     clicked = await emulator.click(alice, original, "Play")
     assert f"Playing `{job_id}` in <#{channels.stage}> now" in await answer(emulator, clicked)
     assert emulator.voice_gateway[-1]["channel_id"] == channels.stage and emulator.voice_gateway[-1]["self_deaf"]
-    assert emulator.voice_state_patches == [{"suppress": False, "channel_id": channels.stage,
-                                             "request_to_speak_timestamp": None}]
+    assert emulator.voice_state_patches == [
+        {"suppress": False, "channel_id": channels.stage, "request_to_speak_timestamp": None}
+    ]
     session = emulator.voice_session(channels.stage)
     assert session.selected["mode"] == SPOKEN_MODE and session.dave_protocol_version == 0  # stages are exempt
     assert session.identify["max_dave_protocol_version"] >= 1
@@ -158,10 +170,14 @@ async def test_play_on_a_stage_queue_stop_and_leave(world, original):
     assert f"1. `{job_id}` (0:10) for {bob.mention}" in shown
     refused = await emulator.click(carol, first, "Stop")
     assert f"Only {alice.mention}, who started this track, or a server manager can stop it" in await answer(
-        emulator, refused)
+        emulator, refused
+    )
 
-    second = await emulator.wait_for(lambda: now_playing(emulator, job_id, emulator.messages.index(first) + 1),
-                                     TRACK_SECONDS + 10, "the queued track to start")
+    second = await emulator.wait_for(
+        lambda: now_playing(emulator, job_id, emulator.messages.index(first) + 1),
+        TRACK_SECONDS + 10,
+        "the queued track to start",
+    )
     assert "Played" in first.content and not first.components  # the first ended by itself
     packets_then = len(session.packets)
     await asyncio.sleep(1.0)
@@ -178,8 +194,10 @@ async def test_play_on_a_stage_queue_stop_and_leave(world, original):
     samples, rate = read_track(storage / "outputs" / f"{job_id}.wav")
     track = soxr.resample(samples.astype(np.float32) / 32768.0, rate, 48000)
     assert best_correlation(decoded_mono(played), track) > 0.9
-    assert best_correlation(decoded_mono(played), soxr.resample(tune(TRACK_SECONDS, SAMPLE_RATE, seed=6), rate,
-                                                                48000)) < 0.3  # another tune is told apart
+    assert (
+        best_correlation(decoded_mono(played), soxr.resample(tune(TRACK_SECONDS, SAMPLE_RATE, seed=6), rate, 48000))
+        < 0.3
+    )  # another tune is told apart
     speaking = [flags for _, flags in session.speaking]
     assert speaking[0] == 0 and speaking.count(SPEAKING_VOICE) == 2 and speaking[-1] == 0  # SPEAKING on, off, per track
     await asyncio.sleep(0.5)
@@ -204,6 +222,9 @@ async def test_a_voice_channel_offers_dave_and_a_manager_may_stop_anyone(world, 
     playing = await emulator.wait_for(lambda: now_playing(emulator, job_id, before), 10, "now playing")
     await emulator.wait_for(lambda: len(session.packets) > 10, 10, "audio")
     assert f"Stopped `{job_id}`" in await answer(emulator, await emulator.click(manager, playing, "Stop"))
-    await emulator.wait_for(lambda: len(emulator.voice_gateway) == joins + 2
-                            and emulator.voice_gateway[-1]["channel_id"] is None, 10, "the bot to leave")
+    await emulator.wait_for(
+        lambda: len(emulator.voice_gateway) == joins + 2 and emulator.voice_gateway[-1]["channel_id"] is None,
+        10,
+        "the bot to leave",
+    )
     assert playing.content.startswith("⏹️ Stopped") and not playing.components

@@ -1,15 +1,16 @@
 """The LP-MusicCaps-compatible captioner: front end, checkpoint layout, segmenting, batching, errors."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from synth import music
 
-from mtm_bot.stages import captioner as C
 from mtm_bot.core.audio import Audio
 from mtm_bot.core.errors import Cancelled, ClipTooShort, ModelUnavailable
 from mtm_bot.core.progress import CancelToken
-from synth import music
+from mtm_bot.stages import captioner as C
 
 CPU = torch.device("cpu")
 
@@ -28,7 +29,7 @@ def reference_log_mel(x: np.ndarray) -> np.ndarray:
     (real part)^2, 128 HTK mel triangles over 0-8000 Hz without normalisation, 10*log10(max(x, 1e-10))."""
     n_fft, hop = 1024, 160
     padded = np.pad(x, n_fft // 2, mode="reflect")
-    frames = np.stack([padded[i:i + n_fft] for i in range(0, len(padded) - n_fft + 1, hop)])
+    frames = np.stack([padded[i : i + n_fft] for i in range(0, len(padded) - n_fft + 1, hop)])
     n = np.arange(n_fft)
     window = 0.5 - 0.5 * np.cos(2 * np.pi * n / n_fft)  # periodic Hann
     bins = np.arange(n_fft // 2 + 1)
@@ -54,8 +55,9 @@ def test_front_end_matches_the_reference_definition():
     assert expected.shape == (128, 1001)
 
     # The definition, evaluated in float64: equal to the written-out formula.
-    got64 = C.log_mel_spectrogram(torch.from_numpy(x)[None], torch.hann_window(1024, dtype=torch.float64),
-                                  C.mel_filters(torch.float64))
+    got64 = C.log_mel_spectrogram(
+        torch.from_numpy(x)[None], torch.hann_window(1024, dtype=torch.float64), C.mel_filters(torch.float64)
+    )
     assert got64.shape == (1, 128, 1001)
     np.testing.assert_allclose(got64[0].numpy(), expected, atol=1e-4, rtol=0)
 
@@ -163,8 +165,14 @@ def test_checkpoint_in_the_reference_format_loads_every_weight(tiny, tmp_path):
     clip = Audio(music(12.0, rate=16000, seed=4), 16000)
     path = tmp_path / "transfer.pth"
     # Like the reference's file: epoch, state_dict and the optimizer's state.
-    torch.save({"epoch": 99, "state_dict": tiny.model.state_dict(),
-                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999)}]}}, path)
+    torch.save(
+        {
+            "epoch": 99,
+            "state_dict": tiny.model.state_dict(),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999)}]},
+        },
+        path,
+    )
 
     # A fresh model starts from other random weights: equal captions mean everything came from the file.
     loaded = C.Captioner.from_checkpoint(path, tiny.model.bart.config, tiny.tokenizer, CPU)
@@ -181,13 +189,16 @@ def test_checkpoint_in_the_reference_format_loads_every_weight(tiny, tmp_path):
 # Segmenting
 
 
-@pytest.mark.parametrize("seconds, bounds", [
-    (25.0, [(0.0, 10.0), (10.0, 20.0), (20.0, 25.0)]),
-    (30.0, [(0.0, 10.0), (10.0, 20.0), (20.0, 30.0)]),
-    (20.5, [(0.0, 10.0), (10.0, 20.0)]),  # a trailing half second is dropped
-    (3.0, [(0.0, 3.0)]),  # a clip shorter than a segment still gets its caption
-    (1.0, [(0.0, 1.0)]),
-])
+@pytest.mark.parametrize(
+    "seconds, bounds",
+    [
+        (25.0, [(0.0, 10.0), (10.0, 20.0), (20.0, 25.0)]),
+        (30.0, [(0.0, 10.0), (10.0, 20.0), (20.0, 30.0)]),
+        (20.5, [(0.0, 10.0), (10.0, 20.0)]),  # a trailing half second is dropped
+        (3.0, [(0.0, 3.0)]),  # a clip shorter than a segment still gets its caption
+        (1.0, [(0.0, 1.0)]),
+    ],
+)
 def test_split_segments(seconds, bounds):
     samples = music(seconds, rate=16000)
     waves, got = C.split_segments(samples, seconds)
@@ -221,12 +232,18 @@ def test_tiny_captions_every_segment_in_one_batch(tiny):
     clip = Audio(np.concatenate([music(10.0, rate, seed=1), noise, music(5.0, rate, seed=7)]), rate)
 
     calls: dict[str, list[int]] = {"audio": [], "encoder": [], "decoder": []}
+
     def batch_size(out) -> int:
         return (out if isinstance(out, torch.Tensor) else out.last_hidden_state).shape[0]
 
-    hooks = [module.register_forward_hook(lambda m, args, out, name=name: calls[name].append(batch_size(out)))
-             for name, module in (("audio", tiny.model.audio_encoder), ("encoder", tiny.model.bart.model.encoder),
-                                  ("decoder", tiny.model.bart.model.decoder))]
+    hooks = [
+        module.register_forward_hook(lambda m, args, out, name=name: calls[name].append(batch_size(out)))
+        for name, module in (
+            ("audio", tiny.model.audio_encoder),
+            ("encoder", tiny.model.bart.model.encoder),
+            ("decoder", tiny.model.bart.model.decoder),
+        )
+    ]
     try:
         segments = tiny.caption(clip)
     finally:

@@ -1,5 +1,6 @@
 """The command line as a user runs it: `python -m mtm_bot compose|caption|reroll|extend|remix|redo|midi ...`
 with the tiny profile."""
+
 import json
 import os
 import subprocess
@@ -12,14 +13,14 @@ import pretty_midi
 import pytest
 import soundfile as sf
 import torch
+from synth import bad_files, write_music
 
-from mtm_bot.stages.captioner import Segment
 from mtm_bot.cli import main
+from mtm_bot.core.settings import Settings
+from mtm_bot.stages.captioner import Segment
 from mtm_bot.stages.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
 from mtm_bot.stages.kept import Kept, KeptFiles
 from mtm_bot.stages.pipeline import Pipeline
-from mtm_bot.core.settings import Settings
-from synth import bad_files, write_music
 from tests.pictures import picture_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,8 +29,9 @@ BAD_FILES = bad_files(tempfile.mkdtemp(prefix="mtm-cli-"))
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MTM_PROFILE": "tiny", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "mtm_bot", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mtm_bot", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 # Runs the CLI's main() in a fresh interpreter, then prints which model libraries it had imported.
@@ -44,19 +46,27 @@ sys.exit(code)
 """
 
 
-def run_cli_reporting_imports(*args: str, cwd: Path, env: dict[str, str] | None = None
-                              ) -> tuple[subprocess.CompletedProcess, list[str]]:
+def run_cli_reporting_imports(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, list[str]]:
     env = {**os.environ, "MTM_PROFILE": "tiny", **(env or {}), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", _REPORT_MODEL_IMPORTS, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _REPORT_MODEL_IMPORTS, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return done, json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_compose_a_25_s_stereo_clip_gives_a_30_s_track_and_three_captions(tmp_path):
     clip = write_music(tmp_path / "clip.wav", 25.0, rate=44100, channels=2)
     out = tmp_path / "out.wav"
-    done = run_cli("compose", str(clip), "-i", "festive carol with sleigh bells", "-o", str(out), "--seed", "3",
-                   cwd=tmp_path)
+    done = run_cli(
+        "compose", str(clip), "-i", "festive carol with sleigh bells", "-o", str(out), "--seed", "3", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     info = sf.info(out)
     assert info.samplerate == 32000 and info.channels == 1 and info.frames == 30 * 32000
@@ -71,15 +81,18 @@ def test_duration_on_a_short_clip_cycles_its_captions_and_prints_json(tmp_path, 
     monkeypatch.chdir(tmp_path)
     clip = write_music(tmp_path / "hum.flac", 9.0, rate=22050)
     out = tmp_path / "out.ogg"
-    code = main(["compose", str(clip), "-i", "a cosy jazz carol", "-o", str(out), "--duration", "20",
-                 "--seed", "1", "--json"])
+    code = main(
+        ["compose", str(clip), "-i", "a cosy jazz carol", "-o", str(out), "--duration", "20", "--seed", "1", "--json"]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["duration"] == 20.0 and sf.info(out).duration == pytest.approx(20.0, abs=0.01)
     assert [b["range"] for b in result["blocks"]] == ["0:00\u20130:10", "0:10\u20130:20"]
     # One input segment: both output blocks reuse its refined caption.
     assert len(result["input_captions"]) == 1
-    assert result["blocks"][0]["caption"] == result["blocks"][1]["caption"] == result["refined"]["segments"][0]["caption"]
+    assert (
+        result["blocks"][0]["caption"] == result["blocks"][1]["caption"] == result["refined"]["segments"][0]["caption"]
+    )
     assert set(result["timings"]) == {"caption", "refine", "generate"}
 
 
@@ -103,12 +116,15 @@ def test_bad_input_exits_2_with_a_one_line_reason(name, tmp_path, capsys, monkey
     assert not (tmp_path / "out.wav").exists()
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--duration", "5"], "between 10 and 180"),
-    (["--duration", "999"], "between 10 and 180"),
-    (["-o", "out.txt"], ".wav, .flac, .ogg or .mp3"),
-    (["-i", "carol " * 101], "500 characters"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--duration", "5"], "between 10 and 180"),
+        (["--duration", "999"], "between 10 and 180"),
+        (["-o", "out.txt"], ".wav, .flac, .ogg or .mp3"),
+        (["-i", "carol " * 101], "500 characters"),
+    ],
+)
 def test_bad_arguments_exit_2_before_any_model_library_is_imported(args, fragment, tmp_path):
     clip = write_music(tmp_path / "clip.wav", 3.0)
     argv = ["compose", str(clip), "-i", "carol", "-o", str(tmp_path / "out.wav"), *args]
@@ -125,10 +141,22 @@ def test_missing_input_file_is_a_bad_input(tmp_path):
 def test_full_profile_without_weights_names_the_repo_and_the_download_command(tmp_path, monkeypatch):
     clip = write_music(tmp_path / "clip.wav", 3.0)
     env_home = tmp_path / "hf"
-    env = {**os.environ, "MTM_PROFILE": "full", "PYTHONPATH": str(ROOT), "HF_HOME": str(env_home),
-           "HF_HUB_CACHE": str(env_home / "hub"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "mtm_bot", "caption", str(clip)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "MTM_PROFILE": "full",
+        "PYTHONPATH": str(ROOT),
+        "HF_HOME": str(env_home),
+        "HF_HUB_CACHE": str(env_home / "hub"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "mtm_bot", "caption", str(clip)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1
     assert "seungheondoh/lp-music-caps" in done.stderr and "python -m mtm_bot download" in done.stderr
 
@@ -139,13 +167,33 @@ def test_full_profile_without_weights_names_every_missing_checkpoint_before_impo
     picture = tmp_path / "picture.png"  # with a clip and a picture, compose loads all five checkpoints
     picture.write_bytes(picture_bytes())
     home = tmp_path / "hf"
-    env = {"MTM_PROFILE": "full", "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "1",
-           "MTM_LLM_ID": "meta-llama/Llama-3.2-3B-Instruct"}
-    done, imported = run_cli_reporting_imports("compose", str(clip), "-i", "a carol", "-o", str(tmp_path / "o.wav"),
-                                               "--image", str(picture), cwd=tmp_path, env=env)
+    env = {
+        "MTM_PROFILE": "full",
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "MTM_LLM_ID": "meta-llama/Llama-3.2-3B-Instruct",
+    }
+    done, imported = run_cli_reporting_imports(
+        "compose",
+        str(clip),
+        "-i",
+        "a carol",
+        "-o",
+        str(tmp_path / "o.wav"),
+        "--image",
+        str(picture),
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    for repo in ("seungheondoh/lp-music-caps", "facebook/bart-base", "meta-llama/Llama-3.2-3B-Instruct",
-                 "facebook/musicgen-melody", "Salesforce/blip-image-captioning-base"):
+    for repo in (
+        "seungheondoh/lp-music-caps",
+        "facebook/bart-base",
+        "meta-llama/Llama-3.2-3B-Instruct",
+        "facebook/musicgen-melody",
+        "Salesforce/blip-image-captioning-base",
+    ):
         assert repo in done.stderr
     assert "python -m mtm_bot download" in done.stderr
     assert imported == [], f"the missing weights were named only after importing {imported}"
@@ -178,8 +226,23 @@ def saved(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("saved")
     clip = write_music(root / "hum.flac", 14.0, rate=22050)
     folder = root / "new" / "kept"  # created, parents too
-    assert tiny("compose", str(clip), "-i", "a cosy jazz carol", "-o", str(root / "out.wav"), "--duration", "20",
-                "--seed", "3", "--save", str(folder)) == 0
+    assert (
+        tiny(
+            "compose",
+            str(clip),
+            "-i",
+            "a cosy jazz carol",
+            "-o",
+            str(root / "out.wav"),
+            "--duration",
+            "20",
+            "--seed",
+            "3",
+            "--save",
+            str(folder),
+        )
+        == 0
+    )
     return folder
 
 
@@ -187,6 +250,7 @@ def saved(tmp_path_factory) -> Path:
 def no_model_loads(monkeypatch):
     """Every model stage fails the test if it is loaded (or the transcriber run): bad input must be refused
     before."""
+
     def load(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
@@ -271,8 +335,20 @@ def test_edit_generates_from_the_edited_lines_and_refuses_bad_ones_with_one_line
 
 def test_a_track_from_words_alone_can_be_remixed_and_extended(tmp_path):
     first, remixed = tmp_path / "first", tmp_path / "remixed"
-    assert tiny("compose", "-i", "a slow waltz for strings", "-o", str(tmp_path / "a.wav"), "--duration", "10",
-                "--save", str(first)) == 0
+    assert (
+        tiny(
+            "compose",
+            "-i",
+            "a slow waltz for strings",
+            "-o",
+            str(tmp_path / "a.wav"),
+            "--duration",
+            "10",
+            "--save",
+            str(first),
+        )
+        == 0
+    )
     assert tiny("remix", str(first), "-i", "a fast polka", "-o", str(tmp_path / "b.wav"), "--save", str(remixed)) == 0
     out = tmp_path / "c.wav"
     assert tiny("extend", str(remixed), "--seconds", "10", "-o", str(out)) == 0
@@ -316,15 +392,23 @@ def test_midi_of_a_file_that_is_not_audio_exits_2_with_one_line(tmp_path, capsys
 # Refused with exit 2 and one sentence: arguments ({saved}: the kept folder, {tmp}: a fresh folder holding an
 # empty folder and a clip) and a fragment of the sentence.
 REFUSALS = {
-    "DIR without a kept result": (["reroll", "{tmp}/empty", "-o", "{tmp}/out.wav"],
-                                  "holds no saved result; make one with `compose ... --save"),
-    "DIR that does not exist": (["extend", "{tmp}/nope", "--seconds", "10", "-o", "{tmp}/out.wav"],
-                                "holds no saved result"),
+    "DIR without a kept result": (
+        ["reroll", "{tmp}/empty", "-o", "{tmp}/out.wav"],
+        "holds no saved result; make one with `compose ... --save",
+    ),
+    "DIR that does not exist": (
+        ["extend", "{tmp}/nope", "--seconds", "10", "-o", "{tmp}/out.wav"],
+        "holds no saved result",
+    ),
     "midi from a DIR without a track": (["midi", "{tmp}/empty", "-o", "{tmp}/out.mid"], "holds no saved result"),
-    "compose --save into a kept result": (["compose", "{tmp}/clip.wav", "-i", "carol", "-o", "{tmp}/out.wav",
-                                           "--save", "{saved}"], "already holds a saved result"),
-    "reroll --save into its own DIR": (["reroll", "{saved}", "-o", "{tmp}/out.wav", "--save", "{saved}"],
-                                       "already holds a saved result"),
+    "compose --save into a kept result": (
+        ["compose", "{tmp}/clip.wav", "-i", "carol", "-o", "{tmp}/out.wav", "--save", "{saved}"],
+        "already holds a saved result",
+    ),
+    "reroll --save into its own DIR": (
+        ["reroll", "{saved}", "-o", "{tmp}/out.wav", "--save", "{saved}"],
+        "already holds a saved result",
+    ),
     "-o onto a kept track": (["reroll", "{saved}", "-o", "{saved}/track.wav"], "is part of the result saved in"),
     "--from garbage": (["redo", "{saved}", "--from", "half past", "-o", "{tmp}/out.wav"], "is not a time"),
     "--from not a block start": (["redo", "{saved}", "--from", "0:05", "-o", "{tmp}/out.wav"], "pick one of 0:10"),
@@ -336,8 +420,9 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
-def test_bad_derived_input_exits_2_with_one_sentence_before_any_model_loads(case, saved, tmp_path, capsys,
-                                                                            monkeypatch, no_model_loads):
+def test_bad_derived_input_exits_2_with_one_sentence_before_any_model_loads(
+    case, saved, tmp_path, capsys, monkeypatch, no_model_loads
+):
     monkeypatch.setenv("MTM_MAX_OUTPUT_SECONDS", "40")
     (tmp_path / "empty").mkdir()
     write_music(tmp_path / "clip.wav", 3.0)
@@ -402,8 +487,9 @@ def test_caption_runs_with_only_the_captioners_checkpoints_cached(empty_hf_cache
     assert capsys.readouterr().out.strip() == "0:00–0:03 a calm piano"
 
 
-def test_each_command_asks_for_the_checkpoints_of_the_stages_it_loads(empty_hf_cache, saved, tmp_path, capsys,
-                                                                      no_model_loads):
+def test_each_command_asks_for_the_checkpoints_of_the_stages_it_loads(
+    empty_hf_cache, saved, tmp_path, capsys, no_model_loads
+):
     settings = Settings.from_env()
     llm, musicgen, blip = settings.llm_id, settings.musicgen_id, settings.image_captioner_id
     clip = write_music(tmp_path / "clip.wav", 3.0)

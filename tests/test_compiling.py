@@ -3,6 +3,7 @@
 The failure is forced for real: torch.compile traces the decode step with dynamo and hands the graph
 to a backend that fails the way a broken compiler toolchain does.
 """
+
 from __future__ import annotations
 
 import logging
@@ -10,13 +11,13 @@ import logging
 import numpy as np
 import pytest
 import torch
+from synth import music
 
 from mtm_bot.core.audio import Audio
 from mtm_bot.stages.captioner import Segment
 from mtm_bot.stages.compiling import EAGER, CompilePlan
 from mtm_bot.stages.generator import SAMPLE_RATE, Block, Generator
 from mtm_bot.stages.refiner import Refiner
-from synth import music
 
 CPU = torch.device("cpu")
 AUTO_ON_CUDA = CompilePlan(enabled=True, required=False)  # what `auto` resolves to on a GPU

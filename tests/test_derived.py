@@ -1,16 +1,17 @@
 """Starting the next job from a kept track (tiny profile): Reroll, Remix, Extend, Redo, Edit captions, and what
 is kept."""
+
 import numpy as np
 import pytest
 import torch
+from synth import music
 
 from mtm_bot.core.audio import Audio, integrated_loudness, write
 from mtm_bot.core.errors import InputError
+from mtm_bot.core.settings import Settings
 from mtm_bot.stages.generator import CROSSFADE_SECONDS, EDGE_SECONDS, SAMPLE_RATE
 from mtm_bot.stages.kept import Kept, KeptFiles, ResultExpired
 from mtm_bot.stages.pipeline import Pipeline, parse_edited_captions
-from mtm_bot.core.settings import Settings
-from synth import music
 
 SEAM_SAMPLES = round((EDGE_SECONDS + CROSSFADE_SECONDS) * SAMPLE_RATE)  # the crossfade ends this far before a seam
 
@@ -27,6 +28,7 @@ class Counting:
         def call(*args, **kwargs):
             self.calls += 1
             return method(*args, **kwargs)
+
         return call
 
     def __getattr__(self, name):
@@ -41,8 +43,12 @@ def loaded():
 @pytest.fixture()
 def pipeline(loaded):
     """The loaded models, with the captioner and the refiner counting their calls."""
-    return Pipeline(loaded.settings, captioner=Counting(loaded.captioner, "caption"),
-                    refiner=Counting(loaded.refiner, "refine", "write"), generator=loaded.generator)
+    return Pipeline(
+        loaded.settings,
+        captioner=Counting(loaded.captioner, "caption"),
+        refiner=Counting(loaded.refiner, "refine", "write"),
+        generator=loaded.generator,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +102,12 @@ def test_extend_begins_with_the_original_track_sample_for_sample(pipeline, kept)
     longer = pipeline.extend(kept, 10, seed=8)
     end = round(kept.duration * SAMPLE_RATE)
     assert len(longer.audio.samples) == end + 10 * SAMPLE_RATE
-    np.testing.assert_array_equal(longer.audio.samples[:end - SEAM_SAMPLES], kept.rendered.audio.samples[:end - SEAM_SAMPLES])
+    np.testing.assert_array_equal(
+        longer.audio.samples[: end - SEAM_SAMPLES], kept.rendered.audio.samples[: end - SEAM_SAMPLES]
+    )
     assert torch.equal(longer.codes[..., :1000], kept.rendered.codes)
     # The new part at the level the original was delivered at: its samples are its codes' decode at that gain.
-    decoded = pipeline.generator._decode(longer.codes)[end:len(longer.audio.samples)]
+    decoded = pipeline.generator._decode(longer.codes)[end : len(longer.audio.samples)]
     new_part = Audio(longer.audio.samples[end:], SAMPLE_RATE)
     level = float(np.dot(new_part.samples, decoded) / np.dot(decoded, decoded))
     assert level == pytest.approx(kept.gain, rel=1e-4) and longer.gain == pytest.approx(kept.gain)
@@ -137,13 +145,19 @@ def test_edited_caption_lines_parse_with_either_dash_and_blank_lines_between():
     assert parse_edited_captions(text, RANGES) == ["a lone cello", "a marching band"]
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("a lone cello\n0:10\u20130:20 a band", "Line 1 ('a lone cello') does not start with a time range"),
-    ("0:00\u20130:10 a lone cello", "write 2 lines, one per block; you wrote 1"),
-    ("0:00\u20130:10 a\n0:10\u20130:20 b\n0:20\u20130:30 c", "you wrote 3"),
-    ("0:00\u20130:10 a\n0:10\u20130:25 b", "Line 2 says 0:10\u20130:25, but block 2 of this track is 0:10\u20130:20"),
-    ("0:00\u20130:10 a\n0:10\u20130:20   ", "Line 2 (0:10\u20130:20) has no caption"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("a lone cello\n0:10\u20130:20 a band", "Line 1 ('a lone cello') does not start with a time range"),
+        ("0:00\u20130:10 a lone cello", "write 2 lines, one per block; you wrote 1"),
+        ("0:00\u20130:10 a\n0:10\u20130:20 b\n0:20\u20130:30 c", "you wrote 3"),
+        (
+            "0:00\u20130:10 a\n0:10\u20130:25 b",
+            "Line 2 says 0:10\u20130:25, but block 2 of this track is 0:10\u20130:20",
+        ),
+        ("0:00\u20130:10 a\n0:10\u20130:20   ", "Line 2 (0:10\u20130:20) has no caption"),
+    ],
+)
 def test_bad_edited_caption_lines_say_what_to_fix(text, fragment):
     with pytest.raises(InputError) as refused:
         parse_edited_captions(text, RANGES)
@@ -176,10 +190,12 @@ def _lines(kept: Kept) -> list[str]:
 
 # Stereo checkpoints, and a server that switches between mono and stereo.
 
+
 @pytest.fixture(scope="module")
 def stereo():
-    return Pipeline(Settings(profile="tiny", device="cpu", max_output_seconds=40,
-                             musicgen_id="facebook/musicgen-stereo-melody")).load()
+    return Pipeline(
+        Settings(profile="tiny", device="cpu", max_output_seconds=40, musicgen_id="facebook/musicgen-stereo-melody")
+    ).load()
 
 
 @pytest.fixture(scope="module")

@@ -6,23 +6,38 @@ Tests click and choose like a user and check both sides: what the bot's callback
 emulator recorded. Component rules are checked one by one on the emulator's rule functions, and a
 few end to end, where the bot's request must come back 400.
 """
+
 from __future__ import annotations
 
 import asyncio
 import copy
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import discord
 import pytest
 import pytest_asyncio
 from discord import app_commands
 from discord.ext import commands
+from discord_emulator import (
+    ACTION_ROW,
+    BUTTON,
+    COMPONENTS_V2,
+    DEFERRED_CHANNEL_MESSAGE,
+    DEFERRED_UPDATE_MESSAGE,
+    LABEL,
+    MODAL,
+    UPDATE_MESSAGE,
+    DiscordEmulator,
+    FakeUser,
+    Message,
+    component_problem,
+    modal_problem,
+    walk_components,
+)
 
 from bot import point_discord_at
-from discord_emulator import (ACTION_ROW, BUTTON, COMPONENTS_V2, DEFERRED_CHANNEL_MESSAGE, DEFERRED_UPDATE_MESSAGE,
-                              LABEL, MODAL, UPDATE_MESSAGE, DiscordEmulator, FakeUser, Message, component_problem,
-                              modal_problem, walk_components)
 from mtm_bot.core.settings import Settings
 
 on_the_bot = pytest.mark.asyncio(loop_scope="module")  # one bot serves the module's end-to-end tests
@@ -83,8 +98,11 @@ class Panel(discord.ui.View):
         await interaction.response.defer()
         await interaction.message.edit(view=None)  # through the channel, not the interaction's webhook
 
-    @discord.ui.select(placeholder="Redo from…", custom_id="test:redo",
-                       options=[discord.SelectOption(label=f"0:{s}", value=str(s)) for s in (10, 20, 30)])
+    @discord.ui.select(
+        placeholder="Redo from…",
+        custom_id="test:redo",
+        options=[discord.SelectOption(label=f"0:{s}", value=str(s)) for s in (10, 20, 30)],
+    )
     async def redo(self, interaction: discord.Interaction, select: discord.ui.Select) -> None:
         await interaction.client.record("redo", select.values)
         await interaction.response.defer()
@@ -101,7 +119,8 @@ def broken(kind: str) -> discord.ui.View | discord.ui.Modal:
     if kind == "label":
         return view.add_item(discord.ui.Button(label="x" * 81, custom_id="long"))
     return view.add_item(discord.ui.Button(label="a", custom_id="same")).add_item(
-        discord.ui.Button(label="b", custom_id="same"))
+        discord.ui.Button(label="b", custom_id="same")
+    )
 
 
 @app_commands.command(description="a result with buttons")
@@ -131,8 +150,9 @@ async def bad(interaction: discord.Interaction, kind: str) -> None:
 
 class PanelBot(commands.Bot):
     def __init__(self, guild_id: int) -> None:
-        super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents(guilds=True),
-                         help_command=None)
+        super().__init__(
+            command_prefix=commands.when_mentioned, intents=discord.Intents(guilds=True), help_command=None
+        )
         self.guild = discord.Object(guild_id)
         self.seen: list[tuple] = []  # what the callbacks saw, in order
         self.changed = asyncio.Condition()
@@ -144,11 +164,13 @@ class PanelBot(commands.Bot):
 
     async def saw(self, what: Callable[[tuple], bool], name: str) -> tuple:
         """Wait until a callback recorded something that `what` accepts."""
+
         async def recorded() -> tuple:
             async with self.changed:
                 while not (found := next((s for s in self.seen if what(s)), None)):
                     await self.changed.wait()
                 return found
+
         try:
             return await asyncio.wait_for(recorded(), 10)
         except TimeoutError:
@@ -265,8 +287,10 @@ async def test_a_modal_opened_by_a_button_is_submitted_and_updates_the_message(w
     modal = await emulator.wait_for(lambda: opened.modal, 10, "the modal")  # click() returns once dispatched
     assert opened.callback_type == MODAL and not opened.followups and opened.response is None
     assert modal.title == "Extend the track"
-    assert [(i.label, i.value, i.required) for i in modal.inputs] == [("Seconds to add", "30", True),
-                                                                      ("Note", "", False)]
+    assert [(i.label, i.value, i.required) for i in modal.inputs] == [
+        ("Seconds to add", "30", True),
+        ("Note", "", False),
+    ]
     assert [c["type"] for c in modal.components] == [ACTION_ROW, LABEL]
 
     with pytest.raises(AssertionError, match="no input 'Volume'"):
@@ -315,9 +339,14 @@ async def test_what_a_user_cannot_click_is_never_dispatched(world):
 
 
 @on_the_bot
-@pytest.mark.parametrize("kind, reason", [("label", "label: Must be 80 or fewer"),
-                                          ("duplicate", "'same' is used twice"),
-                                          ("modal title", "title: must be 1 to 45")])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("label", "label: Must be 80 or fewer"),
+        ("duplicate", "'same' is used twice"),
+        ("modal title", "title: must be 1 to 45"),
+    ],
+)
 async def test_a_message_or_modal_breaking_a_rule_is_refused_with_400(world, kind, reason):
     emulator, bot = world
     refused = len(emulator.refused)
@@ -341,9 +370,14 @@ def row(*components: dict) -> dict:
     return {"type": ACTION_ROW, "components": list(components)}
 
 
-GOOD_MESSAGE = [row(button("Reroll", "r"), button("Extend", "e"), {"type": 2, "style": 5, "label": "Docs",
-                                                                    "url": "https://example.com"}),
-                row(select(placeholder="Redo from…", min_values=0, max_values=1))]
+GOOD_MESSAGE = [
+    row(
+        button("Reroll", "r"),
+        button("Extend", "e"),
+        {"type": 2, "style": 5, "label": "Docs", "url": "https://example.com"},
+    ),
+    row(select(placeholder="Redo from…", min_values=0, max_values=1)),
+]
 
 MESSAGE_RULES = {  # what breaks the good message -> words of the reason
     "six rows": (lambda m: m + [row(button(custom_id=f"x{i}")) for i in range(4)], "5 or fewer"),
@@ -355,16 +389,22 @@ MESSAGE_RULES = {  # what breaks the good message -> words of the reason
     "long custom_id": (lambda m: [row(button(custom_id="x" * 101))], "custom_id: must be 1 to 100"),
     "shared custom_id": (lambda m: [row(button(custom_id="a")), row(select(custom_id="a"))], "used twice"),
     "long label": (lambda m: [row(button(label="x" * 81))], "label: Must be 80"),
-    "link with custom_id": (lambda m: [row({"type": 2, "style": 5, "url": "https://x", "custom_id": "x"})],
-                            "a url and no custom_id"),
+    "link with custom_id": (
+        lambda m: [row({"type": 2, "style": 5, "url": "https://x", "custom_id": "x"})],
+        "a url and no custom_id",
+    ),
     "link without url": (lambda m: [row({"type": 2, "style": 5, "label": "x"})], "a url and no custom_id"),
     "button with url": (lambda m: [row(button(url="https://x"))], "only link buttons have a url"),
     "no options": (lambda m: [row(select(options=[]))], "1 to 25 options"),
-    "26 options": (lambda m: [row(select(options=[{"label": str(i), "value": str(i)} for i in range(26)]))],
-                   "1 to 25 options"),
+    "26 options": (
+        lambda m: [row(select(options=[{"label": str(i), "value": str(i)} for i in range(26)]))],
+        "1 to 25 options",
+    ),
     "long option": (lambda m: [row(select(options=[{"label": "x" * 101, "value": "1"}]))], "100 or fewer"),
-    "long description": (lambda m: [row(select(options=[{"label": "a", "value": "1", "description": "x" * 101}]))],
-                         "100 or fewer"),
+    "long description": (
+        lambda m: [row(select(options=[{"label": "a", "value": "1", "description": "x" * 101}]))],
+        "100 or fewer",
+    ),
     "long placeholder": (lambda m: [row(select(placeholder="x" * 151))], "placeholder: Must be 150"),
     "26 values": (lambda m: [row(select(max_values=26))], "max_values 1 to 25"),
     "min over max": (lambda m: [row(select(min_values=3, max_values=2))], "min_values <= max_values"),
@@ -393,31 +433,48 @@ def text_input(**extra: Any) -> dict:
     return {"type": 4, "style": 1, "custom_id": "seconds", "label": "Seconds to add", "value": "30", **extra}
 
 
-GOOD_MODAL = {"custom_id": "extend", "title": "Extend the track",
-              "components": [row(text_input()),
-                             {"type": LABEL, "label": "New instruction", "description": "what to change",
-                              "component": text_input(custom_id="instruction", label=None, style=2)},
-                             {"type": 10, "content": "Say how."}]}
+GOOD_MODAL = {
+    "custom_id": "extend",
+    "title": "Extend the track",
+    "components": [
+        row(text_input()),
+        {
+            "type": LABEL,
+            "label": "New instruction",
+            "description": "what to change",
+            "component": text_input(custom_id="instruction", label=None, style=2),
+        },
+        {"type": 10, "content": "Say how."},
+    ],
+}
 
 MODAL_RULES = {
     "no title": (lambda m: m | {"title": ""}, "title: must be 1 to 45"),
     "long title": (lambda m: m | {"title": "x" * 46}, "title: must be 1 to 45"),
     "long custom_id": (lambda m: m | {"custom_id": "x" * 101}, "custom_id: must be 1 to 100"),
     "no components": (lambda m: m | {"components": []}, "1 to 5 components"),
-    "six components": (lambda m: m | {"components": [row(text_input(custom_id=str(i))) for i in range(6)]},
-                       "1 to 5 components"),
+    "six components": (
+        lambda m: m | {"components": [row(text_input(custom_id=str(i))) for i in range(6)]},
+        "1 to 5 components",
+    ),
     "button": (lambda m: m | {"components": [row(button())]}, "exactly one text input"),
-    "two inputs in a row": (lambda m: m | {"components": [row(text_input(), text_input(custom_id="b"))]},
-                            "exactly one text input"),
+    "two inputs in a row": (
+        lambda m: m | {"components": [row(text_input(), text_input(custom_id="b"))]},
+        "exactly one text input",
+    ),
     "row input without label": (lambda m: m | {"components": [row(text_input(label=None))]}, "needs a label"),
     "long input label": (lambda m: m | {"components": [row(text_input(label="x" * 46))]}, "label at most 45"),
-    "long placeholder": (lambda m: m | {"components": [row(text_input(placeholder="x" * 101))]},
-                         "placeholder at most 100"),
+    "long placeholder": (
+        lambda m: m | {"components": [row(text_input(placeholder="x" * 101))]},
+        "placeholder at most 100",
+    ),
     "long value": (lambda m: m | {"components": [row(text_input(value="x" * 4001))]}, "value at most 4000"),
     "max_length over 4000": (lambda m: m | {"components": [row(text_input(max_length=4001))]}, "max_length 1 to 4000"),
     "negative min_length": (lambda m: m | {"components": [row(text_input(min_length=-1))]}, "min_length must be 0"),
-    "long label component": (lambda m: m | {"components": [{"type": LABEL, "label": "x" * 46,
-                                                             "component": text_input()}]}, "45 or fewer"),
+    "long label component": (
+        lambda m: m | {"components": [{"type": LABEL, "label": "x" * 46, "component": text_input()}]},
+        "45 or fewer",
+    ),
     "label without component": (lambda m: m | {"components": [{"type": LABEL, "label": "x"}]}, "only text inputs"),
     "shared custom_id": (lambda m: m | {"components": [row(text_input()), row(text_input())]}, "used twice"),
     "unknown style": (lambda m: m | {"components": [row(text_input(style=3))]}, "short (1) or paragraph (2)"),

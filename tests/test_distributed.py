@@ -3,6 +3,7 @@
 its own key prefix. Faults that need a Redis of their own (restarted empty, unreachable) start one on a
 free port from the same redis-server binary.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,14 +21,22 @@ from pathlib import Path
 
 import pytest
 import redis
-
 from discord_emulator import DiscordEmulator, FakeUser
+from test_bot_e2e import (
+    JOB_SECONDS,
+    LINE,
+    accepted,
+    connect_bot,
+    disconnect_bot,
+    every_job_settled,
+    results_for,
+    wav_bytes,
+)
+from test_bot_restart import TOKEN, bot_env, start_bot
+
+from mtm_bot.core.settings import Settings
 from mtm_bot.jobs.job import JobState
 from mtm_bot.jobs.store import JobStore
-from mtm_bot.core.settings import Settings
-from test_bot_restart import TOKEN, bot_env, start_bot
-from test_bot_e2e import JOB_SECONDS, LINE, accepted, connect_bot, disconnect_bot, every_job_settled, results_for, \
-    wav_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("MTM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -43,8 +52,10 @@ def prefix():
     try:
         client.ping()
     except redis.ConnectionError:
-        pytest.fail(f"No Redis answers at {REDIS_URL}: these tests need a real one. Start it with `redis-server "
-                    "--daemonize yes --save '' --appendonly no` (.ci/run does), or point MTM_TEST_REDIS_URL at one.")
+        pytest.fail(
+            f"No Redis answers at {REDIS_URL}: these tests need a real one. Start it with `redis-server "
+            "--daemonize yes --save '' --appendonly no` (.ci/run does), or point MTM_TEST_REDIS_URL at one."
+        )
     name = f"mtm-test-{secrets.token_hex(4)}"
     yield name
     with contextlib.suppress(redis.ConnectionError):
@@ -71,13 +82,30 @@ class Workers:
         return self.tmp_path / f"{name}.log"
 
     async def start(self, name: str, wait: bool = True, **env: str) -> asyncio.subprocess.Process:
-        settings = {**dict(MTM_PROFILE="tiny", MTM_DEVICE="cpu", MTM_BROKER_URL=self.broker_url,
-                           MTM_BROKER_PREFIX=self.prefix, MTM_MAX_BATCH="1", MTM_HEARTBEAT_SECONDS=HEARTBEAT,
-                           MTM_WORKER_NAME=name, OMP_NUM_THREADS="1"), **env}
+        settings = {
+            **dict(
+                MTM_PROFILE="tiny",
+                MTM_DEVICE="cpu",
+                MTM_BROKER_URL=self.broker_url,
+                MTM_BROKER_PREFIX=self.prefix,
+                MTM_MAX_BATCH="1",
+                MTM_HEARTBEAT_SECONDS=HEARTBEAT,
+                MTM_WORKER_NAME=name,
+                OMP_NUM_THREADS="1",
+            ),
+            **env,
+        }
         with open(self.log(name), "ab") as out:
-            process = await asyncio.create_subprocess_exec(sys.executable, "-m", "mtm_bot", "worker", cwd=ROOT,
-                                                           env=bot_env(**settings), stdout=out,
-                                                           stderr=subprocess.STDOUT)
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "mtm_bot",
+                "worker",
+                cwd=ROOT,
+                env=bot_env(**settings),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         self.processes[name] = process
         if wait:
             await self.ready(name)
@@ -93,8 +121,11 @@ class Workers:
 
     def ran(self, name: str) -> list[str]:
         """Job ids the worker started, in order."""
-        return [line.split("Running job ")[1].split()[0] for line in self.log(name).read_text().splitlines()
-                if "Running job " in line]
+        return [
+            line.split("Running job ")[1].split()[0]
+            for line in self.log(name).read_text().splitlines()
+            if "Running job " in line
+        ]
 
     async def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
         process = self.processes[name]
@@ -114,13 +145,20 @@ class Workers:
 
 
 @contextlib.asynccontextmanager
-async def distributed(tmp_path: Path, prefix: str, broker_url: str = REDIS_URL,
-                      **env: str) -> AsyncIterator[tuple[DiscordEmulator, object, Workers]]:
+async def distributed(
+    tmp_path: Path, prefix: str, broker_url: str = REDIS_URL, **env: str
+) -> AsyncIterator[tuple[DiscordEmulator, object, Workers]]:
     """The emulator, the bot (in this process, distributed mode) and an empty set of workers."""
     emulator = await DiscordEmulator().start()
     workers = Workers(tmp_path, broker_url, prefix)
-    bot, runner = await connect_bot(emulator, tmp_path / "storage", MTM_BROKER_URL=broker_url,
-                                    MTM_BROKER_PREFIX=prefix, MTM_HEARTBEAT_SECONDS=HEARTBEAT, **env)
+    bot, runner = await connect_bot(
+        emulator,
+        tmp_path / "storage",
+        MTM_BROKER_URL=broker_url,
+        MTM_BROKER_PREFIX=prefix,
+        MTM_HEARTBEAT_SECONDS=HEARTBEAT,
+        **env,
+    )
     try:
         yield emulator, bot, workers
     finally:
@@ -130,8 +168,12 @@ async def distributed(tmp_path: Path, prefix: str, broker_url: str = REDIS_URL,
 
 
 async def compose(emulator: DiscordEmulator, user: FakeUser, seed: int, duration: int = 10) -> str:
-    interaction = await emulator.slash(user, "compose", {"instruction": f"carol {seed}", "duration": duration},
-                                       attachment=(wav_bytes(2.0, seed=seed), f"c{seed}.wav", "audio/wav"))
+    interaction = await emulator.slash(
+        user,
+        "compose",
+        {"instruction": f"carol {seed}", "duration": duration},
+        attachment=(wav_bytes(2.0, seed=seed), f"c{seed}.wav", "audio/wav"),
+    )
     return await accepted(emulator, interaction)
 
 
@@ -184,6 +226,7 @@ async def test_two_workers_serve_six_jobs_of_three_users_round_robin_each_delive
 
 async def until(condition, timeout: float, what: str) -> None:
     """Poll a condition that no emulator event announces."""
+
     async def reached() -> None:
         while not condition():
             await asyncio.sleep(0.05)
@@ -218,7 +261,9 @@ async def test_a_stopped_worker_s_job_runs_again_on_a_live_worker_and_is_deliver
         await every_job_settled(bot.store)
         delivered_once(emulator, [alice, bob], [doomed, other])
         assert workers.ran(survivor)[-1] == doomed  # after its own job: the survivor's one slot was busy
-        assert workers.ran(survivor).count(other) + workers.ran(victim).count(other) == 1, "a live worker's job ran once"
+        assert workers.ran(survivor).count(other) + workers.ran(victim).count(other) == 1, (
+            "a live worker's job ran once"
+        )
         assert (await bot.store.get(doomed)).attempt == 2 and (await bot.store.get(other)).attempt == 1
 
 
@@ -233,7 +278,10 @@ async def test_cancel_reaches_a_job_running_on_a_worker(tmp_path, prefix):
         queue = await emulator.slash(alice, "queue")
         await emulator.wait_for(lambda: queue.visible_messages(), 30, "/queue")
         assert f"`{job_id}` compose by {alice.mention}" in queue.visible_messages()[-1].content
-        assert "on gpu-a" in queue.visible_messages()[-1].content and "gpu-a (1/1 busy)" in queue.visible_messages()[-1].content
+        assert (
+            "on gpu-a" in queue.visible_messages()[-1].content
+            and "gpu-a (1/1 busy)" in queue.visible_messages()[-1].content
+        )
         cancel = await emulator.slash(alice, "cancel", {"job": job_id})
         await emulator.wait_for(lambda: cancel.visible_messages(), 30, "/cancel")
         assert "stopping" in cancel.visible_messages()[-1].content
@@ -249,8 +297,9 @@ async def test_cancel_reaches_a_job_running_on_a_worker(tmp_path, prefix):
 
 async def test_a_worker_that_cannot_load_its_models_takes_no_job(tmp_path, prefix):
     workers = Workers(tmp_path, REDIS_URL, prefix)
-    process = await workers.start("broken", wait=False, MTM_PROFILE="full", HF_HOME=str(tmp_path / "empty-cache"),
-                                  HF_HUB_OFFLINE="1")
+    process = await workers.start(
+        "broken", wait=False, MTM_PROFILE="full", HF_HOME=str(tmp_path / "empty-cache"), HF_HUB_OFFLINE="1"
+    )
     assert await asyncio.wait_for(process.wait(), 120) == 1
     log = workers.log("broken").read_text()
     assert "cannot load its models, so it takes no job" in log and "Traceback" not in log
@@ -262,8 +311,15 @@ async def test_a_worker_that_cannot_load_its_models_takes_no_job(tmp_path, prefi
 
 
 async def test_worker_without_a_broker_url_exits_2_saying_what_to_set():
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mtm_bot", "worker"], cwd=ROOT,
-                                   env=bot_env(), capture_output=True, text=True, timeout=120)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mtm_bot", "worker"],
+        cwd=ROOT,
+        env=bot_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "MTM_BROKER_URL is not set" in done.stderr and "redis://" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
@@ -278,12 +334,16 @@ async def test_a_worker_of_another_protocol_version_refuses_the_order_and_hands_
         await workers.start("gpu-a")
         broker = JobStream(Settings(broker_url=REDIS_URL, broker_prefix=prefix), consumer_name="test")
         await AsyncKicker(task_name=TASK_NAME, broker=broker, labels={}).kiq(
-            {"v": 999, "attempt": 1, "job": {"id": "0123abcd", "kind": "compose", "fields": "of a future release"}})
+            {"v": 999, "attempt": 1, "job": {"id": "0123abcd", "kind": "compose", "fields": "of a future release"}}
+        )
         await broker.shutdown()
         # and a worker of another version (its heartbeat says so) is given no job
         client = redis.Redis.from_url(REDIS_URL)
-        client.set(f"{prefix}:worker:future/1", '{"v": 2, "id": "future/1", "name": "future", "capacity": 5, '
-                   '"running": []}', px=60_000)
+        client.set(
+            f"{prefix}:worker:future/1",
+            '{"v": 2, "id": "future/1", "name": "future", "capacity": 5, "running": []}',
+            px=60_000,
+        )
         client.close()
         await until(lambda: len(bot.scheduler.runner.workers()) == 2, 30, "the other worker's heartbeat")
         assert bot.scheduler.runner.capacity == 1 and bot.queue.capacity == 1
@@ -295,11 +355,19 @@ async def test_a_worker_of_another_protocol_version_refuses_the_order_and_hands_
         delivered_once(emulator, [alice], [job_id])
 
 
-async def start_bot_process(emulator: DiscordEmulator, storage: Path, log: Path, broker_url: str, prefix: str,
-                            connected: bool = True) -> asyncio.subprocess.Process:
+async def start_bot_process(
+    emulator: DiscordEmulator, storage: Path, log: Path, broker_url: str, prefix: str, connected: bool = True
+) -> asyncio.subprocess.Process:
     """`python bot.py` in distributed mode (a process of its own, so that a test can kill it)."""
-    return await start_bot(emulator, storage, log, connected, MTM_BROKER_URL=broker_url, MTM_BROKER_PREFIX=prefix,
-                           MTM_HEARTBEAT_SECONDS=HEARTBEAT)
+    return await start_bot(
+        emulator,
+        storage,
+        log,
+        connected,
+        MTM_BROKER_URL=broker_url,
+        MTM_BROKER_PREFIX=prefix,
+        MTM_HEARTBEAT_SECONDS=HEARTBEAT,
+    )
 
 
 async def settled_and_stored(storage: Path, job_ids: list[str]) -> None:
@@ -326,8 +394,11 @@ async def test_results_made_while_the_bot_was_killed_are_delivered_once_after_it
         await until(lambda: running_on(workers, job_id), 120, "running on the worker")
         processes[0].send_signal(signal.SIGKILL)
         assert await processes[0].wait() == -signal.SIGKILL
-        await until(lambda: f"Finished job {job_id}" in workers.log("gpu-a").read_text(), JOB_SECONDS,
-                                "the worker to finish while the bot is down")
+        await until(
+            lambda: f"Finished job {job_id}" in workers.log("gpu-a").read_text(),
+            JOB_SECONDS,
+            "the worker to finish while the bot is down",
+        )
         assert not results_for(emulator, alice)
         processes.append(await start_bot_process(emulator, storage, log, REDIS_URL, prefix))
         await emulator.wait_for(lambda: results_for(emulator, alice), JOB_SECONDS, "the result after the restart")
@@ -358,14 +429,29 @@ class PrivateRedis:
     def start(self) -> None:
         server = shutil.which("redis-server")
         assert server, "redis-server is not installed (.ci/run installs it)"
-        self.process = subprocess.Popen([server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                         "--appendonly", "no", "--dir", str(self.dir)], stdout=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [
+                server,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         client = redis.Redis(port=self.port)
         for _ in range(100):
             with contextlib.suppress(redis.ConnectionError):
                 if client.ping():
                     break
             import time
+
             time.sleep(0.05)
         client.close()
 
@@ -406,8 +492,13 @@ async def test_unreachable_redis_at_start_is_one_sentence_and_retries_until_it_a
     try:
         bot = await start_bot_process(emulator, storage, log, private.url, prefix, connected=False)
         await workers.start("gpu-a", wait=False)
-        await until(lambda: "cannot reach Redis" in log.read_text()
-                    and "cannot reach Redis" in workers.log("gpu-a").read_text(), 300, "the complaints")
+        await until(
+            lambda: (
+                "cannot reach Redis" in log.read_text() and "cannot reach Redis" in workers.log("gpu-a").read_text()
+            ),
+            300,
+            "the complaints",
+        )
         private.start()
         await emulator.wait_for(lambda: emulator.identifies, 300, "the bot to connect once Redis answers")
         await workers.ready("gpu-a", timeout=120)
@@ -429,10 +520,19 @@ async def test_unreachable_redis_at_start_is_one_sentence_and_retries_until_it_a
 
 
 async def test_the_embedded_default_imports_no_redis_and_no_taskiq():
-    code = ("import sys, bot, cogs.queue, mtm_bot.jobs.scheduler, mtm_bot.jobs.runner; "
-            "print(sorted(m for m in ('redis', 'taskiq', 'taskiq_redis') if m in sys.modules))")
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], cwd=ROOT, env=bot_env(),
-                                   capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, bot, cogs.queue, mtm_bot.jobs.scheduler, mtm_bot.jobs.runner; "
+        "print(sorted(m for m in ('redis', 'taskiq', 'taskiq_redis') if m in sys.modules))"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=bot_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
 
@@ -443,15 +543,28 @@ async def test_a_job_that_lost_its_worker_four_times_fails_with_a_sentence(tmp_p
     emulator = await DiscordEmulator().start()
     settings = Settings(storage_dir=tmp_path / "storage")
     store = await JobStore.open(settings)  # a job the bot had handed out 4 times before it restarted
-    job = Job.new(JobKind.COMPOSE, user_id=emulator.user("alice").id, guild_id=emulator.guild_id,
-                  channel_id=emulator.channel_id, instruction="unlucky", duration=10, attachment_size_limit=10 << 20,
-                  application_id=1, interaction_token="gone")
+    job = Job.new(
+        JobKind.COMPOSE,
+        user_id=emulator.user("alice").id,
+        guild_id=emulator.guild_id,
+        channel_id=emulator.channel_id,
+        instruction="unlucky",
+        duration=10,
+        attachment_size_limit=10 << 20,
+        application_id=1,
+        interaction_token="gone",
+    )
     job.input_path = await store.save_input(job.id, wav_bytes(2.0), "a.wav")
     job.state, job.started_at, job.attempt, job.seed = JobState.RUNNING, 1.0, 4, 1
     await store.add(job)
     await store.close()
-    bot, runner = await connect_bot(emulator, tmp_path / "storage", MTM_BROKER_URL=REDIS_URL,
-                                    MTM_BROKER_PREFIX=prefix, MTM_HEARTBEAT_SECONDS=HEARTBEAT)
+    bot, runner = await connect_bot(
+        emulator,
+        tmp_path / "storage",
+        MTM_BROKER_URL=REDIS_URL,
+        MTM_BROKER_PREFIX=prefix,
+        MTM_HEARTBEAT_SECONDS=HEARTBEAT,
+    )
     try:
         await every_job_settled(bot.store, timeout=60)  # no worker holds it: after the grace it is not tried again
         failed = await bot.store.get(job.id)
@@ -469,17 +582,24 @@ async def test_jobs_built_on_a_result_get_its_kept_files_through_redis(tmp_path,
     import mido
     import numpy as np
     import soundfile as sf
-
-    from mtm_bot.core.audio import Audio, write
     from synth import music
     from test_bot_results import caption_lines, result_of
+
+    from mtm_bot.core.audio import Audio, write
 
     async with distributed(tmp_path, prefix) as (emulator, bot, workers):  # MTM_SEED fixed: a reroll still differs
         await workers.start("gpu-a")
         alice, bob, carol = emulator.user("alice"), emulator.user("bob"), emulator.user("carol")
-        original = await result_of(emulator, await emulator.slash(
-            alice, "compose", {"instruction": "a cosy jazz carol", "duration": 20},
-            attachment=(wav_bytes(14.0), "hum.wav", "audio/wav")), alice)
+        original = await result_of(
+            emulator,
+            await emulator.slash(
+                alice,
+                "compose",
+                {"instruction": "a cosy jazz carol", "duration": 20},
+                attachment=(wav_bytes(14.0), "hum.wav", "audio/wav"),
+            ),
+            alice,
+        )
         reroll = await result_of(emulator, await emulator.click(bob, original, "Reroll"), bob)
         assert caption_lines(reroll) == caption_lines(original) and len(caption_lines(reroll)) == 2
 
@@ -491,8 +611,9 @@ async def test_jobs_built_on_a_result_get_its_kept_files_through_redis(tmp_path,
         parent_id = original.content.split("(job `")[1][:8]
         write(Audio(music(20.0, 32000, seed=3), 32000), bot.store.output_path(parent_id))
         clicked = await emulator.click(carol, original, "MIDI")
-        sent = await emulator.wait_for(lambda: next((m for m in clicked.visible_messages() if m.files), None),
-                                       JOB_SECONDS, "the MIDI file")
+        sent = await emulator.wait_for(
+            lambda: next((m for m in clicked.visible_messages() if m.files), None), JOB_SECONDS, "the MIDI file"
+        )
         notes = [m for m in mido.MidiFile(file=io.BytesIO(sent.files[0].data)) if m.type == "note_on" and m.velocity]
         assert sent.ephemeral and notes
         assert len(workers.ran("gpu-a")) == 3
@@ -513,8 +634,8 @@ async def test_a_worker_takes_as_many_jobs_as_its_batch_size(tmp_path, prefix):
 
 
 async def test_the_broker_password_never_reaches_a_log_and_a_wrong_url_is_refused():
-    from mtm_bot.transport.protocol import safe_url
     from mtm_bot.core.settings import SettingsError
+    from mtm_bot.transport.protocol import safe_url
 
     url = "rediss://:s3cret-pass@redis.example.org:6380/2"
     assert safe_url(url) == "rediss://:***@redis.example.org:6380/2"

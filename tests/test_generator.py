@@ -1,4 +1,5 @@
 """The MusicGen generator: block plan, chroma, seamless joins, and block-by-block generation (tiny model)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +10,7 @@ import torch
 
 from mtm_bot.core.audio import Audio, resample, true_peak_dbfs
 from mtm_bot.core.errors import Cancelled
+from mtm_bot.core.progress import CancelToken
 from mtm_bot.stages.generator import (
     CHROMA_LENGTH,
     CROSSFADE_SECONDS,
@@ -23,13 +25,13 @@ from mtm_bot.stages.generator import (
 )
 from mtm_bot.stages.melody import has_bass_line, remove_bass
 from mtm_bot.stages.pipeline import BLOCK_SECONDS
-from mtm_bot.core.progress import CancelToken
 from tests.synth import music
 
 SEGMENTS_2 = [(0.0, 10.0), (10.0, 15.0)]
 
 
 # --- block plan ---------------------------------------------------------------------------------
+
 
 def test_plan_cycles_segments_when_output_outlasts_clip():
     blocks = plan_blocks(45, SEGMENTS_2, 10)
@@ -53,6 +55,7 @@ def test_plan_exact_multiple_has_no_empty_block():
 
 # --- chroma ------------------------------------------------------------------------------------
 
+
 def _reference_chroma(wave: np.ndarray) -> np.ndarray:
     """The feature extractor's definition written out directly in numpy (framewise rFFT)."""
     from transformers.audio_utils import chroma_filter_bank
@@ -61,7 +64,7 @@ def _reference_chroma(wave: np.ndarray) -> np.ndarray:
     wave = wave[: 30 * SAMPLE_RATE].astype(np.float64)
     padded = np.pad(wave, n_fft // 2, mode="reflect")
     window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
-    frames = np.stack([padded[i:i + n_fft] for i in range(0, len(padded) - n_fft + 1, hop)])
+    frames = np.stack([padded[i : i + n_fft] for i in range(0, len(padded) - n_fft + 1, hop)])
     power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2 / np.sum(window**2)
     chroma = power @ chroma_filter_bank(n_fft, 12, SAMPLE_RATE, tuning=0).T  # (frames, 12)
     one_hot = np.eye(12)[chroma.argmax(axis=1)]
@@ -91,9 +94,10 @@ def test_chroma_of_a_tone_is_its_pitch_class():
 
 # --- joins -------------------------------------------------------------------------------------
 
+
 def test_crossfade_passes_identical_material_through_unchanged():
     wave = music(1.0, SAMPLE_RATE)
-    joined = crossfade(wave[:20000], wave[20000 - 1600:], 1600)
+    joined = crossfade(wave[:20000], wave[20000 - 1600 :], 1600)
     np.testing.assert_allclose(joined, wave, atol=1e-6)
 
 
@@ -124,6 +128,7 @@ def test_crossfade_of_sines_has_no_click_and_gains_sum_to_one():
 
 # --- generation (tiny MusicGen-melody, random weights) --------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def generator():
     return Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"), BLOCK_SECONDS)
@@ -145,6 +150,7 @@ class Recorder:
             def record(codes):
                 self.calls.append(({f.name: getattr(request, f.name) for f in dataclasses.fields(request)}, codes))
                 done(codes)
+
             return request, record
 
         newcomers = None if admit is None else (lambda idle: [recorded(*block) for block in admit(idle)])
@@ -152,8 +158,10 @@ class Recorder:
 
 
 def _blocks(duration, block_seconds, segments=SEGMENTS_2, caption="warm jazz carol with sleigh bells"):
-    return [dataclasses.replace(b, description=f"{caption} {b.segment}")
-            for b in plan_blocks(duration, segments, block_seconds)]
+    return [
+        dataclasses.replace(b, description=f"{caption} {b.segment}")
+        for b in plan_blocks(duration, segments, block_seconds)
+    ]
 
 
 def test_same_seed_same_track_other_seed_other_track(generator, clip):
@@ -200,8 +208,10 @@ def test_a_continuation_keeps_the_kept_track_up_to_its_seam(generator, clip, kep
     kept = first.until(kept_seconds)
     delivered = Rendered(Audio(kept.audio.samples * gain, SAMPLE_RATE), kept.codes)
     frames = round(kept_seconds * 50)
-    blocks = [dataclasses.replace(b, description="cosy jazz") for b in
-              plan_blocks(total, SEGMENTS_2, 1, start=kept_seconds, first_index=round(kept_seconds))]
+    blocks = [
+        dataclasses.replace(b, description="cosy jazz")
+        for b in plan_blocks(total, SEGMENTS_2, 1, start=kept_seconds, first_index=round(kept_seconds))
+    ]
     again = generator.generate(clip, blocks, seed=9, start=delivered, gain=gain)
     assert len(again.audio.samples) == total * SAMPLE_RATE
     assert torch.equal(again.codes[..., :frames], first.codes[..., :frames])
@@ -209,7 +219,9 @@ def test_a_continuation_keeps_the_kept_track_up_to_its_seam(generator, clip, kep
     np.testing.assert_array_equal(again.audio.samples[:seam], delivered.audio.samples[:seam])
     # After the seam: one EnCodec pass over all the codes, at the same gain.
     whole = generator._decode(again.codes.to(generator.device)) * gain
-    np.testing.assert_allclose(again.audio.samples[frames * 640:], whole[frames * 640:total * SAMPLE_RATE], atol=1e-5)
+    np.testing.assert_allclose(
+        again.audio.samples[frames * 640 :], whole[frames * 640 : total * SAMPLE_RATE], atol=1e-5
+    )
     if kept_seconds < first.audio.duration:  # a redo: the regenerated block is a new take
         assert not torch.equal(again.codes[..., frames:], first.codes[..., frames:])
 
@@ -229,11 +241,11 @@ def test_continuation_melody_lines_up_with_its_new_frames(generator, clip, monke
     generator.generate(clip, _blocks(6, 4), seed=1)
     (_, codes), (second, _) = recorder.calls
     chroma = second["input_features"][0].cpu()
-    prompt_audio = generator._decode(codes)[-160 * 640:]
-    segment = resample(clip, SAMPLE_RATE).samples[10 * SAMPLE_RATE:15 * SAMPLE_RATE]  # block 2 follows segment 2
+    prompt_audio = generator._decode(codes)[-160 * 640 :]
+    segment = resample(clip, SAMPLE_RATE).samples[10 * SAMPLE_RATE : 15 * SAMPLE_RATE]  # block 2 follows segment 2
     hops = 160 * 640 // 4096  # the prompt is 25 chroma hops; frames 2 hops from an edge see only one side
-    torch.testing.assert_close(chroma[2:hops - 2], melody_chroma(prompt_audio)[2:hops - 2])
-    torch.testing.assert_close(chroma[hops + 2:hops + 38], melody_chroma(segment)[2:38])
+    torch.testing.assert_close(chroma[2 : hops - 2], melody_chroma(prompt_audio)[2 : hops - 2])
+    torch.testing.assert_close(chroma[hops + 2 : hops + 38], melody_chroma(segment)[2:38])
 
 
 def test_continuations_can_leave_the_melody_out(clip):
@@ -312,6 +324,7 @@ def test_text_only_musicgen_generates_without_melody(clip):
 
 # --- loading -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["melody", "small"])
 def test_full_profile_loads_a_saved_checkpoint_and_its_tokenizer(tmp_path, clip, kind):
     from mtm_bot.stages.generator import build_tiny_musicgen
@@ -323,8 +336,9 @@ def test_full_profile_loads_a_saved_checkpoint_and_its_tokenizer(tmp_path, clip,
     assert loaded.uses_melody == (kind == "melody")
     reference = Generator(model, tokenizer, torch.device("cpu"), BLOCK_SECONDS)
     blocks = _blocks(1, 1)
-    np.testing.assert_array_equal(loaded.generate(clip, blocks, seed=5).audio.samples,
-                                  reference.generate(clip, blocks, seed=5).audio.samples)
+    np.testing.assert_array_equal(
+        loaded.generate(clip, blocks, seed=5).audio.samples, reference.generate(clip, blocks, seed=5).audio.samples
+    )
 
 
 def test_missing_weights_are_reported_not_crashed():
@@ -356,8 +370,8 @@ def test_continuation_chroma_tiles_only_its_segment_not_the_prompt(segment_secon
     chroma = melody_chroma(np.concatenate([prompt, segment]), prompt_samples=len(prompt)).numpy()
     pitch = chroma.argmax(1)
     hops = len(prompt) // 4096  # 25: the prompt's frames, kept once where its codes are
-    assert (pitch[:hops - 1] == 9).all()  # A
-    new_frames = pitch[hops + 1:]  # the frame on the boundary hears both tones
+    assert (pitch[: hops - 1] == 9).all()  # A
+    new_frames = pitch[hops + 1 :]  # the frame on the boundary hears both tones
     assert len(new_frames) == CHROMA_LENGTH - hops - 1
     assert (new_frames == 0).mean() > 0.97  # C; tiling the prompt too gave 20-70 % A here
 
@@ -372,7 +386,7 @@ def test_last_short_block_is_guided_by_its_own_segment_only(generator, monkeypat
     (_, codes), (second, _) = recorder.calls
     pitch = second["input_features"][0].cpu().numpy().argmax(1)
     hops = 160 * 640 // 4096
-    assert (pitch[hops + 1:] == 0).mean() > 0.97
+    assert (pitch[hops + 1 :] == 0).mean() > 0.97
 
 
 def test_a_continuation_at_a_gain_that_would_clip_is_limited_to_the_true_peak_ceiling(generator, clip):
@@ -383,13 +397,14 @@ def test_a_continuation_at_a_gain_that_would_clip_is_limited_to_the_true_peak_ce
     first = generator.generate(clip, _blocks(3, 1), seed=1)
     kept = first.until(2.0)
     delivered = Rendered(Audio(kept.audio.samples * 0.5, SAMPLE_RATE), kept.codes)
-    blocks = [dataclasses.replace(b, description="cosy jazz") for b in
-              plan_blocks(4, SEGMENTS_2, 1, start=2.0, first_index=2)]
+    blocks = [
+        dataclasses.replace(b, description="cosy jazz") for b in plan_blocks(4, SEGMENTS_2, 1, start=2.0, first_index=2)
+    ]
     again = generator.generate(clip, blocks, seed=9, start=delivered, gain=gain)
     seam = 2 * SAMPLE_RATE - round((EDGE_SECONDS + CROSSFADE_SECONDS) * SAMPLE_RATE)
     np.testing.assert_array_equal(again.audio.samples[:seam], delivered.audio.samples[:seam])
-    new_part = Audio(again.audio.samples[2 * SAMPLE_RATE:], SAMPLE_RATE)
+    new_part = Audio(again.audio.samples[2 * SAMPLE_RATE :], SAMPLE_RATE)
     assert true_peak_dbfs(new_part) <= -1.0 + 1e-3 and np.abs(new_part.samples).max() < 1.0
     assert again.gain < gain / 4  # lowered, and reported for the next continuation
     whole = generator._decode(again.codes.to(generator.device)) * again.gain
-    np.testing.assert_allclose(new_part.samples, whole[2 * SAMPLE_RATE:4 * SAMPLE_RATE], atol=1e-5)
+    np.testing.assert_allclose(new_part.samples, whole[2 * SAMPLE_RATE : 4 * SAMPLE_RATE], atol=1e-5)

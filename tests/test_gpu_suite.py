@@ -3,6 +3,7 @@
 The whole smoke suite takes minutes on two cores, so the report is checked with one tiny bench run for
 real; the suite runs every bench the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def suite(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "bench.gpu_suite", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "bench.gpu_suite", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_the_report_holds_the_machine_the_versions_and_each_bench_with_its_reference(tmp_path):
@@ -57,8 +59,14 @@ def test_a_failing_silent_or_hanging_bench_is_recorded_as_such(tmp_path, monkeyp
 def test_the_time_limits_fit_in_eight_minutes():
     assert sum(b.timeout_s for b in gpu_suite.BENCHES) < gpu_suite.SUITE_LIMIT_S == 480
     names = {b.name for b in gpu_suite.BENCHES}
-    assert names == {"musicgen_melody", "musicgen_small", "musicgen_small_continuation", "refiner", "captioner",
-                     "compose"}
+    assert names == {
+        "musicgen_melody",
+        "musicgen_small",
+        "musicgen_small_continuation",
+        "refiner",
+        "captioner",
+        "compose",
+    }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -1,4 +1,5 @@
 """The image captioner: pictures in every accepted format are read safely; bad ones get a clear sentence."""
+
 import io
 
 import pytest

@@ -1,4 +1,5 @@
 """/compose's instruction suggestions: presets and a server's recent instructions, within Discord's limits."""
+
 from cogs.utils.instruction_suggestions import MAX_CHOICE_CHARS, MAX_CHOICES, PRESET_INSTRUCTIONS, suggestions
 
 
@@ -17,13 +18,12 @@ def test_typing_filters_ignoring_case_and_spacing():
 
 def test_each_suggestion_once_as_first_seen():
     recent = ["a cosy  jazz carol\nwith sleigh bells", "Slow waltz", "slow waltz"]
-    assert suggestions("", recent)[:3] == ["a cosy jazz carol with sleigh bells", "Slow waltz",
-                                           PRESET_INSTRUCTIONS[1]]
+    assert suggestions("", recent)[:3] == ["a cosy jazz carol with sleigh bells", "Slow waltz", PRESET_INSTRUCTIONS[1]]
     assert len(suggestions("", recent)) == 2 + len(PRESET_INSTRUCTIONS) - 1
 
 
 def test_at_most_25_choices_of_at_most_100_characters_and_the_presets_keep_their_room():
     recent = [f"carol number {i}" for i in range(40)] + ["carol " + "x" * MAX_CHOICE_CHARS]
     offered = suggestions("", recent)
-    assert len(offered) == MAX_CHOICES and offered[-len(PRESET_INSTRUCTIONS):] == list(PRESET_INSTRUCTIONS)
+    assert len(offered) == MAX_CHOICES and offered[-len(PRESET_INSTRUCTIONS) :] == list(PRESET_INSTRUCTIONS)
     assert all(len(text) <= MAX_CHOICE_CHARS for text in suggestions("carol", recent))

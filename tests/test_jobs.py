@@ -1,20 +1,30 @@
 """Job store (SQLite + files) and the fair queue with its limits."""
+
 import os
 import time
 
 import pytest
 
 from mtm_bot.core.errors import InputError
+from mtm_bot.core.settings import Settings
 from mtm_bot.jobs.job import Job, JobKind, JobState
 from mtm_bot.jobs.queue import JobQueue, QueueFull, TooManyJobs
 from mtm_bot.jobs.store import JobStore
 from mtm_bot.stages.kept import ResultExpired
-from mtm_bot.core.settings import Settings
 
 
 def make_job(user_id: int, kind: JobKind = JobKind.COMPOSE, duration: int | None = 10, **changes) -> Job:
-    job = Job.new(kind, user_id=user_id, guild_id=1, channel_id=2, instruction="cosy jazz", duration=duration,
-                  attachment_size_limit=10 * 1024 * 1024, application_id=3, interaction_token="tok")
+    job = Job.new(
+        kind,
+        user_id=user_id,
+        guild_id=1,
+        channel_id=2,
+        instruction="cosy jazz",
+        duration=duration,
+        attachment_size_limit=10 * 1024 * 1024,
+        application_id=3,
+        interaction_token="tok",
+    )
     for name, value in changes.items():
         setattr(job, name, value)
     return job
@@ -206,9 +216,15 @@ async def test_recent_instructions_are_this_servers_compose_instructions_newest_
     def compose(instruction: str, created_at: float, guild_id: int = 1, kind: JobKind = JobKind.COMPOSE) -> Job:
         return make_job(7, kind, instruction=instruction, created_at=created_at, guild_id=guild_id)
 
-    for job in (compose("cosy jazz", 1), compose("Stone church CHOIR", 2), compose("cosy jazz", 3),
-                compose("a" * 101, 4), compose("other server's polka", 5, guild_id=2),
-                compose("remixed as metal", 6, kind=JobKind.REMIX), compose("", 7, kind=JobKind.CAPTION)):
+    for job in (
+        compose("cosy jazz", 1),
+        compose("Stone church CHOIR", 2),
+        compose("cosy jazz", 3),
+        compose("a" * 101, 4),
+        compose("other server's polka", 5, guild_id=2),
+        compose("remixed as metal", 6, kind=JobKind.REMIX),
+        compose("", 7, kind=JobKind.CAPTION),
+    ):
         await store.add(job)
     assert await store.recent_instructions(1, "", max_chars=100, limit=25) == ["cosy jazz", "Stone church CHOIR"]
     assert await store.recent_instructions(1, "", max_chars=200, limit=1) == ["a" * 101]

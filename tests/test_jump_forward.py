@@ -4,6 +4,7 @@ vocabulary; tiny random weights).
 The model learned from canonically tokenized text: after `"` its tokenizer writes `",` where the grammar
 forces `, "`, so a forced run that starts with a lone `,` is input the model never saw in training.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,9 +16,11 @@ from mtm_bot.stages.captioner import Segment
 from mtm_bot.stages.compiling import EAGER
 from mtm_bot.stages.refiner import Refiner
 
-SEGMENTS = [Segment(0.0, 10.0, "a piano melody over a steady beat"),
-            Segment(10.0, 20.0, "energetic drums and distorted guitars"),
-            Segment(20.0, 25.0, "a quiet outro with soft strings")]
+SEGMENTS = [
+    Segment(0.0, 10.0, "a piano melody over a steady beat"),
+    Segment(10.0, 20.0, "energetic drums and distorted guitars"),
+    Segment(20.0, 25.0, "a quiet outro with soft strings"),
+]
 
 
 @pytest.fixture(scope="module")

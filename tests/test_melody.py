@@ -1,4 +1,5 @@
 """The melody MusicGen is conditioned on: bass and drums must not take over the chroma."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,11 @@ def _melody_agreement(chroma: np.ndarray, melody: list[int] = MELODY) -> float:
     for index in range(len(melody) * round(NOTE_SECONDS * SAMPLE_RATE) // CHROMA_HOP):
         centre = index * CHROMA_HOP
         note = centre // round(NOTE_SECONDS * SAMPLE_RATE)
-        if (centre - CHROMA_N_FFT // 2) // round(NOTE_SECONDS * SAMPLE_RATE) == note == \
-                (centre + CHROMA_N_FFT // 2) // round(NOTE_SECONDS * SAMPLE_RATE):
+        if (
+            (centre - CHROMA_N_FFT // 2) // round(NOTE_SECONDS * SAMPLE_RATE)
+            == note
+            == (centre + CHROMA_N_FFT // 2) // round(NOTE_SECONDS * SAMPLE_RATE)
+        ):
             frames += 1
             hits += int(chroma[index].argmax()) == melody[note] % 12
     return hits / frames
@@ -98,6 +102,6 @@ def test_a_continuation_keeps_a_hum_after_a_prompt_of_held_bass_notes():
     joined = np.concatenate([prompt, hum])
     assert has_bass_line(joined, SAMPLE_RATE) and not has_bass_line(hum, SAMPLE_RATE)  # judged together it would be cut
     chroma = melody_chroma(joined, prompt_samples=len(prompt)).numpy()
-    after_prompt = chroma[-(-len(prompt) // CHROMA_HOP):]
+    after_prompt = chroma[-(-len(prompt) // CHROMA_HOP) :]
     agreement = _melody_agreement(after_prompt, MALE_HUM)
     assert agreement >= 0.95, f"as a continuation the chroma shows the hummed tune on only {agreement:.0%} of frames"

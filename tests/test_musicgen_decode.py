@@ -1,4 +1,5 @@
 """The fast MusicGen decode loop against transformers' `generate`, on tiny offline models (CPU)."""
+
 import dataclasses
 
 import pytest
@@ -41,7 +42,7 @@ def with_trained_weight_scales(model):
     parts = [model.decoder, getattr(model, "enc_to_dec_proj", None), getattr(model, "audio_enc_to_dec_proj", None)]
     for module in (m for part in parts if part is not None for m in part.modules()):
         if isinstance(module, torch.nn.Linear):
-            module.weight.normal_(0, module.in_features ** -0.5, generator=rng)
+            module.weight.normal_(0, module.in_features**-0.5, generator=rng)
         elif isinstance(module, torch.nn.Embedding):
             module.weight.normal_(0, 1, generator=rng)
     return model
@@ -57,8 +58,9 @@ def inputs(kind, tokenizer, captions=(CAPTION,), prompt_frames=0, seed=0, codebo
         notes = torch.randint(0, 12, (batch, 120), generator=rng)
         features = torch.nn.functional.one_hot(notes, 12).float()
     prompt = torch.randint(0, 64, (batch, codebooks, prompt_frames), generator=rng) if prompt_frames else None
-    return dict(input_ids=text.input_ids, attention_mask=text.attention_mask, input_features=features,
-                prompt_codes=prompt)
+    return dict(
+        input_ids=text.input_ids, attention_mask=text.attention_mask, input_features=features, prompt_codes=prompt
+    )
 
 
 @pytest.mark.parametrize("prompt_frames", [0, 13])
@@ -75,23 +77,33 @@ def test_greedy_codes_equal_transformers_generate(tiny, prompt_frames):
     assert ours[..., prompt_frames:].unique().numel() > 8  # real music codes, not a constant
 
 
-def request(kind, tokenizer, caption=CAPTION, prompt_frames=0, new_frames=30, melody=True, seed=0, on_step=None,
-            codebooks=4):
+def request(
+    kind, tokenizer, caption=CAPTION, prompt_frames=0, new_frames=30, melody=True, seed=0, on_step=None, codebooks=4
+):
     """One block's request (seeded melody, prompt and generator) and the inputs transformers takes for it."""
     kw = inputs(kind, tokenizer, captions=(caption,), prompt_frames=prompt_frames, seed=seed, codebooks=codebooks)
     if not melody:
         kw["input_features"] = None
-    block = BlockRequest(kw["input_ids"], kw["attention_mask"], new_frames, kw["input_features"], kw["prompt_codes"],
-                         torch.Generator().manual_seed(seed), on_step)
+    block = BlockRequest(
+        kw["input_ids"],
+        kw["attention_mask"],
+        new_frames,
+        kw["input_features"],
+        kw["prompt_codes"],
+        torch.Generator().manual_seed(seed),
+        on_step,
+    )
     return block, kw
 
 
 def mixed_batch(kind, tokenizer, on_step=None):
     """Different descriptions (one past the 128-token text bucket), a first block and continuations (one
     from the bot's 160-frame prompt), with and without melody, different lengths; `on_step` on the second."""
-    specs = [dict(caption=CAPTION, new_frames=40, seed=1),
-             dict(caption="lo-fi piano", prompt_frames=160, new_frames=25, melody=False, seed=2, on_step=on_step),
-             dict(caption=", ".join([CAPTION] * 6), prompt_frames=13, new_frames=33, seed=3)]
+    specs = [
+        dict(caption=CAPTION, new_frames=40, seed=1),
+        dict(caption="lo-fi piano", prompt_frames=160, new_frames=25, melody=False, seed=2, on_step=on_step),
+        dict(caption=", ".join([CAPTION] * 6), prompt_frames=13, new_frames=33, seed=3),
+    ]
     return [request(kind, tokenizer, **spec) for spec in specs]
 
 
@@ -114,11 +126,11 @@ def decode_recording_logits(decoder, blocks, sampling=Sampling()):
     results = decoder.generate_batch(blocks, sampling)
     del decoder.net.logits
     rows = 2 if sampling.guidance_scale > 1 else 1
-    prefills, steps = calls[: len(blocks)], calls[len(blocks):]  # a prefill per block, then the batch's steps
+    prefills, steps = calls[: len(blocks)], calls[len(blocks) :]  # a prefill per block, then the batch's steps
     per_block = []
     for slot, (block, prefill) in enumerate(zip(blocks, prefills)):
         decode_steps = block.new_frames + decoder.num_codebooks - 2  # all its steps but the prefill
-        own_rows = [step[slot * rows:(slot + 1) * rows] for step in steps[:decode_steps]]
+        own_rows = [step[slot * rows : (slot + 1) * rows] for step in steps[:decode_steps]]
         per_block.append(torch.stack([prefill] + own_rows))
     return results, per_block
 
@@ -188,8 +200,9 @@ def test_sampling_is_reproducible_per_seed(tiny):
     kw = inputs(kind, tokenizer, prompt_frames=4)
 
     def sample(seed, sampling=Sampling()):
-        return decoder.generate_codes(**kw, new_frames=30, sampling=sampling,
-                                      generator=torch.Generator().manual_seed(seed))
+        return decoder.generate_codes(
+            **kw, new_frames=30, sampling=sampling, generator=torch.Generator().manual_seed(seed)
+        )
 
     first = sample(7)
     assert torch.equal(first, sample(7))
@@ -206,8 +219,9 @@ def test_on_step_reports_every_frame_and_its_exception_stops_the_loop(tiny):
     decoder = MusicgenDecoder(model, max_frames=200)
     kw = inputs(kind, tokenizer, prompt_frames=3)
     calls = []
-    full = decoder.generate_codes(**kw, new_frames=20, sampling=GREEDY,
-                                  on_step=lambda done, total: calls.append((done, total)))
+    full = decoder.generate_codes(
+        **kw, new_frames=20, sampling=GREEDY, on_step=lambda done, total: calls.append((done, total))
+    )
     assert calls == [(i, 20) for i in range(1, 21)]
 
     calls.clear()
@@ -227,12 +241,17 @@ def test_a_reused_decoder_gives_what_a_fresh_one_gives(tiny):
     """Static buffers carry nothing from one block to the next (longer caption, prompt, melody)."""
     kind, model, tokenizer = tiny
     reused = MusicgenDecoder(model, max_frames=200)
-    reused.generate_codes(**inputs(kind, tokenizer, captions=(CAPTION + ", " + CAPTION,), prompt_frames=30, seed=2),
-                          new_frames=50, sampling=GREEDY)
+    reused.generate_codes(
+        **inputs(kind, tokenizer, captions=(CAPTION + ", " + CAPTION,), prompt_frames=30, seed=2),
+        new_frames=50,
+        sampling=GREEDY,
+    )
     short = inputs(kind, tokenizer, captions=("lo-fi piano",))
     fresh = MusicgenDecoder(model, max_frames=200)
-    assert torch.equal(reused.generate_codes(**short, new_frames=20, sampling=GREEDY),
-                       fresh.generate_codes(**short, new_frames=20, sampling=GREEDY))
+    assert torch.equal(
+        reused.generate_codes(**short, new_frames=20, sampling=GREEDY),
+        fresh.generate_codes(**short, new_frames=20, sampling=GREEDY),
+    )
 
 
 def test_a_malformed_request_is_refused_before_any_block_starts(tiny):
@@ -254,6 +273,7 @@ def test_a_malformed_request_is_refused_before_any_block_starts(tiny):
 def recording_compile(decoder, graphs: list):
     """The CUDA configuration's torch.compile of the step, with a backend that records each graph's
     inputs and runs it eagerly (no inductor)."""
+
     def record(graph_module, example_inputs):
         graphs.append(example_inputs)
         return graph_module.forward
@@ -272,8 +292,13 @@ def test_decode_step_traces_as_one_static_graph_per_bucket(tiny):
     traced.step = recording_compile(traced, graphs)
     for sampling in (GREEDY, Sampling()):
         for blocks in (1, 3):  # buckets of 2 and 4 slots (a CPU batch has at least 4 rows)
-            runs = [decoder.generate_batch([request(kind, tokenizer, prompt_frames=2, new_frames=12, seed=i)[0]
-                                            for i in range(blocks)], sampling) for decoder in (eager, traced)]
+            runs = [
+                decoder.generate_batch(
+                    [request(kind, tokenizer, prompt_frames=2, new_frames=12, seed=i)[0] for i in range(blocks)],
+                    sampling,
+                )
+                for decoder in (eager, traced)
+            ]
             assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert len(graphs) == 4  # per sampling mode, one per bucket, none per step
     assert all(isinstance(value, torch.Tensor) for inputs in graphs for value in inputs)  # no SymInt
@@ -311,8 +336,9 @@ def test_fusing_the_projections_stores_no_weight_twice(tiny):
     kind, model, tokenizer = tiny
 
     def weight_bytes(*tensors) -> int:  # the memory behind the model's parameters and `tensors`
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in (*model.parameters(), *tensors)}
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*model.parameters(), *tensors)
+        }
         return sum(storages.values())
 
     before = weight_bytes()
@@ -359,8 +385,11 @@ def test_a_running_loop_grows_to_take_every_block_its_limit_allows(tiny):
     kind, model, tokenizer = tiny
     blocks = [request(kind, tokenizer, caption=f"{CAPTION} {i}", new_frames=30, seed=i)[0] for i in range(4)]
     alone = [MusicgenDecoder(model, max_frames=200).generate_batch([with_own_generator(b)])[0] for b in blocks]
-    codes, running = decode_staggered(MusicgenDecoder(model, max_frames=200),
-                                      {0: blocks[:1], 3: blocks[1:2], 6: blocks[2:3], 9: blocks[3:]}, max_blocks=4)
+    codes, running = decode_staggered(
+        MusicgenDecoder(model, max_frames=200),
+        {0: blocks[:1], 3: blocks[1:2], 6: blocks[2:3], 9: blocks[3:]},
+        max_blocks=4,
+    )
     assert max(running) == 4  # all four decoded together once the last had joined
     assert running[:3] == [1, 1, 1] and running[10] == 4
     for ours, theirs in zip(codes, alone):
@@ -371,17 +400,21 @@ def test_a_loop_never_decodes_more_blocks_than_its_limit(tiny):
     """max_batch 3 decodes in the bucket of 4 slots, but never runs a fourth block: it waits for a slot."""
     kind, model, tokenizer = tiny
     blocks = [request(kind, tokenizer, new_frames=20, seed=i)[0] for i in range(4)]
-    codes, running = decode_staggered(MusicgenDecoder(model, max_frames=200), {0: blocks[:1], 2: blocks[1:]},
-                                      max_blocks=3)
+    codes, running = decode_staggered(
+        MusicgenDecoder(model, max_frames=200), {0: blocks[:1], 2: blocks[1:]}, max_blocks=3
+    )
     assert max(running) == 3 and len(codes) == 4
     assert running.index(3) < running.index(1, running.index(3))  # the fourth ran alone after the others
 
 
 # Stereo checkpoints (8 codebooks, left and right interleaved, a delay per pair) and the large layout.
 
-@pytest.fixture(scope="module", params=[("melody", True, False), ("small", True, False), ("melody", False, True),
-                                        ("melody", True, True)],
-                ids=["stereo-melody", "stereo-small", "melody-large", "stereo-melody-large"])
+
+@pytest.fixture(
+    scope="module",
+    params=[("melody", True, False), ("small", True, False), ("melody", False, True), ("melody", True, True)],
+    ids=["stereo-melody", "stereo-small", "melody-large", "stereo-melody-large"],
+)
 def layout(request):
     kind, stereo, large = request.param
     model, tokenizer = build_tiny_musicgen(kind, stereo=stereo, large=large)
@@ -404,15 +437,19 @@ def test_stereo_and_large_layouts_decode_what_transformers_generates(layout, pro
 def test_stereo_blocks_batched_decode_the_bits_they_decode_alone(layout):
     kind, model, tokenizer = layout
     K = model.decoder.num_codebooks
-    specs = [dict(new_frames=30, seed=1), dict(caption="lo-fi piano", prompt_frames=160, new_frames=25, seed=2),
-             dict(caption=", ".join([CAPTION] * 6), prompt_frames=13, new_frames=33, melody=False, seed=3)]
+    specs = [
+        dict(new_frames=30, seed=1),
+        dict(caption="lo-fi piano", prompt_frames=160, new_frames=25, seed=2),
+        dict(caption=", ".join([CAPTION] * 6), prompt_frames=13, new_frames=33, melody=False, seed=3),
+    ]
     batch = [request(kind, tokenizer, codebooks=K, **spec)[0] for spec in specs]
     alone = [MusicgenDecoder(model, max_frames=200).generate_batch([with_own_generator(b)])[0] for b in batch]
     for ours, theirs in zip(MusicgenDecoder(model, max_frames=200).generate_batch(batch), alone):
         assert torch.equal(ours, theirs)
     frames = []
     MusicgenDecoder(model, max_frames=200).generate_codes(
-        **inputs(kind, tokenizer, codebooks=K), new_frames=6, on_step=lambda done, total: frames.append(done))
+        **inputs(kind, tokenizer, codebooks=K), new_frames=6, on_step=lambda done, total: frames.append(done)
+    )
     assert frames == [1, 2, 3, 4, 5, 6]  # a frame counts once both channels' last codebooks have it
 
 

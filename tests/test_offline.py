@@ -4,6 +4,7 @@ The commands run as users run them, without HF_HUB_OFFLINE, with an empty Huggin
 HF_ENDPOINT pointed at a local port, so they can never reach the real hub. huggingface_hub alone would
 retry each file five times with backoff (half a minute per file) and end in a traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from synth import write_music
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,12 +66,16 @@ def refused_endpoint() -> str:
 
 
 def run(args: list[str], endpoint: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN") and not k.startswith("MTM_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN") and not k.startswith("MTM_")
+    }
     env.update(PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=endpoint)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "mtm_bot", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mtm_bot", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     return done, time.monotonic() - started
 
 
@@ -84,10 +88,13 @@ def assert_one_sentence(done: subprocess.CompletedProcess, *fragments: str) -> N
         assert fragment in error[0], done.stderr
 
 
-@pytest.mark.parametrize("where, reason", [
-    ("refused", "(Connection refused)"),
-    ("unresolvable", "http://hub.invalid cannot be reached ("),  # .invalid never resolves (RFC 2606)
-])
+@pytest.mark.parametrize(
+    "where, reason",
+    [
+        ("refused", "(Connection refused)"),
+        ("unresolvable", "http://hub.invalid cannot be reached ("),  # .invalid never resolves (RFC 2606)
+    ],
+)
 def test_download_without_network_says_so_at_once(where, reason, tmp_path):
     endpoint = refused_endpoint() if where == "refused" else "http://hub.invalid"
     done, seconds = run(["download"], endpoint, tmp_path)
@@ -109,10 +116,14 @@ def test_download_asks_a_hub_that_hangs_up_once(hanging_up_hub, tmp_path):
 
 def test_full_profile_without_weights_or_network_names_the_repo_and_asks_the_hub_once(hanging_up_hub, tmp_path):
     clip = write_music(tmp_path / "clip.wav", 3.0)
-    done, seconds = run(["compose", str(clip), "-i", "a cosy carol", "-o", str(tmp_path / "out.wav"),
-                         "--profile", "full"], hanging_up_hub.url, tmp_path)
-    assert_one_sentence(done, "seungheondoh/lp-music-caps", f"{hanging_up_hub.url} cannot be reached",
-                        "python -m mtm_bot download")
+    done, seconds = run(
+        ["compose", str(clip), "-i", "a cosy carol", "-o", str(tmp_path / "out.wav"), "--profile", "full"],
+        hanging_up_hub.url,
+        tmp_path,
+    )
+    assert_one_sentence(
+        done, "seungheondoh/lp-music-caps", f"{hanging_up_hub.url} cannot be reached", "python -m mtm_bot download"
+    )
     assert hanging_up_hub.connections == 1  # the probe; no load tried the network after it
     assert not (tmp_path / "out.wav").exists()
     assert seconds < 120, f"{seconds:.1f} s"  # a hang guard only: importing torch and transformers dominates here

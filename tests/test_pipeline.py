@@ -1,13 +1,14 @@
 """The pipeline as the bot and the CLI use it: one object, models loaded once, tiny profile."""
+
 import numpy as np
 import pytest
+from synth import music
 
 from mtm_bot.core.audio import Audio, integrated_loudness, true_peak_dbfs
 from mtm_bot.core.errors import Cancelled, InputError
-from mtm_bot.stages.pipeline import Pipeline
 from mtm_bot.core.progress import CancelToken
 from mtm_bot.core.settings import Settings
-from synth import music
+from mtm_bot.stages.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,14 @@ def test_track_is_exact_length_loudness_normalised_and_below_full_scale(pipeline
 
 def test_refined_captions_arrive_before_generation_starts(pipeline, clip):
     events = []
-    pipeline.compose(clip, "lo-fi", duration=10, seed=2, on_captions=lambda lines: events.append(("captions", lines)),
-                     progress=lambda p: events.append((p.stage, p.block)))
+    pipeline.compose(
+        clip,
+        "lo-fi",
+        duration=10,
+        seed=2,
+        on_captions=lambda lines: events.append(("captions", lines)),
+        progress=lambda p: events.append((p.stage, p.block)),
+    )
     stages = [name for name, _ in events]
     assert stages.index("captions") > stages.index("refining")
     assert stages.index("captions") < stages.index("generating")
@@ -99,14 +106,19 @@ def test_the_llm_loads_warms_up_and_answers_every_job_on_one_thread_of_its_own(m
         refiner = load(cls, *args, **kwargs)
         for name in ("refine", "write"):
             method = getattr(refiner, name)
-            setattr(refiner, name, lambda *a, _m=method, _n=name, **kw: (threads.append((_n, threading.get_ident())),
-                                                                          _m(*a, **kw))[1])
+            setattr(
+                refiner,
+                name,
+                lambda *a, _m=method, _n=name, **kw: (threads.append((_n, threading.get_ident())), _m(*a, **kw))[1],
+            )
         return refiner
 
     monkeypatch.setattr(Refiner, "load", classmethod(recording_load))
     pipeline = Pipeline(Settings(profile="tiny", device="cpu"))
-    jobs = [threading.Thread(target=pipeline.compose, args=(clip, "a carol"), kwargs={"duration": 10}),
-            threading.Thread(target=pipeline.compose, args=(None, "a waltz"), kwargs={"duration": 10})]
+    jobs = [
+        threading.Thread(target=pipeline.compose, args=(clip, "a carol"), kwargs={"duration": 10}),
+        threading.Thread(target=pipeline.compose, args=(None, "a waltz"), kwargs={"duration": 10}),
+    ]
     for job in jobs:
         job.start()
     for job in jobs:

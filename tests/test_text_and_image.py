@@ -1,4 +1,5 @@
 """Tracks from words alone and from a picture, through the CLI and the pipeline (tiny profile)."""
+
 import json
 import os
 import subprocess
@@ -9,8 +10,8 @@ import pytest
 import soundfile as sf
 
 from mtm_bot.cli import main
-from mtm_bot.stages.pipeline import Pipeline
 from mtm_bot.core.settings import Settings
+from mtm_bot.stages.pipeline import Pipeline
 from tests.pictures import bad_pictures, picture_bytes
 from tests.synth import write_music
 
@@ -42,8 +43,13 @@ def pipeline():
 @pytest.fixture()
 def spied(pipeline):
     spy = RefinerSpy(pipeline.refiner)
-    return Pipeline(pipeline.settings, captioner=pipeline.captioner, refiner=spy, generator=pipeline.generator,
-                    image_captioner=pipeline.image_captioner), spy
+    return Pipeline(
+        pipeline.settings,
+        captioner=pipeline.captioner,
+        refiner=spy,
+        generator=pipeline.generator,
+        image_captioner=pipeline.image_captioner,
+    ), spy
 
 
 def user_data(prompt: str) -> dict:
@@ -68,8 +74,22 @@ def test_cli_with_a_picture_and_no_clip_prints_json_with_the_description(tmp_pat
     picture = tmp_path / "snow.jpg"
     picture.write_bytes(picture_bytes("JPEG"))
     out = tmp_path / "picture.ogg"
-    code = main(["compose", "--image", str(picture), "-i", "festive", "-o", str(out), "--duration", "20",
-                 "--seed", "2", "--json"])
+    code = main(
+        [
+            "compose",
+            "--image",
+            str(picture),
+            "-i",
+            "festive",
+            "-o",
+            str(out),
+            "--duration",
+            "20",
+            "--seed",
+            "2",
+            "--json",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["picture"] and result["input_captions"] == []
@@ -82,12 +102,19 @@ def test_cli_with_a_picture_and_no_clip_prints_json_with_the_description(tmp_pat
 @pytest.mark.parametrize("name", ["not_an_image", "decompression_bomb", "truncated"])
 def test_cli_bad_picture_exits_2_with_one_sentence_before_any_model_library_loads(name, tmp_path):
     path, _, fragment = bad_pictures(tmp_path)[name]
-    report = ("import json, sys\nfrom mtm_bot.cli import main\ntry:\n    code = main(sys.argv[1:])\nfinally:\n"
-              "    print(json.dumps(sorted(m for m in ('torch', 'transformers') if m in sys.modules)))\nsys.exit(code)\n")
+    report = (
+        "import json, sys\nfrom mtm_bot.cli import main\ntry:\n    code = main(sys.argv[1:])\nfinally:\n"
+        "    print(json.dumps(sorted(m for m in ('torch', 'transformers') if m in sys.modules)))\nsys.exit(code)\n"
+    )
     env = {**os.environ, "MTM_PROFILE": "tiny", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", report, "compose", "--image", str(path), "-i", "carol", "-o",
-                           str(tmp_path / "out.wav")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", report, "compose", "--image", str(path), "-i", "carol", "-o", str(tmp_path / "out.wav")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
@@ -108,12 +135,17 @@ def test_words_alone_give_the_llm_one_part_per_output_block_and_no_captions(spie
     result = pipeline.compose(None, "slow piano, rain at night", duration=25, seed=5)
     (prompt,) = spy.prompts
     data = user_data(prompt)
-    assert data == {"blocks": [{"time": r} for r in ["0:00\u20130:10", "0:10\u20130:20", "0:20\u20130:25"]],
-                    "instruction": "slow piano, rain at night"}
+    assert data == {
+        "blocks": [{"time": r} for r in ["0:00\u20130:10", "0:10\u20130:20", "0:20\u20130:25"]],
+        "instruction": "slow piano, rain at night",
+    }
     assert "segments" not in data and "picture" not in prompt
     assert len(result.audio.samples) == 25 * 32000
-    assert [line.split(" ", 1)[0] for line in result.caption_lines()] == ["0:00\u20130:10", "0:10\u20130:20",
-                                                                        "0:20\u20130:25"]
+    assert [line.split(" ", 1)[0] for line in result.caption_lines()] == [
+        "0:00\u20130:10",
+        "0:10\u20130:20",
+        "0:20\u20130:25",
+    ]
 
 
 def test_the_pictures_description_reaches_the_llm_with_a_clip_too(spied, tmp_path):
@@ -160,8 +192,17 @@ def test_a_pictures_job_survives_a_restart_and_an_older_database_gains_the_colum
 
     async def scenario() -> Job:
         store = await JobStore.open(settings)
-        job = Job.new(JobKind.COMPOSE, user_id=1, guild_id=2, channel_id=3, instruction="festive", duration=30,
-                      attachment_size_limit=10, application_id=4, interaction_token="t")
+        job = Job.new(
+            JobKind.COMPOSE,
+            user_id=1,
+            guild_id=2,
+            channel_id=3,
+            instruction="festive",
+            duration=30,
+            attachment_size_limit=10,
+            application_id=4,
+            interaction_token="t",
+        )
         job.image_path = await store.save_input(job.id, picture_bytes(), "My Holiday Photo.PNG", role="image")
         await store.add(job)
         assert await store.cleanup(before=time.time() + 3600) == 0  # a queued job's picture is kept

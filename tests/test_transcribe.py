@@ -1,4 +1,5 @@
 """MIDI transcription (mtm_bot/stages/transcribe.py): known notes rendered to audio come back as MIDI notes."""
+
 from __future__ import annotations
 
 import io
@@ -7,17 +8,35 @@ import mir_eval
 import numpy as np
 import pretty_midi
 import pytest
+from synth import bad_files
 
 from mtm_bot.core.audio import Audio, write
 from mtm_bot.core.errors import ClipTooLong, ClipTooShort, EmptyAudio, NotAudio
-from mtm_bot.stages.transcribe import (MIN_NOTE_SECONDS, MODEL_PATH, Note, Transcription, load_model, transcribe,
-                                transcribe_file)
-from synth import bad_files
+from mtm_bot.stages.transcribe import (
+    MIN_NOTE_SECONDS,
+    MODEL_PATH,
+    Note,
+    Transcription,
+    load_model,
+    transcribe,
+    transcribe_file,
+)
 
 RATE = 32000  # not the model's 22.05 kHz, so that resampling is exercised
 # (MIDI pitch, start s, end s): a melody across two octaves, then a C major chord under a short tune.
-SCORE = [(60, 0.5, 1.0), (64, 1.0, 1.5), (67, 1.5, 2.0), (72, 2.0, 2.5), (71, 2.5, 3.0), (67, 3.0, 3.5),
-         (48, 4.0, 5.5), (52, 4.0, 5.5), (55, 4.0, 5.5), (76, 4.5, 5.0), (74, 5.0, 5.5)]
+SCORE = [
+    (60, 0.5, 1.0),
+    (64, 1.0, 1.5),
+    (67, 1.5, 2.0),
+    (72, 2.0, 2.5),
+    (71, 2.5, 3.0),
+    (67, 3.0, 3.5),
+    (48, 4.0, 5.5),
+    (52, 4.0, 5.5),
+    (55, 4.0, 5.5),
+    (76, 4.5, 5.0),
+    (74, 5.0, 5.5),
+]
 SECONDS = 6.5
 ONSET_TOLERANCE = 0.05  # seconds, mir_eval's default and the benchmark's
 
@@ -31,7 +50,7 @@ def render(score: list[tuple[int, float, float]], seconds: float, rate: int = RA
         envelope = np.minimum(1, t / 0.005) * np.minimum(1, (end - start - t) / 0.02) * np.exp(-2 * t)
         tone = sum(np.sin(2 * np.pi * k * hz * t) / k**2 for k in range(1, 7))
         first = int(start * rate)
-        out[first:first + len(t)] += envelope * tone
+        out[first : first + len(t)] += envelope * tone
     return (0.5 * out / np.abs(out).max()).astype(np.float32)
 
 
@@ -47,7 +66,8 @@ def onset_scores(score: list[tuple[int, float, float]], notes: list[pretty_midi.
     est_intervals = np.array([(n.start, n.end) for n in notes]).reshape(-1, 2)
     est_hz = np.array([pretty_midi.note_number_to_hz(n.pitch) for n in notes])
     precision, recall, _, _ = mir_eval.transcription.precision_recall_f1_overlap(
-        ref_intervals, ref_hz, est_intervals, est_hz, onset_tolerance=ONSET_TOLERANCE, offset_ratio=None)
+        ref_intervals, ref_hz, est_intervals, est_hz, onset_tolerance=ONSET_TOLERANCE, offset_ratio=None
+    )
     return precision, recall
 
 
@@ -83,7 +103,10 @@ def test_midi_bytes_of_given_notes():
     notes = (Note(0.0, 0.5, 60, 100), Note(0.25, 1.0, 64, 1), Note(1.0, 2.0, 108, 127))
     parsed = parse(Transcription(notes, 2.0).midi_bytes())
     assert [(n.start, n.end, n.pitch, n.velocity) for n in parsed] == [
-        (0.0, 0.5, 60, 100), (0.25, 1.0, 64, 1), (1.0, 2.0, 108, 127)]
+        (0.0, 0.5, 60, 100),
+        (0.25, 1.0, 64, 1),
+        (1.0, 2.0, 108, 127),
+    ]
 
 
 @pytest.mark.parametrize("suffix", [".wav", ".flac", ".ogg", ".mp3"])
@@ -94,8 +117,11 @@ def test_transcribe_file_reads_every_upload_format(tmp_path, suffix):
     assert recall >= 0.9
 
 
-@pytest.mark.parametrize("samples", [np.zeros(3 * RATE), 1e-3 * np.random.default_rng(0).standard_normal(3 * RATE)],
-                         ids=["digital silence", "quiet noise"])
+@pytest.mark.parametrize(
+    "samples",
+    [np.zeros(3 * RATE), 1e-3 * np.random.default_rng(0).standard_normal(3 * RATE)],
+    ids=["digital silence", "quiet noise"],
+)
 def test_silence_and_noise_give_a_valid_file_with_few_or_no_notes(samples):
     transcription = transcribe(Audio(samples, RATE))
     assert len(parse(transcription.midi_bytes())) == len(transcription.notes) <= 2
@@ -114,7 +140,7 @@ def test_audio_too_short_for_a_note_gives_no_notes(monkeypatch):
     assert runs == []
     # Through the model and the note decoder: a tone cut just past the shortest note, and a 50 ms blip in a
     # longer clip, are still no note.
-    for audio in (render([(69, 0.0, 1.0)], 1.0)[:int(MIN_NOTE_SECONDS * RATE) + 1], render([(69, 0.5, 0.55)], 1.5)):
+    for audio in (render([(69, 0.0, 1.0)], 1.0)[: int(MIN_NOTE_SECONDS * RATE) + 1], render([(69, 0.5, 0.55)], 1.5)):
         runs.clear()
         assert transcribe(Audio(audio, RATE)).notes == () and runs
     # Just long enough for a note; it may or may not count.
@@ -128,7 +154,7 @@ def test_bad_input_raises_typed_errors(tmp_path):
     nan[100] = np.nan
     with pytest.raises(NotAudio):
         transcribe(Audio(nan, RATE))
-    for name, (path, error) in bad_files(tmp_path).items():
+    for path, error in bad_files(tmp_path).values():
         if error is ClipTooShort:  # any length is transcribed; a short one simply holds few notes
             continue
         with pytest.raises(error):

@@ -16,6 +16,7 @@ WebSocket speaks TLS with a certificate made for 127.0.0.1 at start; the bot mus
   frame sealed with aead_xchacha20_poly1305_rtpsize (the header is the associated data; the nonce is a
   4-byte big-endian counter appended to the packet, zero-padded to 24 bytes).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,6 +54,7 @@ class RtpPacket:
 @dataclass
 class VoiceSession:
     """One join of one channel, from the gateway's point of view and the voice server's."""
+
     guild_id: int
     channel_id: int
     user_id: int
@@ -73,7 +75,7 @@ class VoiceSession:
 
 
 class _Media(asyncio.DatagramProtocol):
-    def __init__(self, server: "VoiceServer") -> None:
+    def __init__(self, server: VoiceServer) -> None:
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -96,7 +98,7 @@ class VoiceServer:
         self._on_change = None
 
     # ----------------------------------------------------------------------------- lifecycle
-    async def start(self, on_change: Callable[[], Awaitable[None]] | None = None) -> "VoiceServer":
+    async def start(self, on_change: Callable[[], Awaitable[None]] | None = None) -> VoiceServer:
         """Serve on loopback; `on_change` is awaited after everything recorded (DiscordEmulator.wait_for wakes)."""
         self._on_change = on_change
         cert, key = self._make_certificate()
@@ -110,7 +112,8 @@ class VoiceServer:
         await site.start()
         self.endpoint = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
         self._media, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _Media(self), local_addr=("127.0.0.1", 0))
+            lambda: _Media(self), local_addr=("127.0.0.1", 0)
+        )
         self.udp_port = self._media.get_extra_info("sockname")[1]
         return self
 
@@ -128,16 +131,45 @@ class VoiceServer:
     def _make_certificate(self) -> tuple[str, str]:
         folder = Path(self._folder.name)
         cert, key = folder / "cert.pem", folder / "key.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
+        )
         return str(cert), str(key)
 
     # ----------------------------------------------------------------------------- sessions
     def open_session(self, guild_id: int, channel_id: int, user_id: int, session_id: str, dave: bool) -> VoiceSession:
         """What the gateway does when a user joins a channel: a token for this server."""
-        session = VoiceSession(guild_id, channel_id, user_id, session_id, f"voice-token-{os.urandom(6).hex()}", dave,
-                               next(self._ssrcs), os.urandom(32))
+        session = VoiceSession(
+            guild_id,
+            channel_id,
+            user_id,
+            session_id,
+            f"voice-token-{os.urandom(6).hex()}",
+            dave,
+            next(self._ssrcs),
+            os.urandom(32),
+        )
         self.sessions.append(session)
         return session
 
@@ -161,14 +193,28 @@ class VoiceServer:
                     op, data = frame["op"], frame.get("d")
                     if op == 0:  # IDENTIFY
                         session = next((s for s in self.sessions if s.token == data.get("token")), None)
-                        if (session is None or data.get("session_id") != session.session_id
-                                or data.get("server_id") != str(session.guild_id)
-                                or data.get("user_id") != str(session.user_id)):
+                        if (
+                            session is None
+                            or data.get("session_id") != session.session_id
+                            or data.get("server_id") != str(session.guild_id)
+                            or data.get("user_id") != str(session.user_id)
+                        ):
                             await ws.close(code=4004, message=b"Authentication failed.")
                             break
                         session.identify = data
-                        await ws.send_str(json.dumps({"op": 2, "d": {"ssrc": session.ssrc, "ip": "127.0.0.1",
-                                                                     "port": self.udp_port, "modes": MODES}}))
+                        await ws.send_str(
+                            json.dumps(
+                                {
+                                    "op": 2,
+                                    "d": {
+                                        "ssrc": session.ssrc,
+                                        "ip": "127.0.0.1",
+                                        "port": self.udp_port,
+                                        "modes": MODES,
+                                    },
+                                }
+                            )
+                        )
                     elif op == 1 and session is not None:  # SELECT_PROTOCOL
                         session.selected = data["data"]
                         if session.selected.get("mode") != SPOKEN_MODE:
@@ -176,9 +222,18 @@ class VoiceServer:
                             break
                         offered = session.identify.get("max_dave_protocol_version", 0)
                         session.dave_protocol_version = min(offered, 1) if session.dave else 0
-                        await ws.send_str(json.dumps({"op": 4, "d": {
-                            "mode": SPOKEN_MODE, "secret_key": list(session.secret_key),
-                            "dave_protocol_version": session.dave_protocol_version}}))
+                        await ws.send_str(
+                            json.dumps(
+                                {
+                                    "op": 4,
+                                    "d": {
+                                        "mode": SPOKEN_MODE,
+                                        "secret_key": list(session.secret_key),
+                                        "dave_protocol_version": session.dave_protocol_version,
+                                    },
+                                }
+                            )
+                        )
                     elif op == 3:  # HEARTBEAT
                         if session is not None:
                             session.heartbeats += 1

@@ -1,4 +1,5 @@
 """The bot behind an interaction, typed: discord.py types `interaction.client` as a plain Client."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast

@@ -11,6 +11,7 @@
   interaction: they deliver to their channel with a note.
 - A delivery method raises only when nothing was posted, so the scheduler's retry never doubles a result.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,15 +28,15 @@ import soundfile as sf
 
 from mtm_bot.core.audio import Audio, Encoded, encode_to_fit
 from mtm_bot.core.errors import OutputTooLarge
+from mtm_bot.core.progress import Progress
+from mtm_bot.core.timecode import format_time
 from mtm_bot.jobs.job import Job
 from mtm_bot.jobs.kinds import KINDS, Rendering
 from mtm_bot.jobs.library import Library
-from mtm_bot.core.progress import Progress
-from mtm_bot.core.timecode import format_time
 
 from ..library import RESULTS_SHOWN, library_reply
-from .render import CONTENT_LIMIT, minutes, quote, shorten, with_captions
 from ..results import result_controls
+from .render import CONTENT_LIMIT, minutes, quote, shorten, with_captions
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,7 @@ def origin(job: Job) -> str:
     """Where a derived job's result came from, in a few words, e.g. "extended from job `ab12cd34` by 30 s"."""
     text = KINDS[job.kind].origin
     assert text is not None, "only a derived job's result has an origin"
-    return text.format(parent=job.parent_id, seconds=job.duration,
-                       redo_from=format_time(job.redo_from or 0))
+    return text.format(parent=job.parent_id, seconds=job.duration, redo_from=format_time(job.redo_from or 0))
 
 
 def status_message(job: Job, stage: str, captions: list[str], finished: bool) -> tuple[str, list[discord.Embed]]:
@@ -104,8 +104,10 @@ def result_message(job: Job) -> tuple[str, list[discord.Embed]]:
     lines = (job.result_json or {}).get("lines", [])
     track = KINDS[job.kind].makes_track
     if track:
-        header = [f"<@{job.user_id}> your track is ready (job `{job.id}`"
-                  + (f": {origin(job)})." if job.parent_id else ")."), f"Instruction: {quote(job.instruction)}"]
+        header = [
+            f"<@{job.user_id}> your track is ready (job `{job.id}`" + (f": {origin(job)})." if job.parent_id else ")."),
+            f"Instruction: {quote(job.instruction)}",
+        ]
         picture = (job.result_json or {}).get("picture")
         if job.input_path is None:
             header.append("Made from your words and picture (no clip)." if picture else "Made from your words alone.")
@@ -193,15 +195,17 @@ class Delivery:
         message: discord.abc.Snowflake | None = None
         if live is not None:
             try:
-                message = await live.interaction.followup.send(content, embeds=embeds, files=files(),
-                                                               allowed_mentions=ping, **controls)
+                message = await live.interaction.followup.send(
+                    content, embeds=embeds, files=files(), allowed_mentions=ping, **controls
+                )
             except discord.HTTPException as err:
                 if err.status not in (401, 404):
                     raise
                 log.info("the interaction token of job %s is gone (%s); posting to the channel", job.id, err.status)
         if message is None:
-            message = await self._channel(job).send(content, embeds=embeds, files=files(), allowed_mentions=ping,
-                                                    **controls)
+            message = await self._channel(job).send(
+                content, embeds=embeds, files=files(), allowed_mentions=ping, **controls
+            )
         if encoded is not None and job.guild_id is not None:
             await self._add_to_library(job, message.id)
 
@@ -209,36 +213,43 @@ class Delivery:
         """The MIDI file goes to whoever clicked."""
         assert job.result_json is not None  # a finished job
         notes = job.result_json["notes"]
-        content = (f"🎹 The notes of job `{job.parent_id}`: {notes} note{'s' * (notes != 1)}, as a MIDI file."
-                   if notes else f"🎹 I found no notes in job `{job.parent_id}`; the MIDI file is empty.")
-        await self._answer_privately(job, content, lambda: [discord.File(str(job.result_path),
-                                                                        filename=f"mtm-{job.parent_id}.mid")])
+        content = (
+            f"🎹 The notes of job `{job.parent_id}`: {notes} note{'s' * (notes != 1)}, as a MIDI file."
+            if notes
+            else f"🎹 I found no notes in job `{job.parent_id}`; the MIDI file is empty."
+        )
+        await self._answer_privately(
+            job, content, lambda: [discord.File(str(job.result_path), filename=f"mtm-{job.parent_id}.mid")]
+        )
 
     async def _library_matches(self, job: Job) -> None:
         """/library image: search this server's library with the picture's description."""
         assert self.library is not None, "the library is set up before the scheduler starts delivering"
         assert job.result_json is not None and job.guild_id is not None  # a finished job; /library is guild_only
         picture = job.result_json["picture"]
-        content = library_reply(f"your picture, as I see it: {quote(picture)}",
-                                await self.library.search(job.guild_id, picture, limit=RESULTS_SHOWN))
+        content = library_reply(
+            f"your picture, as I see it: {quote(picture)}",
+            await self.library.search(job.guild_id, picture, limit=RESULTS_SHOWN),
+        )
         await self._answer_privately(job, content)
 
-    async def _answer_privately(self, job: Job, content: str,
-                                files: Callable[[], list[discord.File]] = list) -> None:
+    async def _answer_privately(self, job: Job, content: str, files: Callable[[], list[discord.File]] = list) -> None:
         """A result for the requester alone (ephemeral), or, once the interaction is gone, in the channel
         with a ping. `files` makes fresh Files per attempt: discord.py closes what it sent."""
         live = await self._finish_status(job, "done ✅")
         if live is not None:
             try:
-                await live.interaction.followup.send(content, files=files(), ephemeral=True,
-                                                     allowed_mentions=discord.AllowedMentions.none())
+                await live.interaction.followup.send(
+                    content, files=files(), ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
+                )
                 return
             except discord.HTTPException as err:
                 if err.status not in (401, 404):
                     raise
         ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
-        await self._channel(job).send(shorten(f"<@{job.user_id}> {content}", CONTENT_LIMIT), files=files(),
-                                      allowed_mentions=ping)
+        await self._channel(job).send(
+            shorten(f"<@{job.user_id}> {content}", CONTENT_LIMIT), files=files(), allowed_mentions=ping
+        )
 
     async def _add_to_library(self, job: Job, message_id: int) -> None:
         """Make a posted track findable with /library. The result is already out: a failure here is
@@ -317,6 +328,7 @@ class Delivery:
 @dataclass(frozen=True)
 class Renderer:
     """How a Rendering (mtm_bot.jobs.kinds) shows in Discord."""
+
     deliver: Callable[[Delivery, Job], Awaitable[None]]  # posts the finished job's result
     where: str  # what the status reply says while the job runs
 

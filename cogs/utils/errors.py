@@ -1,4 +1,5 @@
 """Turning errors into replies: specific and ephemeral for what a user caused, never a traceback."""
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,10 @@ def error_text(interaction: discord.Interaction, error: Exception) -> str:
     original = getattr(error, "original", error)  # a command's CommandInvokeError wraps what it raised
     if isinstance(error, app_commands.CommandOnCooldown):
         retry_at = discord.utils.format_dt(discord.utils.utcnow() + timedelta(seconds=error.retry_after), "R")
-        return (f"You are sending requests faster than {error.cooldown.rate} per minute. "
-                f"Please try again in {error.retry_after:.0f} s ({retry_at}).")
+        return (
+            f"You are sending requests faster than {error.cooldown.rate} per minute. "
+            f"Please try again in {error.retry_after:.0f} s ({retry_at})."
+        )
     if isinstance(original, InputError):
         return str(original)
     where = f"/{interaction.command.qualified_name}" if interaction.command else "a button"

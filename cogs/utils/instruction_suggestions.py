@@ -1,5 +1,6 @@
 """Suggestions for /compose's `instruction` while the user types: a few carol presets and this server's
 recent instructions (never another server's), within Discord's limits for an autocomplete answer."""
+
 from __future__ import annotations
 
 import discord
@@ -32,7 +33,7 @@ def suggestions(typed: str, recent: list[str]) -> list[str]:
     wanted = _tidy(typed).casefold()
     presets = [preset for preset in PRESET_INSTRUCTIONS if wanted in preset.casefold()]
     offered: dict[str, str] = {}  # casefolded -> as shown
-    for text in [*recent[:MAX_CHOICES - len(presets)], *presets]:
+    for text in [*recent[: MAX_CHOICES - len(presets)], *presets]:
         text = _tidy(text)
         if wanted in text.casefold() and len(text) <= MAX_CHOICE_CHARS:
             offered.setdefault(text.casefold(), text)
@@ -46,5 +47,6 @@ async def instruction_choices(interaction: discord.Interaction, typed: str) -> l
         store = mtm_bot(interaction).store
         assert store is not None  # set up in setup_hook, before any command is served
         recent = await store.recent_instructions(
-            interaction.guild_id, _tidy(typed), max_chars=MAX_CHOICE_CHARS, limit=MAX_CHOICES)
+            interaction.guild_id, _tidy(typed), max_chars=MAX_CHOICE_CHARS, limit=MAX_CHOICES
+        )
     return [app_commands.Choice(name=text, value=text) for text in suggestions(typed, recent)]

@@ -4,6 +4,7 @@ Discord refuses content over 2 000 characters, embed fields over 1 024 and embed
 total per message; a long caption set moves into embed fields and is shortened with an ellipsis
 where it must be, so a message is never refused.
 """
+
 from __future__ import annotations
 
 import discord

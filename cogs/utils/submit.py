@@ -4,6 +4,7 @@ picture search, and the buttons under a result (jobs derived from it).
 What metadata alone can refuse is refused before the defer; a decode error after it answers ephemerally
 (docs/ARCHITECTURE.md, "Accepting a request").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,14 +17,24 @@ from discord import app_commands
 
 from mtm_bot.core.audio import megabytes
 from mtm_bot.core.errors import FileTooLarge, ImageFileTooLarge, InputError, NotAnImage, NotAudio
-from mtm_bot.stages.image_captioner import IMAGE_EXTENSIONS
 from mtm_bot.jobs.job import Job, JobKind
 from mtm_bot.jobs.kinds import KINDS, Request
+from mtm_bot.stages.image_captioner import IMAGE_EXTENSIONS
 
 from .client import mtm_bot
 from .errors import THINKING
 
-AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff"}  # libsndfile reads these
+AUDIO_EXTENSIONS = {
+    ".wav",
+    ".wave",
+    ".flac",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".mp3",
+    ".aif",
+    ".aiff",
+}  # libsndfile reads these
 
 
 class DownloadFailed(InputError):
@@ -62,6 +73,7 @@ submission_rate_limit = app_commands.check(check_submission_rate)
 @dataclass(frozen=True)
 class Upload:
     """What an attachment option takes, and how it tells a user what to send instead."""
+
     media_type: str  # "audio" or "image": the content type's first part
     extensions: frozenset[str]  # trusted when Discord sends a vague content type
     vague_types: frozenset[str]
@@ -73,41 +85,64 @@ class Upload:
 
 
 # Discord sometimes sends no type, a generic one, or video/ogg for audio; then the extension decides.
-AUDIO = Upload("audio", frozenset(AUDIO_EXTENSIONS), frozenset({"", "application/octet-stream", "video/ogg"}),
-               FileTooLarge, NotAudio, "audio", "a shorter or compressed clip (MP3 or OGG)", "a WAV, FLAC, OGG or MP3 clip")
-IMAGE = Upload("image", frozenset(IMAGE_EXTENSIONS), frozenset({"", "application/octet-stream"}),
-               ImageFileTooLarge, NotAnImage, "a picture", "a smaller PNG, JPEG, WebP or GIF", "a PNG, JPEG, WebP or GIF")
+AUDIO = Upload(
+    "audio",
+    frozenset(AUDIO_EXTENSIONS),
+    frozenset({"", "application/octet-stream", "video/ogg"}),
+    FileTooLarge,
+    NotAudio,
+    "audio",
+    "a shorter or compressed clip (MP3 or OGG)",
+    "a WAV, FLAC, OGG or MP3 clip",
+)
+IMAGE = Upload(
+    "image",
+    frozenset(IMAGE_EXTENSIONS),
+    frozenset({"", "application/octet-stream"}),
+    ImageFileTooLarge,
+    NotAnImage,
+    "a picture",
+    "a smaller PNG, JPEG, WebP or GIF",
+    "a PNG, JPEG, WebP or GIF",
+)
 
 
 def is_upload_of(attachment: discord.Attachment, upload: Upload = AUDIO) -> bool:
     """Whether the attachment is of this kind by its content type, or by its extension where that type is vague."""
     content_type, extension = _type_and_extension(attachment)
-    return (content_type.startswith(upload.media_type + "/")
-            or (content_type in upload.vague_types and extension in upload.extensions))
+    return content_type.startswith(upload.media_type + "/") or (
+        content_type in upload.vague_types and extension in upload.extensions
+    )
 
 
 def _type_and_extension(attachment: discord.Attachment) -> tuple[str, str]:
-    return (attachment.content_type or "").split(";")[0].strip().lower(), PurePosixPath(attachment.filename).suffix.lower()
+    return (attachment.content_type or "").split(";")[0].strip().lower(), PurePosixPath(
+        attachment.filename
+    ).suffix.lower()
 
 
 def check_attachment(attachment: discord.Attachment, max_bytes: int, upload: Upload = AUDIO) -> None:
     """Refuse from metadata alone, before a byte is downloaded."""
     if attachment.size > max_bytes:
-        raise upload.too_large(f"`{attachment.filename}` is {megabytes(attachment.size)}; the limit is "
-                               f"{megabytes(max_bytes)}. Please upload {upload.smaller}.")
+        raise upload.too_large(
+            f"`{attachment.filename}` is {megabytes(attachment.size)}; the limit is "
+            f"{megabytes(max_bytes)}. Please upload {upload.smaller}."
+        )
     if not is_upload_of(attachment, upload):
         content_type, extension = _type_and_extension(attachment)
         kind = content_type or f"a {extension or 'extension-less'} file"
-        raise upload.wrong_kind(f"`{attachment.filename}` is {kind}, not {upload.what}. "
-                                f"Please attach {upload.instead}.")
+        raise upload.wrong_kind(
+            f"`{attachment.filename}` is {kind}, not {upload.what}. Please attach {upload.instead}."
+        )
 
 
 async def download(attachment: discord.Attachment) -> bytes:
     try:
         return await attachment.read()
     except discord.HTTPException as err:
-        raise DownloadFailed(f"I could not download `{attachment.filename}` from Discord ({err.status}). "
-                             "Please try again.") from None
+        raise DownloadFailed(
+            f"I could not download `{attachment.filename}` from Discord ({err.status}). Please try again."
+        ) from None
 
 
 async def defer_publicly(interaction: discord.Interaction) -> None:
@@ -115,8 +150,14 @@ async def defer_publicly(interaction: discord.Interaction) -> None:
     interaction.extras[THINKING] = True
 
 
-async def accept(interaction: discord.Interaction, audio: discord.Attachment | None, kind: JobKind,
-                 instruction: str = "", duration: int | None = None, image: discord.Attachment | None = None) -> None:
+async def accept(
+    interaction: discord.Interaction,
+    audio: discord.Attachment | None,
+    kind: JobKind,
+    instruction: str = "",
+    duration: int | None = None,
+    image: discord.Attachment | None = None,
+) -> None:
     """Validate, defer, download, decode, queue; the reply then shows the job id, queue position and ETA.
 
     A compose job without `audio` is made from the instruction (and `image`) alone."""
@@ -143,13 +184,21 @@ async def accept(interaction: discord.Interaction, audio: discord.Attachment | N
         if makes_track:
             job.duration = bot.pipeline.output_duration(clip, duration)
 
-    await submit(interaction, Job.new(kind, **_origin(interaction), instruction=instruction, duration=duration),
-                 store_uploads)
+    await submit(
+        interaction, Job.new(kind, **_origin(interaction), instruction=instruction, duration=duration), store_uploads
+    )
 
 
-async def accept_derived(interaction: discord.Interaction, parent_id: str, kind: JobKind, *,
-                         instruction: str | None = None, seconds: int | None = None,
-                         redo_from: int | None = None, captions: list[str] | None = None) -> Job:
+async def accept_derived(
+    interaction: discord.Interaction,
+    parent_id: str,
+    kind: JobKind,
+    *,
+    instruction: str | None = None,
+    seconds: int | None = None,
+    redo_from: int | None = None,
+    captions: list[str] | None = None,
+) -> Job:
     """A click under a result: an ordinary job of whoever clicked, built on that track (its parent).
 
     Refused like any submission (rate, per-user and queue limits) and, ephemerally, when the result has
@@ -162,12 +211,21 @@ async def accept_derived(interaction: discord.Interaction, parent_id: str, kind:
     generates = KINDS[kind].generates
     assert generates is not None and parent.result_json is not None  # a derived kind; a kept (finished) track
     # Seconds of music the job generates (for the queue's ETA); refuses what cannot fit.
-    duration = generates(round(parent.result_json["duration"]), Request(instruction, seconds, redo_from,
-                                                                          None if captions is None else tuple(captions)),
-                         bot.settings.max_output_seconds)
+    duration = generates(
+        round(parent.result_json["duration"]),
+        Request(instruction, seconds, redo_from, None if captions is None else tuple(captions)),
+        bot.settings.max_output_seconds,
+    )
     bot.queue.check(interaction.user.id)
-    job = Job.new(kind, **_origin(interaction), instruction=instruction, duration=duration, parent_id=parent.id,
-                  redo_from=redo_from, captions=captions)
+    job = Job.new(
+        kind,
+        **_origin(interaction),
+        instruction=instruction,
+        duration=duration,
+        parent_id=parent.id,
+        redo_from=redo_from,
+        captions=captions,
+    )
 
     async def link(job: Job) -> None:
         assert bot.store is not None
@@ -179,9 +237,14 @@ async def accept_derived(interaction: discord.Interaction, parent_id: str, kind:
 
 def _origin(interaction: discord.Interaction) -> dict:
     """Who asked, where, and how to answer them: the fields every job takes from its interaction."""
-    return dict(user_id=interaction.user.id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-                attachment_size_limit=interaction.filesize_limit, application_id=interaction.application_id,
-                interaction_token=interaction.token)
+    return dict(
+        user_id=interaction.user.id,
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        attachment_size_limit=interaction.filesize_limit,
+        application_id=interaction.application_id,
+        interaction_token=interaction.token,
+    )
 
 
 async def submit(interaction: discord.Interaction, job: Job, prepare: Callable[[Job], Awaitable[None]]) -> None:

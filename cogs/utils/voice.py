@@ -6,6 +6,7 @@ discord.py does the voice protocol (the voice WebSocket, UDP, transport encrypti
 user can be refused for is checked before the bot joins, so a refusal never leaves it sitting in a
 channel.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,14 +32,20 @@ class CannotPlay(InputError):
 def check_can_play(channel: discord.VoiceChannel | discord.StageChannel) -> None:
     """Refuse, with what to change, a channel the bot cannot be heard in."""
     permissions = channel.permissions_for(channel.guild.me)
-    missing = [name for name, allowed in (("Connect", permissions.connect), ("Speak", permissions.speak)) if not allowed]
+    missing = [
+        name for name, allowed in (("Connect", permissions.connect), ("Speak", permissions.speak)) if not allowed
+    ]
     if missing:
-        raise CannotPlay(f"I cannot play in {channel.mention}: I need the {' and '.join(missing)} permission"
-                         f"{'s' if len(missing) > 1 else ''} there.")
+        raise CannotPlay(
+            f"I cannot play in {channel.mention}: I need the {' and '.join(missing)} permission"
+            f"{'s' if len(missing) > 1 else ''} there."
+        )
     if isinstance(channel, discord.StageChannel) and not permissions.mute_members:
         # A bot joins a stage as a listener; only a stage moderator (Mute Members) may make itself a speaker.
-        raise CannotPlay(f"I cannot become a speaker on the stage {channel.mention}: please make me a stage "
-                         "moderator there (the Mute Members permission).")
+        raise CannotPlay(
+            f"I cannot become a speaker on the stage {channel.mention}: please make me a stage "
+            "moderator there (the Mute Members permission)."
+        )
 
 
 class GuildPlayer:
@@ -46,8 +53,12 @@ class GuildPlayer:
     starts and returns what to await when it has ended (with whether it was stopped): how is the cog's
     business."""
 
-    def __init__(self, guild: discord.Guild, per_user: int, announce: Callable[
-            [Play, discord.abc.GuildChannel], Awaitable[Callable[[bool], Awaitable[None]]]]) -> None:
+    def __init__(
+        self,
+        guild: discord.Guild,
+        per_user: int,
+        announce: Callable[[Play, discord.abc.GuildChannel], Awaitable[Callable[[bool], Awaitable[None]]]],
+    ) -> None:
         self.guild = guild
         self.queue = PlayQueue(per_user)
         self.announce = announce
@@ -75,8 +86,10 @@ class GuildPlayer:
                 self.runner = asyncio.create_task(self._play_queue(), name=f"voice player {self.guild.id}")
                 return 0
             if channel != self.voice.channel:
-                raise CannotPlay(f"I am playing in {self.voice.channel.mention} right now; join it to queue a "
-                                 "track there, or wait until I leave.")
+                raise CannotPlay(
+                    f"I am playing in {self.voice.channel.mention} right now; join it to queue a "
+                    "track there, or wait until I leave."
+                )
             return self.queue.add(play)
 
     def stop(self) -> None:
@@ -102,8 +115,10 @@ class GuildPlayer:
                 await self.guild.me.edit(suppress=False)  # a bot on a stage is a listener until it speaks
             except discord.HTTPException:
                 await self._leave()
-                raise CannotPlay(f"Discord did not let me speak on the stage {channel.mention}; please make me a "
-                                 "stage moderator there (the Mute Members permission).") from None
+                raise CannotPlay(
+                    f"Discord did not let me speak on the stage {channel.mention}; please make me a "
+                    "stage moderator there (the Mute Members permission)."
+                ) from None
 
     async def _leave(self) -> None:
         voice, self.voice = self.voice, None

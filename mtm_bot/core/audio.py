@@ -13,6 +13,7 @@ Decisions worth knowing:
 - Digital silence (every sample below -80 dBFS) and NaN/inf samples are refused: there is no music
   to caption, and the models would waste a GPU slot on it.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,7 @@ import pyloudnorm
 import soundfile as sf
 import soxr
 
-from .errors import (ClipTooLong, ClipTooShort, EmptyAudio, FileTooLarge, NotAudio, OutputTooLarge,
-                     TruncatedAudio)
+from .errors import ClipTooLong, ClipTooShort, EmptyAudio, FileTooLarge, NotAudio, OutputTooLarge, TruncatedAudio
 from .settings import MIB
 
 SILENCE_DBFS = -80.0
@@ -62,7 +62,7 @@ class Audio:
     def channels(self) -> int:
         return 1 if self.samples.ndim == 1 else self.samples.shape[1]
 
-    def mono(self) -> "Audio":
+    def mono(self) -> Audio:
         """The mix of the channels (itself if mono)."""
         return self if self.channels == 1 else Audio(self.samples.mean(axis=1), self.sample_rate)
 
@@ -90,8 +90,14 @@ def probe(path: str | Path) -> AudioInfo:
     if info.format in ("WAV", "WAVEX"):
         claimed = _wav_claimed_frames(path)
         frames = frames if claimed is None else claimed
-    return AudioInfo(duration=frames / info.samplerate, sample_rate=info.samplerate, channels=info.channels,
-                     frames=frames, format=info.format, subtype=info.subtype)
+    return AudioInfo(
+        duration=frames / info.samplerate,
+        sample_rate=info.samplerate,
+        channels=info.channels,
+        frames=frames,
+        format=info.format,
+        subtype=info.subtype,
+    )
 
 
 def _wav_claimed_frames(path: Path) -> int | None:
@@ -123,8 +129,9 @@ def _wav_claimed_frames(path: Path) -> int | None:
     return data_bytes // block_align
 
 
-def load_clip(path: str | Path, *, min_seconds: float = 1.0, max_seconds: float = 60.0,
-              max_bytes: int | None = None) -> Audio:
+def load_clip(
+    path: str | Path, *, min_seconds: float = 1.0, max_seconds: float = 60.0, max_bytes: int | None = None
+) -> Audio:
     """Validate an upload (size, header, length, contents) and decode it to mono float32 at its own rate."""
     path = Path(path)
     size = path.stat().st_size
@@ -142,7 +149,8 @@ def load_clip(path: str | Path, *, min_seconds: float = 1.0, max_seconds: float 
     got = len(samples) / info.sample_rate
     if info.duration - got > max(LENGTH_TOLERANCE_SECONDS, LENGTH_TOLERANCE_FRACTION * info.duration):
         raise TruncatedAudio(
-            f"The file is cut short: its header promises {info.duration:.1f} s but only {got:.1f} s is there.")
+            f"The file is cut short: its header promises {info.duration:.1f} s but only {got:.1f} s is there."
+        )
     peak = float(np.abs(samples).max())
     if peak < 10 ** (SILENCE_DBFS / 20):
         raise EmptyAudio(f"The clip is silent (every sample is below {SILENCE_DBFS:g} dBFS).")
@@ -165,8 +173,10 @@ def _decode_mono(path: Path, info: AudioInfo) -> np.ndarray:
                     raise NotAudio("The file contains invalid samples (NaN or infinity); please export it again.")
                 blocks.append(block.mean(axis=1, dtype=np.float32))
     except sf.LibsndfileError:
-        raise TruncatedAudio(f"The file is damaged or cut short: decoding failed before the end "
-                             f"of the {info.duration:.1f} s its header promises.") from None
+        raise TruncatedAudio(
+            f"The file is damaged or cut short: decoding failed before the end "
+            f"of the {info.duration:.1f} s its header promises."
+        ) from None
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
@@ -281,13 +291,15 @@ def encode(audio: Audio, fmt: str, *, bitrate_kbps: int | None = None, quality: 
         options["compression_level"] = 1.0 - quality
     if fmt == "mp3":
         audio = resample(audio, mp3_rate(audio.sample_rate))
-        options.update(bitrate_mode="CONSTANT", compression_level=_mp3_compression_level(audio.sample_rate, bitrate_kbps))
+        options.update(
+            bitrate_mode="CONSTANT", compression_level=_mp3_compression_level(audio.sample_rate, bitrate_kbps)
+        )
     samples = np.clip(audio.samples, -1.0, 1.0)  # libsndfile wraps, rather than clips, out-of-range floats
     buffer = io.BytesIO()
     with sf.SoundFile(buffer, "w", audio.sample_rate, audio.channels, subtype, format=sf_format, **options) as f:
         # One big write overflows libvorbis' stack past ~90 s (libsndfile#1095): write in blocks.
         for start in range(0, len(samples), WRITE_BLOCK_FRAMES):
-            f.write(samples[start:start + WRITE_BLOCK_FRAMES])
+            f.write(samples[start : start + WRITE_BLOCK_FRAMES])
     return buffer.getvalue()
 
 
@@ -330,7 +342,8 @@ def encode_to_fit(audio: Audio, max_bytes: int) -> Encoded:
             return mp3
     raise OutputTooLarge(
         f"The {audio.duration:.0f} s track does not fit the {megabytes(max_bytes)} upload limit, "
-        f"not even as {bitrates[-1]} kbps MP3.")
+        f"not even as {bitrates[-1]} kbps MP3."
+    )
 
 
 def _encoded(audio: Audio, fmt: str, **options) -> Encoded:

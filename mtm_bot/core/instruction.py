@@ -2,6 +2,7 @@
 
 No model library is imported here: validating an instruction at submit time answers in milliseconds.
 """
+
 from __future__ import annotations
 
 from .errors import InputError

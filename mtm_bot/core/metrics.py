@@ -8,6 +8,7 @@ settings.metrics_port when it is set (off by default).
     mtm_stage_seconds{stage}              seconds per pipeline stage (where jobs run)
     mtm_gpu_memory_bytes                  memory torch holds on the GPU (where jobs run)
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,12 @@ QUEUE_LENGTH = Gauge("mtm_queue_length", "Jobs waiting for a GPU slot")
 JOBS = Gauge("mtm_jobs", "Unfinished jobs by state", ["state"])
 JOBS_FINISHED = Counter("mtm_jobs_finished", "Finished jobs by state", ["state"])
 LIVE_WORKERS = Gauge("mtm_live_workers", "GPU workers with a fresh heartbeat")
-STAGE_SECONDS = Histogram("mtm_stage_seconds", "Seconds per pipeline stage", ["stage"],
-                          buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320))
+STAGE_SECONDS = Histogram(
+    "mtm_stage_seconds",
+    "Seconds per pipeline stage",
+    ["stage"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320),
+)
 GPU_MEMORY = Gauge("mtm_gpu_memory_bytes", "GPU memory held by torch in this process")
 
 

@@ -6,6 +6,7 @@ PCM. Our tracks are 32 kHz WAV (mono, or stereo for the stereo checkpoints), so 
 here with soxr, once per play, and needs no ffmpeg. A queued track holds its samples, read at the
 click: a track whose retention ends while it waits still plays.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -31,6 +32,7 @@ class QueueFull(InputError):
 @dataclass
 class Play:
     """A track someone asked to hear: whose click it was, and where to say that it plays."""
+
     job_id: str
     requester_id: int
     text_channel_id: int  # where Play was clicked: "now playing" goes there
@@ -59,7 +61,7 @@ def voice_pcm(samples: np.ndarray, rate: int) -> bytes:
         audio = np.repeat(audio, VOICE_CHANNELS, axis=1)
     frames = -(-len(audio) // FRAME_SAMPLES) * FRAME_SAMPLES
     pcm = np.zeros((frames, VOICE_CHANNELS), dtype="<i2")
-    pcm[:len(audio)] = np.clip(np.round(audio * 32767.0), -32768, 32767)
+    pcm[: len(audio)] = np.clip(np.round(audio * 32767.0), -32768, 32767)
     return pcm.tobytes()
 
 
@@ -75,8 +77,10 @@ class PlayQueue:
     def add(self, play: Play) -> int:
         """Queue `play`; its place in line (1 = next). Refused over the server's or the user's limit."""
         if len(self.waiting) >= self.most_waiting:
-            raise QueueFull(f"{len(self.waiting)} tracks are waiting to play here already; "
-                            "please click Play again once some have played.")
+            raise QueueFull(
+                f"{len(self.waiting)} tracks are waiting to play here already; "
+                "please click Play again once some have played."
+            )
         mine = sum(1 for p in (self.now, *self.waiting) if p is not None and p.requester_id == play.requester_id)
         if mine >= self.per_user:
             raise QueueFull(f"You have {mine} tracks playing or waiting here; the limit is {self.per_user} per user.")

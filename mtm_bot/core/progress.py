@@ -1,9 +1,10 @@
 """Progress reports and cancellation, shared by every stage so the queue can show and stop work."""
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .errors import Cancelled
 

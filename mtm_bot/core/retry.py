@@ -7,6 +7,7 @@ say so in one line per failure, never a traceback.
 Loops that stay open (a stream listener, a subscription) keep a `Backoff` of their own: `reset()` after a
 success, `wait()` after a failure.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,9 +38,14 @@ class Backoff:
         self.delay = min(self.delay * 2, self.most)
 
 
-async def retry(call: Callable[[], Awaitable[T]], *, on: tuple[type[BaseException], ...],
-                say: Callable[[BaseException, float], None], backoff: Backoff,
-                stopping: asyncio.Event | None = None) -> T:
+async def retry(
+    call: Callable[[], Awaitable[T]],
+    *,
+    on: tuple[type[BaseException], ...],
+    say: Callable[[BaseException, float], None],
+    backoff: Backoff,
+    stopping: asyncio.Event | None = None,
+) -> T:
     """`await call()` until it returns. A failure of a type in `on` is said (`say(error, seconds to wait)`) and
     waited out; once `stopping` is set, the failure is raised instead."""
     while True:

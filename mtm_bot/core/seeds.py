@@ -1,4 +1,5 @@
 """The seed a job generates with: random, or fixed by MTM_SEED for reproducible runs."""
+
 from __future__ import annotations
 
 import hashlib

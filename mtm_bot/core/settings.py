@@ -2,12 +2,13 @@
 
 Real environment variables win over `.env` (a contract: docs/ARCHITECTURE.md).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
 
 from dotenv import dotenv_values
 
@@ -54,7 +55,9 @@ class Settings:
     max_batch: int = 4
 
     # Distributed mode (mtm_bot.transport.distributed, mtm_bot.transport.gpu_worker): unset = one process, as always.
-    broker_url: str | None = field(default=None, repr=False)  # redis://host:6379/0 or rediss://:password@host; may hold a password
+    broker_url: str | None = field(
+        default=None, repr=False
+    )  # redis://host:6379/0 or rediss://:password@host; may hold a password
     broker_prefix: str = "mtm"  # every Redis key and stream of this bot starts with it (several bots, one Redis)
     heartbeat_seconds: float = 2.0  # a GPU worker silent for 3 heartbeats is dead: its jobs run again elsewhere
     blob_ttl_hours: float = 24.0  # clips and results in transit through Redis expire after this
@@ -74,7 +77,9 @@ class Settings:
         return self.storage_dir / "jobs.sqlite3"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ".env") -> "Settings":
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ".env"
+    ) -> Settings:
         values: dict[str, str] = {}
         if env_file is not None and Path(env_file).is_file():
             values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
@@ -104,7 +109,9 @@ class Settings:
         if self.library_days <= 0:
             raise SettingsError("MTM_LIBRARY_DAYS must be positive.")
         if self.broker_url is not None and not self.broker_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError("MTM_BROKER_URL must be a Redis URL (redis://host:6379/0 or rediss://:password@host:6380/0).")
+            raise SettingsError(
+                "MTM_BROKER_URL must be a Redis URL (redis://host:6379/0 or rediss://:password@host:6380/0)."
+            )
         if self.heartbeat_seconds <= 0 or self.blob_ttl_hours <= 0:
             raise SettingsError("MTM_HEARTBEAT_SECONDS and MTM_BLOB_TTL_HOURS must be positive.")
         if not 0 <= self.metrics_port <= 65535:

@@ -1,5 +1,6 @@
 """How times are written wherever users see them, and read back from them: `M:SS`, ranges `M:SS–M:SS`
 (a contract: docs/ARCHITECTURE.md)."""
+
 import re
 
 from .errors import InputError

@@ -8,6 +8,7 @@ A finished job carries `result_json` with a "lines" list: one `M:SS–M:SS capti
 block (compose) or per input segment (caption), ready to post; jobs that make a track also carry
 `result_path` (16-bit WAV) and the full ComposeResult.to_json() fields.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -42,8 +43,6 @@ class JobKind(StrEnum):
     EDIT = "edit"  # the same plan with the captions the user wrote (`captions`), a new seed
 
 
-
-
 @dataclass
 class Job:
     id: str  # 8 hex characters; what /cancel takes
@@ -74,13 +73,38 @@ class Job:
     attempt: int = 0  # times handed to a GPU worker (distributed mode): a result of an older attempt is stale
 
     @classmethod
-    def new(cls, kind: JobKind | str, *, user_id: int, guild_id: int | None, channel_id: int,
-            instruction: str = "", duration: int | None = None, attachment_size_limit: int,
-            application_id: int, interaction_token: str, parent_id: str | None = None,
-            redo_from: int | None = None, captions: list[str] | None = None) -> "Job":
-        return cls(secrets.token_hex(4), JobKind(kind), user_id, guild_id, channel_id, instruction, duration,
-                   attachment_size_limit, application_id, interaction_token, created_at=time.time(),
-                   parent_id=parent_id, redo_from=redo_from, captions=captions)
+    def new(
+        cls,
+        kind: JobKind | str,
+        *,
+        user_id: int,
+        guild_id: int | None,
+        channel_id: int,
+        instruction: str = "",
+        duration: int | None = None,
+        attachment_size_limit: int,
+        application_id: int,
+        interaction_token: str,
+        parent_id: str | None = None,
+        redo_from: int | None = None,
+        captions: list[str] | None = None,
+    ) -> Job:
+        return cls(
+            secrets.token_hex(4),
+            JobKind(kind),
+            user_id,
+            guild_id,
+            channel_id,
+            instruction,
+            duration,
+            attachment_size_limit,
+            application_id,
+            interaction_token,
+            created_at=time.time(),
+            parent_id=parent_id,
+            redo_from=redo_from,
+            captions=captions,
+        )
 
     @property
     def finished(self) -> bool:

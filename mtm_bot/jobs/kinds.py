@@ -9,6 +9,7 @@ Adding a kind: a `JobKind` member (mtm_bot.jobs.job), a `KindSpec` row here, a c
 and, for a new way of showing a result, a `Rendering` member with its renderer in cogs.delivery.
 Rendering is data here: mtm_bot never imports discord.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,13 +19,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..stages.checkpoints import Stage
 from ..core.errors import InputError
-from .job import Job, JobKind
-from ..stages.kept import Kept
-from ..stages.pipeline import check_extension
 from ..core.progress import CancelToken, Progress, ProgressCallback
 from ..core.timecode import format_range
+from ..stages.checkpoints import Stage
+from ..stages.kept import Kept
+from ..stages.pipeline import check_extension
+from .job import Job, JobKind
 
 if TYPE_CHECKING:
     from ..core.audio import Audio
@@ -36,6 +37,7 @@ CaptionsCallback = Callable[[list[str]], None]
 
 class Rendering(StrEnum):
     """How delivery shows a finished job (cogs.delivery maps each to its Discord renderer)."""
+
     TRACK = "track"  # public: the track, its refined captions and the controls that build on it; pings the requester
     CAPTIONS = "captions"  # public: the clip's caption lines; pings the requester
     MIDI_FILE = "midi_file"  # the requester alone: the MIDI file of the parent's notes
@@ -44,6 +46,7 @@ class Rendering(StrEnum):
 
 class Role(StrEnum):
     """What an input file is to a job; its name in an order and in Redis."""
+
     CLIP = "clip"
     IMAGE = "image"
     PARENT_TRACK = "parent_track"
@@ -58,22 +61,24 @@ MIDI_FILES = (".mid",)
 @dataclass(frozen=True)
 class Request:
     """What a job asks of its parent's track beyond the kind: from a Job, or from the CLI's arguments."""
+
     instruction: str
     duration: int | None  # Extend: seconds to add
     redo_from: float | None  # Redo: the output second the regenerated part starts at (a job stores whole ones)
     captions: tuple[str, ...] | None = None  # Edit captions: one per block of the parent's track
 
     @classmethod
-    def of(cls, job: Job) -> "Request":
+    def of(cls, job: Job) -> Request:
         return cls(job.instruction, job.duration, job.redo_from, None if job.captions is None else tuple(job.captions))
 
 
 @dataclass(frozen=True)
 class Run:
     """One run of a job's entry point: the pipeline, the job, where its files are, and what it reports."""
-    pipeline: "Pipeline"
+
+    pipeline: Pipeline
     job: Job
-    files: "JobFiles"
+    files: JobFiles
     progress: ProgressCallback
     cancel: CancelToken
     on_captions: CaptionsCallback
@@ -112,6 +117,7 @@ class KindSpec:
 
 # Entry points ------------------------------------------------------------------------------------
 
+
 class ClipMissing(InputError):
     pass
 
@@ -130,10 +136,13 @@ def _keep(run: Run, result: ComposeResult, clip: Audio | None) -> dict:
 
 
 def _caption(run: Run) -> dict:
-    segments = run.pipeline.caption(run.pipeline.read_clip(_stored(run.job.input_path, "clip")), run.progress,
-                                    run.cancel)
-    return {"input_captions": [dataclasses.asdict(s) for s in segments],
-            "lines": [f"{format_range(s.start, s.end)} {s.caption}" for s in segments]}
+    segments = run.pipeline.caption(
+        run.pipeline.read_clip(_stored(run.job.input_path, "clip")), run.progress, run.cancel
+    )
+    return {
+        "input_captions": [dataclasses.asdict(s) for s in segments],
+        "lines": [f"{format_range(s.start, s.end)} {s.caption}" for s in segments],
+    }
 
 
 def _compose(run: Run) -> dict:
@@ -141,8 +150,16 @@ def _compose(run: Run) -> dict:
     job, pipeline = run.job, run.pipeline
     clip = None if job.input_path is None else pipeline.read_clip(_stored(job.input_path, "clip"))
     image = None if job.image_path is None else _stored(job.image_path, "picture")
-    result = pipeline.compose(clip, job.instruction, job.duration, seed=job.seed, progress=run.progress,
-                              cancel=run.cancel, on_captions=run.on_captions, image=image)
+    result = pipeline.compose(
+        clip,
+        job.instruction,
+        job.duration,
+        seed=job.seed,
+        progress=run.progress,
+        cancel=run.cancel,
+        on_captions=run.on_captions,
+        image=image,
+    )
     return _keep(run, result, clip)
 
 
@@ -151,8 +168,15 @@ def _from_parent(run: Run) -> dict:
     kept = Kept.load(run.files.parent_files(run.job), run.pipeline.read_clip)
     derivation = KINDS[run.job.kind].derivation
     assert derivation is not None, "a kind run by _from_parent declares its derivation"
-    result = derivation(run.pipeline, kept, Request.of(run.job), seed=run.job.seed,
-                                            progress=run.progress, cancel=run.cancel, on_captions=run.on_captions)
+    result = derivation(
+        run.pipeline,
+        kept,
+        Request.of(run.job),
+        seed=run.job.seed,
+        progress=run.progress,
+        cancel=run.cancel,
+        on_captions=run.on_captions,
+    )
     return _keep(run, result, kept.clip)
 
 
@@ -183,39 +207,91 @@ _UPLOADS = frozenset({Role.CLIP, Role.IMAGE})
 _PARENT = frozenset({Role.CLIP, Role.PARENT_TRACK, Role.PARENT_STATE})  # the clip for the melody, where there was one
 
 KINDS: dict[JobKind, KindSpec] = {
-    JobKind.COMPOSE: KindSpec("Compose", _compose, _UPLOADS, TRACK_FILES, Rendering.TRACK,
-                              loads=("captioner", "refiner", "generator", "image_captioner")),
-    JobKind.CAPTION: KindSpec("Caption", _caption, frozenset({Role.CLIP}), (), Rendering.CAPTIONS,
-                              loads=("captioner",)),
-    JobKind.LIBRARY_IMAGE: KindSpec("Library picture search", _describe_image, frozenset({Role.IMAGE}), (),
-                                    Rendering.PICTURE_SEARCH, loads=("image_captioner",), private=True),
+    JobKind.COMPOSE: KindSpec(
+        "Compose",
+        _compose,
+        _UPLOADS,
+        TRACK_FILES,
+        Rendering.TRACK,
+        loads=("captioner", "refiner", "generator", "image_captioner"),
+    ),
+    JobKind.CAPTION: KindSpec(
+        "Caption", _caption, frozenset({Role.CLIP}), (), Rendering.CAPTIONS, loads=("captioner",)
+    ),
+    JobKind.LIBRARY_IMAGE: KindSpec(
+        "Library picture search",
+        _describe_image,
+        frozenset({Role.IMAGE}),
+        (),
+        Rendering.PICTURE_SEARCH,
+        loads=("image_captioner",),
+        private=True,
+    ),
     JobKind.REROLL: KindSpec(
-        "Reroll", _from_parent, _PARENT, TRACK_FILES, Rendering.TRACK, loads=("generator",),
+        "Reroll",
+        _from_parent,
+        _PARENT,
+        TRACK_FILES,
+        Rendering.TRACK,
+        loads=("generator",),
         derivation=lambda pipeline, kept, request, **run: pipeline.reroll(kept, **run),
         origin="another take of job `{parent}` (the same captions, a new seed)",
-        generates=lambda length, request, limit: length),
+        generates=lambda length, request, limit: length,
+    ),
     JobKind.EXTEND: KindSpec(
-        "Extend", _from_parent, _PARENT, TRACK_FILES, Rendering.TRACK, loads=("generator",),
+        "Extend",
+        _from_parent,
+        _PARENT,
+        TRACK_FILES,
+        Rendering.TRACK,
+        loads=("generator",),
         derivation=lambda pipeline, kept, request, **run: pipeline.extend(kept, request.duration, **run),
-        origin="extended from job `{parent}` by {seconds} s", generates=_extend_seconds),
+        origin="extended from job `{parent}` by {seconds} s",
+        generates=_extend_seconds,
+    ),
     JobKind.REMIX: KindSpec(
-        "Remix", _from_parent, _PARENT, TRACK_FILES, Rendering.TRACK, loads=("refiner", "generator"),
+        "Remix",
+        _from_parent,
+        _PARENT,
+        TRACK_FILES,
+        Rendering.TRACK,
+        loads=("refiner", "generator"),
         derivation=lambda pipeline, kept, request, **run: pipeline.remix(kept, request.instruction, **run),
         origin="remixed from job `{parent}` with a new instruction",
-        generates=lambda length, request, limit: length),
+        generates=lambda length, request, limit: length,
+    ),
     JobKind.REDO: KindSpec(
-        "Redo", _from_parent, _PARENT, TRACK_FILES, Rendering.TRACK, loads=("generator",),
+        "Redo",
+        _from_parent,
+        _PARENT,
+        TRACK_FILES,
+        Rendering.TRACK,
+        loads=("generator",),
         derivation=lambda pipeline, kept, request, **run: pipeline.redo(kept, request.redo_from, **run),
         origin="job `{parent}` redone from {redo_from} (everything before it kept)",
-        generates=lambda length, request, limit: length - int(request.redo_from or 0)),
+        generates=lambda length, request, limit: length - int(request.redo_from or 0),
+    ),
     JobKind.EDIT: KindSpec(
-        "Edit captions", _from_parent, _PARENT, TRACK_FILES, Rendering.TRACK, loads=("generator",),
+        "Edit captions",
+        _from_parent,
+        _PARENT,
+        TRACK_FILES,
+        Rendering.TRACK,
+        loads=("generator",),
         derivation=lambda pipeline, kept, request, **run: pipeline.edit(kept, request.captions, **run),
         origin="job `{parent}` with edited captions (the same plan, a new seed)",
-        generates=lambda length, request, limit: length),
-    JobKind.MIDI: KindSpec("MIDI", _midi, frozenset({Role.PARENT_TRACK}), MIDI_FILES, Rendering.MIDI_FILE,
-                           private=True, origin="the notes of job `{parent}`",
-                           generates=lambda length, request, limit: None),
+        generates=lambda length, request, limit: length,
+    ),
+    JobKind.MIDI: KindSpec(
+        "MIDI",
+        _midi,
+        frozenset({Role.PARENT_TRACK}),
+        MIDI_FILES,
+        Rendering.MIDI_FILE,
+        private=True,
+        origin="the notes of job `{parent}`",
+        generates=lambda length, request, limit: None,
+    ),
 }
 
 MAKES_TRACK = frozenset(kind for kind, spec in KINDS.items() if spec.makes_track)

@@ -9,6 +9,7 @@
 One row per track, searched by cosine within one guild; the embedder, its pooling and the retention are
 described in docs/ARCHITECTURE.md, "The library".
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -81,7 +82,7 @@ class Embedder:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, model_id: str = DEFAULT_EMBEDDER_ID) -> "Embedder":
+    def load(cls, model_id: str = DEFAULT_EMBEDDER_ID) -> Embedder:
         from transformers import AutoModel, AutoTokenizer
 
         from ..stages.runtime import from_hub
@@ -143,7 +144,7 @@ class Library:
         self.retention_seconds = retention_days * 86400
 
     @classmethod
-    async def open(cls, settings: Settings, embedder: Embedder) -> "Library":
+    async def open(cls, settings: Settings, embedder: Embedder) -> Library:
         """Open (or create) the library table beside the jobs; drop expired rows and re-embed rows that an
         earlier embedder made, so every vector compares with the current model's."""
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
@@ -168,8 +169,19 @@ class Library:
         vector = (await asyncio.to_thread(self.embedder.embed, [text]))[0]
         await self._db.execute(
             "INSERT OR REPLACE INTO library VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job.id, job.guild_id, job.channel_id, message_id, job.user_id, title_line(job),
-             job.finished_at or time.time(), text, self.embedder.model_id, vector.tobytes()))
+            (
+                job.id,
+                job.guild_id,
+                job.channel_id,
+                message_id,
+                job.user_id,
+                title_line(job),
+                job.finished_at or time.time(),
+                text,
+                self.embedder.model_id,
+                vector.tobytes(),
+            ),
+        )
         await self._db.commit()
         await self.prune()
 
@@ -177,43 +189,52 @@ class Library:
         """This guild's tracks closest to `query`, most similar first."""
         query = " ".join(query.split())
         if not query:
-            raise EmptyQuery("Tell me what to look for, e.g. `/library query:festive brass with sleigh bells`, "
-                             "or attach a picture as `image`.")
+            raise EmptyQuery(
+                "Tell me what to look for, e.g. `/library query:festive brass with sleigh bells`, "
+                "or attach a picture as `image`."
+            )
         vector = (await asyncio.to_thread(self.embedder.embed, [query[:MAX_QUERY_CHARS]]))[0]
         return await self.nearest(guild_id, vector, limit)
 
     async def nearest(self, guild_id: int, vector: np.ndarray, limit: int = 5) -> list[Match]:
         """This guild's tracks closest to a unit vector, most similar first."""
         async with self._db.execute(
-                "SELECT job_id, channel_id, message_id, user_id, title, created_at, embedding FROM library "
-                "WHERE guild_id = ? AND created_at >= ?", (guild_id, time.time() - self.retention_seconds)) as cursor:
+            "SELECT job_id, channel_id, message_id, user_id, title, created_at, embedding FROM library "
+            "WHERE guild_id = ? AND created_at >= ?",
+            (guild_id, time.time() - self.retention_seconds),
+        ) as cursor:
             rows = await cursor.fetchall()
         if not rows:
             return []
         scores = await asyncio.to_thread(_cosines, [row[6] for row in rows], vector)
         best = np.argsort(-scores, kind="stable")[:limit]
-        return [Match(rows[i][0], guild_id, rows[i][1], rows[i][2], rows[i][3], rows[i][4], rows[i][5],
-                      float(scores[i])) for i in best]
+        return [
+            Match(rows[i][0], guild_id, rows[i][1], rows[i][2], rows[i][3], rows[i][4], rows[i][5], float(scores[i]))
+            for i in best
+        ]
 
     async def prune(self) -> int:
         """Delete rows older than the retention; returns how many."""
-        cursor = await self._db.execute("DELETE FROM library WHERE created_at < ?",
-                                        (time.time() - self.retention_seconds,))
+        cursor = await self._db.execute(
+            "DELETE FROM library WHERE created_at < ?", (time.time() - self.retention_seconds,)
+        )
         await self._db.commit()
         return cursor.rowcount
 
     async def _reembed_other_models(self) -> None:
-        async with self._db.execute("SELECT job_id, text FROM library WHERE model != ?",
-                                    (self.embedder.model_id,)) as cursor:
+        async with self._db.execute(
+            "SELECT job_id, text FROM library WHERE model != ?", (self.embedder.model_id,)
+        ) as cursor:
             rows = await cursor.fetchall()
         if not rows:
             return
         for start in range(0, len(rows), REEMBED_BATCH):
-            chunk = rows[start:start + REEMBED_BATCH]
+            chunk = rows[start : start + REEMBED_BATCH]
             vectors = await asyncio.to_thread(self.embedder.embed, [text for _, text in chunk])
-            await self._db.executemany("UPDATE library SET model = ?, embedding = ? WHERE job_id = ?",
-                                       [(self.embedder.model_id, v.tobytes(), job_id)
-                                        for (job_id, _), v in zip(chunk, vectors)])
+            await self._db.executemany(
+                "UPDATE library SET model = ?, embedding = ? WHERE job_id = ?",
+                [(self.embedder.model_id, v.tobytes(), job_id) for (job_id, _), v in zip(chunk, vectors)],
+            )
         await self._db.commit()
 
 

@@ -8,6 +8,7 @@ round-robin across users, FIFO within a user, with the limits from Settings, and
     queue.snapshot()                           # /queue: running jobs + queued jobs in run order
     queue.unfinished_of(user_id)               # the caller's queued/running jobs, newest last
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,9 +18,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..core.errors import InputError
+from ..core.settings import Settings
 from .job import Job
 from .kinds import KINDS
-from ..core.settings import Settings
 
 
 class QueueFull(InputError):
@@ -28,7 +29,6 @@ class QueueFull(InputError):
 
 class TooManyJobs(InputError):
     pass
-
 
 
 class DurationEstimate:
@@ -117,8 +117,10 @@ class JobQueue:
             wait = min(lefts) if lefts else None  # a slot frees up when a running job ends and the next one starts
             minutes = math.ceil(max(wait, 60) / 60) if wait is not None else None
             when = f"in about {minutes} minute{'s' * (minutes != 1)}" if minutes else "in a few minutes"
-            raise QueueFull(f"The queue is full ({len(self)} jobs waiting; the limit is {self.max_length}). "
-                            f"Please try again {when}.")
+            raise QueueFull(
+                f"The queue is full ({len(self)} jobs waiting; the limit is {self.max_length}). "
+                f"Please try again {when}."
+            )
 
     def submit(self, job: Job) -> int:
         """Enqueue within the limits; returns the 1-based position (1 = next to run)."""
@@ -168,8 +170,9 @@ class JobQueue:
     def get(self, job_id: str) -> Job | None:
         """A queued or running job by id (case-insensitive)."""
         job_id = job_id.strip().lower()
-        return next((j for j in [*self.running, *(j for jobs in self._waiting.values() for j in jobs)]
-                     if j.id == job_id), None)
+        return next(
+            (j for j in [*self.running, *(j for jobs in self._waiting.values() for j in jobs)] if j.id == job_id), None
+        )
 
     def unfinished_of(self, user_id: int) -> list[Job]:
         """The user's running and queued jobs, oldest first."""
@@ -189,7 +192,9 @@ class JobQueue:
         """The running jobs and the queued jobs in the order they will run, with start estimates: each
         queued job takes the slot that frees up first."""
         lefts = [self._left(job) for job in self.running]
-        slots: list[float | None] | None = lefts + [0.0] * max(0, self.capacity - len(self.running))  # when each frees up
+        slots: list[float | None] | None = lefts + [0.0] * max(
+            0, self.capacity - len(self.running)
+        )  # when each frees up
         entries = []
         for position, job in enumerate(self._run_order(), 1):
             start = None
@@ -230,4 +235,3 @@ class JobQueue:
         if needed is None:
             return None
         return max(0.0, needed - (time.time() - (job.started_at or time.time())))
-

@@ -9,19 +9,21 @@ writes the job's result files under `files` (its kind's `writes`, mtm_bot.jobs.k
 scheduler (mtm_bot.jobs.scheduler) asks of a transport: mtm_bot.transport.local (threads of this process) and
 mtm_bot.transport.distributed (GPU workers over Redis).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..core import metrics
 from ..core.errors import Cancelled, InputError, MTMError
+from ..core.progress import CancelToken, Progress, ProgressCallback
 from .job import Job, JobState
 from .kinds import KINDS, CaptionsCallback, Run
-from ..core.progress import CancelToken, Progress, ProgressCallback
 from .store import JobFiles
 
 if TYPE_CHECKING:
@@ -29,10 +31,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OOM_MESSAGE = ("The GPU ran out of memory on this job. Try a shorter duration or a shorter clip, "
-               "or try again when the server is less busy.")
-UNEXPECTED_MESSAGE = ("Something went wrong while working on job {id}; the error was logged for the "
-                      "server's admins. Please try again later.")
+OOM_MESSAGE = (
+    "The GPU ran out of memory on this job. Try a shorter duration or a shorter clip, "
+    "or try again when the server is less busy."
+)
+UNEXPECTED_MESSAGE = (
+    "Something went wrong while working on job {id}; the error was logged for the "
+    "server's admins. Please try again later."
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class Outcome:
 @dataclass(frozen=True)
 class JobEvents:
     """What a running job reports, called on the event loop (throttling is the listener's business)."""
+
     progress: Callable[[Progress], None]
     captions: CaptionsCallback  # the refined caption lines, before generation starts
 
@@ -56,6 +63,7 @@ class Runner(Protocol):
     @property
     def capacity(self) -> int:  # read-only: RemoteRunner's is a property
         """Jobs it can run at once now (the live GPU workers' slots in distributed mode)."""
+
     keeps_running: bool  # its jobs go on while this process restarts (then `run(adopt=True)` takes them up)
 
     async def start(self, capacity_changed: Callable[[], None]) -> None: ...
@@ -81,7 +89,7 @@ class Runner(Protocol):
 
 
 class JobRunner:
-    def __init__(self, pipeline: "Pipeline", files: JobFiles) -> None:
+    def __init__(self, pipeline: Pipeline, files: JobFiles) -> None:
         self.pipeline = pipeline
         self.files = files
 
@@ -128,4 +136,3 @@ def _timing_stages(report: ProgressCallback) -> ProgressCallback:
             report(progress)
 
     return timed
-

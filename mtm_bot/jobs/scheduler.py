@@ -35,23 +35,25 @@ without raising; a delivery that raises is retried a few times and again at the 
 in the moment between the listener returning and that one SQLite commit would deliver it again.)
 Failures reach the user as a one-sentence message (job.error), never a traceback.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Callable, Coroutine, Protocol
+from typing import Any, Protocol
 
 from ..core import metrics
 from ..core.errors import InputError
-from .job import Job, JobState
-from .kinds import MAKES_TRACK
 from ..core.progress import Progress
-from .queue import JobQueue
-from .runner import UNEXPECTED_MESSAGE, JobEvents, Runner
 from ..core.seeds import choose_seed
 from ..core.settings import Settings
+from .job import Job, JobState
+from .kinds import MAKES_TRACK
+from .queue import JobQueue
+from .runner import UNEXPECTED_MESSAGE, JobEvents, Runner
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,9 @@ class Scheduler:
     CLEANUP_INTERVAL_SECONDS = 3600.0
     STOP_GRACE_SECONDS = 10.0  # deliveries in flight may finish before stop() cuts them off
 
-    def __init__(self, settings: Settings, runner: Runner, store: JobStore, queue: JobQueue,
-                 listener: JobListener) -> None:
+    def __init__(
+        self, settings: Settings, runner: Runner, store: JobStore, queue: JobQueue, listener: JobListener
+    ) -> None:
         self.settings = settings
         self.runner = runner
         self.store = store
@@ -132,8 +135,9 @@ class Scheduler:
         if self.runner.keeps_running:
             for task in self._jobs:
                 task.cancel()
-        await asyncio.gather(*(t for t in (self._serve_task, self._cleanup_task) if t), *self._jobs,
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(t for t in (self._serve_task, self._cleanup_task) if t), *self._jobs, return_exceptions=True
+        )
         if self._deliveries:
             await asyncio.wait(self._deliveries, timeout=self.STOP_GRACE_SECONDS)
         for task in [*self._deliveries, *(t for tasks in self._notifications.values() for t in tasks)]:
@@ -174,8 +178,9 @@ class Scheduler:
             await self.store.delete(job.id)
             raise
 
-    async def cancel(self, job_id: str | None, user_id: int, *, guild_id: int | None = None,
-                     is_manager: bool = False) -> Job:
+    async def cancel(
+        self, job_id: str | None, user_id: int, *, guild_id: int | None = None, is_manager: bool = False
+    ) -> Job:
         """/cancel: `job_id` None means the user's newest unfinished job.
 
         Only the requester, or a manager of the server the job came from, may cancel. A queued job is
@@ -194,12 +199,15 @@ class Scheduler:
                 stored = await self.store.get(job_id.strip().lower())
                 if stored is None:
                     raise JobNotFound(f"There is no job with id {job_id.strip()[:16]!r}; /queue lists your jobs.")
-                outcome = {JobState.DONE: "finished", JobState.FAILED: "failed",
-                           JobState.CANCELLED: "been cancelled"}[stored.state]
+                outcome = {JobState.DONE: "finished", JobState.FAILED: "failed", JobState.CANCELLED: "been cancelled"}[
+                    stored.state
+                ]
                 raise NotCancellable(f"Job {stored.id} has already {outcome}; there is nothing to cancel.")
             job = queued
         if job.user_id != user_id and not (is_manager and guild_id is not None and guild_id == job.guild_id):
-            raise NotCancellable(f"Job {job.id} is someone else's; only its requester or a server manager can cancel it.")
+            raise NotCancellable(
+                f"Job {job.id} is someone else's; only its requester or a server manager can cancel it."
+            )
 
         running = self._running.get(job.id)
         if running is not None:
@@ -252,8 +260,10 @@ class Scheduler:
                 job.seed = choose_seed(self.settings.seed, job.id if job.parent_id is not None else None)
             await self.store.update(job)  # the seed is on disk before any model work: a resumed job sounds the same
             self._notify(job, self.listener.job_started, job)
-        events = JobEvents(progress=lambda progress: self._notify(job, self.listener.job_progress, job, progress),
-                           captions=lambda lines: self._notify(job, self.listener.job_captions, job, lines))
+        events = JobEvents(
+            progress=lambda progress: self._notify(job, self.listener.job_progress, job, progress),
+            captions=lambda lines: self._notify(job, self.listener.job_captions, job, lines),
+        )
         outcome = await self.runner.run(job, events, adopt=adopt)
         if outcome.state is JobState.CANCELLED and self._stopping and not running.cancelled_by_user:
             self.queue.finish(job)

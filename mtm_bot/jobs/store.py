@@ -11,6 +11,7 @@ mtm_bot.stages.kept). A job derived from a finished track holds hard links to th
     await store.add(job)                       # the scheduler does this on submit (mtm_bot.jobs.scheduler)
     await store.recent_of(user_id)             # the caller's latest jobs, finished ones included
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,11 +27,10 @@ import aiofiles
 import aiofiles.os
 import aiosqlite
 
-from .job import TERMINAL, UNFINISHED, Job, JobKind, JobState
-from ..stages.kept import KeptFiles, ResultExpired
-from .kinds import KINDS, Role
 from ..core.settings import Settings
-
+from ..stages.kept import KeptFiles, ResultExpired
+from .job import TERMINAL, UNFINISHED, Job, JobKind, JobState
+from .kinds import KINDS, Role
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -68,8 +68,13 @@ CREATE INDEX IF NOT EXISTS jobs_by_guild ON jobs (guild_id, kind, created_at);
 
 _COLUMNS = [f.name for f in fields(Job)]
 # Columns added after the first release: a database created before them gets them at open().
-_ADDED_COLUMNS = {"image_path": "TEXT", "parent_id": "TEXT", "redo_from": "INTEGER",
-                  "attempt": "INTEGER NOT NULL DEFAULT 0", "captions": "TEXT"}
+_ADDED_COLUMNS = {
+    "image_path": "TEXT",
+    "parent_id": "TEXT",
+    "redo_from": "INTEGER",
+    "attempt": "INTEGER NOT NULL DEFAULT 0",
+    "captions": "TEXT",
+}
 
 
 def _to_row(job: Job) -> tuple:
@@ -141,8 +146,7 @@ class JobFiles:
 
     def parent_files(self, job: Job) -> KeptFiles:
         """A derived job's own links to its parent's kept files (JobStore.link_parent)."""
-        return KeptFiles(self.inputs_dir / f"{job.id}.from.wav", self.inputs_dir / f"{job.id}.from.npz",
-                         job.input_path)
+        return KeptFiles(self.inputs_dir / f"{job.id}.from.wav", self.inputs_dir / f"{job.id}.from.npz", job.input_path)
 
 
 class JobStore(JobFiles):
@@ -154,7 +158,7 @@ class JobStore(JobFiles):
         self._db = db
 
     @classmethod
-    async def open(cls, settings: Settings) -> "JobStore":
+    async def open(cls, settings: Settings) -> JobStore:
         JobFiles(Path(settings.storage_dir)).make_folders()
         db = await aiosqlite.connect(settings.database_path)
         await db.execute("PRAGMA journal_mode=WAL")
@@ -240,12 +244,18 @@ class JobStore(JobFiles):
     async def parent_for(self, job_id: str) -> Job:
         """The finished track a derived job builds on; ResultExpired once it is no longer kept."""
         parent = await self.get(job_id)
-        if (parent is None or parent.state is not JobState.DONE or not KINDS[parent.kind].makes_track
-                or not self.kept_files(parent).exist()):
+        if (
+            parent is None
+            or parent.state is not JobState.DONE
+            or not KINDS[parent.kind].makes_track
+            or not self.kept_files(parent).exist()
+        ):
             hours = self.retention_hours
             kept_for = f"{hours / 24:g} days" if hours >= 48 else f"{hours:g} hours"
-            raise ResultExpired(f"This result has expired: tracks are kept for {kept_for} after they are made. "
-                                "Run /compose again to start a new one.")
+            raise ResultExpired(
+                f"This result has expired: tracks are kept for {kept_for} after they are made. "
+                "Run /compose again to start a new one."
+            )
         return parent
 
     async def link_parent(self, child: Job, parent: Job) -> None:
@@ -305,4 +315,3 @@ def _link_or_copy(source: Path, target: Path) -> None:
         pass
     except OSError:  # no hard links on this file system
         shutil.copyfile(source, target)
-

@@ -15,6 +15,7 @@ graphs stay on the thread that made them.
 thread of its own; while one batch runs, the calls that arrive wait, and when it ends one of them runs
 every waiting call in the next batch.
 """
+
 from __future__ import annotations
 
 import threading
@@ -29,8 +30,8 @@ from typing import Generic, TypeVar
 import torch
 
 from ..core.errors import Cancelled
-from .musicgen_decode import Admit, BlockRequest, Done
 from ..core.progress import CancelToken
+from .musicgen_decode import Admit, BlockRequest, Done
 
 T = TypeVar("T")
 In = TypeVar("In")
@@ -81,8 +82,9 @@ class BlockBatcher:
         self._changed = self._inbox.changed
         self.batch_sizes: list[int] = []  # blocks each decode loop started with, for tests and benchmarks
         self.joined = 0  # blocks that joined a loop already running
-        self._thread = threading.Thread(target=_serve, args=(self._inbox, weakref.ref(self)), name="mtm-decode",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=_serve, args=(self._inbox, weakref.ref(self)), name="mtm-decode", daemon=True
+        )
         self._thread.start()
         weakref.finalize(self, self._inbox.close)
 
@@ -147,6 +149,7 @@ class BlockBatcher:
                     waiting.result.set_exception(result)
                 else:
                     waiting.result.set_result(result)
+
             return finish
 
         def newcomers(room: int) -> list[tuple[BlockRequest, Done]]:
@@ -177,7 +180,7 @@ class BlockBatcher:
                 waiting.result.set_exception(error)
 
 
-def _serve(inbox: _Inbox, batcher: "weakref.ref[BlockBatcher]") -> None:
+def _serve(inbox: _Inbox, batcher: weakref.ref[BlockBatcher]) -> None:
     """The decode thread: serve the batcher while it lives."""
     while True:
         with inbox.changed:

@@ -9,6 +9,7 @@ Module and buffer names follow the reference exactly, so its `transfer.pth` load
     audio_encoder.positional_embedding            fixed sinusoids, added before BART's encoder
     bart.*                                        BartForConditionalGeneration (bart-base)
 """
+
 from __future__ import annotations
 
 import math
@@ -20,18 +21,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import (BartConfig, BartForConditionalGeneration, GenerationConfig, PreTrainedTokenizerBase,
-                          StoppingCriteria, StoppingCriteriaList)
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.audio_utils import mel_filter_bank
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..core.audio import Audio, resample
-from .batcher import CallBatcher
-from .checkpoints import BART_REPO, LP_MUSICCAPS_FILE as CHECKPOINT_FILE, LP_MUSICCAPS_REPO as CHECKPOINT_REPO
 from ..core.errors import ClipTooShort
 from ..core.progress import CancelToken
+from .batcher import CallBatcher
+from .checkpoints import BART_REPO
+from .checkpoints import LP_MUSICCAPS_FILE as CHECKPOINT_FILE
+from .checkpoints import LP_MUSICCAPS_REPO as CHECKPOINT_REPO
 from .runtime import cast_for_inference, from_hub, model_dtype
-
 
 SAMPLE_RATE = 16_000
 SEGMENT_SECONDS = 10
@@ -63,8 +71,15 @@ class Segment:
 
 def mel_filters(dtype: torch.dtype = torch.float32) -> Tensor:
     """(513, 128) triangular filters, 0-8000 Hz on the HTK mel scale, no area normalisation."""
-    filters = mel_filter_bank(num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=N_MELS, min_frequency=0.0,
-                              max_frequency=F_MAX, sampling_rate=SAMPLE_RATE, norm=None, mel_scale="htk")
+    filters = mel_filter_bank(
+        num_frequency_bins=N_FFT // 2 + 1,
+        num_mel_filters=N_MELS,
+        min_frequency=0.0,
+        max_frequency=F_MAX,
+        sampling_rate=SAMPLE_RATE,
+        norm=None,
+        mel_scale="htk",
+    )
     return torch.from_numpy(filters).to(dtype)
 
 
@@ -74,8 +89,18 @@ def log_mel_spectrogram(waves: Tensor, window: Tensor, filters: Tensor) -> Tenso
     Power is the *real part* squared, not |X|^2: the reference computes it that way and the weights
     were trained on it.
     """
-    spec = torch.stft(waves, N_FFT, hop_length=HOP, win_length=N_FFT, window=window, center=True,
-                      pad_mode="reflect", normalized=False, onesided=True, return_complex=True)
+    spec = torch.stft(
+        waves,
+        N_FFT,
+        hop_length=HOP,
+        win_length=N_FFT,
+        window=window,
+        center=True,
+        pad_mode="reflect",
+        normalized=False,
+        onesided=True,
+        return_complex=True,
+    )
     power = spec.real.square()
     mel = torch.matmul(power.transpose(-1, -2), filters).transpose(-1, -2)
     return 10.0 * torch.log10(mel.clamp(min=1e-10))
@@ -120,7 +145,8 @@ class AudioEncoder(nn.Module):
         self.mel_encoder = MelEncoder()
         self.conv1 = nn.Conv1d(N_MELS, dim, kernel_size=3, padding=1)
         self.conv_stack = nn.ModuleList(
-            nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1) for _ in range(N_STRIDED_CONVS))
+            nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1) for _ in range(N_STRIDED_CONVS)
+        )
         self.register_buffer("positional_embedding", sinusoids(N_CTX, dim))
 
     def forward(self, waves: Tensor) -> Tensor:
@@ -144,8 +170,9 @@ class LPMusicCaps(nn.Module):
         """Beam-search token ids for a batch of 10 s waveforms, all in one batch; it stops (Cancelled) once
         every one of `cancels` is cancelled."""
         stopping = StoppingCriteriaList([_CheckCancel(list(cancels))] if cancels else [])
-        return self.bart.generate(encoder_outputs=self.encode(waves), generation_config=generation,
-                                  stopping_criteria=stopping)
+        return self.bart.generate(
+            encoder_outputs=self.encode(waves), generation_config=generation, stopping_criteria=stopping
+        )
 
 
 class _CheckCancel(StoppingCriteria):
@@ -163,12 +190,19 @@ class _CheckCancel(StoppingCriteria):
 
 def generation_config(config: BartConfig) -> GenerationConfig:
     return GenerationConfig(
-        num_beams=NUM_BEAMS, max_length=MAX_TOKENS, min_length=2, no_repeat_ngram_size=3, early_stopping=True,
-        decoder_start_token_id=config.decoder_start_token_id, bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        num_beams=NUM_BEAMS,
+        max_length=MAX_TOKENS,
+        min_length=2,
+        no_repeat_ngram_size=3,
+        early_stopping=True,
+        decoder_start_token_id=config.decoder_start_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
         # Training targets were "<s> caption </s>" after the start token "</s>": force the "<s>" as
         # bart-base's generation defaults do.
-        forced_bos_token_id=config.bos_token_id, forced_eos_token_id=config.eos_token_id,
+        forced_bos_token_id=config.bos_token_id,
+        forced_eos_token_id=config.eos_token_id,
     )
 
 
@@ -186,8 +220,9 @@ def split_segments(samples: np.ndarray, duration: float) -> tuple[Tensor, list[t
     if n and duration - (n - 1) * SEGMENT_SECONDS < MIN_SEGMENT_SECONDS:
         n -= 1
     if n == 0:
-        raise ClipTooShort(f"The clip is {duration:.1f} s long; captioning needs at least "
-                           f"{MIN_SEGMENT_SECONDS:g} s of audio.")
+        raise ClipTooShort(
+            f"The clip is {duration:.1f} s long; captioning needs at least {MIN_SEGMENT_SECONDS:g} s of audio."
+        )
     waves = torch.zeros(n, SEGMENT_SAMPLES)
     kept = torch.from_numpy(np.ascontiguousarray(samples[: n * SEGMENT_SAMPLES], dtype=np.float32))
     waves.view(-1)[: len(kept)] = kept
@@ -200,8 +235,14 @@ def split_segments(samples: np.ndarray, duration: float) -> tuple[Tensor, list[t
 
 
 class Captioner:
-    def __init__(self, model: LPMusicCaps, tokenizer: PreTrainedTokenizerBase, device: torch.device,
-                 dtype: torch.dtype | None = None, max_batch: int = 4) -> None:
+    def __init__(
+        self,
+        model: LPMusicCaps,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        max_batch: int = 4,
+    ) -> None:
         """`model` in float32; all but the mel front end (window, filter bank, STFT, dB) is cast to `dtype`
         (default: half precision on CUDA), so the front end never passes through half-precision rounding.
         Clips of up to `max_batch` jobs captioning at the same time go through the model as one batch."""
@@ -213,8 +254,9 @@ class Captioner:
         self.batches = CallBatcher(self._caption_batch, max_batch)
 
     @classmethod
-    def load(cls, profile: str, device: torch.device, dtype: torch.dtype | None = None,
-             max_batch: int = 4) -> "Captioner":
+    def load(
+        cls, profile: str, device: torch.device, dtype: torch.dtype | None = None, max_batch: int = 4
+    ) -> Captioner:
         if profile == "tiny":
             return cls.tiny(device, dtype, max_batch)
         if profile != "full":
@@ -228,8 +270,15 @@ class Captioner:
         return cls.from_checkpoint(path, config, tokenizer, device, dtype, max_batch)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, config: BartConfig, tokenizer: PreTrainedTokenizerBase,
-                        device: torch.device, dtype: torch.dtype | None = None, max_batch: int = 4) -> "Captioner":
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        config: BartConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        max_batch: int = 4,
+    ) -> Captioner:
         """Build the architecture from `config` and load a reference-layout checkpoint strictly.
 
         The file is a dict whose `state_dict` holds every weight and buffer (it also carries the
@@ -241,16 +290,21 @@ class Captioner:
         return cls(model, tokenizer, device, dtype, max_batch)
 
     @classmethod
-    def tiny(cls, device: torch.device, dtype: torch.dtype | None = None, max_batch: int = 4) -> "Captioner":
+    def tiny(cls, device: torch.device, dtype: torch.dtype | None = None, max_batch: int = 4) -> Captioner:
         """Same architecture and front end at toy width, random weights, built offline (tests, CI)."""
         from transformers import PreTrainedTokenizerFast
 
         from .tiny import byte_level_bpe
 
         specials = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # BART's ids 0, 1, 2, 3 and the mask
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(512, specials), bos_token="<s>",
-                                            pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                            mask_token="<mask>")
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=byte_level_bpe(512, specials),
+            bos_token="<s>",
+            pad_token="<pad>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            mask_token="<mask>",
+        )
         config = tiny_config(len(tokenizer))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same toy model every time
@@ -270,26 +324,50 @@ class Captioner:
     @torch.inference_mode()
     def _caption_batch(self, clips: list[Tensor], cancels: list[CancelToken | None]) -> list[list[str]]:
         """Each clip's segments (n_i, 160 000) -> its n_i captions, every segment in one beam search."""
-        ids = self.model.generate(torch.cat(clips).to(self.device), self.generation,
-                                  [c if c is not None else CancelToken() for c in cancels] if any(cancels) else [])
+        ids = self.model.generate(
+            torch.cat(clips).to(self.device),
+            self.generation,
+            [c if c is not None else CancelToken() for c in cancels] if any(cancels) else [],
+        )
         captions = iter(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
         return [[next(captions) for _ in range(len(waves))] for waves in clips]
 
 
 def bart_base_config() -> BartConfig:
     """facebook/bart-base's architecture (the checkpoint's decoder), for building the full-size model offline."""
-    return BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
-                      decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
-                      max_position_embeddings=1024)
+    return BartConfig(
+        vocab_size=50265,
+        d_model=768,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=12,
+        decoder_attention_heads=12,
+        encoder_ffn_dim=3072,
+        decoder_ffn_dim=3072,
+        max_position_embeddings=1024,
+    )
 
 
 def tiny_config(vocab_size: int) -> BartConfig:
     # init_std 1.0 (BART's default is 0.02): at toy width small random weights wash the audio out and
     # every segment gets the same text; larger ones let the audio visibly steer the captions.
-    return BartConfig(init_std=1.0, vocab_size=vocab_size, d_model=32, encoder_layers=1, decoder_layers=1,
-                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                      decoder_ffn_dim=64, max_position_embeddings=MAX_TOKENS, pad_token_id=1, bos_token_id=0,
-                      eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+    return BartConfig(
+        init_std=1.0,
+        vocab_size=vocab_size,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=MAX_TOKENS,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=2,
+    )
 
 
 def download() -> None:

@@ -4,9 +4,11 @@ So a run without the weights (and without a hub to fetch them from) names every 
 instead of after torch and transformers have been imported, and asks only for the stages the command
 at hand loads: `caption` needs neither the LLM nor MusicGen.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Literal
 
 from ..core.settings import Settings
 

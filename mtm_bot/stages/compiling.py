@@ -4,11 +4,12 @@
 graph that cannot be captured), the stage logs one warning and runs eager, and the bot serves.
 `on` compiles on any device and a failure stops the start-up; `off` never compiles.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -23,7 +24,7 @@ class CompilePlan:
     required: bool  # a failure at warm-up is an error instead of a fallback to eager
 
     @classmethod
-    def from_setting(cls, setting: str, device: torch.device) -> "CompilePlan":
+    def from_setting(cls, setting: str, device: torch.device) -> CompilePlan:
         if setting not in SETTINGS:
             raise ValueError(f"MTM_COMPILE must be one of {', '.join(SETTINGS)}, not {setting!r}")
         if setting == "auto":
@@ -34,8 +35,9 @@ class CompilePlan:
 EAGER = CompilePlan(enabled=False, required=False)
 
 
-def warm_up_or_run_eager(stage: str, plan: CompilePlan, warm_up: Callable[[], None],
-                         run_eager: Callable[[], None]) -> bool:
+def warm_up_or_run_eager(
+    stage: str, plan: CompilePlan, warm_up: Callable[[], None], run_eager: Callable[[], None]
+) -> bool:
     """Compile and capture `stage` now (warm_up); on failure, unless the plan requires compiling, log one
     warning and switch the stage to eager (run_eager). Returns whether the stage runs compiled."""
     if not plan.enabled:
@@ -46,8 +48,11 @@ def warm_up_or_run_eager(stage: str, plan: CompilePlan, warm_up: Callable[[], No
     except Exception as err:
         if plan.required:
             raise
-        log.warning("compiling %s failed (%s); it runs eager (slower, same output). "
-                    "Set MTM_COMPILE=off to skip the attempt.", stage, _root_cause(err))
+        log.warning(
+            "compiling %s failed (%s); it runs eager (slower, same output). Set MTM_COMPILE=off to skip the attempt.",
+            stage,
+            _root_cause(err),
+        )
         run_eager()
         return False
 

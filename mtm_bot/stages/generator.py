@@ -12,22 +12,23 @@ decodes of the same codes are crossfaded (equal gain: they are coherent), placed
 decode's right edge (EnCodec's decoder looks ahead). The joined track is what one EnCodec pass over all
 the codes would give.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
-from functools import lru_cache
 
 import numpy as np
 import torch
 
 from ..core.audio import PEAK_DBFS, Audio, peak_limited_gain, resample
+from ..core.progress import CancelToken, Progress, ProgressCallback, ignore_progress
+from .batcher import BlockBatcher
 from .compiling import CompilePlan, warm_up_or_run_eager
 from .melody import has_bass_line, remove_bass
-from .batcher import BlockBatcher
 from .musicgen_decode import MAX_TEXT_TOKENS, BlockRequest, MusicgenDecoder
-from ..core.progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .runtime import cast_for_inference, from_hub, model_dtype
 
 SAMPLE_RATE = 32000
@@ -81,8 +82,9 @@ def checkpoint_layout(model_id: str) -> Checkpoint:
     """The layout of `model_id`: from the table, else read from its name (a fine-tune keeps its base's
     name parts), which is all the tiny profile needs."""
     name = model_id.rsplit("/", 1)[-1]
-    return CHECKPOINTS.get(model_id) or Checkpoint(melody="melody" in name, stereo="stereo" in name,
-                                                   large="large" in name)
+    return CHECKPOINTS.get(model_id) or Checkpoint(
+        melody="melody" in name, stereo="stereo" in name, large="large" in name
+    )
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,9 @@ class Block:
     description: str = ""  # MusicGen text prompt
 
 
-def plan_blocks(duration: float, segments: list[tuple[float, float]], block_seconds: float,
-                start: float = 0.0, first_index: int = 0) -> list[Block]:
+def plan_blocks(
+    duration: float, segments: list[tuple[float, float]], block_seconds: float, start: float = 0.0, first_index: int = 0
+) -> list[Block]:
     """Blocks from `start` to `duration` seconds, each `block_seconds` long but the last; block i follows
     segment i mod n. An extension plans from the end of the track it extends, numbering on from
     `first_index` so the captions (and the melody) keep cycling where the track left off."""
@@ -123,22 +126,25 @@ class Rendered:
     codes: torch.Tensor  # (1, K, frames); frame f is samples [f, f + 1) * SAMPLES_PER_FRAME of `audio`
     gain: float = 1.0  # what the decoded audio of its last generated part was scaled by
 
-    def until(self, seconds: float) -> "Rendered":
+    def until(self, seconds: float) -> Rendered:
         """The first `seconds` of the track and their codes (a redo keeps these and generates the rest)."""
         frames = _frames_until(seconds)
         if frames * SAMPLES_PER_FRAME != round(seconds * SAMPLE_RATE):
             raise ValueError(f"{seconds} s does not fall on an EnCodec frame")
         if frames > self.codes.shape[-1]:
             raise ValueError(f"the track has {self.codes.shape[-1]} frames, not {frames}")
-        return Rendered(Audio(self.audio.samples[: frames * SAMPLES_PER_FRAME], SAMPLE_RATE), self.codes[..., :frames],
-                        self.gain)
+        return Rendered(
+            Audio(self.audio.samples[: frames * SAMPLES_PER_FRAME], SAMPLE_RATE), self.codes[..., :frames], self.gain
+        )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _chroma_filters() -> torch.Tensor:
     from transformers.audio_utils import chroma_filter_bank
 
-    bank = chroma_filter_bank(num_frequency_bins=CHROMA_N_FFT, num_chroma=CHROMA_BINS, sampling_rate=SAMPLE_RATE, tuning=0)
+    bank = chroma_filter_bank(
+        num_frequency_bins=CHROMA_N_FFT, num_chroma=CHROMA_BINS, sampling_rate=SAMPLE_RATE, tuning=0
+    )
     return torch.from_numpy(bank).float()  # (12, n_fft // 2 + 1)
 
 
@@ -170,8 +176,9 @@ def melody_chroma(samples: np.ndarray, prompt_samples: int = 0, filter_bass: boo
         missing = CHROMA_N_FFT - wave.numel()
         wave = torch.nn.functional.pad(wave, (missing // 2, missing - missing // 2))
     window = torch.hann_window(CHROMA_N_FFT)
-    stft = torch.stft(wave, CHROMA_N_FFT, CHROMA_HOP, window=window, center=True, pad_mode="reflect",
-                      return_complex=True)
+    stft = torch.stft(
+        wave, CHROMA_N_FFT, CHROMA_HOP, window=window, center=True, pad_mode="reflect", return_complex=True
+    )
     power = (stft / window.pow(2).sum().sqrt()).abs().pow(2)  # (freq, frames)
     chroma = _chroma_filters() @ power  # (12, frames)
     chroma = chroma / chroma.abs().amax(dim=0, keepdim=True).clamp_min(1e-6)
@@ -203,8 +210,16 @@ class Generator:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model, tokenizer, device: torch.device, block_seconds: float,
-                 melody_on_continuations: bool = True, compile: bool | None = None, max_batch: int = 1) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: torch.device,
+        block_seconds: float,
+        melody_on_continuations: bool = True,
+        compile: bool | None = None,
+        max_batch: int = 1,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -215,12 +230,22 @@ class Generator:
         self.decoder = MusicgenDecoder(model, max_frames=cache_frames(block_seconds), compile=compile)
         # Jobs generating at the same time share decode loops (mtm_bot.stages.batcher); `generate` may be called
         # from several threads at once.
-        self.batcher = BlockBatcher(lambda blocks, max_blocks, admit: self.decoder.decode_blocks(
-            blocks, max_blocks=max_blocks, admit=admit), max_batch)
+        self.batcher = BlockBatcher(
+            lambda blocks, max_blocks, admit: self.decoder.decode_blocks(blocks, max_blocks=max_blocks, admit=admit),
+            max_batch,
+        )
 
     @classmethod
-    def load(cls, profile: str, model_id: str, device: torch.device, block_seconds: float,
-             dtype: torch.dtype | None = None, compile: CompilePlan | None = None, max_batch: int = 1) -> "Generator":
+    def load(
+        cls,
+        profile: str,
+        model_id: str,
+        device: torch.device,
+        block_seconds: float,
+        dtype: torch.dtype | None = None,
+        compile: CompilePlan | None = None,
+        max_batch: int = 1,
+    ) -> Generator:
         """The model for `profile`, resident on `device` (half precision on CUDA), its decode step compiled.
 
         Weights load in float32; the text encoder, the projections and the decoder are then cast to
@@ -230,13 +255,15 @@ class Generator:
         dtype = dtype or model_dtype(device)
         if profile == "tiny":
             layout = checkpoint_layout(model_id)
-            model, tokenizer = build_tiny_musicgen("melody" if layout.melody else "small", stereo=layout.stereo,
-                                                   large=layout.large)
+            model, tokenizer = build_tiny_musicgen(
+                "melody" if layout.melody else "small", stereo=layout.stereo, large=layout.large
+            )
         else:
             model, tokenizer = _load_pretrained(model_id)
         model = cast_for_inference(model.to(device), dtype, keep_fp32=["audio_encoder"])
         plan = compile or CompilePlan.from_setting("auto", device)
         generator = cls(model, tokenizer, device, block_seconds, compile=plan.enabled, max_batch=max_batch)
+
         # Allocate the buffers for max_batch blocks and compile and capture now (one graph per batch-size
         # bucket), on the thread that will decode, not on a user's first request.
         def warm_up() -> None:
@@ -246,9 +273,16 @@ class Generator:
             warm_up()  # eager: allocation only
         return generator
 
-    def generate(self, clip: Audio | None, blocks: list[Block], seed: int,
-                 progress: ProgressCallback = ignore_progress, cancel: CancelToken | None = None,
-                 start: Rendered | None = None, gain: float = 1.0) -> Rendered:
+    def generate(
+        self,
+        clip: Audio | None,
+        blocks: list[Block],
+        seed: int,
+        progress: ProgressCallback = ignore_progress,
+        cancel: CancelToken | None = None,
+        start: Rendered | None = None,
+        gain: float = 1.0,
+    ) -> Rendered:
         """Render `blocks` in order; the result is 32 kHz (stereo from a stereo checkpoint, else mono) and
         exactly as long as the blocks together.
 
@@ -262,15 +296,25 @@ class Generator:
         """
         _check_contiguous(blocks, 0.0 if start is None else start.audio.duration)
         if start is not None and start.codes.shape[1] != self.decoder.num_codebooks:
-            raise ValueError(f"the kept track has {start.codes.shape[1]} codebooks, this model "
-                             f"{self.decoder.num_codebooks}: it cannot continue it")
+            raise ValueError(
+                f"the kept track has {start.codes.shape[1]} codebooks, this model "
+                f"{self.decoder.num_codebooks}: it cannot continue it"
+            )
         cancel = cancel or CancelToken()
         melody = resample(clip, SAMPLE_RATE).samples if self.uses_melody and clip is not None else None
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return self._generate(melody, blocks, generator, progress, cancel, start, gain)
 
-    def _generate(self, melody: np.ndarray | None, blocks: list[Block], generator: torch.Generator,
-                  progress: ProgressCallback, cancel: CancelToken, start: Rendered | None, gain: float) -> Rendered:
+    def _generate(
+        self,
+        melody: np.ndarray | None,
+        blocks: list[Block],
+        generator: torch.Generator,
+        progress: ProgressCallback,
+        cancel: CancelToken,
+        start: Rendered | None,
+        gain: float,
+    ) -> Rendered:
         # `kept`: start's audio, as delivered; `new`: the new blocks' audio at unit gain, from where it fades
         # in over the end of `kept` (`fade` samples). The new part's gain is chosen once all of it is there.
         empty = np.zeros((0,) if self.channels == 1 else (0, self.channels), dtype=np.float32)
@@ -280,6 +324,7 @@ class Generator:
         # every code so far, (1, K, frames); frame f is output samples [f, f + 1) * SAMPLES_PER_FRAME
         codes = None if start is None else start.codes.to(self.device)
         for number, block in enumerate(blocks, start=1):
+
             def on_step(step: int, steps: int, number: int = number) -> None:
                 cancel.check()
                 progress(Progress("generating", block=number, blocks=len(blocks), step=step, steps=steps))
@@ -288,7 +333,7 @@ class Generator:
             prompt_audio = None
             if prompt is not None:  # for its chroma, whose frames are max-normalised: the gains do not matter
                 so_far = kept if new is None else np.concatenate([kept[: len(kept) - fade], new])
-                prompt_audio = so_far[len(so_far) - prompt.shape[-1] * SAMPLES_PER_FRAME:]
+                prompt_audio = so_far[len(so_far) - prompt.shape[-1] * SAMPLES_PER_FRAME :]
                 if prompt_audio.ndim == 2:  # the melody of the mix, as the clip's
                     prompt_audio = prompt_audio.mean(axis=1)
             block_codes = self._generate_block(block, melody, prompt, prompt_audio, generator, on_step, cancel)
@@ -302,19 +347,26 @@ class Generator:
             edge = min(round(EDGE_SECONDS * SAMPLE_RATE), seam // 2)
             overlap = min(round(CROSSFADE_SECONDS * SAMPLE_RATE), seam - edge)
             if new is None:  # the first block after the kept part
-                kept, new, fade = kept[: len(kept) - edge], audio[seam - edge - overlap:], overlap
+                kept, new, fade = kept[: len(kept) - edge], audio[seam - edge - overlap :], overlap
             else:
-                new = crossfade(new[: len(new) - edge], audio[seam - edge - overlap:], overlap)
-            codes = torch.cat([codes, block_codes[..., prompt.shape[-1]:]], dim=-1)
+                new = crossfade(new[: len(new) - edge], audio[seam - edge - overlap :], overlap)
+            codes = torch.cat([codes, block_codes[..., prompt.shape[-1] :]], dim=-1)
         assert new is not None and codes is not None, "no block was generated"
         if start is not None:
             gain = peak_limited_gain(Audio(new[fade:], SAMPLE_RATE), gain, PEAK_DBFS)
         track = crossfade(kept, new * np.float32(gain), fade)
         return Rendered(Audio(track[: round(blocks[-1].end * SAMPLE_RATE)], SAMPLE_RATE), codes.cpu(), gain)
 
-    def _generate_block(self, block: Block, melody: np.ndarray | None, prompt: torch.Tensor | None,
-                        prompt_audio: np.ndarray | None, seed_generator: torch.Generator, on_step,
-                        cancel: CancelToken) -> torch.Tensor:
+    def _generate_block(
+        self,
+        block: Block,
+        melody: np.ndarray | None,
+        prompt: torch.Tensor | None,
+        prompt_audio: np.ndarray | None,
+        seed_generator: torch.Generator,
+        on_step,
+        cancel: CancelToken,
+    ) -> torch.Tensor:
         """Codes (1, K, prompt + new frames) for one block: its description, its segment's chroma, the prompt.
 
         The model reads chroma frame by frame alongside the audio frames (as in training, where both come
@@ -322,20 +374,25 @@ class Generator:
         """
         new_frames = _frames_until(block.end) - _frames_until(block.start)
         if block.end - block.start > self.block_seconds + 1e-9:
-            raise ValueError(f"block {block.index} ({block.start}-{block.end} s) is longer than the "
-                             f"{self.block_seconds} s blocks this generator was sized for")
+            raise ValueError(
+                f"block {block.index} ({block.start}-{block.end} s) is longer than the "
+                f"{self.block_seconds} s blocks this generator was sized for"
+            )
         chroma = None
         if melody is not None and (prompt is None or self.melody_on_continuations):
-            segment = melody[round(block.melody_start * SAMPLE_RATE):round(block.melody_end * SAMPLE_RATE)]
+            segment = melody[round(block.melody_start * SAMPLE_RATE) : round(block.melody_end * SAMPLE_RATE)]
             if prompt_audio is None:
                 chroma = melody_chroma(segment)
             else:
                 chroma = melody_chroma(np.concatenate([prompt_audio, segment]), prompt_samples=len(prompt_audio))
             chroma = chroma[None].to(self.device)
-        text = self.tokenizer([block.description], return_tensors="pt", padding=True, truncation=True,
-                              max_length=MAX_TEXT_TOKENS).to(self.device)
-        return self.batcher.decode(BlockRequest(text.input_ids, text.attention_mask, new_frames, chroma, prompt,
-                                                seed_generator, on_step), cancel)
+        text = self.tokenizer(
+            [block.description], return_tensors="pt", padding=True, truncation=True, max_length=MAX_TEXT_TOKENS
+        ).to(self.device)
+        return self.batcher.decode(
+            BlockRequest(text.input_ids, text.attention_mask, new_frames, chroma, prompt, seed_generator, on_step),
+            cancel,
+        )
 
     @torch.inference_mode()
     def _decode(self, codes: torch.Tensor) -> np.ndarray:
@@ -385,8 +442,10 @@ def _load_pretrained(model_id: str):
     from ..core.settings import SettingsError
 
     config = from_hub(model_id, lambda: AutoConfig.from_pretrained(model_id))
-    classes: dict[str, Any] = {"musicgen_melody": MusicgenMelodyForConditionalGeneration,
-                               "musicgen": MusicgenForConditionalGeneration}
+    classes: dict[str, Any] = {
+        "musicgen_melody": MusicgenMelodyForConditionalGeneration,
+        "musicgen": MusicgenForConditionalGeneration,
+    }
     if config.model_type not in classes:
         raise SettingsError(f"MTM_MUSICGEN_ID={model_id} is a {config.model_type!r} model, not a MusicGen checkpoint.")
     model = from_hub(model_id, lambda: classes[config.model_type].from_pretrained(model_id, dtype=torch.float32))
@@ -421,24 +480,47 @@ def build_tiny_musicgen(kind: str = "melody", stereo: bool = False, large: bool 
         raise ValueError(f"kind must be 'melody' or 'small', not {kind!r}")
     # A copy of the shared BPE that, like T5's tokenizer, ends every text with </s> (so "" is one token).
     bpe = Tokenizer.from_str(byte_level_bpe(512, ("<pad>", "</s>", "<unk>")).to_str())
-    bpe.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", bpe.token_to_id("</s>"))])
+    bpe.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", bpe.token_to_id("</s>"))]
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     text_config = T5Config(
-        vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     text_config.decoder_start_token_id = tokenizer.pad_token_id
     # frame_rate = 32000 / prod(upsampling_ratios) = 50; num_quantizers = 1000 * bandwidth // (50 * log2(64)) = 4.
     audio_config = EncodecConfig(
-        sampling_rate=SAMPLE_RATE, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[1.25], codebook_size=TINY_CODEBOOK_SIZE,
-        hidden_size=16, num_filters=4, num_lstm_layers=2, num_residual_layers=1, normalize=False,
-        use_causal_conv=False, use_conv_shortcut=False,  # as facebook/encodec_32khz
+        sampling_rate=SAMPLE_RATE,
+        upsampling_ratios=[8, 5, 4, 4],
+        target_bandwidths=[1.25],
+        codebook_size=TINY_CODEBOOK_SIZE,
+        hidden_size=16,
+        num_filters=4,
+        num_lstm_layers=2,
+        num_residual_layers=1,
+        normalize=False,
+        use_causal_conv=False,
+        use_conv_shortcut=False,  # as facebook/encodec_32khz
     )
     decoder_kwargs: dict[str, Any] = dict(
-        vocab_size=TINY_CODEBOOK_SIZE, pad_token_id=TINY_CODEBOOK_SIZE, bos_token_id=TINY_CODEBOOK_SIZE,
-        num_codebooks=8 if stereo else 4, audio_channels=2 if stereo else 1,
-        hidden_size=48 if large else 32, ffn_dim=96 if large else 64, num_hidden_layers=3 if large else 2,
-        num_attention_heads=3 if large else 2, max_position_embeddings=2048, dropout=0.0,
+        vocab_size=TINY_CODEBOOK_SIZE,
+        pad_token_id=TINY_CODEBOOK_SIZE,
+        bos_token_id=TINY_CODEBOOK_SIZE,
+        num_codebooks=8 if stereo else 4,
+        audio_channels=2 if stereo else 1,
+        hidden_size=48 if large else 32,
+        ffn_dim=96 if large else 64,
+        num_hidden_layers=3 if large else 2,
+        num_attention_heads=3 if large else 2,
+        max_position_embeddings=2048,
+        dropout=0.0,
         # Larger than the hub's 0.02: at that scale a tiny random decoder barely hears its conditioning,
         # and the tests must see the melody and the caption steer the codes.
         initializer_factor=0.3,
@@ -447,14 +529,21 @@ def build_tiny_musicgen(kind: str = "melody", stereo: bool = False, large: bool 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if kind == "melody":
-            model = MusicgenMelodyForConditionalGeneration(MusicgenMelodyConfig(
-                text_encoder=text_config, audio_encoder=audio_config,
-                decoder=MusicgenMelodyDecoderConfig(**decoder_kwargs),
-            ))
+            model = MusicgenMelodyForConditionalGeneration(
+                MusicgenMelodyConfig(
+                    text_encoder=text_config,
+                    audio_encoder=audio_config,
+                    decoder=MusicgenMelodyDecoderConfig(**decoder_kwargs),
+                )
+            )
         else:
-            model = MusicgenForConditionalGeneration(MusicgenConfig(
-                text_encoder=text_config, audio_encoder=audio_config, decoder=MusicgenDecoderConfig(**decoder_kwargs),
-            ))
+            model = MusicgenForConditionalGeneration(
+                MusicgenConfig(
+                    text_encoder=text_config,
+                    audio_encoder=audio_config,
+                    decoder=MusicgenDecoderConfig(**decoder_kwargs),
+                )
+            )
         # Random init leaves EnCodec's codebooks at zero: every code would decode to the same sound.
         for layer in model.audio_encoder.quantizer.layers:
             layer.codebook.embed.normal_()

@@ -3,10 +3,11 @@
 xgrammar builds a length bound as one state per character, which makes compiling slow with a large
 vocabulary, so the grammar leaves lengths open and StringBudget's masks bound them while decoding.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -112,10 +113,11 @@ class ReplyPosition:
 @dataclass(frozen=True)
 class ReplyGrammar:
     """A compiled reply grammar (string lengths open) and the length budget that bounds its strings."""
+
     compiled: xgr.CompiledGrammar
     budget: StringBudget
 
-    def matcher(self) -> "ReplyMatcher":
+    def matcher(self) -> ReplyMatcher:
         return ReplyMatcher(self)
 
 
@@ -157,5 +159,10 @@ def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int]) -> xgr
     for text, i in tokenizer.get_vocab().items():
         if i < vocab_size and i not in special:
             vocab[i] = text
-    return xgr.TokenizerInfo(vocab, detected.vocab_type, vocab_size=vocab_size, stop_token_ids=stop_token_ids,
-                             add_prefix_space=detected.add_prefix_space)
+    return xgr.TokenizerInfo(
+        vocab,
+        detected.vocab_type,
+        vocab_size=vocab_size,
+        stop_token_ids=stop_token_ids,
+        add_prefix_space=detected.add_prefix_space,
+    )

@@ -4,14 +4,15 @@ huggingface_hub retries a failed connection five times with backoff, about half 
 before it reports a file missing; with no network, loading the full profile or running `download`
 would take minutes to say so.
 """
+
 from __future__ import annotations
 
 import functools
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ..core.errors import ModelUnavailable
 
@@ -82,4 +83,5 @@ def weights_missing(repos: Iterable[str], why: str | None) -> ModelUnavailable:
     return ModelUnavailable(
         f"The weights of {', '.join(repos)} are not in the local Hugging Face cache and could not be "
         f"downloaded{because}. Run `python -m mtm_bot download` on a machine with network access "
-        f"(gated repos need `huggingface-cli login` and an accepted license).")
+        f"(gated repos need `huggingface-cli login` and an accepted license)."
+    )

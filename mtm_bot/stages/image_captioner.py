@@ -7,6 +7,7 @@
 Reading a picture is safe before queueing a job and imports no model library (docs/ARCHITECTURE.md,
 "The image captioner").
 """
+
 from __future__ import annotations
 
 import warnings
@@ -37,8 +38,10 @@ def read_image(path: str | Path, max_bytes: int, max_pixels: int) -> Image.Image
     path = Path(path)
     size = path.stat().st_size
     if size > max_bytes:
-        raise ImageFileTooLarge(f"The picture is {megabytes(size)}; the limit is {megabytes(max_bytes)}. "
-                                "Please upload a smaller PNG, JPEG, WebP or GIF.")
+        raise ImageFileTooLarge(
+            f"The picture is {megabytes(size)}; the limit is {megabytes(max_bytes)}. "
+            "Please upload a smaller PNG, JPEG, WebP or GIF."
+        )
     with warnings.catch_warnings():
         # Our pixel limit is stricter than Pillow's bomb warning; Pillow's own error still applies.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -62,8 +65,10 @@ def read_image(path: str | Path, max_bytes: int, max_pixels: int) -> Image.Image
 
 def _too_many_pixels(size: tuple[int, int] | None, max_pixels: int) -> TooManyPixels:
     declared = f" ({size[0]} × {size[1]} pixels)" if size else ""
-    return TooManyPixels(f"The picture is too large{declared}; the limit is {max_pixels / 1e6:g} megapixels. "
-                         "Please upload a smaller picture.")
+    return TooManyPixels(
+        f"The picture is too large{declared}; the limit is {max_pixels / 1e6:g} megapixels. "
+        "Please upload a smaller picture."
+    )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -77,15 +82,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 class ImageCaptioner:
     """A resident BLIP captioning model: one picture in, one sentence out."""
 
-    def __init__(self, model, image_processor, tokenizer, device: "torch.device") -> None:
+    def __init__(self, model, image_processor, tokenizer, device: torch.device) -> None:
         self.model = model.eval()
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.device = device
 
     @classmethod
-    def load(cls, profile: str, model_id: str, device: "torch.device",
-             dtype: "torch.dtype | None" = None) -> "ImageCaptioner":
+    def load(
+        cls, profile: str, model_id: str, device: torch.device, dtype: torch.dtype | None = None
+    ) -> ImageCaptioner:
         """The model for `profile` on `device`, loaded in float32 and cast to `dtype` (default: half
         precision on CUDA)."""
         from .runtime import cast_for_inference, from_hub, model_dtype
@@ -98,8 +104,9 @@ class ImageCaptioner:
 
             image_processor = from_hub(model_id, lambda: BlipImageProcessorPil.from_pretrained(model_id))
             tokenizer = from_hub(model_id, lambda: AutoTokenizer.from_pretrained(model_id))
-            model = from_hub(model_id, lambda: BlipForConditionalGeneration.from_pretrained(
-                model_id, dtype=torch.float32))
+            model = from_hub(
+                model_id, lambda: BlipForConditionalGeneration.from_pretrained(model_id, dtype=torch.float32)
+            )
         model = cast_for_inference(model.to(device), dtype or model_dtype(device))
         return cls(model, image_processor, tokenizer, device)
 
@@ -110,8 +117,13 @@ class ImageCaptioner:
         pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, self.model.dtype)
         with torch.inference_mode():
-            ids = self.model.generate(pixel_values=pixels, num_beams=NUM_BEAMS, min_new_tokens=MIN_NEW_TOKENS,
-                                      max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            ids = self.model.generate(
+                pixel_values=pixels,
+                num_beams=NUM_BEAMS,
+                min_new_tokens=MIN_NEW_TOKENS,
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+            )
         text = " ".join(self.tokenizer.decode(ids[0], skip_special_tokens=True).split())
         if len(text) > DESCRIPTION_MAX_CHARS:
             text = text[:DESCRIPTION_MAX_CHARS].rsplit(" ", 1)[0]
@@ -142,20 +154,38 @@ def build_tiny_blip(seed: int = 0):
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(byte_level_bpe(512, TINY_SPECIAL_TOKENS).to_str()),
-        pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
         bos_token="[DEC]",
     )
     ids = tokenizer.convert_tokens_to_ids
     config = BlipConfig(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": TINY_IMAGE_SIZE, "patch_size": 16,
-                       # BLIP's vision default (1e-10) would make every picture look the same to the decoder.
-                       "initializer_range": 0.5},
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 64,
-                     "initializer_range": 0.5,
-                     "bos_token_id": ids("[DEC]"), "sep_token_id": ids("[SEP]"), "pad_token_id": ids("[PAD]"),
-                     "eos_token_id": ids("[SEP]")},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": TINY_IMAGE_SIZE,
+            "patch_size": 16,
+            # BLIP's vision default (1e-10) would make every picture look the same to the decoder.
+            "initializer_range": 0.5,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+            "initializer_range": 0.5,
+            "bos_token_id": ids("[DEC]"),
+            "sep_token_id": ids("[SEP]"),
+            "pad_token_id": ids("[PAD]"),
+            "eos_token_id": ids("[SEP]"),
+        },
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -3,6 +3,7 @@
 Three files: the track, a state file (.npz with its codes and, as JSON, what made it; never pickled) and
 the clip where there was one (docs/ARCHITECTURE.md, "What a finished track keeps").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,7 @@ class KeptFiles:
     clip: Path | None  # the user's clip, None for a track made without one
 
     @classmethod
-    def in_folder(cls, folder: Path) -> "KeptFiles":
+    def in_folder(cls, folder: Path) -> KeptFiles:
         """The CLI's layout: DIR/track.wav, DIR/state.npz, DIR/clip.<ext>."""
         clips = sorted(folder.glob("clip.*"))
         return cls(folder / "track.wav", folder / "state.npz", clips[0] if clips else None)
@@ -83,7 +84,7 @@ class Kept:
             np.savez(out, codes=codes, meta=np.array(json.dumps(meta)))
 
     @classmethod
-    def load(cls, files: KeptFiles, read_clip: Callable[[Path], Audio]) -> "Kept":
+    def load(cls, files: KeptFiles, read_clip: Callable[[Path], Audio]) -> Kept:
         """Read a kept result; ResultExpired if its files are gone."""
         import torch
 

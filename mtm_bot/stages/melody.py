@@ -8,9 +8,10 @@ rendered by FluidSynth) is that the bass is what pulls the one-hot chroma off th
 high-pass removes it and the kick drum; the drums' broadband hits (snare, hi-hat) spread over all
 twelve pitch classes and seldom win a frame, so a harmonic/percussive split added nothing on top.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import scipy.fft
@@ -59,8 +60,12 @@ def has_bass_line(samples: np.ndarray, sample_rate: int, cutoff_hz: float = BASS
     has_low_band = power[:, low].sum(axis=1) > LOW_BAND_MIN_SHARE * power[:, low | high].sum(axis=1)
     # Steady: the same pitch classes as both neighbours (a frame across a note change mixes two notes).
     steady = np.zeros_like(has_low_band)
-    steady[1:-1] = ((low_class[1:-1] == low_class[:-2]) & (low_class[1:-1] == low_class[2:])
-                    & (high_class[1:-1] == high_class[:-2]) & (high_class[1:-1] == high_class[2:]))
+    steady[1:-1] = (
+        (low_class[1:-1] == low_class[:-2])
+        & (low_class[1:-1] == low_class[2:])
+        & (high_class[1:-1] == high_class[:-2])
+        & (high_class[1:-1] == high_class[2:])
+    )
     telling = has_low_band & steady
     if not telling.any():
         return False  # no low band to speak of: the high-pass would change nothing that matters
@@ -79,6 +84,6 @@ def remove_bass(samples: np.ndarray, sample_rate: int, cutoff_hz: float = BASS_C
     return sosfiltfilt(sos, samples, padlen=padlen).astype(np.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _high_pass(sample_rate: int, cutoff_hz: float) -> np.ndarray:
     return butter(FILTER_ORDER, cutoff_hz, btype="highpass", fs=sample_rate, output="sos")

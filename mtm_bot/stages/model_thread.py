@@ -1,9 +1,11 @@
 """One thread per model for the models that take one job at a time (the LLM, the image captioner)."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from ..core.errors import Cancelled
 from ..core.progress import CancelToken

@@ -25,10 +25,11 @@ blocks: a block's codes are bit for bit the same decoded alone or in any batch
 kernels compute a row alike in every bucket is not verified. Greedy decoding reproduces transformers'
 `generate(do_sample=False)` token for token, for every block of a batch, mono or stereo.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -81,8 +82,9 @@ class MusicgenDecoder:
     """Decodes MusicGen codes for MusicgenMelodyForConditionalGeneration and MusicgenForConditionalGeneration,
     mono or stereo."""
 
-    def __init__(self, model, max_frames: int = 1500, compile: bool | None = None,
-                 max_text_tokens: int = MAX_TEXT_TOKENS) -> None:
+    def __init__(
+        self, model, max_frames: int = 1500, compile: bool | None = None, max_text_tokens: int = MAX_TEXT_TOKENS
+    ) -> None:
         self.model = model
         self.net = MusicgenNet(model)
         self.num_codebooks = self.net.num_codebooks
@@ -109,8 +111,9 @@ class MusicgenDecoder:
     # Public interface
 
     @torch.no_grad()
-    def generate_batch(self, requests: Sequence[BlockRequest],
-                       sampling: Sampling = Sampling()) -> list[torch.Tensor | Exception]:
+    def generate_batch(
+        self, requests: Sequence[BlockRequest], sampling: Sampling = Sampling()
+    ) -> list[torch.Tensor | Exception]:
         """Decode the blocks together; per request, its codes (1, K, P + new_frames), delay pattern
         undone, the prompt's P frames included, or the exception its `on_step` raised (see decode_blocks)."""
         results: dict[int, torch.Tensor | Exception] = {}
@@ -122,8 +125,13 @@ class MusicgenDecoder:
         return [results[i] for i in range(len(requests))]
 
     @torch.no_grad()
-    def decode_blocks(self, blocks: Sequence[tuple[BlockRequest, Done]], sampling: Sampling = Sampling(),
-                      max_blocks: int = 1, admit: Admit | None = None) -> None:
+    def decode_blocks(
+        self,
+        blocks: Sequence[tuple[BlockRequest, Done]],
+        sampling: Sampling = Sampling(),
+        max_blocks: int = 1,
+        admit: Admit | None = None,
+    ) -> None:
         """Decode the blocks in one loop, each handing its result to its `done`; with `admit`, blocks that
         arrive meanwhile join between steps (continuous batching), up to `max_blocks` decoding at once,
         until none is left.
@@ -170,10 +178,18 @@ class MusicgenDecoder:
                 block.step += 1
 
     @torch.no_grad()
-    def generate_codes(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       input_features: torch.Tensor | None = None, prompt_codes: torch.Tensor | None = None,
-                       new_frames: int, sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
-                       on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    def generate_codes(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        input_features: torch.Tensor | None = None,
+        prompt_codes: torch.Tensor | None = None,
+        new_frames: int,
+        sampling: Sampling = Sampling(),
+        generator: torch.Generator | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
         """One block (see BlockRequest for the arguments): codes (1, K, P + new_frames), delay pattern undone,
         the prompt's P frames included. An exception `on_step` raises stops the block and propagates."""
         request = BlockRequest(input_ids, attention_mask, new_frames, input_features, prompt_codes, generator, on_step)
@@ -211,20 +227,30 @@ class MusicgenDecoder:
 
     def _check(self, request: BlockRequest) -> None:
         """Refuse a malformed request before any block of the batch starts."""
-        rows = [t.shape[0] for t in (request.input_ids, request.attention_mask, request.input_features,
-                                     request.prompt_codes) if t is not None]
+        rows = [
+            t.shape[0]
+            for t in (request.input_ids, request.attention_mask, request.input_features, request.prompt_codes)
+            if t is not None
+        ]
         if request.input_ids.dim() != 2 or rows != [1] * len(rows):
-            raise ValueError("a request holds one block: input_ids (1, T), input_features (1, frames, 12), "
-                             "prompt_codes (1, K, P); decode several together with generate_batch")
+            raise ValueError(
+                "a request holds one block: input_ids (1, T), input_features (1, frames, 12), "
+                "prompt_codes (1, K, P); decode several together with generate_batch"
+            )
         if request.prompt_codes is not None and request.prompt_codes.shape[1] != self.num_codebooks:
-            raise ValueError(f"the prompt has {request.prompt_codes.shape[1]} codebooks; this "
-                             f"{'stereo' if self.channels == 2 else 'mono'} model has {self.num_codebooks}")
+            raise ValueError(
+                f"the prompt has {request.prompt_codes.shape[1]} codebooks; this "
+                f"{'stereo' if self.channels == 2 else 'mono'} model has {self.num_codebooks}"
+            )
         if int(request.attention_mask.sum()) > self.max_text_tokens:
-            raise ValueError(f"the description has {int(request.attention_mask.sum())} tokens, more than the "
-                             f"{self.max_text_tokens} the decoder is sized for; truncate it")
+            raise ValueError(
+                f"the description has {int(request.attention_mask.sum())} tokens, more than the "
+                f"{self.max_text_tokens} the decoder is sized for; truncate it"
+            )
         if request.new_frames < 1 or request.prompt_frames + request.new_frames > self.max_frames:
-            raise ValueError(f"prompt + new frames must be 1..{self.max_frames}, "
-                             f"got {request.prompt_frames} + {request.new_frames}")
+            raise ValueError(
+                f"prompt + new frames must be 1..{self.max_frames}, got {request.prompt_frames} + {request.new_frames}"
+            )
         if request.input_features is not None and not self.net.prefix_conditioning:
             raise ValueError("input_features (chroma) need a musicgen-melody model")
         if request.generator is not None and request.generator.device.type != self.device.type:
@@ -310,14 +336,18 @@ class MusicgenDecoder:
         caches from slot 0, picks its next tokens."""
         batch, rows, net = self._batch(), self._rows_of(slot), self.net
         net.fill_cross_attention(batch.caches, rows, cond)
-        hidden = net.embed(self._with_null_rows(batch.codes[slot: slot + 1, :, :start]))
+        hidden = net.embed(self._with_null_rows(batch.codes[slot : slot + 1, :, :start]))
         if cond.prefix is not None:
             hidden = torch.cat([cond.prefix, hidden], dim=1)
-        hidden = net.forward(hidden + net.position(torch.arange(hidden.shape[1], device=self.device)),
-                             batch.caches, rows, None, None)
-        noise = None if sampling.greedy else batch.noise[slot: slot + 1]
-        self._write(self._choose(net.logits(hidden), sampling, noise), slice(slot, slot + 1),
-                    torch.tensor([start], device=self.device))
+        hidden = net.forward(
+            hidden + net.position(torch.arange(hidden.shape[1], device=self.device)), batch.caches, rows, None, None
+        )
+        noise = None if sampling.greedy else batch.noise[slot : slot + 1]
+        self._write(
+            self._choose(net.logits(hidden), sampling, noise),
+            slice(slot, slot + 1),
+            torch.tensor([start], device=self.device),
+        )
 
     def decode_one_token(self, keys: int, sampling: Sampling) -> None:
         """For every slot of the batch: feed its token at `pos` (KV slot `cache_pos`), attend to the first
@@ -328,8 +358,11 @@ class MusicgenDecoder:
         mask = (self.buffers.key_positions[:keys] <= cache_pos[:, None]).view(-1, 1, 1, keys)
         hidden = net.embed(self._with_null_rows(tokens)) + net.position(cache_pos)[:, None]
         hidden = net.forward(hidden, batch.caches, slice(None), cache_pos, mask)
-        self._write(self._choose(net.logits(hidden), sampling, None if sampling.greedy else batch.noise),
-                    slice(None), batch.pos + 1)
+        self._write(
+            self._choose(net.logits(hidden), sampling, None if sampling.greedy else batch.noise),
+            slice(None),
+            batch.pos + 1,
+        )
 
     def _choose(self, logits: torch.Tensor, sampling: Sampling, noise: torch.Tensor | None) -> torch.Tensor:
         """The next tokens per slot, (slots, K): guided (rows come in conditional/null pairs), then chosen."""

@@ -5,6 +5,7 @@ The numbers are transformers' own (the same weights, ops in the same order): gre
 mtm_bot.stages.musicgen_decode reproduces `generate` token for token. What differs is where the keys and values
 live: in caches the caller allocates once (mtm_bot.stages.musicgen_slots), each block in its own rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,9 @@ class MusicgenNet:
         self.dtype = decoder.lm_heads[0].weight.dtype
         self.qkv_weights, self.heads_weight = _fuse_projections(self.stack.layers, decoder.lm_heads)
 
-    def condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  input_features: torch.Tensor | None, guided: bool) -> Conditioning:
+    def condition(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, input_features: torch.Tensor | None, guided: bool
+    ) -> Conditioning:
         """The conditional rows and, `guided`, the null rows after them (what transformers builds)."""
         model = self.model
         text = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -76,8 +78,13 @@ class MusicgenNet:
             return Conditioning(None, text, cross_mask)
 
         # Chroma: the null melody is a one-hot on the first bin; without a melody both rows use it.
-        null = torch.zeros(input_ids.shape[0], 1 if input_features is None else input_features.shape[1],
-                           model.config.num_chroma, device=self.device, dtype=self.dtype)
+        null = torch.zeros(
+            input_ids.shape[0],
+            1 if input_features is None else input_features.shape[1],
+            model.config.num_chroma,
+            device=self.device,
+            dtype=self.dtype,
+        )
         null[:, :, 0] = 1
         chroma = null if input_features is None else input_features.to(self.dtype)
         if guided:
@@ -111,17 +118,25 @@ class MusicgenNet:
         """The sinusoidal embedding of `positions`, added to the whole sequence, conditioning prefix included."""
         return self.stack.embed_positions.weights[positions]
 
-    def forward(self, hidden: torch.Tensor, caches: Caches, rows: slice, cache_pos: torch.Tensor | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        caches: Caches,
+        rows: slice,
+        cache_pos: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Pre-norm decoder layers over the cache rows `rows`. A prefill (`cache_pos` None) is causal
         attention over its own sequence from cache slot 0; a step writes each row's one token at its
         `cache_pos` and attends to the cache under `mask`."""
         for i, layer in enumerate(self.stack.layers):
-            hidden = hidden + self._self_attention(i, layer.self_attn, layer.self_attn_layer_norm(hidden), caches,
-                                                   rows, cache_pos, mask)
+            hidden = hidden + self._self_attention(
+                i, layer.self_attn, layer.self_attn_layer_norm(hidden), caches, rows, cache_pos, mask
+            )
             if not self.prefix_conditioning:
-                hidden = hidden + self._cross_attention(i, layer.encoder_attn, layer.encoder_attn_layer_norm(hidden),
-                                                        caches, rows)
+                hidden = hidden + self._cross_attention(
+                    i, layer.encoder_attn, layer.encoder_attn_layer_norm(hidden), caches, rows
+                )
             hidden = hidden + layer.fc2(self.activation(layer.fc1(layer.final_layer_norm(hidden))))
         return self.stack.layer_norm(hidden)
 
@@ -129,8 +144,16 @@ class MusicgenNet:
         """(R, S, d) -> (R, K, V) of the last position, float32 like generate."""
         return F.linear(hidden[:, -1], self.heads_weight).view(hidden.shape[0], self.num_codebooks, -1).float()
 
-    def _self_attention(self, i: int, attn, x: torch.Tensor, caches: Caches, rows: slice,
-                        cache_pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def _self_attention(
+        self,
+        i: int,
+        attn,
+        x: torch.Tensor,
+        caches: Caches,
+        rows: slice,
+        cache_pos: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         q, k, v = (self._split_heads(part) for part in F.linear(x, self.qkv_weights[i]).chunk(3, dim=-1))
         k_cache, v_cache = caches.k[i, rows], caches.v[i, rows]
         if cache_pos is None or mask is None:
@@ -142,15 +165,17 @@ class MusicgenNet:
             k_cache.scatter_(2, index, k)
             v_cache.scatter_(2, index, v)
             keys = mask.shape[-1]
-            out = F.scaled_dot_product_attention(q, k_cache[:, :, :keys], v_cache[:, :, :keys], attn_mask=mask,
-                                                 scale=attn.scaling)
+            out = F.scaled_dot_product_attention(
+                q, k_cache[:, :, :keys], v_cache[:, :, :keys], attn_mask=mask, scale=attn.scaling
+            )
         return attn.out_proj(self._merge_heads(out))
 
     def _cross_attention(self, i: int, attn, x: torch.Tensor, caches: Caches, rows: slice) -> torch.Tensor:
         assert caches.cross_k is not None and caches.cross_v is not None and caches.cross_mask is not None
         q = self._split_heads(attn.q_proj(x))
-        out = F.scaled_dot_product_attention(q, caches.cross_k[i, rows], caches.cross_v[i, rows],
-                                             attn_mask=caches.cross_mask[rows], scale=attn.scaling)
+        out = F.scaled_dot_product_attention(
+            q, caches.cross_k[i, rows], caches.cross_v[i, rows], attn_mask=caches.cross_mask[rows], scale=attn.scaling
+        )
         return attn.out_proj(self._merge_heads(out))
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (R, S, d) -> (R, H, S, D)
@@ -185,6 +210,6 @@ def _share_one_weight(linears) -> torch.nn.Parameter:
     start = 0
     for linear in linears:
         rows = linear.out_features
-        linear.weight = torch.nn.Parameter(fused[start:start + rows], requires_grad=False)
+        linear.weight = torch.nn.Parameter(fused[start : start + rows], requires_grad=False)
         start += rows
     return fused

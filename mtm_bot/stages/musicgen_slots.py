@@ -12,6 +12,7 @@ interleave left and right, L0 R0 L1 R1 ..., the pair k runs k steps behind) live
 capacity): positions the model must not choose (start/end padding, the audio prompt) hold their fixed
 value, positions to sample hold FREE.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,18 @@ class Slots:
     noise: torch.Tensor  # (slots, K, V) this step's exponential noise, drawn per slot from its generator
 
     def tensors(self) -> list[torch.Tensor]:
-        views = [self.caches.k, self.caches.v, self.caches.cross_k, self.caches.cross_v, self.caches.cross_mask,
-                 self.codes, self.pos, self.cache_pos, self.active, self.noise]
+        views = [
+            self.caches.k,
+            self.caches.v,
+            self.caches.cross_k,
+            self.caches.cross_v,
+            self.caches.cross_mask,
+            self.codes,
+            self.pos,
+            self.cache_pos,
+            self.active,
+            self.noise,
+        ]
         return [t for t in views if t is not None]
 
 
@@ -52,8 +63,10 @@ class SlotBuffers:
         self.token_capacity = max_frames + 1 + self.steps_behind  # start token + frames + delay tail
         prefix_capacity = net.chroma_length + self.text_capacity if net.prefix_conditioning else 0
         if prefix_capacity + self.token_capacity > net.positions:
-            raise ValueError(f"{max_text_tokens} text tokens + max_frames={max_frames} exceed the model's "
-                             f"{net.positions} positions; lower max_text_tokens or max_frames")
+            raise ValueError(
+                f"{max_text_tokens} text tokens + max_frames={max_frames} exceed the model's "
+                f"{net.positions} positions; lower max_text_tokens or max_frames"
+            )
         self.key_capacity = -(-(prefix_capacity + self.token_capacity) // KEY_BLOCK) * KEY_BLOCK
         self.key_positions = torch.arange(self.key_capacity, device=net.device)
         # It keeps its address for the decoder's life: marked static, a CUDA graph reads it in place.
@@ -72,8 +85,9 @@ class SlotBuffers:
         kw = dict(device=net.device, dtype=net.dtype)
         self.k_cache = torch.zeros(layers, *shape, **kw)
         self.v_cache = torch.zeros(layers, *shape, **kw)
-        self.codes = torch.full((slots, net.num_codebooks, self.token_capacity), self.pad_token_id, dtype=torch.long,
-                                device=net.device)
+        self.codes = torch.full(
+            (slots, net.num_codebooks, self.token_capacity), self.pad_token_id, dtype=torch.long, device=net.device
+        )
         self.pos = torch.zeros(slots, dtype=torch.long, device=net.device)
         self.cache_pos = torch.zeros_like(self.pos)
         self.active = torch.zeros_like(self.pos)
@@ -96,8 +110,14 @@ class SlotBuffers:
         cross: tuple[torch.Tensor | None, ...] = (None, None, None)
         if self.cross_k is not None and self.cross_v is not None and self.cross_mask is not None:
             cross = (self.cross_k[:, :rows], self.cross_v[:, :rows], self.cross_mask[:rows])
-        views = Slots(Caches(self.k_cache[:, :rows], self.v_cache[:, :rows], *cross), self.codes[:slots],
-                      self.pos[:slots], self.cache_pos[:slots], self.active[:slots], self.noise[:slots])
+        views = Slots(
+            Caches(self.k_cache[:, :rows], self.v_cache[:, :rows], *cross),
+            self.codes[:slots],
+            self.pos[:slots],
+            self.cache_pos[:slots],
+            self.active[:slots],
+            self.noise[:slots],
+        )
         for tensor in views.tensors():
             torch._dynamo.mark_static_address(tensor)
             torch._dynamo.mark_static(tensor)
@@ -113,13 +133,13 @@ class SlotBuffers:
         for k, d in enumerate(self.delays):
             codes[k, : d + 1] = pad
             if prompt_codes is not None:
-                codes[k, d + 1: d + 1 + prompt_frames] = prompt_codes[0, k].to(codes.device)
-            codes[k, end - self.steps_behind + d: end] = pad
+                codes[k, d + 1 : d + 1 + prompt_frames] = prompt_codes[0, k].to(codes.device)
+            codes[k, end - self.steps_behind + d : end] = pad
 
     def take_codes(self, batch: Slots, slot: int, frames: int) -> torch.Tensor:
         """The slot's frames (1, K, frames), delay pattern undone."""
         codes = batch.codes[slot]
-        return torch.stack([codes[k, d + 1: d + 1 + frames] for k, d in enumerate(self.delays)])[None]
+        return torch.stack([codes[k, d + 1 : d + 1 + frames] for k, d in enumerate(self.delays)])[None]
 
     def release(self, batch: Slots, slot: int) -> None:
         """Idle the slot: it keeps decoding its start token at position 0 (a captured graph runs every

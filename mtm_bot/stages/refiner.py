@@ -5,22 +5,31 @@ own loop, gpt-fast style: a prefill, then one token at a time over a static KV c
 bitmask applied at every step; text the grammar forces is run through the model in one pass
 (jump-forward). docs/ARCHITECTURE.md, "The refiner", says why it is built this way.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xgrammar as xgr
 
-from .compiling import CompilePlan, warm_up_or_run_eager
-from .grammar import ReplyGrammar, ReplyMatcher, StringBudget, tokenizer_info
 from ..core.instruction import check_instruction
 from ..core.progress import CancelToken
-from .refiner_prompt import (JSON_SEPARATORS, RefinedSegment, Refinement, build_messages, build_messages_from_words,
-                             max_output_tokens, reply_schema)
+from .compiling import CompilePlan, warm_up_or_run_eager
+from .grammar import ReplyGrammar, ReplyMatcher, StringBudget, tokenizer_info
+from .refiner_prompt import (
+    JSON_SEPARATORS,
+    RefinedSegment,
+    Refinement,
+    build_messages,
+    build_messages_from_words,
+    max_output_tokens,
+    reply_schema,
+)
 from .runtime import from_hub, model_dtype
 from .tiny import build_tiny_llm, build_tiny_tokenizer
 
@@ -45,6 +54,7 @@ MIN_JUMP_TOKENS = 2
 
 
 # --- The decode loop (plain PyTorch, gpt-fast style) ------------------------------------------------
+
 
 def prefill(model: torch.nn.Module, tokens: torch.Tensor, cache, start: int = 0) -> torch.Tensor:
     """Run tokens [1, T] at positions start.. through the model in one pass, filling the cache; returns the
@@ -71,9 +81,16 @@ def pick_token(logits: torch.Tensor, temperature: float, generator: torch.Genera
 class Refiner:
     """The LLM, its tokenizer and grammars, and one KV cache: serves one request at a time (the GPU queue)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device,
-                 temperature: float = DEFAULT_TEMPERATURE, compile: CompilePlan | None = None,
-                 jump_forward: bool = True, max_segments: int = EXPECTED_MAX_SEGMENTS) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        device: torch.device,
+        temperature: float = DEFAULT_TEMPERATURE,
+        compile: CompilePlan | None = None,
+        jump_forward: bool = True,
+        max_segments: int = EXPECTED_MAX_SEGMENTS,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
@@ -93,28 +110,41 @@ class Refiner:
         warm_up_or_run_eager("the refiner's decode step", plan, self._warm_up, self._run_eager)
 
     @classmethod
-    def load(cls, profile: str, model_id: str, device: torch.device, dtype: torch.dtype | None = None,
-             compile: CompilePlan | None = None, max_segments: int = EXPECTED_MAX_SEGMENTS) -> "Refiner":
+    def load(
+        cls,
+        profile: str,
+        model_id: str,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        compile: CompilePlan | None = None,
+        max_segments: int = EXPECTED_MAX_SEGMENTS,
+    ) -> Refiner:
         """The LLM in `dtype` (default: half precision on CUDA). transformers builds it in that dtype and
         keeps in float32 what must stay there (RoPE's inverse frequencies); Llama's weights are stored in
         bf16, so nothing is rounded on the way."""
         dtype = dtype or model_dtype(device)
         if profile == "tiny":
             tokenizer = build_tiny_tokenizer()
-            return cls(build_tiny_llm(tokenizer, dtype=dtype).to(device), tokenizer, device, compile=compile,
-                       max_segments=max_segments)
+            return cls(
+                build_tiny_llm(tokenizer, dtype=dtype).to(device),
+                tokenizer,
+                device,
+                compile=compile,
+                max_segments=max_segments,
+            )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = from_hub(model_id, lambda: AutoTokenizer.from_pretrained(model_id))
         model = from_hub(model_id, lambda: AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype))
         return cls(model.to(device), tokenizer, device, compile=compile, max_segments=max_segments)
 
-    def prompt(self, segments: Sequence["Segment"], instruction: str, picture: str | None = None) -> str:
+    def prompt(self, segments: Sequence[Segment], instruction: str, picture: str | None = None) -> str:
         """The chat-templated prompt text, ending where the assistant's reply begins."""
         return self._chat(build_messages(segments, check_instruction(instruction), picture))
 
-    def prompt_from_words(self, ranges: Sequence[tuple[float, float]], instruction: str,
-                          picture: str | None = None) -> str:
+    def prompt_from_words(
+        self, ranges: Sequence[tuple[float, float]], instruction: str, picture: str | None = None
+    ) -> str:
         """The prompt for a track without a clip: one part per output time range."""
         return self._chat(build_messages_from_words(ranges, check_instruction(instruction), picture))
 
@@ -136,8 +166,11 @@ class Refiner:
 
     def _compile_grammar(self, segment_count: int) -> ReplyGrammar:
         compiled = self._compiler.compile_json_schema(
-            reply_schema(segment_count, bounded=False), any_whitespace=False, separators=JSON_SEPARATORS,
-            strict_mode=True)
+            reply_schema(segment_count, bounded=False),
+            any_whitespace=False,
+            separators=JSON_SEPARATORS,
+            strict_mode=True,
+        )
         return ReplyGrammar(compiled, self._budget)
 
     def grammar(self, segment_count: int) -> ReplyGrammar:
@@ -150,16 +183,28 @@ class Refiner:
             self._grammars[segment_count] = self._compile_grammar(segment_count)
         return self._grammars[segment_count]
 
-    def refine(self, segments: Sequence["Segment"], instruction: str, cancel: CancelToken | None = None,
-               seed: int = 0, picture: str | None = None) -> Refinement:
+    def refine(
+        self,
+        segments: Sequence[Segment],
+        instruction: str,
+        cancel: CancelToken | None = None,
+        seed: int = 0,
+        picture: str | None = None,
+    ) -> Refinement:
         """Rewrite every segment's caption to carry the instruction (and evoke the picture's description);
         one request, always schema-valid."""
         if not segments:
             raise ValueError("refine() needs at least one caption segment")
         return self._reply(self.prompt(segments, instruction, picture), segments, cancel, seed)
 
-    def write(self, ranges: Sequence[tuple[float, float]], instruction: str, cancel: CancelToken | None = None,
-              seed: int = 0, picture: str | None = None) -> Refinement:
+    def write(
+        self,
+        ranges: Sequence[tuple[float, float]],
+        instruction: str,
+        cancel: CancelToken | None = None,
+        seed: int = 0,
+        picture: str | None = None,
+    ) -> Refinement:
         """Captions for a track without a clip, one per output time range, from the instruction (and the
         picture's description) alone; the same reply schema as refine()."""
         if not ranges:
@@ -167,8 +212,9 @@ class Refiner:
         parts = [RefinedSegment(start, end, "") for start, end in ranges]
         return self._reply(self.prompt_from_words(ranges, instruction, picture), parts, cancel, seed)
 
-    def _reply(self, prompt: str, parts: Sequence["Segment | RefinedSegment"], cancel: CancelToken | None,
-               seed: int) -> Refinement:
+    def _reply(
+        self, prompt: str, parts: Sequence[Segment | RefinedSegment], cancel: CancelToken | None, seed: int
+    ) -> Refinement:
         count = len(parts)
         tokens = self.generate(self.encode(prompt), self.grammar(count), max_output_tokens(count), seed, cancel)
         text = self.tokenizer.decode(tokens, clean_up_tokenization_spaces=False)  # exactly what was validated
@@ -180,8 +226,14 @@ class Refiner:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: torch.Tensor, grammar: ReplyGrammar | None, max_new_tokens: int,
-                 seed: int = 0, cancel: CancelToken | None = None) -> list[int]:
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        grammar: ReplyGrammar | None,
+        max_new_tokens: int,
+        seed: int = 0,
+        cancel: CancelToken | None = None,
+    ) -> list[int]:
         """Decode up to max_new_tokens after the prompt [1, T]; returns the new tokens without the stop token.
 
         With a grammar, only tokens it allows are ever chosen and decoding ends when it is complete (this

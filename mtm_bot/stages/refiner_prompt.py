@@ -4,11 +4,13 @@ The captions and the instruction travel as JSON *data* in the user message, so a
 change the task; the time ranges are the code's, never the model's (see docs/ARCHITECTURE.md, "The
 refiner").
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from ..core.timecode import format_range, format_time
 
@@ -28,8 +30,13 @@ CAPTION_MAX_CHARS = 128
 # length bound as one state per character and checks the whole vocabulary against each state when it
 # compiles, which with Llama 3's 128k tokens took 8 s for a one-segment reply grammar and 31 s for six
 # on a two-core machine (bench_refiner), against ~0.15 s each with open lengths.
-FIELD_MAX_CHARS = {"style": STYLE_MAX_CHARS, "mood": MOOD_MAX_CHARS, "instruments": INSTRUMENT_MAX_CHARS,
-                   "dynamics": DYNAMICS_MAX_CHARS, "caption": CAPTION_MAX_CHARS}
+FIELD_MAX_CHARS = {
+    "style": STYLE_MAX_CHARS,
+    "mood": MOOD_MAX_CHARS,
+    "instruments": INSTRUMENT_MAX_CHARS,
+    "dynamics": DYNAMICS_MAX_CHARS,
+    "caption": CAPTION_MAX_CHARS,
+}
 # The reply's JSON layout: one line, spaced the way chat models write JSON (no other whitespace allowed).
 JSON_SEPARATORS = (", ", ": ")
 
@@ -84,11 +91,16 @@ def reply_schema(segment_count: int, bounded: bool = True) -> dict:
     count. `bounded=False` leaves string lengths open (FIELD_MAX_CHARS): the grammar's variant, whose
     lengths the decode mask bounds.
     """
+
     def text(field: str) -> dict:
         return _plain_text(FIELD_MAX_CHARS[field] if bounded else None)
 
-    segment = {"type": "object", "properties": {"caption": text("caption")}, "required": ["caption"],
-               "additionalProperties": False}
+    segment = {
+        "type": "object",
+        "properties": {"caption": text("caption")},
+        "required": ["caption"],
+        "additionalProperties": False,
+    }
     return {
         "type": "object",
         "properties": {
@@ -110,8 +122,12 @@ def refinement_schema(ranges: Sequence[tuple[str, str]]) -> dict:
     schema = reply_schema(len(ranges))
     caption = schema["properties"]["segments"].pop("items")["properties"]["caption"]
     schema["properties"]["segments"]["prefixItems"] = [
-        {"type": "object", "properties": {"start": {"const": start}, "end": {"const": end}, "caption": caption},
-         "required": ["start", "end", "caption"], "additionalProperties": False}
+        {
+            "type": "object",
+            "properties": {"start": {"const": start}, "end": {"const": end}, "caption": caption},
+            "required": ["start", "end", "caption"],
+            "additionalProperties": False,
+        }
         for start, end in ranges
     ]
     schema["properties"]["segments"]["items"] = False
@@ -167,12 +183,13 @@ class Refinement:
             "tempo_bpm": self.tempo_bpm,
             "instruments": list(self.instruments),
             "dynamics": self.dynamics,
-            "segments": [{"start": format_time(s.start), "end": format_time(s.end), "caption": s.caption}
-                         for s in self.segments],
+            "segments": [
+                {"start": format_time(s.start), "end": format_time(s.end), "caption": s.caption} for s in self.segments
+            ],
         }
 
     @classmethod
-    def from_json(cls, data: dict, segments: Sequence["Segment | RefinedSegment"]) -> "Refinement":
+    def from_json(cls, data: dict, segments: Sequence[Segment | RefinedSegment]) -> Refinement:
         """Parse a schema-valid reply (reply_schema); the time ranges come from the input segments (or,
         for a track without a clip, the output blocks)."""
         if len(data["segments"]) != len(segments):
@@ -183,25 +200,25 @@ class Refinement:
             tempo_bpm=int(data["tempo_bpm"]),
             instruments=tuple(data["instruments"]),
             dynamics=data["dynamics"],
-            segments=tuple(RefinedSegment(s.start, s.end, item["caption"])
-                           for s, item in zip(segments, data["segments"])),
+            segments=tuple(
+                RefinedSegment(s.start, s.end, item["caption"]) for s, item in zip(segments, data["segments"])
+            ),
         )
 
 
-def build_messages(segments: Sequence["Segment"], instruction: str,
-                   picture: str | None = None) -> list[dict[str, str]]:
+def build_messages(segments: Sequence[Segment], instruction: str, picture: str | None = None) -> list[dict[str, str]]:
     """The chat: task and format in the system message; captions, instruction (and the picture's
     description) as JSON data."""
     data = {
-        "segments": [{"time": format_range(s.start, s.end), "caption": s.caption}
-                     for s in segments],
+        "segments": [{"time": format_range(s.start, s.end), "caption": s.caption} for s in segments],
         "instruction": instruction,
     }
     return _chat_messages(SYSTEM_PROMPT, data, picture)
 
 
-def build_messages_from_words(ranges: Sequence[tuple[float, float]], instruction: str,
-                              picture: str | None = None) -> list[dict[str, str]]:
+def build_messages_from_words(
+    ranges: Sequence[tuple[float, float]], instruction: str, picture: str | None = None
+) -> list[dict[str, str]]:
     """The chat for a track without a clip: one block per output time range, the instruction (and the
     picture's description) as JSON data."""
     data = {"blocks": [{"time": format_range(start, end)} for start, end in ranges], "instruction": instruction}

@@ -1,8 +1,10 @@
 """Where models run and where their weights come from: device choice, dtype, hub loading."""
+
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 
@@ -12,6 +14,7 @@ T = TypeVar("T")
 
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks the first CUDA device when there is one, else the CPU."""
@@ -74,4 +77,6 @@ def _looks_missing(err: BaseException, text: str) -> bool:
     if cause is not None and cause is not err and isinstance(cause, Exception):
         if isinstance(cause, (LocalEntryNotFoundError, GatedRepoError, RepositoryNotFoundError)):
             return True
-    return "offline" in text.lower() or "couldn't connect" in text.lower() or "not the path to a directory" in text.lower()
+    return (
+        "offline" in text.lower() or "couldn't connect" in text.lower() or "not the path to a directory" in text.lower()
+    )

@@ -1,5 +1,6 @@
 """Classifier-free guidance and the choice of MusicGen's next tokens, as transformers' `generate` makes it
 (guidance scale 3, top-k 250, optional top-p and temperature), on the device with no host sync."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,9 +4,10 @@ refiner's tiny Llama.
 The tiny profile exercises the real architectures and code paths with random weights, so tests and
 CI run without any download. Output is noise; shapes, dtypes and control flow are the real ones.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -27,7 +28,7 @@ _CORPUS = [
 ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def byte_level_bpe(vocab_size: int, special_tokens: tuple[str, ...]) -> Tokenizer:
     """A byte-level BPE (GPT-2/BART/Llama-3 family) that can encode any UTF-8 text."""
     tokenizer = Tokenizer(models.BPE())
@@ -46,8 +47,7 @@ def byte_level_bpe(vocab_size: int, special_tokens: tuple[str, ...]) -> Tokenize
 
 # --- The refiner's LLM: Llama architecture, random weights ------------------------------------------
 
-TINY_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                       "<|eot_id|>")
+TINY_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 # Llama 3's chat format (header tokens, <|eot_id|> after each turn).
 LLAMA3_CHAT_TEMPLATE = (
@@ -64,7 +64,9 @@ def build_tiny_tokenizer():
     shared = byte_level_bpe(512, TINY_SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(shared.to_str()),  # a copy: the cached one is shared
-        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|end_of_text|>",
         chat_template=LLAMA3_CHAT_TEMPLATE,
     )
 
@@ -76,9 +78,17 @@ def build_tiny_llm(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32)
 
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384, rope_theta=500000.0,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=eot,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eot,
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):

@@ -4,6 +4,7 @@ Spotify's basic-pitch on the CPU, called with an array rather than a path; notes
 (docs/ARCHITECTURE.md, "Transcription"). Importing this module takes ~2 s (librosa, mir_eval): import
 it where a transcription is made.
 """
+
 from __future__ import annotations
 
 import functools
@@ -79,8 +80,9 @@ class Transcription:
         """A standard MIDI file (type 1, 120 BPM): a tempo track and one piano track with the notes."""
         midi = pretty_midi.PrettyMIDI(initial_tempo=120.0)
         piano = pretty_midi.Instrument(program=MIDI_PROGRAM, name="Transcription")
-        piano.notes = [pretty_midi.Note(velocity=n.velocity, pitch=n.pitch, start=n.start, end=n.end)
-                       for n in self.notes]
+        piano.notes = [
+            pretty_midi.Note(velocity=n.velocity, pitch=n.pitch, start=n.start, end=n.end) for n in self.notes
+        ]
         midi.instruments.append(piano)
         buffer = io.BytesIO()
         midi.write(buffer)
@@ -108,16 +110,23 @@ def transcribe(audio: Audio) -> Transcription:
     for window, _ in window_audio_file(padded, AUDIO_N_SAMPLES - OVERLAP_SAMPLES):
         for name, activations in model.predict(window[np.newaxis]).items():
             outputs[name].append(activations)
-    activations = {name: unwrap_output(np.concatenate(batches), len(samples), OVERLAP_FRAMES)
-                   for name, batches in outputs.items()}
+    activations = {
+        name: unwrap_output(np.concatenate(batches), len(samples), OVERLAP_FRAMES) for name, batches in outputs.items()
+    }
     # basic-pitch rescales inferred onsets by their maximum, which is 0 (0/0) when nothing changes.
     with np.errstate(invalid="ignore", divide="ignore"):
         _, events = note_creation.model_output_to_notes(
-            activations, onset_thresh=ONSET_THRESHOLD, frame_thresh=FRAME_THRESHOLD,
-            min_note_len=MIN_NOTE_FRAMES, include_pitch_bends=False)
+            activations,
+            onset_thresh=ONSET_THRESHOLD,
+            frame_thresh=FRAME_THRESHOLD,
+            min_note_len=MIN_NOTE_FRAMES,
+            include_pitch_bends=False,
+        )
     # Velocity from the mean activation as basic-pitch writes it, but never 0: that is a note-off in MIDI.
-    notes = [Note(float(start), float(end), int(pitch), int(np.clip(round(127 * float(amplitude)), 1, 127)))
-             for start, end, pitch, amplitude, _ in events]
+    notes = [
+        Note(float(start), float(end), int(pitch), int(np.clip(round(127 * float(amplitude)), 1, 127)))
+        for start, end, pitch, amplitude, _ in events
+    ]
     return Transcription(tuple(sorted(notes, key=lambda n: (n.start, n.pitch))), audio.duration)
 
 

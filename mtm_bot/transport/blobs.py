@@ -2,6 +2,7 @@
 results back, one key each per attempt (`<p>:blob:<job>:<attempt>:<name>`, with a TTL). Which files those
 are is the job kind's declaration (mtm_bot.jobs.kinds: `reads` by role, `writes` by suffix).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -10,9 +11,9 @@ from pathlib import Path
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from ..core.settings import Settings
 from ..jobs.kinds import INPUT_ROLES, RESULT_SUFFIXES, Role
 from .protocol import Keys, retrying
-from ..core.settings import Settings
 
 
 class Blobs:

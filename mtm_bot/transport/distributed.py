@@ -14,6 +14,7 @@ How nothing is lost and nothing is delivered twice:
 - Redis emptied (restarted): the bot notices its epoch key gone, creates the streams again and, after a
   heartbeat grace, hands out again every job in flight that no live worker says it holds.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,27 +22,42 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from redis.exceptions import ResponseError
 from taskiq.kicker import AsyncKicker
 
 from ..core import metrics
+from ..core.settings import Settings
+from ..jobs.job import Job, JobState
+from ..jobs.runner import UNEXPECTED_MESSAGE, JobEvents, Outcome
+from ..jobs.store import JobStore
 from .blobs import Blobs
 from .event_reader import EventReader
 from .heartbeats import BOT_CONSUMER, WorkerWatch
-from ..jobs.job import Job, JobState
-from .protocol import (HEARTBEATS_TO_DEATH, MAX_ATTEMPTS, TASK_NAME, UNREACHABLE, Event, EventType, JobStream, Keys,
-                       Order, OtherVersion, connect, retrying, why)
-from ..jobs.runner import UNEXPECTED_MESSAGE, JobEvents, Outcome
-from ..core.settings import Settings
-from ..jobs.store import JobStore
+from .protocol import (
+    HEARTBEATS_TO_DEATH,
+    MAX_ATTEMPTS,
+    TASK_NAME,
+    UNREACHABLE,
+    Event,
+    EventType,
+    JobStream,
+    Keys,
+    Order,
+    OtherVersion,
+    connect,
+    retrying,
+    why,
+)
 
 log = logging.getLogger(__name__)
 
-LOST_TOO_OFTEN = ("Job {id} stopped {n} times because the GPU worker running it went away; it was not tried again. "
-                  "Please try a shorter duration, or try again later.")
+LOST_TOO_OFTEN = (
+    "Job {id} stopped {n} times because the GPU worker running it went away; it was not tried again. "
+    "Please try a shorter duration, or try again later."
+)
 FILES_GONE = "The files of job {id} are no longer stored; please submit it again."
 
 
@@ -57,6 +73,7 @@ class WorkerInfo:
 @dataclass
 class _Flight:
     """A job handed to the GPU workers, until its outcome is stored."""
+
     job: Job
     events: JobEvents
     outcome: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -122,8 +139,10 @@ class RemoteRunner:
         if self._epoch is None:
             await self._new_epoch()
         await self._check_workers()
-        self._tasks = [asyncio.create_task(self._monitor(), name="mtm-monitor"),
-                       asyncio.create_task(self.events.read(self._apply, self._broken), name="mtm-events")]
+        self._tasks = [
+            asyncio.create_task(self._monitor(), name="mtm-monitor"),
+            asyncio.create_task(self.events.read(self._apply, self._broken), name="mtm-events"),
+        ]
 
     async def _declare(self) -> None:
         await self.handout.broker.declare()
@@ -194,9 +213,19 @@ class RemoteRunner:
         for job_id, flight in self._flights.items():
             if flight.holder is not None:
                 held.setdefault(flight.holder, set()).add(job_id)
-        return sorted((WorkerInfo(w.id, w.name, w.capacity,
-                                  sorted({j for j in w.running if j in self._flights} | held.get(w.id, set())),
-                                  w.compatible) for w in self.watch.live.values()), key=lambda w: w.name)
+        return sorted(
+            (
+                WorkerInfo(
+                    w.id,
+                    w.name,
+                    w.capacity,
+                    sorted({j for j in w.running if j in self._flights} | held.get(w.id, set())),
+                    w.compatible,
+                )
+                for w in self.watch.live.values()
+            ),
+            key=lambda w: w.name,
+        )
 
     # Handing out ------------------------------------------------------------------------------
 
@@ -239,8 +268,10 @@ class RemoteRunner:
     async def _check_workers(self) -> None:
         epoch = await self.redis.get(self.keys.epoch)
         if epoch is None or epoch.decode() != self._epoch:
-            log.warning("Redis lost its data (restarted empty?): creating the streams again; jobs in flight that no "
-                        "worker still holds are handed out again.")
+            log.warning(
+                "Redis lost its data (restarted empty?): creating the streams again; jobs in flight that no "
+                "worker still holds are handed out again."
+            )
             await self._declare()
             await self._new_epoch()
             for flight in self._flights.values():
@@ -248,8 +279,9 @@ class RemoteRunner:
         before = self.capacity
         await self.watch.read()
         metrics.LIVE_WORKERS.set(len(self.watch.live))
-        held = {job_id: (beat.id, attempt) for beat in self.watch.live.values()
-                for job_id, attempt in beat.running.items()}
+        held = {
+            job_id: (beat.id, attempt) for beat in self.watch.live.values() for job_id, attempt in beat.running.items()
+        }
         now = time.monotonic()
         for job_id, flight in self._flights.items():
             holder = held.get(job_id)

@@ -1,6 +1,7 @@
 """The bot's reader of its GPU workers' events (distributed mode), in a consumer group: an event is
 acknowledged only once it is applied, so after a bot crash the unacknowledged ones are read again.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,8 +27,9 @@ class EventReader:
     async def ack(self, event_id: str) -> None:
         await self.redis.xack(self.keys.events, self.keys.bot_group, event_id)
 
-    async def read(self, apply: Callable[[str, dict], Awaitable[None]],
-                   broken: Callable[[dict], Awaitable[None]]) -> None:
+    async def read(
+        self, apply: Callable[[str, dict], Awaitable[None]], broken: Callable[[dict], Awaitable[None]]
+    ) -> None:
         """Call `apply(event id, event as JSON)` (mtm_bot.transport.protocol.Event) for each event, in order: first (and
         again after Redis went away mid-way) this consumer's pending ones, read but never
         acknowledged, page by page; then new ones (">"). An event that `apply` fails on with anything but a lost
@@ -36,8 +38,9 @@ class EventReader:
         backoff = redis_backoff()
         while True:
             try:
-                reply = await self.redis.xreadgroup(self.keys.bot_group, BOT_CONSUMER, {self.keys.events: start},
-                                                    count=100, block=1000)
+                reply = await self.redis.xreadgroup(
+                    self.keys.bot_group, BOT_CONSUMER, {self.keys.events: start}, count=100, block=1000
+                )
                 backoff.reset()
             except UNREACHABLE as err:
                 log.warning("Lost Redis while reading events (%s); retrying in %.0f s.", why(err), backoff.delay)

@@ -7,6 +7,7 @@ takes up to settings.max_batch jobs at once, each only while it has a free slot,
 the refined captions back as they come, and hands the result back. SIGTERM or Ctrl-C hands the running
 jobs back to the bot, which gives them to another worker at once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,30 +21,49 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from taskiq.acks import AcknowledgeType
 from taskiq.api import run_receiver_task
 
 from ..core import metrics
 from ..core.errors import MTMError
-from .blobs import Blobs
-from ..jobs.job import Job, JobState
 from ..core.progress import CancelToken, Progress
-from .protocol import (HEARTBEATS_TO_DEATH, PROTOCOL_VERSION, TASK_NAME, UNREACHABLE, Event, EventType, Heartbeat,
-                       JobStream, Keys, Order, OtherVersion, connect, encode, redis_backoff, retrying, safe_url,
-                       wait_for_redis, why)
-from ..jobs.runner import JobRunner, Outcome
 from ..core.settings import Settings
+from ..jobs.job import Job, JobState
+from ..jobs.runner import JobRunner, Outcome
 from ..jobs.store import JobFiles
+from .blobs import Blobs
+from .protocol import (
+    HEARTBEATS_TO_DEATH,
+    PROTOCOL_VERSION,
+    TASK_NAME,
+    UNREACHABLE,
+    Event,
+    EventType,
+    Heartbeat,
+    JobStream,
+    Keys,
+    Order,
+    OtherVersion,
+    connect,
+    encode,
+    redis_backoff,
+    retrying,
+    safe_url,
+    wait_for_redis,
+    why,
+)
 
 log = logging.getLogger("mtm_bot.transport.gpu_worker")
 
-NO_BROKER = ("MTM_BROKER_URL is not set: a GPU worker takes its jobs from the bot's Redis. Set it to the URL the "
-             "bot uses, e.g. MTM_BROKER_URL=redis://127.0.0.1:6379/0, then start the worker again.")
+NO_BROKER = (
+    "MTM_BROKER_URL is not set: a GPU worker takes its jobs from the bot's Redis. Set it to the URL the "
+    "bot uses, e.g. MTM_BROKER_URL=redis://127.0.0.1:6379/0, then start the worker again."
+)
 PROGRESS_EVERY_S = 0.25  # progress events per job at most this often (block changes always go out)
 
 
@@ -82,14 +102,24 @@ class GpuWorker:
         if not await wait_for_redis(self.settings, "GPU worker", stopping):
             return
         await retrying("creating the job stream", self.broker.startup)
-        tasks = [asyncio.create_task(coroutine) for coroutine in
-                 (self._beat(), self._listen_for_cancels(), self._send_events())]
+        tasks = [
+            asyncio.create_task(coroutine)
+            for coroutine in (self._beat(), self._listen_for_cancels(), self._send_events())
+        ]
         await self.heartbeat()  # alive (and free) before the first read
-        log.info("GPU worker %s ready: %d slot(s), Redis at %s", self.id, self.capacity,
-                 safe_url(self.settings.broker_url))
-        receiver = asyncio.create_task(run_receiver_task(
-            self.broker, max_async_tasks=self.capacity, max_prefetch=0, ack_time=AcknowledgeType.WHEN_EXECUTED,
-            run_startup=False, sync_workers=1))
+        log.info(
+            "GPU worker %s ready: %d slot(s), Redis at %s", self.id, self.capacity, safe_url(self.settings.broker_url)
+        )
+        receiver = asyncio.create_task(
+            run_receiver_task(
+                self.broker,
+                max_async_tasks=self.capacity,
+                max_prefetch=0,
+                ack_time=AcknowledgeType.WHEN_EXECUTED,
+                run_startup=False,
+                sync_workers=1,
+            )
+        )
         await stopping.wait()
         await self.stop(receiver, tasks)
 
@@ -114,8 +144,13 @@ class GpuWorker:
         self._executor.shutdown(wait=False)
 
     async def heartbeat(self) -> None:
-        beat = Heartbeat(self.id, self.name, self.capacity,
-                         {job_id: taken.attempt for job_id, taken in self._taken.items()}, self.settings.device)
+        beat = Heartbeat(
+            self.id,
+            self.name,
+            self.capacity,
+            {job_id: taken.attempt for job_id, taken in self._taken.items()},
+            self.settings.device,
+        )
         ttl_ms = int(HEARTBEATS_TO_DEATH * self.settings.heartbeat_seconds * 1000)
         await self.redis.set(self.keys.worker(self.id), encode(beat), px=ttl_ms)
 
@@ -153,8 +188,12 @@ class GpuWorker:
         while True:
             event, sent = await self._outbox.get()
             try:
-                await retrying("sending an event", lambda: self.redis.xadd(
-                    self.keys.events, {b"data": encode(event)}, maxlen=100_000, approximate=True))
+                await retrying(
+                    "sending an event",
+                    lambda: self.redis.xadd(
+                        self.keys.events, {b"data": encode(event)}, maxlen=100_000, approximate=True
+                    ),
+                )
                 if sent is not None and not sent.done():
                     sent.set_result(None)
             finally:
@@ -173,11 +212,20 @@ class GpuWorker:
         try:
             order = Order.from_json(message)
         except OtherVersion as other:
-            log.error("Refusing job %s: its order speaks protocol version %s, this worker version %d. Run the same "
-                      "MTM Bot release on the bot and on its GPU workers.", other.job_id, other.version,
-                      PROTOCOL_VERSION)
-            await self.post(EventType.RELEASED, other.job_id, other.attempt, wait=True,
-                            reason=f"protocol version {PROTOCOL_VERSION}")
+            log.error(
+                "Refusing job %s: its order speaks protocol version %s, this worker version %d. Run the same "
+                "MTM Bot release on the bot and on its GPU workers.",
+                other.job_id,
+                other.version,
+                PROTOCOL_VERSION,
+            )
+            await self.post(
+                EventType.RELEASED,
+                other.job_id,
+                other.attempt,
+                wait=True,
+                reason=f"protocol version {PROTOCOL_VERSION}",
+            )
             return
         except (KeyError, TypeError, ValueError) as err:
             log.error("Refusing a malformed job order (%s)", why(err))
@@ -203,8 +251,15 @@ class GpuWorker:
             results = None
             if outcome.state is JobState.DONE:
                 results = await self.blobs.put_results(job.id, attempt, self.files.result_files(job))
-            await self.post(EventType(outcome.state.value), job.id, attempt, wait=True,
-                            result_json=outcome.result_json, error=outcome.error, results=results)
+            await self.post(
+                EventType(outcome.state.value),
+                job.id,
+                attempt,
+                wait=True,
+                result_json=outcome.result_json,
+                error=outcome.error,
+                results=results,
+            )
             log.info("Finished job %s (attempt %d): %s", job.id, attempt, outcome.state.value)
         except Exception:
             log.exception("Job %s attempt %d broke this worker's side; handing it back", job.id, attempt)
@@ -234,12 +289,14 @@ class GpuWorker:
             now, where = time.monotonic(), (progress.stage, progress.block)
             if now - last_sent["at"] >= PROGRESS_EVERY_S or where != last_sent["where"]:
                 last_sent.update(at=now, where=where)
-                loop.call_soon_threadsafe(self._post_soon, Event(EventType.PROGRESS, job.id, attempt, self.id,
-                                                                 progress=progress))
+                loop.call_soon_threadsafe(
+                    self._post_soon, Event(EventType.PROGRESS, job.id, attempt, self.id, progress=progress)
+                )
 
         def captions(lines: list[str]) -> None:
-            loop.call_soon_threadsafe(self._post_soon, Event(EventType.CAPTIONS, job.id, attempt, self.id,
-                                                             lines=list(lines)))
+            loop.call_soon_threadsafe(
+                self._post_soon, Event(EventType.CAPTIONS, job.id, attempt, self.id, lines=list(lines))
+            )
 
         return await loop.run_in_executor(self._executor, self.runner.execute, job, report, taken.token, captions)
 
@@ -252,7 +309,9 @@ def main(settings: Settings) -> int:
         print(NO_BROKER, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("taskiq").setLevel(logging.ERROR)  # its cancel-at-exit warning is noise; our listener logs Redis trouble
+    logging.getLogger("taskiq").setLevel(
+        logging.ERROR
+    )  # its cancel-at-exit warning is noise; our listener logs Redis trouble
     try:
         return asyncio.run(_serve(settings))
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """The bot's view of its GPU workers (distributed mode): who is alive, by their heartbeats, and which orders
 a worker took and then died with before its heartbeat said so.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,14 +34,19 @@ class WorkerWatch:
         """The live workers: those whose heartbeat key has not expired."""
         keys = [key async for key in self.redis.scan_iter(match=self.keys.worker("*"), count=100)]
         live = {}
-        for raw in (await self.redis.mget(keys) if keys else []):
+        for raw in await self.redis.mget(keys) if keys else []:
             if raw is None:
                 continue
             beat = Heartbeat.from_json(json.loads(raw))
             if not beat.compatible and beat.id not in self._told_incompatible:
                 self._told_incompatible.add(beat.id)
-                log.error("GPU worker %s speaks protocol version %s, this bot version %d: it gets no jobs. Run the "
-                          "same MTM Bot release on the bot and its workers.", beat.name, beat.version, PROTOCOL_VERSION)
+                log.error(
+                    "GPU worker %s speaks protocol version %s, this bot version %d: it gets no jobs. Run the "
+                    "same MTM Bot release on the bot and its workers.",
+                    beat.name,
+                    beat.version,
+                    PROTOCOL_VERSION,
+                )
             live[beat.id] = beat
         self.live = live
 
@@ -57,11 +63,13 @@ class WorkerWatch:
             if name in self.live or name == BOT_CONSUMER:
                 continue
             if consumer["pending"]:
-                pending = await self.redis.xpending_range(self.keys.jobs, self.keys.workers_group, min="-", max="+",
-                                                          count=100, consumername=name)
+                pending = await self.redis.xpending_range(
+                    self.keys.jobs, self.keys.workers_group, min="-", max="+", count=100, consumername=name
+                )
                 ids = [entry["message_id"] for entry in pending]
-                claimed = await self.redis.xclaim(self.keys.jobs, self.keys.workers_group, BOT_CONSUMER,
-                                                  min_idle_time=0, message_ids=ids)
+                claimed = await self.redis.xclaim(
+                    self.keys.jobs, self.keys.workers_group, BOT_CONSUMER, min_idle_time=0, message_ids=ids
+                )
                 for _, message in claimed:
                     try:
                         orphans.append((name, Order.from_json(self.broker.formatter.loads(message[b"data"]).args[0])))

@@ -1,12 +1,13 @@
 """The embedded transport: jobs run in threads of this process (the default, without MTM_BROKER_URL)."""
+
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
-from ..jobs.job import Job
 from ..core.progress import CancelToken, Progress
+from ..jobs.job import Job
 from ..jobs.runner import JobEvents, JobRunner, Outcome
 
 

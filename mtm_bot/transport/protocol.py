@@ -18,6 +18,7 @@ to_json / from_json, used by the bot (mtm_bot.transport.distributed) and the GPU
 Every one carries "v": PROTOCOL_VERSION; a worker refuses an order of another version (it says so in its
 log and hands the job back) instead of misreading it, and the bot gives a worker of another version no job.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,11 +27,11 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -41,11 +42,11 @@ from taskiq.abc.broker import AckableMessage
 from taskiq.serializers import JSONSerializer
 from taskiq_redis import RedisStreamBroker
 
-from ..jobs.job import Job, JobKind, JobState
-from ..jobs.kinds import Role
 from ..core.progress import Progress
 from ..core.retry import Backoff, retry
 from ..core.settings import Settings
+from ..jobs.job import Job, JobKind, JobState
+from ..jobs.kinds import Role
 from ..jobs.store import JobFiles
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ def _check_version(data: dict, job_id: str = "", attempt: int = 0) -> None:
 class Order:
     """The bot's order to run one attempt of a job (a taskiq message's one argument): what a GPU worker needs
     of the job, and the suffix of each input file that travels as a blob."""
+
     job_id: str
     kind: JobKind
     attempt: int
@@ -117,35 +119,78 @@ class Order:
     inputs: dict[Role, str] = field(default_factory=dict)  # role -> file suffix
 
     @classmethod
-    def of(cls, job: Job, inputs: dict[Role, Path]) -> "Order":
-        return cls(job.id, job.kind, job.attempt, job.instruction, job.duration, job.seed, job.redo_from,
-                   job.parent_id, job.captions, {role: path.suffix.lower() for role, path in inputs.items()})
+    def of(cls, job: Job, inputs: dict[Role, Path]) -> Order:
+        return cls(
+            job.id,
+            job.kind,
+            job.attempt,
+            job.instruction,
+            job.duration,
+            job.seed,
+            job.redo_from,
+            job.parent_id,
+            job.captions,
+            {role: path.suffix.lower() for role, path in inputs.items()},
+        )
 
     def to_json(self) -> dict:
-        return {"v": PROTOCOL_VERSION, "attempt": self.attempt,
-                "job": {"id": self.job_id, "kind": self.kind.value, "instruction": self.instruction,
-                        "duration": self.duration, "seed": self.seed, "redo_from": self.redo_from,
-                        "parent_id": self.parent_id, "captions": self.captions},
-                "inputs": {role.value: suffix for role, suffix in self.inputs.items()}}
+        return {
+            "v": PROTOCOL_VERSION,
+            "attempt": self.attempt,
+            "job": {
+                "id": self.job_id,
+                "kind": self.kind.value,
+                "instruction": self.instruction,
+                "duration": self.duration,
+                "seed": self.seed,
+                "redo_from": self.redo_from,
+                "parent_id": self.parent_id,
+                "captions": self.captions,
+            },
+            "inputs": {role.value: suffix for role, suffix in self.inputs.items()},
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Order":
+    def from_json(cls, data: dict) -> Order:
         """OtherVersion for an order of another version; KeyError, TypeError or ValueError for a malformed one."""
         job = data.get("job") or {}
         _check_version(data, str(job.get("id", "")), int(data.get("attempt", 0)))
         job_id = str(job["id"])
         if not _JOB_ID.fullmatch(job_id):
             raise ValueError(f"not a job id: {job_id[:20]!r}")
-        return cls(job_id, JobKind(job["kind"]), int(data["attempt"]), str(job.get("instruction", "")),
-                   job.get("duration"), job.get("seed"), job.get("redo_from"), job.get("parent_id"),
-                   job.get("captions"), {Role(role): check_suffix(suffix) for role, suffix in data.get("inputs", {}).items()})
+        return cls(
+            job_id,
+            JobKind(job["kind"]),
+            int(data["attempt"]),
+            str(job.get("instruction", "")),
+            job.get("duration"),
+            job.get("seed"),
+            job.get("redo_from"),
+            job.get("parent_id"),
+            job.get("captions"),
+            {Role(role): check_suffix(suffix) for role, suffix in data.get("inputs", {}).items()},
+        )
 
     def job(self, files: JobFiles) -> Job:
         """The ordered job, its inputs in `files` (a GPU worker's scratch folder)."""
-        job = Job(self.job_id, self.kind, user_id=0, guild_id=None, channel_id=0, instruction=self.instruction,
-                  duration=self.duration, attachment_size_limit=0, application_id=0, interaction_token="",
-                  created_at=time.time(), seed=self.seed, redo_from=self.redo_from, parent_id=self.parent_id,
-                  captions=self.captions, attempt=self.attempt)
+        job = Job(
+            self.job_id,
+            self.kind,
+            user_id=0,
+            guild_id=None,
+            channel_id=0,
+            instruction=self.instruction,
+            duration=self.duration,
+            attachment_size_limit=0,
+            application_id=0,
+            interaction_token="",
+            created_at=time.time(),
+            seed=self.seed,
+            redo_from=self.redo_from,
+            parent_id=self.parent_id,
+            captions=self.captions,
+            attempt=self.attempt,
+        )
         if Role.CLIP in self.inputs:
             job.input_path = files.inputs_dir / f"{job.id}{self.inputs[Role.CLIP]}"
         if Role.IMAGE in self.inputs:
@@ -166,6 +211,7 @@ class EventType(StrEnum):
 @dataclass(frozen=True)
 class Event:
     """What a GPU worker tells the bot about one attempt of a job."""
+
     type: EventType
     job_id: str
     attempt: int
@@ -184,16 +230,27 @@ class Event:
         return JobState(self.type.value) if self.type in _OUTCOMES else None
 
     def to_json(self) -> dict:
-        data = {"v": PROTOCOL_VERSION, "type": self.type.value, "job": self.job_id, "attempt": self.attempt,
-                "worker": self.worker, "at": self.at}
+        data = {
+            "v": PROTOCOL_VERSION,
+            "type": self.type.value,
+            "job": self.job_id,
+            "attempt": self.attempt,
+            "worker": self.worker,
+            "at": self.at,
+        }
         if self.progress is not None:
             data.update(dataclasses.asdict(self.progress))
-        extra = {"lines": self.lines, "result_json": self.result_json, "results": self.results, "error": self.error,
-                 "reason": self.reason}
+        extra = {
+            "lines": self.lines,
+            "result_json": self.result_json,
+            "results": self.results,
+            "error": self.error,
+            "reason": self.reason,
+        }
         return data | {name: value for name, value in extra.items() if value is not None}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Event":
+    def from_json(cls, data: dict) -> Event:
         """OtherVersion for an event of another version (its job and attempt said), ValueError and the like for
         a malformed one."""
         job_id, attempt = str(data.get("job")), int(data.get("attempt", 0))
@@ -201,11 +258,23 @@ class Event:
         kind = EventType(str(data.get("type")))
         progress = None
         if kind is EventType.PROGRESS:
-            progress = Progress(str(data["stage"]), int(data["block"]), int(data["blocks"]), int(data["step"]),
-                                int(data["steps"]))
+            progress = Progress(
+                str(data["stage"]), int(data["block"]), int(data["blocks"]), int(data["step"]), int(data["steps"])
+            )
         lines = [str(line) for line in data["lines"]] if kind is EventType.CAPTIONS else None
-        return cls(kind, job_id, attempt, str(data.get("worker") or ""), float(data.get("at", 0.0)), progress, lines,
-                   data.get("result_json"), data.get("results"), data.get("error"), data.get("reason"))
+        return cls(
+            kind,
+            job_id,
+            attempt,
+            str(data.get("worker") or ""),
+            float(data.get("at", 0.0)),
+            progress,
+            lines,
+            data.get("result_json"),
+            data.get("results"),
+            data.get("error"),
+            data.get("reason"),
+        )
 
 
 _OUTCOMES = (EventType.DONE, EventType.FAILED, EventType.CANCELLED)
@@ -214,6 +283,7 @@ _OUTCOMES = (EventType.DONE, EventType.FAILED, EventType.CANCELLED)
 @dataclass(frozen=True)
 class Heartbeat:
     """A GPU worker's sign of life (a key that expires after HEARTBEATS_TO_DEATH intervals)."""
+
     id: str
     name: str
     capacity: int
@@ -227,15 +297,27 @@ class Heartbeat:
         return self.version == PROTOCOL_VERSION
 
     def to_json(self) -> dict:
-        return {"v": self.version, "id": self.id, "name": self.name, "capacity": self.capacity,
-                "running": [[job_id, attempt] for job_id, attempt in self.running.items()], "device": self.device,
-                "at": self.at}
+        return {
+            "v": self.version,
+            "id": self.id,
+            "name": self.name,
+            "capacity": self.capacity,
+            "running": [[job_id, attempt] for job_id, attempt in self.running.items()],
+            "device": self.device,
+            "at": self.at,
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Heartbeat":
-        return cls(str(data["id"]), str(data.get("name", data["id"])), int(data.get("capacity", 1)),
-                   {str(job_id): int(attempt) for job_id, attempt in data.get("running", [])},
-                   str(data.get("device", "")), float(data.get("at", 0.0)), data.get("v"))
+    def from_json(cls, data: dict) -> Heartbeat:
+        return cls(
+            str(data["id"]),
+            str(data.get("name", data["id"])),
+            int(data.get("capacity", 1)),
+            {str(job_id): int(attempt) for job_id, attempt in data.get("running", [])},
+            str(data.get("device", "")),
+            float(data.get("at", 0.0)),
+            data.get("v"),
+        )
 
 
 def encode(record: Order | Event | Heartbeat) -> bytes:
@@ -266,17 +348,28 @@ def why(err: BaseException) -> str:
 
 
 def connect(settings: Settings) -> Redis:
-    return Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_keepalive=True,
-                          health_check_interval=30)
+    return Redis.from_url(
+        settings.broker_url, socket_connect_timeout=5, socket_keepalive=True, health_check_interval=30
+    )
 
 
 async def wait_for_redis(settings: Settings, who: str, stopping: asyncio.Event | None = None) -> bool:
     """Ping until Redis answers, one sentence per failed try and backing off; False if `stopping` was set."""
     redis = connect(settings)
     try:
-        await retry(redis.ping, on=UNREACHABLE, backoff=redis_backoff(), stopping=stopping,
-                    say=lambda err, delay: log.warning("The %s cannot reach Redis at %s (%s); retrying in %.0f s.",
-                                                       who, safe_url(settings.broker_url), why(err), delay))
+        await retry(
+            redis.ping,
+            on=UNREACHABLE,
+            backoff=redis_backoff(),
+            stopping=stopping,
+            say=lambda err, delay: log.warning(
+                "The %s cannot reach Redis at %s (%s); retrying in %.0f s.",
+                who,
+                safe_url(settings.broker_url),
+                why(err),
+                delay,
+            ),
+        )
         return True
     except UNREACHABLE:
         return False
@@ -287,9 +380,15 @@ async def wait_for_redis(settings: Settings, who: str, stopping: asyncio.Event |
 async def retrying(what: str, call: Callable[[], Any], stopping: asyncio.Event | None = None):
     """`await call()` until Redis answers (a line per failure, backing off); a command that must not be lost.
     Once `stopping` is set, the failure is raised instead."""
-    return await retry(call, on=UNREACHABLE, backoff=redis_backoff(), stopping=stopping,
-                       say=lambda err, delay: log.warning("Redis is unreachable while %s (%s); retrying in %.0f s.",
-                                                          what, why(err), delay))
+    return await retry(
+        call,
+        on=UNREACHABLE,
+        backoff=redis_backoff(),
+        stopping=stopping,
+        say=lambda err, delay: log.warning(
+            "Redis is unreachable while %s (%s); retrying in %.0f s.", what, why(err), delay
+        ),
+    )
 
 
 class JobStream(RedisStreamBroker):
@@ -308,10 +407,20 @@ class JobStream(RedisStreamBroker):
 
     def __init__(self, settings: Settings, consumer_name: str) -> None:
         self.keys = Keys(settings.broker_prefix)
-        super().__init__(settings.broker_url, queue_name=self.keys.jobs, consumer_group_name=self.keys.workers_group,
-                         consumer_name=consumer_name, consumer_id="0", xread_count=1, xread_block=1000,
-                         idle_timeout=self.NEVER_MS, unacknowledged_batch_size=1, unacknowledged_lock_timeout=5,
-                         maxlen=10_000, socket_connect_timeout=5)
+        super().__init__(
+            settings.broker_url,
+            queue_name=self.keys.jobs,
+            consumer_group_name=self.keys.workers_group,
+            consumer_name=consumer_name,
+            consumer_id="0",
+            xread_count=1,
+            xread_block=1000,
+            idle_timeout=self.NEVER_MS,
+            unacknowledged_batch_size=1,
+            unacknowledged_lock_timeout=5,
+            maxlen=10_000,
+            socket_connect_timeout=5,
+        )
         self.with_serializer(JSONSerializer())  # never pickle: a message from the broker is data, not code
 
     def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Any]:
@@ -347,4 +456,3 @@ class JobStream(RedisStreamBroker):
                 await self.declare()
             except UNREACHABLE:
                 pass  # the next read says so
-
