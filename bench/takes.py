@@ -3,19 +3,17 @@
     python -m bench.takes --profile tiny --device cpu [--seconds 20] [--repeats 1] [--max-takes 4]
 
 Takes share the request's captioning and refinement; each take is the same blocks from another seed. For
-N takes the script times, in the same run: one compose (caption + refine + generate), N generations at
-once from N threads (their blocks meet in one decode loop, as the batcher merges concurrent callers), and
-N generations one after another. It prints one JSON object: per N, the batched and sequential generation
-times, a request of N takes (the compose's captioning and refinement once, plus the batched generation),
-N separate requests (N times one request: captioning, refinement and one take), and what each take beyond
-the first adds, as a share of one request. Run it on an otherwise idle machine with --repeats 3.
+N takes the script times, in the same run: one compose (caption + refine + generate), a compose of N takes
+(`Pipeline.compose(takes=N)`, as the bot runs it: its takes' blocks meet in the batched decode) and N
+generations one after another. It prints one JSON object: per N, the request of N takes, N separate
+requests (N times one compose), the generation one after another, and what each take beyond the first
+adds, as a share of one request. Run it on an otherwise idle machine with --repeats 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import threading
 
 import torch
 
@@ -26,19 +24,9 @@ from mtm_bot.stages.pipeline import Pipeline
 from mtm_bot.stages.runtime import resolve_device
 
 
-def generate_together(generator, clip, blocks, seeds: list[int]) -> int:
-    """One thread per seed, all calling the generator at once; how many blocks shared a decode loop with
-    another take's (started together, or joined one already running)."""
-    loops_before, joined_before = len(generator.batcher.batch_sizes), generator.batcher.joined
-    threads = [
-        threading.Thread(target=generator.generate, args=(clip, blocks), kwargs={"seed": seed}) for seed in seeds
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    started_together = sum(size for size in generator.batcher.batch_sizes[loops_before:] if size > 1)
-    return started_together + generator.batcher.joined - joined_before
+def blocks_sharing_loops(batcher, loops_before: int, joined_before: int) -> int:
+    """Blocks that shared a decode loop with another take's since then (started together, or joined)."""
+    return sum(size for size in batcher.batch_sizes[loops_before:] if size > 1) + batcher.joined - joined_before
 
 
 def main() -> None:
@@ -73,20 +61,25 @@ def main() -> None:
         "generate_one_take_s": round(one_take_s, 3),
         "takes": {},
     }
+    batcher = generator.batcher
     for takes in range(2, args.max_takes + 1):
         seeds = list(range(1, takes + 1))
         shared: list[int] = []
-        _, batched_s = best_of(args.repeats, lambda: shared.append(generate_together(generator, clip, blocks, seeds)))
+
+        def request(takes: int = takes, shared: list[int] = shared) -> None:
+            loops_before, joined_before = len(batcher.batch_sizes), batcher.joined
+            pipeline.compose(clip, INSTRUCTION, args.seconds, seed=1, takes=takes)
+            shared.append(blocks_sharing_loops(batcher, loops_before, joined_before))
+
+        _, request_s = best_of(args.repeats, request)
         _, sequential_s = best_of(args.repeats, lambda: [generator.generate(clip, blocks, seed=s) for s in seeds])
-        request_s = shared_s + batched_s
         report["takes"][takes] = {
-            "generate_batched_s": round(batched_s, 3),
-            "generate_sequential_s": round(sequential_s, 3),
-            "blocks_sharing_a_decode_loop": min(shared),
-            "blocks": takes * len(blocks),
             "request_s": round(request_s, 3),
             "separate_requests_s": round(takes * one_request_s, 3),
-            "each_extra_take_adds": f"{100 * (batched_s - one_take_s) / (takes - 1) / one_request_s:.0f}% of one request",
+            "generate_one_after_another_s": round(sequential_s, 3),
+            "blocks_sharing_a_decode_loop": min(shared),
+            "blocks": takes * len(blocks),
+            "each_extra_take_adds": f"{100 * (request_s - compose_s) / (takes - 1) / compose_s:.0f}% of one request",
         }
     print(json.dumps(report, indent=2))
 

@@ -11,6 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from mtm_bot.core.instruction import MAX_INSTRUCTION_CHARS
+from mtm_bot.core.settings import MAX_TAKES
 from mtm_bot.jobs.job import JobKind
 from mtm_bot.stages.pipeline import BLOCK_SECONDS, SECONDS_WITHOUT_CLIP
 
@@ -38,6 +39,7 @@ class Compose(commands.Cog):
             "Length of the new track in seconds (default: the clip's length rounded up to 10 s, "
             f"{SECONDS_WITHOUT_CLIP} s without a clip)"
         ),
+        takes="How many versions to make from the same captions (1-4), each its own result (default: the server's)",
     )
     @submission_rate_limit
     async def compose(
@@ -47,9 +49,16 @@ class Compose(commands.Cog):
         audio: discord.Attachment | None = None,
         image: discord.Attachment | None = None,
         duration: app_commands.Range[int, BLOCK_SECONDS, None] | None = None,
+        takes: app_commands.Range[int, 1, MAX_TAKES] | None = None,
     ) -> None:
         await accept(
-            interaction, audio, JobKind.COMPOSE, instruction=instruction.strip(), duration=duration, image=image
+            interaction,
+            audio,
+            JobKind.COMPOSE,
+            instruction=instruction.strip(),
+            duration=duration,
+            image=image,
+            takes=takes or self.bot.settings.takes,
         )
 
     @compose.autocomplete("instruction")

@@ -270,3 +270,44 @@ async def test_buttons_work_after_a_restart_and_an_expired_result_says_so(world,
     refused = await emulator.click(ivan, original, "Reroll")
     text = await ephemeral_error(emulator, refused)
     assert "This result has expired" in text and "kept for 3 days" in text
+
+
+async def test_two_takes_come_as_two_results_from_one_batched_decode_each_with_its_controls(world):
+    """takes:2: the same refined captions, two seeds, their blocks in shared decode loops; each take is its
+    own result (its own job id and controls), and Reroll on take 2 builds on take 2."""
+    emulator, _, _ = world
+    bot = bot_of(world)
+    batcher = bot.pipeline.generator.batcher
+    loops_before = len(batcher.batch_sizes)
+    captions, llm = Calls(bot.pipeline.captioner, "caption"), Calls(bot.pipeline.refiner, "refine", "write")
+    carol = emulator.user("carol")
+    compose = await emulator.slash(
+        carol,
+        "compose",
+        {"instruction": "a choir carol in a stone church", "duration": 20, "takes": 2},
+        attachment=(wav_bytes(14.0), "hum.wav", "audio/wav"),
+    )
+    job_id = await accepted(emulator, compose)
+
+    def takes():
+        found = {
+            m.content.split(" is ready")[0].rsplit("take ", 1)[-1]: m
+            for m in results_for(emulator, carol)
+            if " of 2 is ready" in m.content
+        }
+        return found if len(found) == 2 else None
+
+    found = await emulator.wait_for(takes, JOB_SECONDS, "both takes")
+    first, second = found["1 of 2"], found["2 of 2"]
+    assert f"`{job_id}`" in first.content and f"`{job_id}`" not in second.content  # take 2: a job of its own
+    assert caption_lines(first) == caption_lines(second) and len(caption_lines(first)) == 2
+    assert track(first).shape == track(second).shape == (20 * SAMPLE_RATE,)
+    assert not np.array_equal(track(first), track(second))
+    assert (captions.count, llm.count) == (1, 1)  # captioned and refined once for both takes
+    assert len(batcher.batch_sizes) - loops_before <= 2  # 4 blocks in at most 2 loops: the takes shared them
+    labels = {c.get("label") for row in second.components for c in row["components"] if c["type"] == 2}
+    assert {"Reroll", "Extend", "Remix", "MIDI", "Edit captions", "Play"} <= labels
+    reroll = await result_of(emulator, await emulator.click(carol, second, "Reroll"), carol)
+    assert job_id_of(second) in reroll.content and caption_lines(reroll) == caption_lines(second)
+    stored = await bot.store.get(job_id)
+    assert stored.result_json["takes"] == [job_id_of(second)]

@@ -671,3 +671,24 @@ async def test_a_job_handed_out_but_lost_with_an_emptied_redis_is_handed_out_aga
             assert f"Running job {job_id} (attempt 3)" in workers.log("gpu-a").read_text()
     finally:
         private.kill()
+
+
+async def test_every_take_comes_back_from_a_gpu_worker_and_is_delivered_once(tmp_path, prefix):
+    """takes:2 on a worker: the second take's track and state travel back through Redis with the first."""
+    async with distributed(tmp_path, prefix) as (emulator, bot, workers):
+        await workers.start("gpu-a")
+        alice = emulator.user("alice")
+        interaction = await emulator.slash(
+            alice,
+            "compose",
+            {"instruction": "a carol", "duration": 10, "takes": 2},
+            attachment=(wav_bytes(2.0), "c.wav", "audio/wav"),
+        )
+        job_id = await accepted(emulator, interaction)
+        await every_job_settled(bot.store)
+        takes = [m for m in results_for(emulator, alice) if " of 2 is ready" in m.content]
+        assert len(takes) == 2 and all(m.files for m in takes)
+        take_2 = (await bot.store.get(job_id)).result_json["takes"][0]
+        stored = await bot.store.get(take_2)
+        assert stored.delivered and bot.store.kept_files(stored).exist()
+        assert workers.ran("gpu-a") == [job_id]

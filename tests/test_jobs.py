@@ -230,3 +230,36 @@ async def test_recent_instructions_are_this_servers_compose_instructions_newest_
     assert await store.recent_instructions(1, "", max_chars=200, limit=1) == ["a" * 101]
     assert await store.recent_instructions(1, "church choir", max_chars=100, limit=25) == ["Stone church CHOIR"]
     assert await store.recent_instructions(2, "", max_chars=100, limit=25) == ["other server's polka"]
+
+
+async def test_a_compose_jobs_takes_become_finished_jobs_once_with_their_own_files(store):
+    """Takes 2..N get jobs of their own (ids derived from the job's, so a rerun after a restart names them the
+    same) with the take's files; recording them again, as a job that ran twice would, adds no job."""
+    from mtm_bot.jobs.job import take_id
+
+    job = make_job(1, takes=3, state=JobState.DONE)
+    await store.add(job)
+
+    def finish() -> None:
+        job.result_json = {
+            "lines": ["take 1"],
+            "take": [1, 3],
+            "takes": [{"lines": [f"take {k}"], "take": [k, 3]} for k in (2, 3)],
+        }
+        for k in (2, 3):
+            for suffix in (".wav", ".kept.npz"):
+                store.output_path(job.id, f".take{k}{suffix}").write_bytes(f"{k}{suffix}".encode())
+
+    finish()
+    recorded = await store.record_takes(job)
+    assert [take.id for take in recorded] == [take_id(job.id, 2), take_id(job.id, 3)]
+    assert job.result_json["takes"] == [take.id for take in recorded]
+    for take in recorded:
+        stored = await store.get(take.id)
+        k = stored.result_json["take"][0]
+        assert stored.state is JobState.DONE and not stored.delivered and stored.takes == 1
+        assert stored.result_path.read_bytes() == f"{k}.wav".encode()
+        assert store.output_path(take.id, ".kept.npz").read_bytes() == f"{k}.kept.npz".encode()
+        assert not store.output_path(job.id, f".take{k}.wav").exists()
+    finish()  # the job ran again after a restart: the same takes, recorded already
+    assert await store.record_takes(job) == []

@@ -68,7 +68,16 @@ class FakePipeline:
         return load_clip(path)
 
     def compose(
-        self, clip, instruction, duration=None, seed=None, progress=None, cancel=None, on_captions=None, image=None
+        self,
+        clip,
+        instruction,
+        duration=None,
+        seed=None,
+        progress=None,
+        cancel=None,
+        on_captions=None,
+        image=None,
+        takes=1,
     ):
         self.threads.add(threading.current_thread().name)
         self.ran.append((instruction, seed))

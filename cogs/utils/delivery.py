@@ -104,8 +104,10 @@ def result_message(job: Job) -> tuple[str, list[discord.Embed]]:
     lines = (job.result_json or {}).get("lines", [])
     track = KINDS[job.kind].makes_track
     if track:
+        take = (job.result_json or {}).get("take")  # [k, N] for a compose job of N takes
+        ready = f"take {take[0]} of {take[1]} is ready" if take else "your track is ready"
         header = [
-            f"<@{job.user_id}> your track is ready (job `{job.id}`" + (f": {origin(job)})." if job.parent_id else ")."),
+            f"<@{job.user_id}> {ready} (job `{job.id}`" + (f": {origin(job)})." if job.parent_id else ")."),
             f"Instruction: {quote(job.instruction)}",
         ]
         picture = (job.result_json or {}).get("picture")

@@ -157,6 +157,7 @@ async def accept(
     instruction: str = "",
     duration: int | None = None,
     image: discord.Attachment | None = None,
+    takes: int = 1,
 ) -> None:
     """Validate, defer, download, decode, queue; the reply then shows the job id, queue position and ETA.
 
@@ -185,7 +186,9 @@ async def accept(
             job.duration = bot.pipeline.output_duration(clip, duration)
 
     await submit(
-        interaction, Job.new(kind, **_origin(interaction), instruction=instruction, duration=duration), store_uploads
+        interaction,
+        Job.new(kind, **_origin(interaction), instruction=instruction, duration=duration, takes=takes),
+        store_uploads,
     )
 
 

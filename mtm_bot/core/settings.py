@@ -15,6 +15,7 @@ from dotenv import dotenv_values
 from .errors import InputError
 
 MIB = 1024 * 1024
+MAX_TAKES = 4  # /compose takes: 1-4 (Discord enforces the range; the setting is checked here)
 
 
 class SettingsError(InputError):
@@ -53,6 +54,7 @@ class Settings:
     # Jobs generating at the same time share MusicGen decode loops, this many blocks per loop; 1 turns
     # batching off. The worker runs this many jobs at once (bench.bench_musicgen --batch N).
     max_batch: int = 4
+    takes: int = 1  # /compose's default number of takes (1-4)
 
     # Distributed mode (mtm_bot.transport.distributed, mtm_bot.transport.gpu_worker): unset = one process, as always.
     broker_url: str | None = field(
@@ -116,6 +118,8 @@ class Settings:
             raise SettingsError("MTM_HEARTBEAT_SECONDS and MTM_BLOB_TTL_HOURS must be positive.")
         if not 0 <= self.metrics_port <= 65535:
             raise SettingsError("MTM_METRICS_PORT must be a port number (0 turns the metrics off).")
+        if not 1 <= self.takes <= MAX_TAKES:
+            raise SettingsError(f"MTM_TAKES must be between 1 and {MAX_TAKES}.")
         for name in ("max_queue_length", "max_jobs_per_user", "submissions_per_minute", "max_batch"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"MTM_{name.upper()} must be at least 1.")

@@ -11,6 +11,7 @@ block (compose) or per input segment (caption), ready to post; jobs that make a 
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class Job:
     redo_from: int | None = None  # a redo: the output second the regenerated part starts at
     captions: list[str] | None = None  # an edit: the user's caption per block of the parent's track
     attempt: int = 0  # times handed to a GPU worker (distributed mode): a result of an older attempt is stale
+    takes: int = 1  # compose: tracks made from the same refined captions, each its own result (take_id)
 
     @classmethod
     def new(
@@ -88,6 +90,7 @@ class Job:
         parent_id: str | None = None,
         redo_from: int | None = None,
         captions: list[str] | None = None,
+        takes: int = 1,
     ) -> Job:
         return cls(
             secrets.token_hex(4),
@@ -104,8 +107,15 @@ class Job:
             parent_id=parent_id,
             redo_from=redo_from,
             captions=captions,
+            takes=takes,
         )
 
     @property
     def finished(self) -> bool:
         return self.state in TERMINAL
+
+
+def take_id(job_id: str, take: int) -> str:
+    """The job id of a compose job's take 2, 3, …: its own result, controls and files (take 1 is the job
+    itself). Derived from the job's id, so a job that runs again after a restart names its takes the same."""
+    return hashlib.blake2b(f"{job_id}:take{take}".encode(), digest_size=4).hexdigest()

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 
 from ..core.errors import InputError
 from ..core.progress import CancelToken, Progress, ProgressCallback
+from ..core.settings import MAX_TAKES
 from ..core.timecode import format_range
 from ..stages.checkpoints import Stage
-from ..stages.kept import Kept
+from ..stages.kept import Kept, KeptFiles
 from ..stages.pipeline import check_extension
 from .job import Job, JobKind
 
@@ -56,6 +57,13 @@ class Role(StrEnum):
 # Result files, by suffix under outputs/<id>: the first one is job.result_path.
 TRACK_FILES = (".wav", ".kept.npz")  # the track and what the next job starts from (mtm_bot.stages.kept)
 MIDI_FILES = (".mid",)
+
+
+def take_files(take: int) -> tuple[str, str]:
+    """Take 2, 3, …'s track and kept state, written beside the compose job's own (they travel through Redis
+    with it) until the scheduler gives the take its own job (JobStore.record_take)."""
+    track, state = TRACK_FILES
+    return f".take{take}{track}", f".take{take}{state}"
 
 
 @dataclass(frozen=True)
@@ -159,8 +167,17 @@ def _compose(run: Run) -> dict:
         cancel=run.cancel,
         on_captions=run.on_captions,
         image=image,
+        takes=job.takes,
     )
-    return _keep(run, result, clip)
+    delivered = _keep(run, result, clip)
+    if job.takes > 1:  # each further take: its files beside the job's, its result for its own job (take_id)
+        delivered["take"] = [1, job.takes]
+        delivered["takes"] = []
+        for number, take in enumerate(result.more_takes, 2):
+            track, state = (run.files.output_path(job.id, suffix) for suffix in take_files(number))
+            take.kept(job.instruction, clip).save(KeptFiles(track, state, job.input_path))
+            delivered["takes"].append({**take.to_json(), "lines": take.caption_lines(), "take": [number, job.takes]})
+    return delivered
 
 
 def _from_parent(run: Run) -> dict:
@@ -297,4 +314,12 @@ KINDS: dict[JobKind, KindSpec] = {
 MAKES_TRACK = frozenset(kind for kind, spec in KINDS.items() if spec.makes_track)
 # Everything that may travel through Redis for any kind (a stale attempt's blobs are deleted by these names).
 INPUT_ROLES = frozenset(role for spec in KINDS.values() for role in spec.reads)
-RESULT_SUFFIXES = tuple(dict.fromkeys(suffix for spec in KINDS.values() for suffix in spec.writes))
+RESULT_SUFFIXES = tuple(dict.fromkeys(suffix for spec in KINDS.values() for suffix in spec.writes)) + tuple(
+    suffix for take in range(2, MAX_TAKES + 1) for suffix in take_files(take)
+)
+
+
+def result_suffixes(job: Job) -> tuple[str, ...]:
+    """The files a finished job writes, by suffix: its kind's, and a compose job's further takes'."""
+    takes = job.takes if KINDS[job.kind].makes_track else 1
+    return KINDS[job.kind].writes + tuple(suffix for take in range(2, takes + 1) for suffix in take_files(take))

@@ -275,10 +275,15 @@ class Scheduler:
         job.finished_at = time.time()
         ran = job.finished_at - job.started_at if job.state is JobState.DONE and job.started_at is not None else None
         self.queue.finish(job, ran)
+        # A compose job's further takes become finished jobs of their own before the job is stored done: a
+        # restart in between runs the job again, and its takes are recorded (and delivered) once.
+        takes = await self.store.record_takes(job) if job.state is JobState.DONE else []
         await self.store.update(job)
         await self.runner.settled(job)
         metrics.JOBS_FINISHED.labels(job.state.value).inc()
         self._deliver_soon(job)
+        for take in takes:
+            self._deliver_soon(take)
 
     # Talking to the listener ----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ mtm_bot.stages.kept). A job derived from a finished track holds hard links to th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -29,8 +30,8 @@ import aiosqlite
 
 from ..core.settings import Settings
 from ..stages.kept import KeptFiles, ResultExpired
-from .job import TERMINAL, UNFINISHED, Job, JobKind, JobState
-from .kinds import KINDS, Role
+from .job import TERMINAL, UNFINISHED, Job, JobKind, JobState, take_id
+from .kinds import KINDS, TRACK_FILES, Role, result_suffixes, take_files
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -59,7 +60,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     parent_id TEXT,
     redo_from INTEGER,
     captions TEXT,
-    attempt INTEGER NOT NULL DEFAULT 0
+    attempt INTEGER NOT NULL DEFAULT 0,
+    takes INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_at);
@@ -74,6 +76,7 @@ _ADDED_COLUMNS = {
     "redo_from": "INTEGER",
     "attempt": "INTEGER NOT NULL DEFAULT 0",
     "captions": "TEXT",
+    "takes": "INTEGER NOT NULL DEFAULT 1",
 }
 
 
@@ -128,7 +131,7 @@ class JobFiles:
     def result_files(self, job: Job) -> dict[str, Path]:
         """What a finished job leaves for delivery, by suffix (its kind's `writes`): a track and its kept state,
         a MIDI file, or nothing."""
-        return {suffix: self.output_path(job.id, suffix) for suffix in KINDS[job.kind].writes}
+        return {suffix: self.output_path(job.id, suffix) for suffix in result_suffixes(job)}
 
     def input_files(self, job: Job) -> dict[Role, Path]:
         """What a job reads, by role (its kind's `reads`): its clip, its picture, and a derived job's links to its
@@ -178,6 +181,33 @@ class JobStore(JobFiles):
         marks = ", ".join("?" * len(_COLUMNS))
         await self._db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({marks})", _to_row(job))
         await self._db.commit()
+
+    async def record_takes(self, job: Job) -> list[Job]:
+        """A finished compose job's takes 2, 3, …: each becomes a finished job of its own (take_id, so a job
+        that ran again after a restart names them the same), with hard links to its files; the jobs not
+        recorded before, to deliver. The compose job's result keeps only their ids."""
+        entries = (job.result_json or {}).get("takes") or []
+        if not entries or not isinstance(entries[0], dict):
+            return []
+        recorded = []
+        for entry in entries:
+            number = entry["take"][0]
+            take = dataclasses.replace(job, id=take_id(job.id, number), takes=1, result_json=entry, delivered=False)
+            take.result_path = self.output_path(take.id)
+            targets = (take.result_path, self.output_path(take.id, TRACK_FILES[1]))
+            for suffix, target in zip(take_files(number), targets):
+                source = self.output_path(job.id, suffix)
+                await asyncio.to_thread(_link_or_copy, source, target)
+                await aiofiles.os.remove(source)
+            marks = ", ".join("?" * len(_COLUMNS))
+            cursor = await self._db.execute(
+                f"INSERT OR IGNORE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({marks})", _to_row(take)
+            )
+            if cursor.rowcount:
+                recorded.append(take)
+        await self._db.commit()
+        job.result_json = {**(job.result_json or {}), "takes": [take_id(job.id, e["take"][0]) for e in entries]}
+        return recorded
 
     async def update(self, job: Job) -> None:
         assignments = ", ".join(f"{name} = ?" for name in _COLUMNS)

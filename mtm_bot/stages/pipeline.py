@@ -15,6 +15,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,7 @@ class ComposeResult:
     gain: float  # the loudness gain applied to the generator's output (of the newest part, for a continuation)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     picture: str | None = None  # the image captioner's description of the user's picture, if one was given
+    more_takes: list[ComposeResult] = field(default_factory=list)  # compose(takes=N): takes 2..N
 
     def caption_lines(self) -> list[str]:
         """One line per output block: `0:00–0:10 caption`."""
@@ -272,9 +274,11 @@ class Pipeline:
         cancel: CancelToken | None = None,
         on_captions: Callable[[list[str]], None] | None = None,
         image: str | Path | None = None,
+        takes: int = 1,
     ) -> ComposeResult:
         """A new track from a clip (its melody and captions), from words alone (`clip` None), and/or from
-        a picture at `image`. `on_captions` gets the refined caption lines as soon as they exist, before
+        a picture at `image`; with `takes` > 1, that many tracks of the same captions with seeds seed,
+        seed + 1, …, generated at once so their blocks share the batched decode (`more_takes`). `on_captions` gets the refined caption lines as soon as they exist, before
         generation starts."""
         cancel = cancel or CancelToken()
         seconds = self.output_duration(clip, duration)
@@ -315,7 +319,32 @@ class Pipeline:
 
         # Block i follows part i (cycling): the clip's segments, or without a clip the blocks themselves.
         blocks = plan_blocks(seconds, _parts(refinement), BLOCK_SECONDS)
-        return self._generate(clip, segments, refinement, blocks, seed, progress, cancel, on_captions, timings, picture)
+        if takes == 1:
+            return self._generate(
+                clip, segments, refinement, blocks, seed, progress, cancel, on_captions, timings, picture
+            )
+        # One thread per take: their MusicGen blocks meet in the generator's decode loops (stages.batcher).
+        # Take 1 reports progress and the captions; a cancel stops every take at its next step.
+        with ThreadPoolExecutor(max_workers=takes, thread_name_prefix="mtm-take") as pool:
+            running = [
+                pool.submit(
+                    self._generate,
+                    clip,
+                    segments,
+                    refinement,
+                    blocks,
+                    (seed + take) % 2**31,
+                    progress if take == 0 else ignore_progress,
+                    cancel,
+                    on_captions if take == 0 else None,
+                    dict(timings),
+                    picture,
+                )
+                for take in range(takes)
+            ]
+            first, *more = [take.result() for take in running]
+        first.more_takes = more
+        return first
 
     # Starting from a kept track (mtm_bot.stages.kept): each skips what it can reuse -------------------------
 

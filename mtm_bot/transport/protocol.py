@@ -117,6 +117,7 @@ class Order:
     parent_id: str | None = None
     captions: list[str] | None = None
     inputs: dict[Role, str] = field(default_factory=dict)  # role -> file suffix
+    takes: int = 1
 
     @classmethod
     def of(cls, job: Job, inputs: dict[Role, Path]) -> Order:
@@ -131,6 +132,7 @@ class Order:
             job.parent_id,
             job.captions,
             {role: path.suffix.lower() for role, path in inputs.items()},
+            job.takes,
         )
 
     def to_json(self) -> dict:
@@ -146,6 +148,7 @@ class Order:
                 "redo_from": self.redo_from,
                 "parent_id": self.parent_id,
                 "captions": self.captions,
+                "takes": self.takes,
             },
             "inputs": {role.value: suffix for role, suffix in self.inputs.items()},
         }
@@ -169,6 +172,7 @@ class Order:
             job.get("parent_id"),
             job.get("captions"),
             {Role(role): check_suffix(suffix) for role, suffix in data.get("inputs", {}).items()},
+            int(job.get("takes", 1)),
         )
 
     def job(self, files: JobFiles) -> Job:
@@ -190,6 +194,7 @@ class Order:
             parent_id=self.parent_id,
             captions=self.captions,
             attempt=self.attempt,
+            takes=self.takes,
         )
         if Role.CLIP in self.inputs:
             job.input_path = files.inputs_dir / f"{job.id}{self.inputs[Role.CLIP]}"
