@@ -38,7 +38,8 @@ async def test_compose_takes_an_optional_clip_and_an_optional_picture(world):
     emulator, _ = world
     (compose,) = [c for c in emulator.commands[str(emulator.guild_id)] if c["name"] == "compose"]
     options = {o["name"]: o for o in compose["options"]}
-    assert [o["name"] for o in compose["options"]] == ["instruction", "audio", "image", "duration"]
+    assert [o["name"] for o in compose["options"]] == ["instruction", "audio", "image", "duration", "takes"]
+    assert (options["takes"]["min_value"], options["takes"]["max_value"]) == (1, 4)  # Discord enforces the range
     assert options["instruction"]["required"]
     assert all(options[name]["type"] == 11 and not options[name].get("required") for name in ("audio", "image"))
 
