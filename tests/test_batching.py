@@ -348,3 +348,37 @@ def test_a_generator_nobody_holds_is_freed_with_its_decode_thread():
     gc.collect()
     thread.join(5)
     assert model() is None and not thread.is_alive()
+
+
+def test_a_block_cancelled_as_the_decode_thread_wakes_for_it_leaves_the_thread_serving(monkeypatch):
+    """The decode thread sees a block waiting, lets go of the queue's lock, and the block's job is cancelled
+    before the thread takes it: the thread finds the queue empty and serves the next job (it died before,
+    and every later job of that worker waited for ever)."""
+    from mtm_bot.stages.batcher import BlockBatcher
+
+    generator = Generator.load("tiny", "facebook/musicgen-melody", torch.device("cpu"), 10, max_batch=2)
+    woke, go_on = threading.Event(), threading.Event()
+    serve_one = BlockBatcher._serve_one
+
+    def slow_to_take(self):
+        woke.set()
+        go_on.wait(60)
+        serve_one(self)
+
+    monkeypatch.setattr(BlockBatcher, "_serve_one", slow_to_take)
+    token = CancelToken()
+    cancelled = threading.Thread(
+        target=lambda: pytest.raises(Cancelled, generator.generate, None, blocks(1, "a carol"), seed=1, cancel=token)
+    )
+    cancelled.start()
+    assert woke.wait(60)
+    token.cancel()
+    cancelled.join(5)
+    assert not cancelled.is_alive() and not generator.batcher._waiting
+    go_on.set()
+    monkeypatch.setattr(BlockBatcher, "_serve_one", serve_one)
+    result = {}
+    later = threading.Thread(target=lambda: result.update(codes=generator.generate(None, blocks(1, "a carol"), seed=2)))
+    later.start()
+    later.join(60)
+    assert "codes" in result, "the next job's block was decoded"

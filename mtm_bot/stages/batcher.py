@@ -117,6 +117,8 @@ class BlockBatcher:
     def _serve_one(self) -> None:
         """Run what waits first: a call, or a decode loop for up to max_batch waiting blocks."""
         with self._changed:
+            if not self._waiting:  # the block the thread woke for left (its job was cancelled) before it got here
+                return
             if self._waiting[0].request is None:
                 call, first = self._waiting.popleft(), []
             else:
