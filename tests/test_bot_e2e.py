@@ -29,7 +29,8 @@ from mtm_bot.jobs.store import JobStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-JOB_SECONDS = 600  # generous: the tiny models share two CPU cores with everything else
+JOB_SECONDS = 300  # generous (a tiny job takes seconds), and under pytest-timeout's 600 s so that a wait that
+# fails raises in the test, whose clean-up then runs (a timed-out test abandons its bot, threads and all)
 LINE = re.compile(r"^\d+:\d\d–\d+:\d\d \S", re.M)
 
 

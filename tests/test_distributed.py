@@ -119,6 +119,10 @@ class Workers:
 
         await asyncio.wait_for(is_ready(), timeout)
 
+    def print_logs(self, tail: int = 4000) -> None:
+        for name in self.processes:
+            print(f"--- the last of {name}'s log ---\n{self.log(name).read_text(errors='replace')[-tail:]}")
+
     def ran(self, name: str) -> list[str]:
         """Job ids the worker started, in order."""
         return [
@@ -161,6 +165,9 @@ async def distributed(
     )
     try:
         yield emulator, bot, workers
+    except BaseException:
+        workers.print_logs()  # shown with the failure: what each worker was doing
+        raise
     finally:
         await workers.stop_all()
         await disconnect_bot(bot, runner)
