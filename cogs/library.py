@@ -15,36 +15,13 @@ from discord.ext import commands
 
 from mtm_bot.core.errors import InputError
 from mtm_bot.jobs.job import JobKind
-from mtm_bot.jobs.library import MAX_QUERY_CHARS, Match
+from mtm_bot.jobs.library import MAX_QUERY_CHARS
 
-from .utils.render import CONTENT_LIMIT, quote, shorten
+from .utils.render import RESULTS_SHOWN, library_reply, quote, shorten
 from .utils.submit import accept
 
 if TYPE_CHECKING:
     from bot import MTMBot
-
-RESULTS_SHOWN = 5
-EMPTY_LIBRARY = (
-    "This server's library is empty so far: every track that /compose delivers here is added to it, "
-    "and then `/library` finds it again."
-)
-
-
-def jump_url(match: Match) -> str:
-    return f"https://discord.com/channels/{match.guild_id}/{match.channel_id}/{match.message_id}"
-
-
-def library_reply(searched: str, matches: list[Match]) -> str:
-    """`searched`: what the search was made with, as a phrase ("“festive brass”")."""
-    if not matches:
-        return EMPTY_LIBRARY
-    lines = [f"📚 This server's closest tracks to {searched}:"]
-    for rank, match in enumerate(matches, 1):
-        lines.append(
-            f"{rank}. {quote(match.title)} · similarity {match.similarity:.2f} · by <@{match.user_id}> · "
-            f"<t:{int(match.created_at)}:d> · [result]({jump_url(match)})"
-        )
-    return shorten("\n".join(lines), CONTENT_LIMIT)
 
 
 class ServerLibrary(commands.Cog):

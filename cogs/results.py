@@ -248,6 +248,10 @@ class Results(commands.Cog):
     async def cog_unload(self) -> None:
         self.bot.remove_dynamic_items(*RESULT_BUTTONS, RedoSelect)
 
+    def controls(self, job: Job) -> discord.ui.View:
+        """What delivery puts under a finished track (cogs.utils.delivery)."""
+        return result_controls(job)
+
 
 async def setup(bot: MTMBot) -> None:
     await bot.add_cog(Results(bot))

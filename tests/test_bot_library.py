@@ -20,7 +20,7 @@ from test_bot_e2e import (
     wav_bytes,
 )
 
-from cogs.library import EMPTY_LIBRARY
+from cogs.utils.render import EMPTY_LIBRARY
 from tests.pictures import picture_bytes
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

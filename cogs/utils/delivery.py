@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import discord
 import soundfile as sf
@@ -34,9 +34,11 @@ from mtm_bot.jobs.job import Job
 from mtm_bot.jobs.kinds import KINDS, Rendering
 from mtm_bot.jobs.library import Library
 
-from ..library import RESULTS_SHOWN, library_reply
-from ..results import result_controls
-from .render import CONTENT_LIMIT, minutes, quote, shorten, with_captions
+from .render import CONTENT_LIMIT, RESULTS_SHOWN, library_reply, minutes, quote, shorten, with_captions
+
+if TYPE_CHECKING:
+    from bot import MTMBot
+    from cogs.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,7 @@ def encode_result(job: Job) -> Encoded:
 
 
 class Delivery:
-    def __init__(self, bot: discord.Client) -> None:
+    def __init__(self, bot: MTMBot) -> None:
         self.bot = bot
         self.live: dict[str, LiveStatus] = {}
         self.library: Library | None = None  # set at start-up, before the scheduler delivers anything
@@ -193,7 +195,9 @@ class Delivery:
         ping = discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])
         # Every track is a starting point: its controls start the next job from it.
         # Any: one optional keyword for two differently overloaded send methods
-        controls: dict[str, Any] = {"view": result_controls(job)} if encoded is not None else {}
+        # (the Results cog owns the controls and what they do; it is always loaded: bot.COGS)
+        results = cast("Results", self.bot.get_cog("Results"))
+        controls: dict[str, Any] = {"view": results.controls(job)} if encoded is not None else {}
         message: discord.abc.Snowflake | None = None
         if live is not None:
             try:

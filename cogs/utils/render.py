@@ -1,4 +1,4 @@
-"""Message text for jobs: status lines, caption sets within Discord's size limits, durations.
+"""Message text for jobs: status lines, caption sets within Discord's size limits, durations, library replies.
 
 Discord refuses content over 2 000 characters, embed fields over 1 024 and embeds over 6 000 in
 total per message; a long caption set moves into embed fields and is shortened with an ellipsis
@@ -8,6 +8,8 @@ where it must be, so a message is never refused.
 from __future__ import annotations
 
 import discord
+
+from mtm_bot.jobs.library import Match
 
 CONTENT_LIMIT = 2000
 FIELD_LIMIT = 1024
@@ -77,3 +79,28 @@ def _span(chunk: list[str]) -> str:
     if "–" in first and "–" in last:
         return f"{first.split('–')[0]}–{last.split('–')[1]}"
     return "Captions"
+
+
+# /library: what a search answers, from the words typed (cogs.library) or a described picture (delivery)
+RESULTS_SHOWN = 5
+EMPTY_LIBRARY = (
+    "This server's library is empty so far: every track that /compose delivers here is added to it, "
+    "and then `/library` finds it again."
+)
+
+
+def jump_url(match: Match) -> str:
+    return f"https://discord.com/channels/{match.guild_id}/{match.channel_id}/{match.message_id}"
+
+
+def library_reply(searched: str, matches: list[Match]) -> str:
+    """`searched`: what the search was made with, as a phrase ("“festive brass”")."""
+    if not matches:
+        return EMPTY_LIBRARY
+    lines = [f"📚 This server's closest tracks to {searched}:"]
+    for rank, match in enumerate(matches, 1):
+        lines.append(
+            f"{rank}. {quote(match.title)} · similarity {match.similarity:.2f} · by <@{match.user_id}> · "
+            f"<t:{int(match.created_at)}:d> · [result]({jump_url(match)})"
+        )
+    return shorten("\n".join(lines), CONTENT_LIMIT)
