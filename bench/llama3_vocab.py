@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from mtm_bot.stages.tiny import LLAMA3_CHAT_TEMPLATE
+from mtm_bot.stages.tiny import LLAMA3_CHAT_TEMPLATE, build_tiny_llm
 
 LLAMA3_VOCAB_SIZE = 128256  # Llama-3.2-3B-Instruct's logits
 # What ends an Instruct turn (the hub model's generation_config).
@@ -45,25 +43,4 @@ def build_llama3_tokenizer():
 
 def build_tiny_llama3(tokenizer, seed: int = 0):
     """A 2-layer Llama (hidden 64) with Llama 3.2's vocabulary and stop tokens, randomly initialised."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    stop = [tokenizer.convert_tokens_to_ids(token) for token in LLAMA3_STOP_TOKENS]
-    config = LlamaConfig(
-        vocab_size=LLAMA3_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16384,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=stop,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = stop
-    return model
+    return build_tiny_llm(tokenizer, seed, vocab_size=LLAMA3_VOCAB_SIZE, stop_tokens=LLAMA3_STOP_TOKENS)

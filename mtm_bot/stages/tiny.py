@@ -71,14 +71,21 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_llm(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32):
+def build_tiny_llm(
+    tokenizer,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
+    stop_tokens: tuple[str, ...] = ("<|eot_id|>",),
+):
     """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads, GQA like Llama 3), randomly initialised in `dtype`
-    the way from_pretrained builds one (RoPE's buffers stay float32)."""
+    the way from_pretrained builds one (RoPE's buffers stay float32). `vocab_size`: its logits, when they
+    differ from the tokenizer's length (Llama 3.2's real tokenizer has one token beyond them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    stop = [tokenizer.convert_tokens_to_ids(token) for token in stop_tokens]
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -88,11 +95,11 @@ def build_tiny_llm(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32)
         rope_theta=500000.0,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eot,
+        eos_token_id=stop[0] if len(stop) == 1 else stop,
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
-    model.generation_config.eos_token_id = [eot]
+    model.generation_config.eos_token_id = stop
     return model
