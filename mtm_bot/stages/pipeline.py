@@ -357,18 +357,7 @@ class Pipeline:
         on_captions: Callable[[list[str]], None] | None = None,
     ) -> ComposeResult:
         """Another take: the same captions and plan, a new seed. No captioning, no LLM."""
-        return self._generate(
-            kept.clip,
-            kept.segments,
-            kept.refinement,
-            kept.blocks,
-            seed,
-            progress,
-            cancel,
-            on_captions,
-            {},
-            kept.picture,
-        )
+        return self._from_kept(kept, kept.refinement, kept.blocks, seed, progress, cancel, on_captions)
 
     def remix(
         self,
@@ -403,9 +392,7 @@ class Pipeline:
                 cancel,
             )
         timings = {"refine": time.perf_counter() - t0}
-        return self._generate(
-            kept.clip, kept.segments, refinement, blocks, seed, progress, cancel, on_captions, timings, kept.picture
-        )
+        return self._from_kept(kept, refinement, blocks, seed, progress, cancel, on_captions, timings)
 
     def edit(
         self,
@@ -431,9 +418,7 @@ class Pipeline:
         )
         refinement = dataclasses.replace(kept.refinement, segments=parts)
         blocks = [dataclasses.replace(b, segment=i) for i, b in enumerate(kept.blocks)]
-        return self._generate(
-            kept.clip, kept.segments, refinement, blocks, seed, progress, cancel, on_captions, {}, kept.picture
-        )
+        return self._from_kept(kept, refinement, blocks, seed, progress, cancel, on_captions)
 
     def extend(
         self,
@@ -454,19 +439,7 @@ class Pipeline:
         blocks = plan_blocks(
             end + seconds, _parts(kept.refinement), BLOCK_SECONDS, start=end, first_index=len(kept.blocks)
         )
-        return self._generate(
-            kept.clip,
-            kept.segments,
-            kept.refinement,
-            blocks,
-            seed,
-            progress,
-            cancel,
-            on_captions,
-            {},
-            kept.picture,
-            start=kept,
-        )
+        return self._from_kept(kept, kept.refinement, blocks, seed, progress, cancel, on_captions, continuing=True)
 
     def redo(
         self,
@@ -487,19 +460,7 @@ class Pipeline:
             )
         self._check_continuable(kept, "redone from a block")
         blocks = [b for b in kept.blocks if b.start >= from_seconds]
-        return self._generate(
-            kept.clip,
-            kept.segments,
-            kept.refinement,
-            blocks,
-            seed,
-            progress,
-            cancel,
-            on_captions,
-            {},
-            kept.picture,
-            start=kept,
-        )
+        return self._from_kept(kept, kept.refinement, blocks, seed, progress, cancel, on_captions, continuing=True)
 
     def _check_continuable(self, kept: Kept, what: str) -> None:
         """Extend and Redo continue the kept codes: only a model with the same channels can (MTM_MUSICGEN_ID
@@ -516,6 +477,34 @@ class Pipeline:
         """Run `call` with the LLM on its own thread, after any other job's refinement."""
         refiner = self.refiner
         return self._refiner_thread.run(lambda: call(refiner), cancel)
+
+    def _from_kept(
+        self,
+        kept: Kept,
+        refinement: Refinement,
+        blocks: list[Block],
+        seed: int,
+        progress: ProgressCallback,
+        cancel: CancelToken | None,
+        on_captions: Callable[[list[str]], None] | None,
+        timings: dict[str, float] | None = None,
+        continuing: bool = False,
+    ) -> ComposeResult:
+        """A new track from a kept one's clip, segments and picture; `continuing`: after the kept codes (Extend,
+        Redo) rather than from scratch (Reroll, Remix, Edit)."""
+        return self._generate(
+            kept.clip,
+            kept.segments,
+            refinement,
+            blocks,
+            seed,
+            progress,
+            cancel,
+            on_captions,
+            {} if timings is None else timings,
+            kept.picture,
+            start=kept if continuing else None,
+        )
 
     def _generate(
         self,
