@@ -699,3 +699,65 @@ async def test_every_take_comes_back_from_a_gpu_worker_and_is_delivered_once(tmp
         stored = await bot.store.get(take_2)
         assert stored.delivered and bot.store.kept_files(stored).exist()
         assert workers.ran("gpu-a") == [job_id]
+
+
+class HungGpu:
+    """A job runner whose job hangs in a GPU call that never returns and ignores its cancel token, as a
+    wedged driver does; released only at the end of the test."""
+
+    def __init__(self, files) -> None:
+        import threading
+
+        self.files = files
+        self.hung = threading.Event()
+        self.release = threading.Event()
+
+    def execute(self, job, report, token, captions):
+        from mtm_bot.core.progress import Progress
+
+        report(Progress("captioning"))
+        self.hung.set()
+        self.release.wait(120)
+        raise RuntimeError("released at the end of the test")
+
+
+async def test_a_worker_whose_job_hangs_leaves_and_the_job_runs_on_another_worker(tmp_path, prefix, caplog):
+    """No progress for MTM_STALL_SECONDS: the stuck worker stops beating and leaves at once (its job thread
+    may never return), the bot hands the job to a live worker, and the user gets one track."""
+    from mtm_bot.jobs.store import JobFiles
+    from mtm_bot.transport.gpu_worker import GpuWorker
+
+    async with distributed(tmp_path, prefix) as (emulator, bot, workers):
+        settings = Settings.from_env(
+            dict(
+                MTM_BROKER_URL=REDIS_URL,
+                MTM_BROKER_PREFIX=prefix,
+                MTM_HEARTBEAT_SECONDS=HEARTBEAT,
+                MTM_STALL_SECONDS="3",
+                MTM_MAX_BATCH="1",
+                MTM_WORKER_NAME="wedged",
+            ),
+            env_file=None,
+        )
+        files = JobFiles(tmp_path / "wedged")
+        files.make_folders()
+        gpu = HungGpu(files)
+        serving = asyncio.create_task(GpuWorker(settings, gpu).serve(asyncio.Event()))  # type: ignore[arg-type]
+        try:
+            await until(lambda: bot.scheduler.runner.capacity == 1, 30, "the worker seen")
+            alice = emulator.user("alice")
+            job_id = await compose(emulator, alice, seed=7)
+            await until(gpu.hung.is_set, 120, "the job hanging")
+            hung_at = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(serving, 30) is False, "the worker left"
+            assert asyncio.get_running_loop().time() - hung_at >= 3, "not before MTM_STALL_SECONDS"
+            assert "made no progress for 3 s: this worker is stuck" in caplog.text
+            await until(lambda: bot.queue.get(job_id).attempt == 2, 30, "the job handed out again")
+            await workers.start("gpu-b")
+            await every_job_settled(bot.store)
+            delivered_once(emulator, [alice], [job_id])
+            assert workers.ran("gpu-b") == [job_id] and (await bot.store.get(job_id)).state is JobState.DONE
+        finally:
+            gpu.release.set()
+            if not serving.done():
+                serving.cancel()

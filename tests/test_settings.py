@@ -35,6 +35,7 @@ def test_token_never_appears_in_repr():
         ({"MTM_MAX_OUTPUT_SECONDS": "ten"}, "MTM_MAX_OUTPUT_SECONDS"),
         ({"MTM_MAX_OUTPUT_SECONDS": "5"}, "MTM_MAX_OUTPUT_SECONDS"),
         ({"MTM_MAX_JOBS_PER_USER": "0"}, "MTM_MAX_JOBS_PER_USER"),
+        ({"MTM_STALL_SECONDS": "0"}, "MTM_STALL_SECONDS"),
     ],
 )
 def test_bad_values_name_the_variable(env, fragment):

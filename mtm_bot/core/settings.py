@@ -62,6 +62,9 @@ class Settings:
     )  # redis://host:6379/0 or rediss://:password@host; may hold a password
     broker_prefix: str = "mtm"  # every Redis key and stream of this bot starts with it (several bots, one Redis)
     heartbeat_seconds: float = 2.0  # a GPU worker silent for 3 heartbeats is dead: its jobs run again elsewhere
+    # A job that reports no progress for this long means its GPU worker is stuck (a hung driver call): the worker
+    # stops beating and exits with status 3, so its jobs run again elsewhere and its supervisor restarts it.
+    stall_seconds: float = 600.0
     blob_ttl_hours: float = 24.0  # clips and results in transit through Redis expire after this
     worker_name: str = ""  # a GPU worker's name in /queue; default: host name and process id
     metrics_port: int = 0  # Prometheus /metrics on this port (bot and each GPU worker); 0 = off
@@ -114,8 +117,8 @@ class Settings:
             raise SettingsError(
                 "MTM_BROKER_URL must be a Redis URL (redis://host:6379/0 or rediss://:password@host:6380/0)."
             )
-        if self.heartbeat_seconds <= 0 or self.blob_ttl_hours <= 0:
-            raise SettingsError("MTM_HEARTBEAT_SECONDS and MTM_BLOB_TTL_HOURS must be positive.")
+        if self.heartbeat_seconds <= 0 or self.blob_ttl_hours <= 0 or self.stall_seconds <= 0:
+            raise SettingsError("MTM_HEARTBEAT_SECONDS, MTM_STALL_SECONDS and MTM_BLOB_TTL_HOURS must be positive.")
         if not 0 <= self.metrics_port <= 65535:
             raise SettingsError("MTM_METRICS_PORT must be a port number (0 turns the metrics off).")
         if not 1 <= self.takes <= MAX_TAKES:

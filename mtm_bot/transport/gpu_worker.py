@@ -5,7 +5,9 @@ through Redis (mtm_bot.transport.protocol); the worker keeps them in a scratch f
 It loads the pipeline once (a worker that cannot load its models exits before it takes any job), then
 takes up to settings.max_batch jobs at once, each only while it has a free slot, streams progress and
 the refined captions back as they come, and hands the result back. SIGTERM or Ctrl-C hands the running
-jobs back to the bot, which gives them to another worker at once.
+jobs back to the bot, which gives them to another worker at once. A job that reports no progress for
+MTM_STALL_SECONDS means the GPU under it hangs: the worker stops beating and exits with status 3 (STUCK_EXIT)
+without waiting for it, so the bot gives its jobs to another worker and a supervisor can restart it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,11 @@ NO_BROKER = (
     "bot uses, e.g. MTM_BROKER_URL=redis://127.0.0.1:6379/0, then start the worker again."
 )
 PROGRESS_EVERY_S = 0.25  # progress events per job at most this often (block changes always go out)
+STUCK_EXIT = 3  # the worker's exit status when a job of its stopped making progress
+
+
+class WorkerStuck(Exception):
+    """A job of this worker made no progress for MTM_STALL_SECONDS."""
 
 
 @dataclass
@@ -72,6 +79,8 @@ class _Taken:
     attempt: int
     token: CancelToken
     cancelled_by_user: bool = False
+    in_thread: bool = False  # its models are running (inputs fetched, results not yet sent)
+    last_progress: float = field(default_factory=time.monotonic)  # set from the job thread at each report
 
 
 class GpuWorker:
@@ -98,9 +107,11 @@ class GpuWorker:
 
     # Life cycle ---------------------------------------------------------------------------------
 
-    async def serve(self, stopping: asyncio.Event) -> None:
+    async def serve(self, stopping: asyncio.Event) -> bool:
+        """Take jobs until `stopping` is set (True), or until a job stops making progress (False: this worker
+        left without it, and the thread running it may never return)."""
         if not await wait_for_redis(self.settings, "GPU worker", stopping):
-            return
+            return True
         await retrying("creating the job stream", self.broker.startup)
         tasks = [
             asyncio.create_task(coroutine)
@@ -120,8 +131,19 @@ class GpuWorker:
                 sync_workers=1,
             )
         )
-        await stopping.wait()
+        beating, stop = tasks[0], asyncio.create_task(stopping.wait())
+        await asyncio.wait([beating, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if beating.done():  # it beats until this worker is stuck
+            if not isinstance(beating.exception(), WorkerStuck):
+                log.error("This worker's heartbeat broke (%r); leaving", beating.exception())
+            self._stopping = True
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+            await self._leave(tasks)
+            return False
         await self.stop(receiver, tasks)
+        return True
 
     async def stop(self, receiver: asyncio.Task, tasks: list[asyncio.Task]) -> None:
         """Hand the running jobs back (released: the bot gives them to another worker) and leave."""
@@ -134,6 +156,9 @@ class GpuWorker:
         while self._taken and time.monotonic() < deadline:  # each job posts "released" (run_job)
             await asyncio.sleep(0.05)
         await self._outbox.join()
+        await self._leave(tasks)
+
+    async def _leave(self, tasks: list[asyncio.Task]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -155,7 +180,24 @@ class GpuWorker:
         await self.redis.set(self.keys.worker(self.id), encode(beat), px=ttl_ms)
 
     async def _beat(self) -> None:
+        """Say this worker is alive, every heartbeat, while its jobs make progress; end when one does not."""
         while True:
+            now = time.monotonic()
+            stalled = [
+                job_id
+                for job_id, t in self._taken.items()
+                if t.in_thread and now - t.last_progress > self.settings.stall_seconds
+            ]
+            if stalled:
+                log.error(
+                    "Job %s made no progress for %.0f s: this worker is stuck (a hung GPU call?). Leaving without "
+                    "it, so that the bot hands its jobs to another worker.",
+                    ", ".join(stalled),
+                    self.settings.stall_seconds,
+                )
+                with contextlib.suppress(*UNREACHABLE):  # dead now, not after 3 heartbeats
+                    await self.redis.delete(self.keys.worker(self.id))
+                raise WorkerStuck(stalled)
             try:
                 await self.heartbeat()
                 for job_id, taken in list(self._taken.items()):  # a cancel published while we were away
@@ -287,6 +329,7 @@ class GpuWorker:
 
         def report(progress: Progress) -> None:  # in the job thread
             now, where = time.monotonic(), (progress.stage, progress.block)
+            taken.last_progress = now
             if now - last_sent["at"] >= PROGRESS_EVERY_S or where != last_sent["where"]:
                 last_sent.update(at=now, where=where)
                 loop.call_soon_threadsafe(
@@ -294,11 +337,16 @@ class GpuWorker:
                 )
 
         def captions(lines: list[str]) -> None:
+            taken.last_progress = time.monotonic()
             loop.call_soon_threadsafe(
                 self._post_soon, Event(EventType.CAPTIONS, job.id, attempt, self.id, lines=list(lines))
             )
 
-        return await loop.run_in_executor(self._executor, self.runner.execute, job, report, taken.token, captions)
+        taken.in_thread, taken.last_progress = True, time.monotonic()
+        try:
+            return await loop.run_in_executor(self._executor, self.runner.execute, job, report, taken.token, captions)
+        finally:
+            taken.in_thread = False
 
     def _post_soon(self, event: Event) -> None:
         self._outbox.put_nowait((event, None))
@@ -313,9 +361,13 @@ def main(settings: Settings) -> int:
         logging.ERROR
     )  # its cancel-at-exit warning is noise; our listener logs Redis trouble
     try:
-        return asyncio.run(_serve(settings))
+        status = asyncio.run(_serve(settings))
     except KeyboardInterrupt:
         return 0
+    if status == STUCK_EXIT:  # the stuck job's thread cannot be joined: a normal exit would wait for it for ever
+        logging.shutdown()
+        os._exit(STUCK_EXIT)
+    return status
 
 
 async def _serve(settings: Settings) -> int:
@@ -340,7 +392,6 @@ async def _serve(settings: Settings) -> int:
         files = JobFiles(scratch)
         files.make_folders()
         metrics.serve(settings.metrics_port)
-        await GpuWorker(settings, JobRunner(pipeline, files)).serve(stopping)
-        return 0
+        return 0 if await GpuWorker(settings, JobRunner(pipeline, files)).serve(stopping) else STUCK_EXIT
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
