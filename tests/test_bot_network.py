@@ -13,7 +13,7 @@ from pathlib import Path
 from discord_emulator import DiscordEmulator
 from test_bot_restart import BOT, TOKEN, bot_env
 
-UNREACHABLE = "Cannot reach Discord at {api} ("
+UNAVAILABLE = "Cannot reach Discord at {api} ("
 
 
 def free_port() -> int:
@@ -68,7 +68,7 @@ async def test_an_unresolvable_discord_is_one_sentence_per_try_and_retried(tmp_p
     log = tmp_path / "bot.log"
     process = await start(env, tmp_path, log)
     try:
-        lines = await wait_for_lines(process, log, UNREACHABLE.format(api=api), 2, 120)
+        lines = await wait_for_lines(process, log, UNAVAILABLE.format(api=api), 2, 120)
     finally:
         code = await stop(process)
     assert "retrying in 5 s" in lines[0] and "retrying in 10 s" in lines[1]  # backoff
@@ -93,7 +93,7 @@ async def test_a_refused_connection_is_retried_until_discord_answers(tmp_path):
     log = tmp_path / "bot.log"
     process = await start(env, tmp_path, log)
     try:
-        lines = await wait_for_lines(process, log, UNREACHABLE.format(api=api), 2, 120)
+        lines = await wait_for_lines(process, log, UNAVAILABLE.format(api=api), 2, 120)
         assert all("(Connection refused)" in line for line in lines), lines
         await emulator.start(port)  # Discord comes back: the next try (10 s later) logs in and connects
         await wait_until(process, log, lambda: emulator.identifies and emulator.commands, 300, "connecting")

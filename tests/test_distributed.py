@@ -761,3 +761,32 @@ async def test_a_worker_whose_job_hangs_leaves_and_the_job_runs_on_another_worke
             gpu.release.set()
             if not serving.done():
                 serving.cancel()
+
+
+async def test_a_redis_out_of_memory_for_a_while_delays_jobs_and_loses_none(tmp_path, prefix, caplog):
+    """maxmemory reached mid-job (clips and tracks travel through Redis, so a busy server can fill it): every
+    write is refused with OOM. The worker and the bot retry with a line per try instead of a task dying in
+    silence; once Redis has room again the job and one submitted after it are each delivered once."""
+    private = PrivateRedis(tmp_path)
+    private.start()
+    client = redis.Redis(port=private.port)
+    try:
+        async with distributed(tmp_path, prefix, broker_url=private.url) as (emulator, bot, workers):
+            await workers.start("gpu-a")
+            alice = emulator.user("alice")
+            job_id = await compose(emulator, alice, seed=12, duration=30)
+            await until(lambda: running_on(workers, job_id), 120, "running")
+            client.config_set("maxmemory", "1")  # far below what it holds: every write refused
+            await until(lambda: "maxmemory" in workers.log("gpu-a").read_text(), 30, "the worker refused")
+            await asyncio.sleep(3 * float(HEARTBEAT) + 1)  # long enough for the bot to take the worker for dead
+            client.config_set("maxmemory", "0")
+            second = await compose(emulator, alice, seed=13)
+            await every_job_settled(bot.store, timeout=120)
+            delivered_once(emulator, [alice], [job_id, second])
+            log = workers.log("gpu-a").read_text()
+            assert "Redis is unavailable" in log and "Traceback" not in log
+            assert "scheduler failed" not in caplog.text
+            assert workers.processes["gpu-a"].returncode is None, "the worker is still serving"
+    finally:
+        client.close()
+        private.kill()

@@ -1,7 +1,7 @@
 """The one retry policy for what lives across a network (Redis, Discord): wait, doubling up to a bound, and
 say so in one line per failure, never a traceback.
 
-    await retry(call, on=UNREACHABLE, say=lambda err, delay: log.warning("... retrying in %.0f s.", delay),
+    await retry(call, on=UNAVAILABLE, say=lambda err, delay: log.warning("... retrying in %.0f s.", delay),
                 backoff=Backoff(1.0, 30.0), stopping=event)    # the result of call(); raises once stopping is set
 
 Loops that stay open (a stream listener, a subscription) keep a `Backoff` of their own: `reset()` after a

@@ -40,7 +40,7 @@ from .protocol import (
     HEARTBEATS_TO_DEATH,
     MAX_ATTEMPTS,
     TASK_NAME,
-    UNREACHABLE,
+    UNAVAILABLE,
     Event,
     EventType,
     JobStream,
@@ -260,7 +260,7 @@ class RemoteRunner:
             await asyncio.sleep(self.settings.heartbeat_seconds)
             try:
                 await self._check_workers()
-            except UNREACHABLE as err:
+            except UNAVAILABLE as err:
                 log.warning("Cannot reach Redis (%s); retrying in %.0f s.", why(err), self.settings.heartbeat_seconds)
             except Exception:
                 log.exception("Checking the GPU workers failed")

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from .heartbeats import BOT_CONSUMER
-from .protocol import UNREACHABLE, Keys, redis_backoff, why
+from .protocol import UNAVAILABLE, Keys, redis_backoff, why
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ class EventReader:
                     self.keys.bot_group, BOT_CONSUMER, {self.keys.events: start}, count=100, block=1000
                 )
                 backoff.reset()
-            except UNREACHABLE as err:
-                log.warning("Lost Redis while reading events (%s); retrying in %.0f s.", why(err), backoff.delay)
+            except UNAVAILABLE as err:
+                log.warning(
+                    "Redis is unavailable while reading events (%s); retrying in %.0f s.", why(err), backoff.delay
+                )
                 await backoff.wait()
                 continue
             except ResponseError as err:
@@ -60,8 +62,10 @@ class EventReader:
                 try:
                     message = json.loads(fields[b"data"])
                     await apply(event_id.decode(), message)
-                except UNREACHABLE as err:  # applied again from the pending ones: apply repeats harmlessly
-                    log.warning("Lost Redis while applying events (%s); retrying in %.0f s.", why(err), backoff.delay)
+                except UNAVAILABLE as err:  # applied again from the pending ones: apply repeats harmlessly
+                    log.warning(
+                        "Redis is unavailable while applying events (%s); retrying in %.0f s.", why(err), backoff.delay
+                    )
                     await backoff.wait()
                     start = "0"
                     break

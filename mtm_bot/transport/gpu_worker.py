@@ -43,7 +43,7 @@ from .protocol import (
     HEARTBEATS_TO_DEATH,
     PROTOCOL_VERSION,
     TASK_NAME,
-    UNREACHABLE,
+    UNAVAILABLE,
     Event,
     EventType,
     Heartbeat,
@@ -162,7 +162,7 @@ class GpuWorker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(*UNREACHABLE):
+        with contextlib.suppress(*UNAVAILABLE):
             await self.redis.delete(self.keys.worker(self.id))
         await self.broker.shutdown()
         await self.redis.aclose()
@@ -195,7 +195,7 @@ class GpuWorker:
                     ", ".join(stalled),
                     self.settings.stall_seconds,
                 )
-                with contextlib.suppress(*UNREACHABLE):  # dead now, not after 3 heartbeats
+                with contextlib.suppress(*UNAVAILABLE):  # dead now, not after 3 heartbeats
                     await self.redis.delete(self.keys.worker(self.id))
                 raise WorkerStuck(stalled)
             try:
@@ -204,8 +204,8 @@ class GpuWorker:
                     if await self.redis.exists(self.keys.cancelled(job_id)):
                         taken.cancelled_by_user = True
                         taken.token.cancel()
-            except UNREACHABLE as err:
-                log.warning("Lost Redis (%s); still working, retrying.", why(err))
+            except UNAVAILABLE as err:
+                log.warning("Redis is unavailable (%s); still working, retrying.", why(err))
             await asyncio.sleep(self.settings.heartbeat_seconds)
 
     async def _listen_for_cancels(self) -> None:
@@ -222,7 +222,7 @@ class GpuWorker:
                         if taken is not None:
                             taken.cancelled_by_user = True
                             taken.token.cancel()  # the job stops at its next decode step
-            except UNREACHABLE:
+            except UNAVAILABLE:
                 await backoff.wait()  # _beat says that Redis is gone
 
     async def _send_events(self) -> None:
@@ -311,7 +311,7 @@ class GpuWorker:
             for folder in (self.files.inputs_dir, self.files.outputs_dir):
                 for path in folder.glob(f"{job.id}*"):
                     path.unlink(missing_ok=True)
-            with contextlib.suppress(*UNREACHABLE):
+            with contextlib.suppress(*UNAVAILABLE):
                 await self.heartbeat()
 
     async def _execute(self, job: Job, order: Order, taken: _Taken) -> Outcome | None:

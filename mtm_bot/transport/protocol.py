@@ -36,7 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq.abc.broker import AckableMessage
 from taskiq.serializers import JSONSerializer
@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 TASK_NAME = "mtm.run_job"
-# Redis cannot be reached or went away mid-command: worth another try, never a traceback.
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# Redis cannot be reached, went away mid-command, or refuses writes for now: out of memory under its maxmemory
+# (clips and tracks travel through it; memory frees as they are fetched or expire) or a read-only replica (a
+# failover promotes one). Worth another try, never a traceback, never a task that dies and leaves jobs waiting.
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, OutOfMemoryError, ReadOnlyError)
 HEARTBEATS_TO_DEATH = 3  # a worker whose heartbeat is this many intervals old is dead
 MAX_ATTEMPTS = 4  # a job that loses its worker this often fails instead of killing a fifth
 _SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
@@ -364,7 +366,7 @@ async def wait_for_redis(settings: Settings, who: str, stopping: asyncio.Event |
     try:
         await retry(
             redis.ping,
-            on=UNREACHABLE,
+            on=UNAVAILABLE,
             backoff=redis_backoff(),
             stopping=stopping,
             say=lambda err, delay: log.warning(
@@ -376,7 +378,7 @@ async def wait_for_redis(settings: Settings, who: str, stopping: asyncio.Event |
             ),
         )
         return True
-    except UNREACHABLE:
+    except UNAVAILABLE:
         return False
     finally:
         await redis.aclose()
@@ -387,11 +389,11 @@ async def retrying(what: str, call: Callable[[], Any], stopping: asyncio.Event |
     Once `stopping` is set, the failure is raised instead."""
     return await retry(
         call,
-        on=UNREACHABLE,
+        on=UNAVAILABLE,
         backoff=redis_backoff(),
         stopping=stopping,
         say=lambda err, delay: log.warning(
-            "Redis is unreachable while %s (%s); retrying in %.0f s.", what, why(err), delay
+            "Redis is unavailable while %s (%s); retrying in %.0f s.", what, why(err), delay
         ),
     )
 
@@ -450,8 +452,10 @@ class JobStream(RedisStreamBroker):
                 async for message in super().listen():
                     backoff.reset()
                     yield message
-            except UNREACHABLE as err:
-                log.warning("Lost Redis while waiting for jobs (%s); retrying in %.0f s.", why(err), backoff.delay)
+            except UNAVAILABLE as err:
+                log.warning(
+                    "Redis is unavailable while waiting for jobs (%s); retrying in %.0f s.", why(err), backoff.delay
+                )
             except ResponseError as err:
                 if "NOGROUP" not in str(err):
                     raise
@@ -459,5 +463,5 @@ class JobStream(RedisStreamBroker):
             await backoff.wait()
             try:
                 await self.declare()
-            except UNREACHABLE:
+            except UNAVAILABLE:
                 pass  # the next read says so
