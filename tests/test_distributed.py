@@ -119,7 +119,12 @@ class Workers:
 
         await asyncio.wait_for(is_ready(), timeout)
 
-    def print_logs(self, tail: int = 4000) -> None:
+    async def print_logs(self, tail: int = 6000) -> None:
+        """Each worker's log, after the stacks of every thread of the live ones (SIGUSR1: faulthandler)."""
+        live = [process for process in self.processes.values() if process.returncode is None]
+        for process in live:
+            process.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(1.0 if live else 0)
         for name in self.processes:
             print(f"--- the last of {name}'s log ---\n{self.log(name).read_text(errors='replace')[-tail:]}")
 
@@ -166,7 +171,7 @@ async def distributed(
     try:
         yield emulator, bot, workers
     except BaseException:
-        workers.print_logs()  # shown with the failure: what each worker was doing
+        await workers.print_logs()  # shown with the failure: what each worker was doing
         raise
     finally:
         await workers.stop_all()

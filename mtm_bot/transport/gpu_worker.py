@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import secrets
@@ -357,6 +358,7 @@ def main(settings: Settings) -> int:
         print(NO_BROKER, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack, to stderr
     logging.getLogger("taskiq").setLevel(
         logging.ERROR
     )  # its cancel-at-exit warning is noise; our listener logs Redis trouble
