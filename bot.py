@@ -33,7 +33,7 @@ from mtm_bot.jobs.queue import JobQueue
 from mtm_bot.jobs.runner import JobRunner, Runner
 from mtm_bot.jobs.scheduler import Scheduler
 from mtm_bot.jobs.store import JobStore
-from mtm_bot.transport.local import LocalRunner
+from mtm_bot.transport.local import LocalRunner, stuck_job_threads
 
 if TYPE_CHECKING:
     from mtm_bot.stages.pipeline import Pipeline
@@ -110,7 +110,9 @@ class MTMBot(commands.Bot):
         else:
             log.info("loading the %s models (once; they stay resident)", self.settings.profile)
             self.pipeline = await asyncio.to_thread(lambda: Pipeline(self.settings).load())
-            runner = LocalRunner(JobRunner(self.pipeline, self.store), self.settings.max_batch)
+            runner = LocalRunner(
+                JobRunner(self.pipeline, self.store), self.settings.max_batch, self.settings.stall_seconds
+            )
         # The text embedder answers /library directly, on the CPU of this process (no GPU, no queue).
         embedder = await asyncio.to_thread(Embedder.load, self.settings.embedder_id)
         self.library = self.delivery.library = await Library.open(self.settings, embedder)
@@ -260,6 +262,10 @@ def main() -> int:
         return 2 if isinstance(err, InputError) else 1
     except KeyboardInterrupt:
         pass
+    if stuck := stuck_job_threads():  # in a call that never returns: a normal exit would wait for them for ever
+        log.warning("Leaving %d stuck job thread(s) behind: %s", len(stuck), ", ".join(stuck))
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

@@ -402,3 +402,44 @@ async def test_long_captions_fit_discords_limits_and_an_unfittable_track_is_expl
     assert len(result.content) <= 2000 and result.embeds
     assert "…" in result.text() and "0:00–0:10 a very detailed caption" in result.text()
     assert not emulator.refused
+
+
+async def test_a_job_whose_gpu_call_hangs_fails_with_a_sentence_and_the_bot_serves_on(tmp_path, monkeypatch):
+    """One process (no GPU workers): a job whose model call never returns (a hung GPU; it ignores its cancel)
+    fails after MTM_STALL_SECONDS with a sentence for its requester, and its stuck thread keeps its slot: the
+    other jobs go on in the slots left."""
+    import threading
+
+    emulator = await DiscordEmulator().start()
+    bot, runner = await connect_bot(emulator, tmp_path / "storage", MTM_STALL_SECONDS="2", MTM_MAX_BATCH="2")
+    hung, release = threading.Event(), threading.Event()
+    caption = bot.pipeline.caption
+
+    def hangs_the_first_time(*args, **kwargs):
+        if not hung.is_set():
+            hung.set()
+            release.wait(120)
+            raise RuntimeError("released at the end of the test")
+        return caption(*args, **kwargs)
+
+    monkeypatch.setattr(bot.pipeline, "caption", hangs_the_first_time)
+    try:
+        ivan, judy = emulator.user("ivan"), emulator.user("judy")
+        stuck = await emulator.slash(ivan, "caption", attachment=(wav_bytes(2.0, seed=6), "d.wav", "audio/wav"))
+        stuck_id = await accepted(emulator, stuck)
+        await emulator.wait_for(hung.is_set, 60, "the hung call")
+        hung_at = asyncio.get_running_loop().time()
+        await emulator.wait_for(lambda: len(stuck.visible_messages()) == 2, 60, "ivan's failure")
+        assert asyncio.get_running_loop().time() - hung_at >= 2
+        status, reason = stuck.visible_messages()
+        assert "failed" in status.content and not status.ephemeral
+        assert reason.ephemeral and f"Job {stuck_id} made no progress for 2 s" in reason.content
+        assert bot.scheduler.runner.capacity == 1 and bot.queue.capacity == 1  # the stuck thread's slot is gone
+        later = await emulator.slash(judy, "caption", attachment=(wav_bytes(2.0, seed=7), "e.wav", "audio/wav"))
+        await accepted(emulator, later)
+        await emulator.wait_for(lambda: results_for(emulator, judy), JOB_SECONDS, "judy's captions")
+        assert (await bot.store.get(stuck_id)).state is JobState.FAILED and not results_for(emulator, ivan)
+    finally:
+        release.set()
+        await disconnect_bot(bot, runner)
+        await emulator.stop()

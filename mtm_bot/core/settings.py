@@ -55,6 +55,9 @@ class Settings:
     # batching off. The worker runs this many jobs at once (bench.bench_musicgen --batch N).
     max_batch: int = 4
     takes: int = 1  # /compose's default number of takes (1-4)
+    # A job that reports no progress for this long is stuck in a call that never returns (a hung GPU): in one
+    # process it fails and its thread keeps its slot; a GPU worker exits with status 3 and the job runs elsewhere.
+    stall_seconds: float = 600.0
 
     # Distributed mode (mtm_bot.transport.distributed, mtm_bot.transport.gpu_worker): unset = one process, as always.
     broker_url: str | None = field(
@@ -62,9 +65,6 @@ class Settings:
     )  # redis://host:6379/0 or rediss://:password@host; may hold a password
     broker_prefix: str = "mtm"  # every Redis key and stream of this bot starts with it (several bots, one Redis)
     heartbeat_seconds: float = 2.0  # a GPU worker silent for 3 heartbeats is dead: its jobs run again elsewhere
-    # A job that reports no progress for this long means its GPU worker is stuck (a hung driver call): the worker
-    # stops beating and exits with status 3, so its jobs run again elsewhere and its supervisor restarts it.
-    stall_seconds: float = 600.0
     blob_ttl_hours: float = 24.0  # clips and results in transit through Redis expire after this
     worker_name: str = ""  # a GPU worker's name in /queue; default: host name and process id
     metrics_port: int = 0  # Prometheus /metrics on this port (bot and each GPU worker); 0 = off
