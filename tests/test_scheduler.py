@@ -17,7 +17,7 @@ from mtm_bot.core.progress import Progress
 from mtm_bot.core.settings import Settings
 from mtm_bot.jobs.job import Job, JobKind, JobState
 from mtm_bot.jobs.queue import JobQueue, TooManyJobs
-from mtm_bot.jobs.runner import OOM_MESSAGE, JobRunner
+from mtm_bot.jobs.runner import OOM_MESSAGE, UNEXPECTED_MESSAGE, JobRunner
 from mtm_bot.jobs.scheduler import JobNotFound, NotCancellable, Scheduler
 from mtm_bot.jobs.store import JobStore
 from mtm_bot.stages.pipeline import Pipeline
@@ -347,6 +347,32 @@ async def test_unexpected_model_error_gives_a_message_and_logs_the_traceback(tmp
         assert job.id in message and "shape mismatch" not in message and "Traceback" not in message
         logged = [r for r in caplog.records if r.exc_info and "shape mismatch" in str(r.exc_info[1])]
         assert logged and job.id in logged[0].getMessage()
+
+
+async def test_a_job_the_scheduler_breaks_on_fails_with_a_message_and_the_next_job_runs(tmp_path, caplog):
+    """Not the model: the transport under it raises (a bug, a lost connection no retry covers). The job fails
+    with a sentence for its user, instead of staying "running" with no word until the next start."""
+    async with Harness(tmp_path) as h:
+        run = h.scheduler.runner.run
+
+        async def breaks_on_one(job, events, **kw):
+            if job.instruction == "broken":
+                raise RuntimeError("the transport broke")
+            return await run(job, events, **kw)
+
+        h.scheduler.runner.run = breaks_on_one
+        await h.scheduler.start()
+        broken = await h.submit(1, "broken")
+        fine = await h.submit(2, "fine")
+        await eventually(lambda: len(h.outcomes()) == 2)
+        assert h.outcomes() == [
+            ("failed", broken.id, UNEXPECTED_MESSAGE.format(id=broken.id)),
+            ("finished", fine.id, False),
+        ]
+        stored = await h.store.get(broken.id)
+        assert stored.state is JobState.FAILED and stored.error and "transport broke" not in stored.error
+        await eventually(lambda: broken.delivered)
+        assert "The scheduler failed around job " + broken.id in caplog.text
 
 
 async def test_resumed_job_whose_clip_is_gone_fails_with_a_clear_message(tmp_path):

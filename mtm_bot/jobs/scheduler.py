@@ -245,9 +245,11 @@ class Scheduler:
     async def _run_one(self, running: _Running, adopt: bool) -> None:
         try:
             await self._run(running, adopt)
-        except Exception:  # e.g. the database went away: log it, keep serving the next job
+        except Exception:  # e.g. the database went away: log it, tell the user, keep serving the next job
             log.exception("The scheduler failed around job %s", running.job.id)
             self.queue.finish(running.job)
+            if running.job.state is JobState.RUNNING:
+                await self._fail_unexpectedly(running.job)
         finally:
             del self._running[running.job.id]
             self._slot_freed.set()
@@ -284,6 +286,18 @@ class Scheduler:
         self._deliver_soon(job)
         for take in takes:
             self._deliver_soon(take)
+
+    async def _fail_unexpectedly(self, job: Job) -> None:
+        """A job the scheduler broke on fails with a sentence, rather than waiting in silence for the next start
+        (where it would run again); if even that cannot be stored, it does wait for the next start."""
+        job.state, job.error, job.finished_at = JobState.FAILED, UNEXPECTED_MESSAGE.format(id=job.id), time.time()
+        try:
+            await self.store.update(job)
+        except Exception:
+            log.exception("Job %s could not be marked failed either; it runs again at the next start", job.id)
+            return
+        metrics.JOBS_FINISHED.labels(job.state.value).inc()
+        self._deliver_soon(job)
 
     # Talking to the listener ----------------------------------------------------------------------
 
