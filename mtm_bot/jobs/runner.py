@@ -12,12 +12,14 @@ mtm_bot.transport.distributed (GPU workers over Redis).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ..core import metrics
 from ..core.errors import Cancelled, InputError, MTMError
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from ..stages.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OOM_MESSAGE = (
     "The GPU ran out of memory on this job. Try a shorter duration or a shorter clip, "
@@ -120,6 +123,40 @@ class JobRunner:
             return Outcome(JobState.FAILED, error=UNEXPECTED_MESSAGE.format(id=job.id))
         finally:
             report(Progress("done"))  # closes the last stage's timing
+
+
+class Stalled(Exception):
+    """A job reported no progress for its stall limit: the thread running it is stuck in a call that never
+    returns (a hung GPU), and is left behind."""
+
+
+async def execute_watched(
+    executor: Executor,
+    execute: Callable[[Job, ProgressCallback, CancelToken, CaptionsCallback], Outcome],
+    job: Job,
+    report: ProgressCallback,
+    cancel: CancelToken,
+    captions: CaptionsCallback,
+    stall_seconds: float,
+) -> Outcome:
+    """`execute` (JobRunner.execute) in a thread of `executor`, awaited on the caller's loop; raises Stalled,
+    leaving the thread behind, once neither `report` nor `captions` has been called for `stall_seconds`."""
+    heard = time.monotonic()
+
+    def noted(callback: Callable[[T], None]) -> Callable[[T], None]:
+        def call(value: T) -> None:  # in the job thread
+            nonlocal heard
+            heard = time.monotonic()
+            callback(value)
+
+        return call
+
+    loop = asyncio.get_running_loop()
+    running = loop.run_in_executor(executor, execute, job, noted(report), cancel, noted(captions))
+    while not (await asyncio.wait([running], timeout=min(stall_seconds / 4, 5.0)))[0]:
+        if time.monotonic() - heard > stall_seconds:
+            raise Stalled(f"Job {job.id} made no progress for {stall_seconds:.0f} s")
+    return running.result()
 
 
 def _timing_stages(report: ProgressCallback) -> ProgressCallback:

@@ -25,9 +25,9 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from taskiq.acks import AcknowledgeType
 from taskiq.api import run_receiver_task
@@ -37,7 +37,7 @@ from ..core.errors import MTMError
 from ..core.progress import CancelToken, Progress
 from ..core.settings import Settings
 from ..jobs.job import Job, JobState
-from ..jobs.runner import JobRunner, Outcome
+from ..jobs.runner import JobRunner, Outcome, Stalled, execute_watched
 from ..jobs.store import JobFiles
 from .blobs import Blobs
 from .protocol import (
@@ -71,17 +71,11 @@ PROGRESS_EVERY_S = 0.25  # progress events per job at most this often (block cha
 STUCK_EXIT = 3  # the worker's exit status when a job of its stopped making progress
 
 
-class WorkerStuck(Exception):
-    """A job of this worker made no progress for MTM_STALL_SECONDS."""
-
-
 @dataclass
 class _Taken:
     attempt: int
     token: CancelToken
     cancelled_by_user: bool = False
-    in_thread: bool = False  # its models are running (inputs fetched, results not yet sent)
-    last_progress: float = field(default_factory=time.monotonic)  # set from the job thread at each report
 
 
 class GpuWorker:
@@ -103,7 +97,7 @@ class GpuWorker:
         self.broker.register_task(run_job, task_name=TASK_NAME)
         self._executor = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix="mtm-job")
         self._taken: dict[str, _Taken] = {}
-        self._stopping = False
+        self._stuck = asyncio.Event()  # a job's thread hangs: leave without it (run_job)
         self._outbox: asyncio.Queue[tuple[Event, asyncio.Future | None]] = asyncio.Queue()
 
     # Life cycle ---------------------------------------------------------------------------------
@@ -132,13 +126,11 @@ class GpuWorker:
                 sync_workers=1,
             )
         )
-        beating, stop = tasks[0], asyncio.create_task(stopping.wait())
-        await asyncio.wait([beating, stop], return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if beating.done():  # it beats until this worker is stuck
-            if not isinstance(beating.exception(), WorkerStuck):
-                log.error("This worker's heartbeat broke (%r); leaving", beating.exception())
-            self._stopping = True
+        waits = [asyncio.create_task(stopping.wait()), asyncio.create_task(self._stuck.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        if self._stuck.is_set():
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
             await self._leave(tasks)
@@ -148,7 +140,6 @@ class GpuWorker:
 
     async def stop(self, receiver: asyncio.Task, tasks: list[asyncio.Task]) -> None:
         """Hand the running jobs back (released: the bot gives them to another worker) and leave."""
-        self._stopping = True
         receiver.cancel()  # first: a job handed back must not come straight back here
         await asyncio.gather(receiver, return_exceptions=True)
         for taken in self._taken.values():
@@ -181,24 +172,7 @@ class GpuWorker:
         await self.redis.set(self.keys.worker(self.id), encode(beat), px=ttl_ms)
 
     async def _beat(self) -> None:
-        """Say this worker is alive, every heartbeat, while its jobs make progress; end when one does not."""
         while True:
-            now = time.monotonic()
-            stalled = [
-                job_id
-                for job_id, t in self._taken.items()
-                if t.in_thread and now - t.last_progress > self.settings.stall_seconds
-            ]
-            if stalled:
-                log.error(
-                    "Job %s made no progress for %.0f s: this worker is stuck (a hung GPU call?). Leaving without "
-                    "it, so that the bot hands its jobs to another worker.",
-                    ", ".join(stalled),
-                    self.settings.stall_seconds,
-                )
-                with contextlib.suppress(*UNAVAILABLE):  # dead now, not after 3 heartbeats
-                    await self.redis.delete(self.keys.worker(self.id))
-                raise WorkerStuck(stalled)
             try:
                 await self.heartbeat()
                 for job_id, taken in list(self._taken.items()):  # a cancel published while we were away
@@ -286,7 +260,10 @@ class GpuWorker:
             if await self.redis.exists(self.keys.cancelled(job.id)):
                 taken.cancelled_by_user = True
                 taken.token.cancel()
-            outcome = await self._execute(job, order, taken)
+            try:
+                outcome = await self._execute(job, order, taken)
+            except Stalled as stalled:
+                await self._leave_stuck(stalled)
             if outcome is None or (outcome.state is JobState.CANCELLED and not taken.cancelled_by_user):
                 log.info("Handing job %s back (%s)", job.id, "its files expired" if outcome is None else "stopping")
                 await self.post(EventType.RELEASED, job.id, attempt, wait=True)  # another worker runs it
@@ -315,6 +292,18 @@ class GpuWorker:
             with contextlib.suppress(*UNAVAILABLE):
                 await self.heartbeat()
 
+    async def _leave_stuck(self, stalled: Stalled) -> NoReturn:
+        """A job's thread hangs: have serve leave without it, holding the job's slot until then (cancelled with
+        the receiver) so that no other order comes in."""
+        log.error(
+            "%s: this worker is stuck (a hung GPU call?). Leaving without it, so that the bot hands its jobs to "
+            "another worker.",
+            stalled,
+        )
+        self._stuck.set()
+        while True:
+            await asyncio.sleep(3600)
+
     async def _execute(self, job: Job, order: Order, taken: _Taken) -> Outcome | None:
         """Fetch the inputs, run the job in a job thread; None if its inputs are gone from Redis."""
         attempt = order.attempt
@@ -330,7 +319,6 @@ class GpuWorker:
 
         def report(progress: Progress) -> None:  # in the job thread
             now, where = time.monotonic(), (progress.stage, progress.block)
-            taken.last_progress = now
             if now - last_sent["at"] >= PROGRESS_EVERY_S or where != last_sent["where"]:
                 last_sent.update(at=now, where=where)
                 loop.call_soon_threadsafe(
@@ -338,16 +326,13 @@ class GpuWorker:
                 )
 
         def captions(lines: list[str]) -> None:
-            taken.last_progress = time.monotonic()
             loop.call_soon_threadsafe(
                 self._post_soon, Event(EventType.CAPTIONS, job.id, attempt, self.id, lines=list(lines))
             )
 
-        taken.in_thread, taken.last_progress = True, time.monotonic()
-        try:
-            return await loop.run_in_executor(self._executor, self.runner.execute, job, report, taken.token, captions)
-        finally:
-            taken.in_thread = False
+        return await execute_watched(
+            self._executor, self.runner.execute, job, report, taken.token, captions, self.settings.stall_seconds
+        )
 
     def _post_soon(self, event: Event) -> None:
         self._outbox.put_nowait((event, None))

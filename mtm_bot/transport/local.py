@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..core.progress import CancelToken, Progress
 from ..jobs.job import Job, JobState
-from ..jobs.runner import JobEvents, JobRunner, Outcome
+from ..jobs.runner import JobEvents, JobRunner, Outcome, Stalled, execute_watched
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +50,19 @@ class LocalRunner:
         hung GPU), keeps its slot: one job fewer at a time until the bot restarts."""
         loop = asyncio.get_running_loop()
         token = self._tokens[job.id] = CancelToken()
-        last_progress = time.monotonic()
 
         def report(progress: Progress) -> None:
-            nonlocal last_progress
-            last_progress = time.monotonic()
             loop.call_soon_threadsafe(events.progress, progress)
 
         def captions(lines: list[str]) -> None:
-            nonlocal last_progress
-            last_progress = time.monotonic()
             loop.call_soon_threadsafe(events.captions, lines)
 
-        running = loop.run_in_executor(self._executor, self.runner.execute, job, report, token, captions)
         try:
-            while not (await asyncio.wait([running], timeout=min(self.stall_seconds / 4, 5.0)))[0]:
-                if time.monotonic() - last_progress > self.stall_seconds:
-                    return self._give_up(job)
-            return running.result()
+            return await execute_watched(
+                self._executor, self.runner.execute, job, report, token, captions, self.stall_seconds
+            )
+        except Stalled:
+            return self._give_up(job)
         finally:
             del self._tokens[job.id]
 
